@@ -1,0 +1,257 @@
+"""The three folder kinds (dense Hugging Face, W16A16S, W16A16SC): detection, lazy reads, safe writes.
+
+Reads are per tensor (safetensors memory-maps), so a step holds one layer at a time. Every output
+folder is written into a temporary sibling and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import read_json, write_json
+from .errors import SparsezipError
+
+log = logging.getLogger("sparsezip")
+
+HF, W16A16S, W16A16SC = "dense", "W16A16S", "W16A16SC"
+FORMAT_VERSION = "1.0.0"
+DESCRIPTION = "quant_model_description.json"
+SPARSE_STEM = "quant_model_weights"
+COMPRESSED_FILE = "quant_model_weight_w16a16sc.safetensors"
+# Files other than weights that inference needs; copied as they are when present.
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+)
+PART_DIR = re.compile(r"^part(\d+)-of-(\d+)$")
+
+
+def check_model_dir(model_dir: Path) -> Path:
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise SparsezipError(f"model path {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise SparsezipError(f"model path {model_dir} is not a folder")
+    if not (model_dir / "config.json").is_file():
+        raise SparsezipError(f"{model_dir} has no config.json; point --model_path at a Hugging Face model folder")
+    return model_dir
+
+
+def part_dirs(model_dir: Path) -> list[Path]:
+    """The part{r}-of-{N} folders of a W16A16SC model, in rank order; checks that they are complete."""
+    found = {}
+    for p in Path(model_dir).iterdir():
+        m = PART_DIR.match(p.name)
+        if m and p.is_dir():
+            found[(int(m[1]), int(m[2]))] = p
+    if not found:
+        return []
+    sizes = {n for _, n in found}
+    if len(sizes) != 1:
+        raise SparsezipError(f"{model_dir} mixes part folders of different TP sizes {sorted(sizes)}")
+    n = sizes.pop()
+    missing = [f"part{r}-of-{n}" for r in range(n) if (r, n) not in found]
+    if missing:
+        raise SparsezipError(f"{model_dir} is missing {', '.join(missing)}")
+    return [found[(r, n)] for r in range(n)]
+
+
+def detect_kind(model_dir: Path) -> str:
+    """Which of the three folder kinds this is, judged by its files."""
+    model_dir = check_model_dir(model_dir)
+    if part_dirs(model_dir):
+        return W16A16SC
+    if (model_dir / DESCRIPTION).is_file():
+        kind = read_json(model_dir / DESCRIPTION).get("model_quant_type")
+        if kind != W16A16S:
+            raise SparsezipError(f"{model_dir / DESCRIPTION} says model_quant_type {kind!r}; expected W16A16S")
+        return W16A16S
+    return HF
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """Weight files of a dense or W16A16S folder, following a sharded index when there is one."""
+    indexes = sorted(model_dir.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise SparsezipError(f"{indexes[0]} has no weight_map")
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SparsezipError(f"{model_dir} has no .safetensors weights (only safetensors checkpoints are supported)")
+    return files
+
+
+class TensorReader:
+    """Lazy, per-tensor access to tensors spread over one or more safetensors files."""
+
+    def __init__(self, files: list[Path]):
+        self.handles = {}
+        self.where: dict[str, Path] = {}
+        for path in files:
+            if not path.is_file():
+                raise SparsezipError(f"weight file {path} is missing")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except SafetensorError as e:
+                raise SparsezipError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+            self.handles[path] = handle
+            for name in handle.keys():
+                if name in self.where:
+                    raise SparsezipError(f"tensor {name} appears in both {self.where[name]} and {path}")
+                self.where[name] = path
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise SparsezipError(f"tensor {name} is missing from the checkpoint")
+        try:
+            return self.handles[self.where[name]].get_tensor(name)
+        except SafetensorError as e:
+            raise SparsezipError(f"cannot read {name} from {self.where[name]}: {e}") from None
+
+
+def to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Bring a bf16/fp32 source tensor to fp16, warning when values overflow the fp16 range."""
+    if t.dtype == torch.float16:
+        return t
+    if not t.is_floating_point():
+        raise SparsezipError(f"tensor {name} has dtype {t.dtype}; only float checkpoints are supported")
+    out = t.to(torch.float16)
+    overflow = int((torch.isinf(out) & torch.isfinite(t)).sum())
+    if overflow:
+        log.warning("%s: %d values exceed the fp16 range and became inf", name, overflow)
+    return out
+
+
+def read_description(folder: Path, expected_kind: str) -> dict:
+    desc = read_json(folder / DESCRIPTION)
+    if desc.get("model_quant_type") != expected_kind:
+        raise SparsezipError(f"{folder / DESCRIPTION} is not a {expected_kind} description")
+    return desc
+
+
+def described_tensors(desc: dict) -> dict[str, str]:
+    """Tensor entries of a description: everything but the header keys and outdim integers."""
+    return {k: v for k, v in desc.items()
+            if k not in ("model_quant_type", "version", "metadata") and not k.endswith(".outdim")}
+
+
+def check_description_matches(desc: dict, names: list[str], where: Path) -> None:
+    described = set(described_tensors(desc))
+    stored = set(names)
+    if described != stored:
+        extra, missing = sorted(described - stored)[:3], sorted(stored - described)[:3]
+        raise SparsezipError(
+            f"{where / DESCRIPTION} disagrees with the weights: described but not stored {extra}, "
+            f"stored but not described {missing}"
+        )
+
+
+class ShardedWriter:
+    """Writes tensors into safetensors files of at most `max_bytes`, as they are produced."""
+
+    def __init__(self, folder: Path, stem: str, max_bytes: int):
+        self.folder, self.stem, self.max_bytes = folder, stem, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, int]] = []  # name -> bytes, per flushed shard
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.folder / f"{self.stem}.shard{len(self.shards)}.tmp"))
+        self.shards.append({k: v.numel() * v.element_size() for k, v in self.pending.items()})
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Give the shards their final names and write the Hugging Face index when there are several."""
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.folder / f"{self.stem}.shard0.tmp", self.folder / f"{self.stem}.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, shard in enumerate(self.shards):
+            name = f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"{self.stem}.shard{i}.tmp", self.folder / name)
+            weight_map.update(dict.fromkeys(shard, name))
+            total += sum(shard.values())
+        write_json(self.folder / f"{self.stem}.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def write_fp16_config(src: Path, dst: Path) -> None:
+    config = read_json(src / "config.json")
+    config["torch_dtype"] = "float16"
+    config.pop("quantization_config", None)
+    write_json(dst / "config.json", config)
+
+
+def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path, ...]) -> Path:
+    """Refuse to clobber an existing folder (unless asked) and never let an output replace an input."""
+    out = Path(out).resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if out == src or out in src.parents:
+            raise SparsezipError(f"output {out} would overwrite the input {src}; choose another path")
+    if out.exists() and not overwrite:
+        raise SparsezipError(f"{out} already exists; choose another path or pass --overwrite")
+    return out
+
+
+def new_temp_dir(out: Path) -> Path:
+    """A temporary sibling of `out`, so the final rename stays on one filesystem."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished temporary folder into place, replacing an old output only at the very end."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+@contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder; on success it becomes `out`, on any error it disappears."""
+    out = check_output_path(out, overwrite, inputs)
+    tmp = new_temp_dir(out)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out)

@@ -1,0 +1,210 @@
+"""Command line: one subcommand per pipeline step, each calling one library function by keyword."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import SparsezipError
+
+log = logging.getLogger("sparsezip")
+
+
+def flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Accept both --snake_case (the original's spelling) and --kebab-case."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+    parser.add_argument(*names, **kwargs)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def cmd_sparsify(ns: argparse.Namespace) -> None:
+    from .calibrate import sparsify
+    from .runtime import pick_device
+
+    sparsify(model_path=ns.model_path, save_path=ns.save_path, method=ns.method, sparsity=ns.sparsity,
+             pattern=ns.pattern, calib=ns.calib, calib_samples=ns.calib_samples, calib_seqlen=ns.calib_seqlen,
+             device=pick_device(ns.device), part_file_size=ns.part_file_size, overwrite=ns.overwrite, seed=ns.seed)
+    print(f"saved W16A16S model to {ns.save_path}")
+
+
+def cmd_quant(ns: argparse.Namespace) -> None:
+    if ns.quant_type.lower() != "w16a16s":
+        raise SparsezipError(f"--quant_type {ns.quant_type} is not supported; only w16a16s")
+    raise SparsezipError("the float_sparse method behind --quant_type w16a16s is not implemented yet; "
+                         "use `sparsezip sparsify --method wanda --sparsity 0.4 --calib FILE` meanwhile")
+
+
+def cmd_compress(ns: argparse.Namespace) -> None:
+    from .compress import compress, compress_distributed
+    from .tp import init_dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist = init_dist("cpu")
+        compress_distributed(model_path=ns.model_path, save_directory=ns.save_directory, dist=dist, tp=ns.tp,
+                             workers=ns.workers, verify=ns.verify, codec_name=ns.codec, overwrite=ns.overwrite)
+    else:
+        compress(model_path=ns.model_path, save_directory=ns.save_directory, tp=ns.tp or 1, workers=ns.workers,
+                 verify=ns.verify, codec_name=ns.codec, overwrite=ns.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"saved W16A16SC model to {ns.save_directory}")
+
+
+def load_for_inference(ns: argparse.Namespace):
+    """(model, tokenizer, dist, device) for run and eval, on every folder kind."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import check_model_dir
+    from .runtime import load_model, pick_device
+    from .tp import init_dist
+
+    device = pick_device(ns.device)
+    check_model_dir(Path(ns.model_path))
+    dist = init_dist(device)
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model = load_model(Path(ns.model_path), device=device, dist=dist)
+    tokenizer = AutoTokenizer.from_pretrained(ns.model_path)
+    return model, tokenizer, dist, device
+
+
+def cmd_run(ns: argparse.Namespace) -> None:
+    from .generate import generate, peak_memory_mb, prompt_ids, stop_ids
+
+    model, tokenizer, dist, device = load_for_inference(ns)
+    stop = stop_ids(tokenizer, ns.model_path)
+    for i, text in enumerate(ns.input_texts):
+        gen = generate(model, prompt_ids(tokenizer, text), ns.max_output_length, stop, ns.temperature, ns.seed)
+        if dist.is_main:
+            answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+            print(f"Question[{i}]: {text}")
+            print(f"Answer[{i}]: {answer}")
+            print(f"Generate[{i}] token num: {len(gen.tokens)}")
+            rate = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
+            print(f"Generate[{i}] prefill: {gen.prefill_s * 1000:.0f} ms, decode: {rate:.1f} tokens/s")
+    if dist.is_main:
+        print(f"Peak memory: {peak_memory_mb(device):.0f} MiB ({device})")
+
+
+def cmd_eval(ns: argparse.Namespace) -> None:
+    from .data import eval_windows
+    from .evaluate import perplexity
+
+    model, tokenizer, dist, _ = load_for_inference(ns)
+    windows = eval_windows(tokenizer, ns.data, ns.seqlen, ns.max_windows)
+    ppl = perplexity(model, windows, ns.batch_size, show_progress=dist.is_main)
+    if dist.is_main:
+        print(f"perplexity: {ppl:.4f} ({len(windows)} windows of {ns.seqlen} tokens)")
+
+
+def cmd_inspect(ns: argparse.Namespace) -> None:
+    from .report import format_report, inspect_folder
+
+    kind, rows = inspect_folder(Path(ns.path))
+    print(format_report(kind, rows, per_tensor=not ns.summary))
+
+
+def cmd_demo_model(ns: argparse.Namespace) -> None:
+    from .assets import demo_model_dir
+
+    print(demo_model_dir())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsezip", description="Float sparsity + lossless compression for LLM weights (W16A16S/W16A16SC).")
+    parser.add_argument("--version", action="version", version=f"sparsezip {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sparsify", help="prune a dense model into a W16A16S folder")
+    flag(p, "--model_path", required=True, type=Path, help="dense Hugging Face model folder")
+    flag(p, "--save_path", required=True, type=Path, help="output W16A16S folder (must not exist)")
+    flag(p, "--method", default="wanda", help="magnitude or wanda (default: wanda)")
+    flag(p, "--sparsity", type=float, default=0.5, help="fraction of weights to zero (default: 0.5)")
+    flag(p, "--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 (default: unstructured)")
+    flag(p, "--calib", nargs="+", type=Path, help=".txt or .jsonl calibration files")
+    flag(p, "--calib_samples", type=int, default=32, help="random windows drawn from .txt files (default: 32)")
+    flag(p, "--calib_seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
+    flag(p, "--seed", type=int, default=0, help="seed of the window draw (default: 0)")
+    flag(p, "--part_file_size", type=float, default=5.0, help="GB per safetensors shard (default: 5)")
+    flag(p, "--overwrite", action="store_true", help="replace an existing output folder")
+    add_device(p)
+    p.set_defaults(func=cmd_sparsify)
+
+    p = sub.add_parser("quant", help="seed-compatible: --quant_type w16a16s (float_sparse, ratio 0.4)")
+    flag(p, "--model_path", required=True, type=Path)
+    flag(p, "--save_path", required=True, type=Path)
+    flag(p, "--quant_type", required=True, help="w16a16s")
+    flag(p, "--model_type", default=None, help="accepted for compatibility")
+    add_device(p)
+    p.set_defaults(func=cmd_quant)
+
+    p = sub.add_parser("compress", help="split a W16A16S folder per TP rank and encode it losslessly")
+    flag(p, "--model_path", required=True, type=Path, help="W16A16S folder")
+    flag(p, "--save_directory", required=True, type=Path, help="output W16A16SC folder (must not exist)")
+    flag(p, "--tp", type=int, default=None, help="tensor-parallel size (default: 1, or the torchrun world size)")
+    flag(p, "--workers", type=int, default=os.cpu_count() or 1, help="parallel encoding threads")
+    flag(p, "--verify", action="store_true", help="decode every tensor and compare bit for bit")
+    flag(p, "--codec", default="bitmap-v1", help="tile codec (default: bitmap-v1)")
+    flag(p, "--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("run", help="generate text from a dense, W16A16S or W16A16SC folder")
+    flag(p, "--model_path", required=True, type=Path)
+    flag(p, "--input_texts", nargs="+", default=["What's deep learning?"], help="prompts")
+    flag(p, "--max_output_length", type=int, default=20, help="new tokens per prompt (default: 20)")
+    flag(p, "--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    flag(p, "--seed", type=int, default=0)
+    add_device(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="perplexity over non-overlapping windows of text files")
+    flag(p, "--model_path", required=True, type=Path)
+    flag(p, "--data", required=True, nargs="+", type=Path, help=".txt files, joined with blank lines")
+    flag(p, "--seqlen", type=int, default=1024, help="tokens per window (default: 1024)")
+    flag(p, "--max_windows", type=int, default=None, help="use only the first K windows")
+    flag(p, "--batch_size", type=int, default=1)
+    add_device(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="sizes, sparsity and bits/weight of a folder")
+    p.add_argument("path", type=Path)
+    flag(p, "--summary", action="store_true", help="totals only")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo-model", help="fetch the offline demo model (SmolLM2-135M) and print its folder")
+    p.set_defaults(func=cmd_demo_model)
+    return parser
+
+
+def setup_logging(quiet: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "torch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    setup_logging(ns.quiet)
+    try:
+        ns.func(ns)
+    except SparsezipError as e:
+        print(f"sparsezip: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sparsezip: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as e:
+        print(f"sparsezip: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,141 @@
+"""Model hyper-parameters read from a Hugging Face `config.json`, plus strict JSON helpers.
+
+One frozen dataclass describes every supported decoder (Llama, Qwen2, Qwen3, Mistral); the
+family only switches a few flags (qkv bias, per-head q/k norm), so the model code stays single.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SparsezipError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, turning a missing or malformed file into a one-line user error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise SparsezipError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SparsezipError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise SparsezipError(f"{path} must hold a JSON object")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 (and Llama with attention_bias) add a bias to q, k and v
+    qk_norm: bool  # Qwen3 normalises every q and k head before RoPE
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # llama3 scaling, stored hashable
+    sliding_window: int | None = None  # Mistral's local attention span
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any]) -> "ModelArgs":
+        """Build from a parsed config.json; unsupported families are a clear error."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise SparsezipError(
+                f"unsupported model_type {model_type!r}; sparsezip supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias", False):
+            raise SparsezipError("only SiLU-gated MLPs without bias are supported")
+        heads = config["num_attention_heads"]
+        rope = _rope_parameters(config)
+        window = config.get("sliding_window") if config.get("use_sliding_window", model_type == "mistral") else None
+        return cls(
+            model_type=model_type,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            rope_scaling=_llama3_scaling(rope),
+            sliding_window=window,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> "ModelArgs":
+        return cls.from_hf(read_json(Path(model_dir) / "config.json"))
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 nests RoPE settings in `rope_parameters`; older configs keep them flat."""
+    rope = dict(config.get("rope_scaling") or {})
+    rope.update(config.get("rope_parameters") or {})
+    if "rope_theta" in config:
+        rope.setdefault("rope_theta", config["rope_theta"])
+    return rope
+
+
+def _llama3_scaling(rope: dict[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise SparsezipError(f"RoPE scaling {kind!r} is not supported (only default and llama3)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return tuple((k, rope[k]) for k in keys)
+
+
+def rope_inv_freq(args: ModelArgs) -> "torch.Tensor":
+    """Inverse RoPE frequencies [head_dim/2], with Llama-3 wavelength-dependent scaling when configured."""
+    import torch
+
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    if args.rope_scaling is None:
+        return inv_freq
+    s = dict(args.rope_scaling)
+    low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+        s["high_freq_factor"] - s["low_freq_factor"]
+    )
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)

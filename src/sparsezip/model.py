@@ -1,0 +1,198 @@
+"""One decoder for the Llama / Qwen2 / Qwen3 / Mistral family, tensor-parallel aware.
+
+Parameter names are the Hugging Face ones, except that q/k/v and gate/up are fused per rank
+into `self_attn.qkv_proj` and `mlp.gate_up_proj`: exactly the names of the W16A16SC format,
+so a rank's tensors load without renaming. `tp.py` turns Hugging Face tensors into these.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs, rope_inv_freq
+from .tp import Dist, all_gather_last, all_reduce
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 like the reference implementation, then scale in the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, heads, T, head_dim]; cos, sin: [T, head_dim]
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_cos_sin(args: ModelArgs, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, head_dim] for positions `pos` [T]; recomputed per call (cheap) so no state is kept."""
+    inv_freq = rope_inv_freq(args).to(pos.device)
+    freqs = pos.float()[:, None] * inv_freq[None, :]  # [T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def attention_mask(args: ModelArgs, q_pos: torch.Tensor, k_len: int,
+                   key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B or 1, 1, T, k_len] mask: causal, windowed for Mistral, minus padded keys."""
+    k_pos = torch.arange(k_len, device=q_pos.device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if args.sliding_window:
+        mask &= k_pos[None, :] > q_pos[:, None] - args.sliding_window
+    mask = mask[None, None]
+    if key_padding is not None:  # [B, k_len], True where the key is a real token
+        mask = mask & key_padding[:, None, None, :]
+    return mask
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, written in place at the decoded positions."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # pos: [T]; k, v: [B, kv_heads, T, head_dim] -> the whole cache [B, kv_heads, max_len, head_dim]
+        self.k[:, :, pos] = k
+        self.v[:, :, pos] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, dist: Dist):
+        super().__init__()
+        self.n_heads = args.num_heads // dist.size
+        self.n_kv_heads = args.num_kv_heads // dist.size
+        self.head_dim = args.head_dim
+        self.dist = dist
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * args.head_dim
+        self.qkv_proj = nn.Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * args.head_dim, args.hidden_size, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                pos: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, head_dim]
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None and pos is not None:
+            k, v = self.kv_cache.update(pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, q_size)
+        return all_reduce(self.o_proj(y), self.dist)  # row-parallel: sum the ranks' partial outputs
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, dist: Dist):
+        super().__init__()
+        self.width = args.intermediate_size // dist.size
+        self.dist = dist
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * self.width, bias=False)
+        self.down_proj = nn.Linear(self.width, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.width, dim=-1)
+        return all_reduce(self.down_proj(F.silu(gate) * up), self.dist)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, dist: Dist):
+        super().__init__()
+        self.self_attn = Attention(args, dist)
+        self.mlp = MLP(args, dist)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                pos: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    """Holds the `model.*` parameters so their names match Hugging Face checkpoints."""
+
+    def __init__(self, args: ModelArgs, dist: Dist):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size // dist.size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, dist) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, dist: Dist = Dist()):
+        super().__init__()
+        self.args = args
+        self.dist = dist
+        self.model = Backbone(args, dist)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size // dist.size, bias=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup: each rank embeds the ids in its row range, the sum completes it."""
+        table = self.model.embed_tokens
+        if self.dist.size == 1:
+            return table(tokens)
+        start = self.dist.rank * table.num_embeddings
+        local = tokens - start
+        inside = (local >= 0) & (local < table.num_embeddings)
+        x = table(local.clamp(0, table.num_embeddings - 1)) * inside.unsqueeze(-1).to(table.weight.dtype)
+        return all_reduce(x, self.dist)
+
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        w = self.model.norm.weight
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch, attn.n_kv_heads, max_len, attn.head_dim, w.dtype, w.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None,
+                key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]. With a cache set up, `pos` [T] says where the tokens go."""
+        T = tokens.shape[1]
+        cached = pos is not None and self.model.layers[0].self_attn.kv_cache is not None
+        q_pos = pos if pos is not None else torch.arange(T, device=tokens.device)
+        k_len = self.model.layers[0].self_attn.kv_cache.k.shape[2] if cached else T
+        x = self.embed(tokens)
+        cos, sin = rope_cos_sin(self.args, q_pos, x.dtype)
+        mask = attention_mask(self.args, q_pos, k_len, key_padding)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, q_pos if cached else None)
+        return self.logits(self.model.norm(x))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return all_gather_last(F.linear(h, self.head_weight), self.dist)

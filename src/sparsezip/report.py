@@ -1,0 +1,95 @@
+"""`inspect`: sizes, sparsity and bits per weight of any folder kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import codec
+from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, described_tensors, detect_kind,
+                         part_dirs, read_description, safetensors_files)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    kind: str  # FLOAT, W16A16S, W16A16SC or dense
+    shape: tuple[int, ...]
+    stored_bytes: int
+    zeros: int
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / max(self.numel, 1)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def count_zeros(t: torch.Tensor) -> int:
+    """Entries equal to +0.0, the only value the codec leaves out (-0.0 is stored)."""
+    return int(((t == 0) & ~t.signbit()).sum())
+
+
+def dense_rows(folder: Path, kind: str) -> list[Row]:
+    reader = TensorReader(safetensors_files(folder))
+    desc = described_tensors(read_description(folder, W16A16S)) if kind == W16A16S else {}
+    rows = []
+    for name in reader.names():
+        t = reader.get(name)
+        rows.append(Row(name, desc.get(name, kind), tuple(t.shape), nbytes(t), count_zeros(t)))
+    return rows
+
+
+def part_rows(part: Path) -> list[Row]:
+    desc = read_description(part, W16A16SC)
+    reader = TensorReader([part / COMPRESSED_FILE])
+    rows = []
+    for name, kind in described_tensors(desc).items():
+        if name.endswith((".index", ".info")):
+            continue
+        prefix = f"{part.name}/{name}"
+        if kind == "FLOAT":
+            t = reader.get(name)
+            rows.append(Row(prefix, kind, tuple(t.shape), nbytes(t), count_zeros(t)))
+            continue
+        base = name[: -len(".weight")]
+        stream, index, info = reader.get(name), reader.get(base + ".index"), reader.get(base + ".info")
+        w = codec.decode(stream, index, info)
+        rows.append(Row(prefix, kind, tuple(w.shape), nbytes(stream) + nbytes(index) + nbytes(info),
+                        count_zeros(w)))
+    return rows
+
+
+def inspect_folder(folder: Path) -> tuple[str, list[Row]]:
+    kind = detect_kind(Path(folder))
+    if kind == W16A16SC:
+        return kind, [row for part in part_dirs(Path(folder)) for row in part_rows(part)]
+    return kind, dense_rows(Path(folder), kind)
+
+
+def format_report(kind: str, rows: list[Row], per_tensor: bool = True) -> str:
+    lines = []
+    if per_tensor:
+        lines.append(f"{'tensor':64} {'type':9} {'shape':>14} {'bytes':>11} {'sparsity':>8} {'bits/w':>6}")
+        for r in rows:
+            shape = "x".join(map(str, r.shape))
+            lines.append(f"{r.name:64} {r.kind:9} {shape:>14} {r.stored_bytes:>11,} "
+                         f"{r.zeros / max(r.numel, 1):>8.1%} {r.bits_per_weight:>6.2f}")
+    total = sum(r.stored_bytes for r in rows)
+    lines.append(f"folder kind: {kind}; {len(rows)} tensors; {total / 1e6:.2f} MB of weights")
+    sparse = [r for r in rows if r.kind in (W16A16S, W16A16SC)]
+    if sparse:
+        n = sum(r.numel for r in sparse)
+        stored = sum(r.stored_bytes for r in sparse)
+        zeros = sum(r.zeros for r in sparse)
+        lines.append(f"sparse linears: {n:,} weights, sparsity {zeros / n:.1%}, {stored / 1e6:.2f} MB "
+                     f"= {8 * stored / n:.2f} bits/weight ({stored / (2 * n):.1%} of fp16)")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Tensor-parallel split rules: the single table used by both `compress` and the loader.
+
+Every per-rank tensor is built from Hugging Face tensors by one rule: take the listed sources,
+cut each into `tp` equal chunks along `dim`, keep this rank's chunk of each and concatenate
+them along `dim`. Because q, k and v are chunked separately before fusing, the fused qkv
+rows of a rank are whole heads (GQA-aware); the same holds for gate and up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ModelArgs
+from .errors import SparsezipError
+
+COLUMN, ROW, REPLICATE = 0, 1, None  # split dim of a [out, in] weight
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    target: str  # per-rank tensor name (suffix after "model.layers.{i}." for layer rules)
+    sources: tuple[str, ...]  # Hugging Face names, concatenated in this order after chunking
+    dim: int | None  # COLUMN splits output rows, ROW splits input columns, REPLICATE copies
+    compressed: bool  # a pruned linear weight, stored with the codec in W16A16SC
+    needs: str | None = None  # ModelArgs flag that must be true for the tensor to exist
+
+
+LAYER_RULES = (
+    SplitRule(
+        "self_attn.qkv_proj.weight",
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+        COLUMN,
+        True,
+    ),
+    SplitRule(
+        "self_attn.qkv_proj.bias",
+        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        COLUMN,
+        False,
+        needs="qkv_bias",
+    ),
+    SplitRule("self_attn.o_proj.weight", ("self_attn.o_proj.weight",), ROW, True),
+    SplitRule("self_attn.q_norm.weight", ("self_attn.q_norm.weight",), REPLICATE, False, "qk_norm"),
+    SplitRule("self_attn.k_norm.weight", ("self_attn.k_norm.weight",), REPLICATE, False, "qk_norm"),
+    SplitRule("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), COLUMN, True),
+    SplitRule("mlp.down_proj.weight", ("mlp.down_proj.weight",), ROW, True),
+    SplitRule("input_layernorm.weight", ("input_layernorm.weight",), REPLICATE, False),
+    SplitRule("post_attention_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATE, False),
+)
+
+GLOBAL_RULES = (
+    SplitRule("model.embed_tokens.weight", ("model.embed_tokens.weight",), COLUMN, False),  # vocab rows
+    SplitRule("model.norm.weight", ("model.norm.weight",), REPLICATE, False),
+    SplitRule("lm_head.weight", ("lm_head.weight",), COLUMN, False),  # vocab rows
+)
+
+# The seven linears that sparsify prunes, as Hugging Face name suffixes inside a layer.
+PRUNABLE_SUFFIXES = tuple(s for r in LAYER_RULES if r.compressed for s in r.sources)
+
+
+def layer_rules(args: ModelArgs, layer: int) -> list[SplitRule]:
+    """The rules of one decoder layer with full names, keeping only tensors this family has."""
+    prefix = f"model.layers.{layer}."
+    return [
+        SplitRule(prefix + r.target, tuple(prefix + s for s in r.sources), r.dim, r.compressed)
+        for r in LAYER_RULES
+        if r.needs is None or getattr(args, r.needs)
+    ]
+
+
+def global_rules(args: ModelArgs) -> list[SplitRule]:
+    return [r for r in GLOBAL_RULES if not (r.target == "lm_head.weight" and args.tie_word_embeddings)]
+
+
+def all_rules(args: ModelArgs) -> Iterator[SplitRule]:
+    """Every per-rank tensor of the model, global ones first, then layer by layer."""
+    yield from global_rules(args)
+    for i in range(args.num_layers):
+        yield from layer_rules(args, i)
+
+
+def valid_tp_sizes(args: ModelArgs, limit: int = 64) -> list[int]:
+    """TP sizes that split heads, KV heads, the MLP width and the vocabulary evenly."""
+    sizes = (args.num_heads, args.num_kv_heads, args.intermediate_size, args.vocab_size)
+    return [tp for tp in range(1, limit + 1) if all(s % tp == 0 for s in sizes)]
+
+
+def check_tp_size(args: ModelArgs, tp: int) -> None:
+    if tp < 1 or tp not in valid_tp_sizes(args, max(tp, 1)):
+        raise SparsezipError(
+            f"TP size {tp} does not divide this model's heads ({args.num_heads}), KV heads ({args.num_kv_heads}), "
+            f"MLP width ({args.intermediate_size}) and vocabulary ({args.vocab_size}); "
+            f"valid sizes: {', '.join(map(str, valid_tp_sizes(args)))}"
+        )
+
+
+def shard(rule: SplitRule, read: Callable[[str], torch.Tensor], rank: int, tp: int) -> torch.Tensor:
+    """This rank's tensor for one rule; `read(name)` returns a full Hugging Face tensor."""
+    pieces = [read(name) for name in rule.sources]
+    if rule.dim is None:
+        return pieces[0]
+    return torch.cat([p.chunk(tp, dim=rule.dim)[rank] for p in pieces], dim=rule.dim).contiguous()
+
+
+def unfuse(rule: SplitRule, fused: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Split an unsharded (tp=1) fused tensor back into its Hugging Face sources."""
+    if len(rule.sources) == 1:
+        return {rule.sources[0]: fused}
+    sizes = [args.q_size, args.kv_size, args.kv_size] if "qkv" in rule.target else [args.intermediate_size] * 2
+    return dict(zip(rule.sources, fused.split(sizes, dim=rule.dim)))
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in a tensor-parallel group (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist(device: str) -> Dist:
+    """Join the torchrun process group when launched by torchrun: gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def all_reduce(x: torch.Tensor, dist_info: Dist) -> torch.Tensor:
+    if dist_info.size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last(x: torch.Tensor, dist_info: Dist) -> torch.Tensor:
+    """Concatenate every rank's slice of the last dimension, in rank order."""
+    if dist_info.size == 1:
+        return x
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(x) for _ in range(dist_info.size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,103 @@
+"""Tiny random models of every supported family, built in temporary folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+AUSTEN = REPO.parent / "shared" / "data" / "austen"
+VOCAB = 320
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def sample_text() -> str:
+    path = AUSTEN / "persuasion.txt"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")[:200_000]
+    words = "the quick brown fox jumps over a lazy dog and then runs far away to see the sea".split()
+    g = torch.Generator().manual_seed(0)
+    return " ".join(words[i] for i in torch.randint(len(words), (40_000,), generator=g).tolist())
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A small byte-level BPE tokenizer trained on Austen, with ChatML specials and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([sample_text()], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+FAMILIES = {
+    "llama": dict(model_type="llama", tie_word_embeddings=True),
+    "llama3": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(model_type="qwen2"),
+    "qwen3": dict(model_type="qwen3", head_dim=32),
+    "mistral": dict(model_type="mistral", sliding_window=8),
+}
+
+
+def hf_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    spec = dict(FAMILIES[family])
+    model_type = spec.pop("model_type")
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+                bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    base.update(spec)
+    base.update(overrides)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def make_tiny_model(folder: Path, family: str = "llama", dtype=torch.float16, seed: int = 0, **overrides) -> Path:
+    """Save a random Hugging Face model of `family` (with tokenizer) into `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **overrides), torch_dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init so that pruning visibly matters
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.to(dtype).save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Factory for cached tiny models: tiny_dir("qwen3") -> folder."""
+    cache: dict[str, Path] = {}
+
+    def build(family: str = "llama", **overrides) -> Path:
+        key = family + json.dumps(overrides, sort_keys=True, default=str)
+        if key not in cache:
+            cache[key] = make_tiny_model(tmp_path_factory.mktemp(family), family, **overrides)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text(sample_text(), encoding="utf-8")
+    return path
