@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import (DESCRIPTION, FORMAT_VERSION, HF, SPARSE_STEM, W16A16S, ShardedWriter, TensorReader,
-                         atomic_output_dir, copy_side_files, detect_kind, safetensors_files, to_fp16,
+                         atomic_output_dir, check_output_path, copy_side_files, detect_kind, safetensors_files, to_fp16,
                          write_fp16_config)
 from .config import ModelArgs, write_json
 from .data import calibration_samples
@@ -99,6 +99,26 @@ def embed_samples(reader: TensorReader, samples: list[torch.Tensor]) -> list[tor
     return [F.embedding(s, table) for s in samples]  # each [L, hidden] fp32
 
 
+def pruned_input_widths(args: ModelArgs) -> list[int]:
+    """Input widths of the seven pruned linears: hidden (q, k, v, gate, up), heads*head_dim (o), MLP (down)."""
+    return sorted({args.hidden_size, args.q_size, args.intermediate_size})
+
+
+def check_options(args: ModelArgs, sparsity: float, nm: tuple[int, int] | None, calib_samples: int,
+                  calib_seqlen: int) -> None:
+    """Refuse impossible settings before any calibration work, so a typo costs a second, not a run."""
+    if not 0.0 <= sparsity < 1.0:  # also refuses NaN
+        raise SparsezipError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if nm is not None and any(width % nm[1] for width in pruned_input_widths(args)):
+        widths = ", ".join(map(str, pruned_input_widths(args)))
+        raise SparsezipError(f"--pattern {nm[0]}:{nm[1]} needs input widths divisible by {nm[1]}, "
+                             f"but this model's pruned linears have {widths}")
+    if calib_samples < 1:
+        raise SparsezipError(f"--calib_samples must be at least 1, got {calib_samples}")
+    if calib_seqlen < 2:
+        raise SparsezipError(f"--calib_seqlen must be at least 2 tokens, got {calib_seqlen}")
+
+
 def sparsify(model_path: Path, save_path: Path, method: str = "wanda", sparsity: float = 0.5,
              pattern: str = "unstructured", calib: list[Path] | None = None, calib_samples: int = 32,
              calib_seqlen: int = 512, device: str = "cpu", part_file_size: float = 5.0,
@@ -107,11 +127,11 @@ def sparsify(model_path: Path, save_path: Path, method: str = "wanda", sparsity:
     model_path, save_path = Path(model_path), Path(save_path)
     if detect_kind(model_path) != HF:
         raise SparsezipError(f"{model_path} is already sparse; sparsify takes a dense Hugging Face folder")
-    if not 0.0 <= sparsity < 1.0:
-        raise SparsezipError(f"--sparsity must be in [0, 1), got {sparsity}")
+    check_output_path(save_path, overwrite, (model_path,))  # fail now, not after calibration
     args = ModelArgs.from_dir(model_path)
     prune = get_method(method)
     nm = parse_pattern(pattern)
+    check_options(args, sparsity, nm, calib_samples, calib_seqlen)
     reader = TensorReader(safetensors_files(model_path))
     hidden, tokens = [], 0
     if prune.calibrated:

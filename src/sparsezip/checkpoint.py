@@ -138,10 +138,25 @@ def to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def description_weight_files(folder: Path, kind: str) -> list[Path]:
+    """The safetensors files a description speaks for: a part's one file, or a W16A16S folder's shards."""
+    return [folder / COMPRESSED_FILE] if kind == W16A16SC else safetensors_files(folder)
+
+
 def read_description(folder: Path, expected_kind: str) -> dict:
+    """A folder's description, checked against the tensors its weight files actually hold.
+
+    run, compress and inspect all read descriptions through here, so a description that names a
+    tensor the weights lack, misses one they hold, or gives a wrong outdim is refused everywhere
+    alike instead of being trusted by whichever reader forgot to check.
+    """
     desc = read_json(folder / DESCRIPTION)
     if desc.get("model_quant_type") != expected_kind:
         raise SparsezipError(f"{folder / DESCRIPTION} is not a {expected_kind} description")
+    reader = TensorReader(description_weight_files(folder, expected_kind))
+    check_description_matches(desc, reader.names(), folder)
+    if expected_kind == W16A16SC:
+        check_outdims(desc, reader, folder)
     return desc
 
 
@@ -160,6 +175,22 @@ def check_description_matches(desc: dict, names: list[str], where: Path) -> None
             f"{where / DESCRIPTION} disagrees with the weights: described but not stored {extra}, "
             f"stored but not described {missing}"
         )
+
+
+def check_outdims(desc: dict, reader: TensorReader, folder: Path) -> None:
+    """Every compressed `<p>.weight` needs an integer `<p>.weight.outdim` equal to the rows `<p>.info` stores.
+
+    The 1-D stream cannot tell its shape, so a wrong outdim would otherwise build a wrongly sized model.
+    """
+    for name, kind in described_tensors(desc).items():
+        if kind != W16A16SC or not name.endswith(".weight"):
+            continue
+        outdim = desc.get(name + ".outdim")
+        info = reader.get(name[: -len(".weight")] + ".info").flatten().tolist()
+        stored = info[3] if len(info) == 5 else None
+        if type(outdim) is not int or outdim != stored:
+            raise SparsezipError(f"{folder / DESCRIPTION}: {name}.outdim is {outdim!r} but the stored .info "
+                                 f"says {stored} output rows")
 
 
 class ShardedWriter:
@@ -209,8 +240,10 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 def write_fp16_config(src: Path, dst: Path) -> None:
+    """config.json saying float16 under both spellings (transformers 5 writes `dtype`, older readers
+    read `torch_dtype`), so a bf16 or fp32 source's dtype does not contradict the fp16 weights."""
     config = read_json(src / "config.json")
-    config["torch_dtype"] = "float16"
+    config["torch_dtype"] = config["dtype"] = "float16"
     config.pop("quantization_config", None)
     write_json(dst / "config.json", config)
 
@@ -230,7 +263,11 @@ def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path, ...]) -> P
 def new_temp_dir(out: Path) -> Path:
     """A temporary sibling of `out`, so the final rename stays on one filesystem."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the published folder is an ordinary one
+    return tmp
 
 
 def publish(tmp: Path, out: Path) -> None:

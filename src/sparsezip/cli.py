@@ -8,11 +8,28 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .errors import SparsezipError
 
 log = logging.getLogger("sparsezip")
+
+
+class UsageError(SparsezipError):
+    """A mistake in the command line itself; exits with status 2 like argparse does."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake like any other error: one line, no usage dump, no SystemExit.
+
+    Subparsers inherit this class, so every subcommand behaves the same.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("sparsezip").strip()
+        where = f"{command}: " if command else ""
+        raise UsageError(f"{where}{message} (see `{self.prog} --help`)")
 
 
 def flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -51,7 +68,8 @@ def cmd_compress(ns: argparse.Namespace) -> None:
         compress_distributed(model_path=ns.model_path, save_directory=ns.save_directory, dist=dist, tp=ns.tp,
                              workers=ns.workers, verify=ns.verify, codec_name=ns.codec, overwrite=ns.overwrite)
     else:
-        compress(model_path=ns.model_path, save_directory=ns.save_directory, tp=ns.tp or 1, workers=ns.workers,
+        tp = 1 if ns.tp is None else ns.tp  # not `ns.tp or 1`: --tp 0 must be refused, not read as 1
+        compress(model_path=ns.model_path, save_directory=ns.save_directory, tp=tp, workers=ns.workers,
                  verify=ns.verify, codec_name=ns.codec, overwrite=ns.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"saved W16A16SC model to {ns.save_directory}")
@@ -118,7 +136,7 @@ def cmd_demo_model(ns: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sparsezip", description="Float sparsity + lossless compression for LLM weights (W16A16S/W16A16SC).")
     parser.add_argument("--version", action="version", version=f"sparsezip {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
@@ -193,18 +211,25 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def print_error(error: BaseException) -> None:
+    """The single stderr line of a failed command; embedded newlines are folded so it stays one line."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"sparsezip: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    try:
+        ns = build_parser().parse_args(argv)
+    except UsageError as e:
+        print_error(e)
+        return 2
     setup_logging(ns.quiet)
     try:
         ns.func(ns)
-    except SparsezipError as e:
-        print(f"sparsezip: error: {e}", file=sys.stderr)
+    except (SparsezipError, OSError, MemoryError) as e:
+        print_error(e)
         return 1
     except KeyboardInterrupt:
         print("sparsezip: interrupted", file=sys.stderr)
         return 130
-    except (OSError, MemoryError) as e:
-        print(f"sparsezip: error: {e}", file=sys.stderr)
-        return 1
     return 0

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import __version__, codec
 from .checkpoint import (COMPRESSED_FILE, DESCRIPTION, FORMAT_VERSION, W16A16S, W16A16SC, TensorReader,
-                         check_description_matches, check_output_path, copy_side_files, described_tensors,
+                         check_output_path, copy_side_files, described_tensors,
                          detect_kind, new_temp_dir, publish, read_description, safetensors_files, to_fp16,
                          write_fp16_config)
 from .config import ModelArgs, write_json
@@ -45,8 +45,7 @@ class Source:
         if detect_kind(path) != W16A16S:
             raise SparsezipError(f"{path} is not a W16A16S folder (run `sparsezip sparsify` first)")
         reader = TensorReader(safetensors_files(path))
-        description = read_description(path, W16A16S)
-        check_description_matches(description, reader.names(), path)
+        description = read_description(path, W16A16S)  # also checks it against the weights
         return cls(path, ModelArgs.from_dir(path), reader, description)
 
     def read(self, name: str) -> torch.Tensor:

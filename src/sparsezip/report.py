@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from . import codec
 from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, described_tensors, detect_kind,
                          part_dirs, read_description, safetensors_files)
+from .runtime import decode_linear
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,9 @@ def part_rows(part: Path) -> list[Row]:
             rows.append(Row(prefix, kind, tuple(t.shape), nbytes(t), count_zeros(t)))
             continue
         base = name[: -len(".weight")]
-        stream, index, info = reader.get(name), reader.get(base + ".index"), reader.get(base + ".info")
-        w = codec.decode(stream, index, info)
-        rows.append(Row(prefix, kind, tuple(w.shape), nbytes(stream) + nbytes(index) + nbytes(info),
-                        count_zeros(w)))
+        stored = sum(nbytes(reader.get(base + suffix)) for suffix in (".weight", ".index", ".info"))
+        w = decode_linear(reader, name, part / COMPRESSED_FILE)
+        rows.append(Row(prefix, kind, tuple(w.shape), stored, count_zeros(w)))
     return rows
 
 

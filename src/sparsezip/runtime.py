@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from . import codec
-from .checkpoint import (COMPRESSED_FILE, HF, W16A16S, W16A16SC, TensorReader, check_description_matches,
-                         detect_kind, part_dirs, read_description, safetensors_files)
+from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, detect_kind, part_dirs,
+                         read_description, safetensors_files)
 from .config import ModelArgs
 from .errors import SparsezipError
 from .model import Transformer
@@ -42,31 +42,29 @@ def default_dtype(device: str) -> torch.dtype:
 def rank_state_from_dense(model_dir: Path, args: ModelArgs, dist: Dist) -> dict[str, torch.Tensor]:
     """This rank's fused tensors from a dense or W16A16S folder, via the TP table."""
     check_tp_size(args, dist.size)
-    reader = TensorReader(safetensors_files(model_dir))
     if detect_kind(model_dir) == W16A16S:
-        check_description_matches(read_description(model_dir, W16A16S), reader.names(), model_dir)
+        read_description(model_dir, W16A16S)  # refuses a description that disagrees with the weights
+    reader = TensorReader(safetensors_files(model_dir))
     return {rule.target: shard(rule, reader.get, dist.rank, dist.size) for rule in all_rules(args)}
 
 
 def read_part(part_dir: Path) -> dict[str, torch.Tensor]:
-    """Decode one W16A16SC part into fused fp16 tensors, checking the description against the file."""
+    """Decode one W16A16SC part into fused fp16 tensors (read_description checks it against the file)."""
     desc = read_description(part_dir, W16A16SC)
     reader = TensorReader([part_dir / COMPRESSED_FILE])
-    check_description_matches(desc, reader.names(), part_dir)
-    state = {}
-    for name, kind in codec_entries(desc):
-        prefix = name[: -len(".weight")]
-        if kind == "FLOAT":
-            state[name] = reader.get(name)
-            continue
-        info = reader.get(prefix + ".info")
-        weight = codec.decode(reader.get(name), reader.get(prefix + ".index"), info)
-        outdim = desc.get(name + ".outdim")
-        if outdim != weight.shape[0]:
-            raise SparsezipError(f"{part_dir / 'quant_model_description.json'}: {name}.outdim is {outdim} "
-                                 f"but the stored weight has {weight.shape[0]} rows")
-        state[name] = weight
-    return state
+    where = part_dir / COMPRESSED_FILE
+    return {name: reader.get(name) if kind == "FLOAT" else decode_linear(reader, name, where)
+            for name, kind in codec_entries(desc)}
+
+
+def decode_linear(reader: TensorReader, name: str, where: Path) -> torch.Tensor:
+    """Decode one compressed linear, naming file and tensor in any codec error (a CRC mismatch, say),
+    so the user learns which part is damaged."""
+    prefix = name[: -len(".weight")]
+    try:
+        return codec.decode(reader.get(name), reader.get(prefix + ".index"), reader.get(prefix + ".info"))
+    except SparsezipError as e:
+        raise SparsezipError(f"{where}: {name}: {e}") from None
 
 
 def codec_entries(desc: dict) -> list[tuple[str, str]]:

@@ -1,0 +1,45 @@
+# Two commands do all setup on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= out/demo
+TP ?= 3
+
+.PHONY: demo test bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+# Sparsify the offline demo model (SmolLM2-135M-Instruct) with Wanda at 50%, compress it into
+# TP=3 parts, generate from the parts under torchrun, and compare perplexity dense vs compressed.
+demo: $(STAMP)
+	@set -e; \
+	model=$$($(BIN)/sparsezip -q demo-model); \
+	austen=$$($(BIN)/python -c "from sparsezip.assets import austen_dir; print(austen_dir())"); \
+	echo "== 1/4 sparsify $$model (wanda, 50%)"; \
+	$(BIN)/sparsezip sparsify --model_path $$model --save_path $(OUT)/w16a16s --overwrite \
+	  --method wanda --sparsity 0.5 --calib $$austen/emma.txt --calib_samples 16 --calib_seqlen 256; \
+	echo "== 2/4 compress into $(TP) tensor-parallel parts"; \
+	$(BIN)/sparsezip compress --model_path $(OUT)/w16a16s --save_directory $(OUT)/w16a16sc --tp $(TP) --verify --overwrite; \
+	$(BIN)/sparsezip inspect --summary $(OUT)/w16a16sc; \
+	echo "== 3/4 run from the compressed parts (torchrun, $(TP) processes)"; \
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(TP) -m sparsezip -q run \
+	  --model_path $(OUT)/w16a16sc --input_texts "What's deep learning?" --max_output_length 40; \
+	echo "== 4/4 perplexity on Pride and Prejudice (4 windows of 512 tokens): dense vs compressed"; \
+	printf "dense:      "; $(BIN)/sparsezip -q eval --model_path $$model --data $$austen/prideprejudice.txt --seqlen 512 --max_windows 4; \
+	printf "compressed: "; OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(TP) -m sparsezip -q eval \
+	  --model_path $(OUT)/w16a16sc --data $$austen/prideprejudice.txt --seqlen 512 --max_windows 4
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/pipeline.py --out BENCHMARKS.md
+
+clean:
+	rm -rf out

@@ -1,0 +1,414 @@
+"""Bad input through the command line: one clear error line, a non-zero exit, and nothing lost.
+
+Every refusal must print exactly one non-empty stderr line starting with "sparsezip: error:",
+never a traceback, and leave no output folder and no `.NAME.tmp-*` sibling behind. The CLI runs
+in-process (`sparsezip.cli.main`) so the whole file stays fast; one test runs a real process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sparsezip.calibrate import sparsify
+from sparsezip.checkpoint import COMPRESSED_FILE, DESCRIPTION, SPARSE_STEM
+from sparsezip.cli import main
+from sparsezip.compress import compress
+from sparsezip.config import read_json, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+SPARSE_FILE = f"{SPARSE_STEM}.safetensors"
+PART0 = "part0-of-2"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    dense: Path
+    sparse: Path  # W16A16S
+    packed: Path  # W16A16SC, TP=1
+    packed2: Path  # W16A16SC, TP=2
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dir, text_file, tmp_path_factory) -> Pipeline:
+    """One tiny llama (4 heads / 2 KV heads) taken through the whole pipeline, built once per module."""
+    root = tmp_path_factory.mktemp("errors-pipe")
+    dense = tiny_dir("llama")
+    sparse = sparsify(dense, root / "s", method="wanda", sparsity=0.5, calib=[text_file], calib_samples=4,
+                      calib_seqlen=64)
+    compress(sparse, root / "c1", tp=1)
+    compress(sparse, root / "c2", tp=2)
+    return Pipeline(dense, sparse, root / "c1", root / "c2")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary siblings (`.NAME.tmp-*`, `.NAME.old-*`) that a finished command must not leave."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and ("tmp-" in p.name or "old-" in p.name))
+
+
+def refused(capsys, argv: list[str], out: Path | None = None, watch: tuple[Path, ...] = ()) -> str:
+    """Run the CLI on bad input and check the product rule; returns the error line for content checks.
+
+    `out` is an output folder that must not appear; `watch` are further folders whose parents
+    must stay free of temporary leftovers.
+    """
+    capsys.readouterr()  # forget output of earlier steps
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc != 0, f"exit code 0 for {argv}"
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert lines[0].startswith("sparsezip: error: "), err
+    if out is not None:
+        assert not out.exists(), f"{out} was created"
+        assert leftovers(out.parent) == []
+    for folder in watch:
+        assert leftovers(folder.parent) == []
+    return lines[0]
+
+
+def succeeds(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return captured.out
+
+
+def clone(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, to prove an input was left untouched."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def truncate_to_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def edit_json(path: Path, change) -> None:
+    data = read_json(path)
+    change(data)
+    write_json(path, data)
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict[str, dict]]:
+    """(byte where the data region starts, header entries) of a safetensors file."""
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    return 8 + header_len, header
+
+
+def commands_on(folder: Path, text_file: Path, out: Path) -> dict[str, list]:
+    """argv of every command that reads `folder`, with `out` as the output of those that write."""
+    return {
+        "sparsify": ["sparsify", "--model_path", folder, "--save_path", out, "--method", "magnitude"],
+        "compress": ["compress", "--model_path", folder, "--save_directory", out],
+        "run": ["run", "--model_path", folder, "--max_output_length", "2"],
+        "eval": ["eval", "--model_path", folder, "--data", text_file, "--seqlen", "32", "--max_windows", "1"],
+        "inspect": ["inspect", folder],
+    }
+
+
+ALL_COMMANDS = ("sparsify", "compress", "run", "eval", "inspect")
+
+
+# ----------------------------------------------------------------------------- 1, 2, 3: the model folder itself
+
+
+@pytest.mark.parametrize("command", ["sparsify", "compress", "run", "eval"])
+def test_omitted_model_path_flag_is_one_line(capsys, command, tmp_path, text_file):
+    argv = commands_on(Path("unused"), text_file, tmp_path / "out")[command]
+    i = argv.index("--model_path")
+    line = refused(capsys, argv[:i] + argv[i + 2:], out=tmp_path / "out")
+    assert "--model_path" in line and command in line
+
+
+def test_no_command_and_bad_flag_values_are_one_line(capsys, tmp_path, pipe):
+    assert "COMMAND" in refused(capsys, [])
+    assert "--sparsity" in refused(capsys, ["sparsify", "--model_path", pipe.dense, "--save_path",
+                                            tmp_path / "out", "--sparsity", "half"], out=tmp_path / "out")
+    assert "--bogus" in refused(capsys, ["inspect", pipe.sparse, "--bogus"])
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS)
+def test_model_path_that_does_not_exist(capsys, command, tmp_path, text_file):
+    missing = tmp_path / "no-such-model"
+    line = refused(capsys, commands_on(missing, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+    assert str(missing) in line and "does not exist" in line
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS)
+def test_folder_without_config_json(capsys, command, tmp_path, pipe, text_file):
+    source = pipe.sparse if command == "compress" else pipe.dense
+    folder = clone(source, tmp_path / "model")
+    (folder / "config.json").unlink()
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+    assert "config.json" in line
+
+
+@pytest.mark.parametrize("command", ["sparsify", "compress", "run", "eval"])
+def test_unsupported_architecture(capsys, command, tmp_path, pipe, text_file):
+    source = {"compress": pipe.sparse, "run": pipe.packed}.get(command, pipe.dense)
+    folder = clone(source, tmp_path / "model")
+    edit_json(folder / "config.json", lambda c: c.update(model_type="gpt2"))
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+    assert "gpt2" in line and "llama" in line
+
+
+# ----------------------------------------------------------------------------- 4: bf16 source (a success)
+
+
+def test_bf16_source_is_sparsified_to_fp16_with_an_overflow_warning(capsys, caplog, tiny_dir, tmp_path,
+                                                                      text_file):
+    source = clone(tiny_dir("llama", dtype=torch.bfloat16, tie_word_embeddings=False), tmp_path / "bf16")
+    weights = load_file(source / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    weights["lm_head.weight"][0, 0] = 1e6  # representable in bf16, beyond fp16's 65504
+    save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
+
+    out = tmp_path / "s"
+    with caplog.at_level(logging.WARNING, logger="sparsezip"):
+        succeeds(capsys, ["sparsify", "--model_path", source, "--save_path", out, "--calib", text_file,
+                          "--calib_samples", "4", "--calib_seqlen", "64"])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sparsezip" and r.levelno == logging.WARNING]
+    assert any("lm_head.weight" in m and "fp16" in m for m in warnings), warnings
+    with safe_open(str(out / SPARSE_FILE), "pt") as f:
+        assert set(f.keys()) == set(weights)
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+        assert torch.isinf(f.get_tensor("lm_head.weight")[0, 0])
+    config = read_json(out / "config.json")
+    assert config["torch_dtype"] == "float16" and config.get("dtype", "float16") == "float16"
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- 5, 6: tensor-parallel sizes
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_tp_mismatch_at_run_time_points_to_torchrun(capsys, command, pipe, text_file, tmp_path):
+    line = refused(capsys, commands_on(pipe.packed2, text_file, tmp_path / "out")[command], watch=(pipe.packed2,))
+    assert "torchrun --nproc_per_node 2" in line
+
+
+@pytest.mark.parametrize("tp", ["3", "4", "0"])
+def test_tp_that_does_not_divide_the_heads_lists_valid_sizes(capsys, tp, pipe, tmp_path):
+    out = tmp_path / "c"
+    line = refused(capsys, ["compress", "--model_path", pipe.sparse, "--save_directory", out, "--tp", tp], out=out)
+    assert f"TP size {tp}" in line and "valid sizes: 1, 2" in line
+
+
+# ----------------------------------------------------------------------------- 7: truncated files
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "compress", "inspect", "sparsify"])
+def test_truncated_sparse_weights(capsys, command, pipe, text_file, tmp_path):
+    if command == "sparsify":  # sparsify reads a dense folder: truncate its model.safetensors instead
+        folder = clone(pipe.dense, tmp_path / "s")
+        truncate_to_half(folder / "model.safetensors")
+        line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+        assert "model.safetensors" in line and "truncated" in line
+        return
+    folder = clone(pipe.sparse, tmp_path / "s")
+    truncate_to_half(folder / SPARSE_FILE)
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+    assert SPARSE_FILE in line and "truncated" in line
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "inspect"])
+def test_truncated_compressed_part(capsys, command, pipe, text_file, tmp_path):
+    folder = clone(pipe.packed, tmp_path / "c")
+    truncate_to_half(folder / "part0-of-1" / COMPRESSED_FILE)
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], watch=(folder,))
+    assert COMPRESSED_FILE in line and "truncated" in line
+
+
+def test_compress_refuses_a_compressed_folder(capsys, pipe, text_file, tmp_path):
+    line = refused(capsys, commands_on(pipe.packed, text_file, tmp_path / "out")["compress"], out=tmp_path / "out")
+    assert "not a W16A16S folder" in line
+
+
+# ----------------------------------------------------------------------------- 8: description vs weights
+
+
+def drop_entry(name: str):
+    return lambda d: d.pop(name)
+
+
+def add_entry(name: str, kind: str):
+    return lambda d: d.update({name: kind})
+
+
+SPARSE_EDITS = {
+    "missing": (drop_entry("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight"),
+    "extra": (add_entry("model.layers.9.mlp.up_proj.weight", "W16A16S"), "model.layers.9.mlp.up_proj.weight"),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "compress"])
+@pytest.mark.parametrize("edit", sorted(SPARSE_EDITS))
+def test_sparse_description_that_disagrees_with_the_weights(capsys, command, edit, pipe, text_file, tmp_path):
+    change, name = SPARSE_EDITS[edit]
+    folder = clone(pipe.sparse, tmp_path / "s")
+    edit_json(folder / DESCRIPTION, change)
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+    assert "disagrees with the weights" in line and name in line
+
+
+PART_EDITS = {
+    "missing": (drop_entry("model.layers.0.mlp.down_proj.index"), "model.layers.0.mlp.down_proj.index"),
+    "extra": (add_entry("model.layers.0.mlp.extra.weight", "FLOAT"), "model.layers.0.mlp.extra.weight"),
+    "outdim": (add_entry("model.layers.0.self_attn.qkv_proj.weight.outdim", 65), ".outdim is 65"),
+    "no-outdim": (drop_entry("model.layers.0.self_attn.o_proj.weight.outdim"), "o_proj.weight.outdim"),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "inspect"])
+@pytest.mark.parametrize("edit", sorted(PART_EDITS))
+def test_part_description_that_disagrees_with_the_weights(capsys, command, edit, pipe, text_file, tmp_path):
+    change, expected = PART_EDITS[edit]
+    folder = clone(pipe.packed, tmp_path / "c")
+    edit_json(folder / "part0-of-1" / DESCRIPTION, change)
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], watch=(folder,))
+    assert expected in line
+
+
+# ----------------------------------------------------------------------------- 9: output paths
+
+
+@pytest.mark.parametrize("command", ["sparsify", "compress"])
+def test_existing_output_is_refused_unless_overwrite(capsys, command, pipe, text_file, tmp_path):
+    source = pipe.sparse if command == "compress" else pipe.dense
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    argv = commands_on(source, text_file, out)[command]
+    line = refused(capsys, argv, watch=(out,))
+    assert "already exists" in line and "--overwrite" in line
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    succeeds(capsys, argv + ["--overwrite"])
+    assert not (out / "keep.txt").exists()
+    assert (out / "config.json").is_file()
+    assert (out / (DESCRIPTION if command == "sparsify" else "part0-of-1")).exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("command", ["sparsify", "compress"])
+@pytest.mark.parametrize("target", ["input", "parent"])
+def test_output_over_the_input_is_refused_and_the_input_untouched(capsys, command, target, overwrite, pipe,
+                                                                  text_file, tmp_path):
+    folder = clone(pipe.sparse if command == "compress" else pipe.dense, tmp_path / "model" / "in")
+    before = fingerprint(tmp_path / "model")
+    out = folder if target == "input" else folder.parent
+    line = refused(capsys, commands_on(folder, text_file, out)[command] + overwrite, watch=(out,))
+    assert "would overwrite the input" in line
+    assert fingerprint(tmp_path / "model") == before
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- 10, 11: compressed folder damage
+
+
+def flip_middle_byte(path: Path) -> str:
+    """Invert one byte in the middle of the data region; returns the tensor hit (checked to be a codec stream)."""
+    start, header = safetensors_layout(path)
+    middle = (path.stat().st_size - start) // 2
+    hit = next(name for name, t in header.items() if t["data_offsets"][0] <= middle < t["data_offsets"][1])
+    assert header[hit]["dtype"] == "I8" and hit.endswith(".weight"), f"the middle byte lies in {hit}"
+    data = bytearray(path.read_bytes())
+    data[start + middle] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return hit
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "inspect"])
+def test_corrupted_compressed_stream_fails_its_crc(capsys, command, pipe, text_file, tmp_path):
+    folder = clone(pipe.packed, tmp_path / "c")
+    hit = flip_middle_byte(folder / "part0-of-1" / COMPRESSED_FILE)
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], watch=(folder,))
+    assert "CRC mismatch" in line
+    if command != "inspect":  # the loader names the damaged file and tensor (inspect's report.py does not yet)
+        assert f"part0-of-1/{COMPRESSED_FILE}: {hit}:" in line
+
+
+@pytest.mark.parametrize("command", ["run", "inspect"])
+def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
+    folder = clone(pipe.packed2, tmp_path / "c")
+    shutil.rmtree(folder / "part1-of-2")
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], watch=(folder,))
+    assert "missing part1-of-2" in line
+
+
+# ----------------------------------------------------------------------------- 12, 13: sparsify / quant options
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--sparsity", "1.0"], "--sparsity"),
+    (["--sparsity", "1.5"], "--sparsity"),
+    (["--sparsity", "-0.1"], "--sparsity"),
+    (["--sparsity", "nan"], "--sparsity"),
+    (["--method", "bogus"], "unknown pruning method 'bogus'"),
+    (["--pattern", "2:x"], "'2:x'"),
+    (["--pattern", "5:4"], "'5:4'"),
+    (["--pattern", "0:4"], "'0:4'"),
+    (["--pattern", "2:4:8"], "'2:4:8'"),
+    (["--pattern", "1:3"], "1:3"),  # hidden 64, heads*head_dim 64, MLP 128: none divisible by 3
+    (["--pattern", "2:256"], "2:256"),
+    (["--calib_seqlen", "0"], "--calib_seqlen"),
+    (["--calib_samples", "0"], "--calib_samples"),
+], ids=lambda v: v if isinstance(v, str) else "=".join(v))
+def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_path):
+    out = tmp_path / "s"
+    argv = ["sparsify", "--model_path", pipe.dense, "--save_path", out, "--calib", text_file,
+            "--calib_samples", "2", "--calib_seqlen", "32"]
+    line = refused(capsys, argv + option, out=out)
+    assert expected in line
+
+
+def test_quant_type_other_than_w16a16s(capsys, pipe, tmp_path):
+    out = tmp_path / "q"
+    line = refused(capsys, ["quant", "--model_path", pipe.dense, "--save_path", out, "--quant_type", "w8a8"], out=out)
+    assert "w8a8" in line and "w16a16s" in line
+
+
+# ----------------------------------------------------------------------------- a real process
+
+
+@pytest.mark.parametrize("case", ["missing-path", "tp-mismatch"])
+def test_real_process_prints_one_line_and_exits_non_zero(case, pipe, tmp_path):
+    """Outside pytest's capture, logging and library warnings reach stderr too; still one line."""
+    folder = tmp_path / "nothing" if case == "missing-path" else pipe.packed2
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run([sys.executable, "-m", "sparsezip", "run", "--model_path", str(folder)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1
+    assert len(lines) == 1 and lines[0].startswith("sparsezip: error: "), result.stderr
+    assert ("does not exist" if case == "missing-path" else "torchrun") in lines[0]
