@@ -31,8 +31,8 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(TP) -m sparsezip -q run \
 	  --model_path $(OUT)/w16a16sc --input_texts "What's deep learning?" --max_output_length 40; \
 	echo "== 4/4 perplexity on Pride and Prejudice (4 windows of 512 tokens): dense vs compressed"; \
-	printf "dense:      "; $(BIN)/sparsezip -q eval --model_path $$model --data $$austen/prideprejudice.txt --seqlen 512 --max_windows 4; \
-	printf "compressed: "; OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(TP) -m sparsezip -q eval \
+	$(BIN)/sparsezip -q eval --model_path $$model --data $$austen/prideprejudice.txt --seqlen 512 --max_windows 4; \
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(TP) -m sparsezip -q eval \
 	  --model_path $(OUT)/w16a16sc --data $$austen/prideprejudice.txt --seqlen 512 --max_windows 4
 
 test: $(STAMP)

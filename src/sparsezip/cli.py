@@ -119,7 +119,10 @@ def cmd_eval(ns: argparse.Namespace) -> None:
     windows = eval_windows(tokenizer, ns.data, ns.seqlen, ns.max_windows)
     ppl = perplexity(model, windows, ns.batch_size, show_progress=dist.is_main)
     if dist.is_main:
-        print(f"perplexity: {ppl:.4f} ({len(windows)} windows of {ns.seqlen} tokens)")
+        from .checkpoint import detect_kind
+
+        print(f"perplexity: {ppl:.4f} ({len(windows)} windows of {ns.seqlen} tokens; "
+              f"{detect_kind(ns.model_path)} folder {ns.model_path})")
 
 
 def cmd_inspect(ns: argparse.Namespace) -> None:
