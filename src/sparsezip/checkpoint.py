@@ -6,7 +6,9 @@ folder is written into a temporary sibling and renamed into place only when comp
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -16,7 +18,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import read_json, write_json
@@ -94,21 +95,53 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+          "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, dict]]:
+    """(data start, {name: {dtype, shape, data_offsets}}) of a safetensors file, validated against its size.
+
+    Parsed here rather than through a memory map so that reading a checkpoint tensor by tensor never
+    leaves the whole file resident in this process (sparsify's memory must stay bounded).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise SparsezipError(f"{path} is not a readable safetensors file (truncated or corrupt header)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SparsezipError(f"{path} has a corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    end = 0
+    for name, entry in header.items():
+        begin, stop = entry.get("data_offsets", (0, -1))
+        dtype = DTYPES.get(entry.get("dtype"))
+        numel = math.prod(entry.get("shape", [-1]))
+        if dtype is None or stop - begin != numel * dtype.itemsize or begin < 0:
+            raise SparsezipError(f"{path}: tensor {name} has an inconsistent header entry")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise SparsezipError(f"{path} is truncated or has trailing bytes ({size} bytes, header says {8 + n + end})")
+    return 8 + n, header
+
+
 class TensorReader:
     """Lazy, per-tensor access to tensors spread over one or more safetensors files."""
 
     def __init__(self, files: list[Path]):
-        self.handles = {}
+        self.headers: dict[Path, tuple[int, dict]] = {}
         self.where: dict[str, Path] = {}
         for path in files:
             if not path.is_file():
                 raise SparsezipError(f"weight file {path} is missing")
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except SafetensorError as e:
-                raise SparsezipError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-            self.handles[path] = handle
-            for name in handle.keys():
+            self.headers[path] = read_safetensors_header(path)
+            for name in self.headers[path][1]:
                 if name in self.where:
                     raise SparsezipError(f"tensor {name} appears in both {self.where[name]} and {path}")
                 self.where[name] = path
@@ -117,12 +150,22 @@ class TensorReader:
         return list(self.where)
 
     def get(self, name: str) -> torch.Tensor:
+        """A fresh tensor read with one positioned read (no memory map kept)."""
         if name not in self.where:
             raise SparsezipError(f"tensor {name} is missing from the checkpoint")
-        try:
-            return self.handles[self.where[name]].get_tensor(name)
-        except SafetensorError as e:
-            raise SparsezipError(f"cannot read {name} from {self.where[name]}: {e}") from None
+        path = self.where[name]
+        start, header = self.headers[path]
+        entry = header[name]
+        begin, stop = entry["data_offsets"]
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            data = bytearray(f.read(stop - begin))
+        if len(data) != stop - begin:
+            raise SparsezipError(f"{path} was truncated while reading {name}")
+        dtype = DTYPES[entry["dtype"]]
+        if not data:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
 
 
 def to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -194,43 +237,78 @@ def check_outdims(desc: dict, reader: TensorReader, folder: Path) -> None:
 
 
 class ShardedWriter:
-    """Writes tensors into safetensors files of at most `max_bytes`, as they are produced."""
+    """Writes tensors as they are produced into safetensors files of at most `max_bytes` each.
+
+    Tensors are flushed in small chunk files so memory stays bounded whatever the shard size; `close`
+    streams the chunks into the final shards (a safetensors header needs every offset up front).
+    """
+
+    CHUNK_BYTES = 256 * 2**20
 
     def __init__(self, folder: Path, stem: str, max_bytes: int):
         self.folder, self.stem, self.max_bytes = folder, stem, max_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[dict[str, int]] = []  # name -> bytes, per flushed shard
+        self.chunks: list[Path] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
         self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= min(self.CHUNK_BYTES, self.max_bytes):
+            self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        save_file(self.pending, str(self.folder / f"{self.stem}.shard{len(self.shards)}.tmp"))
-        self.shards.append({k: v.numel() * v.element_size() for k, v in self.pending.items()})
-        self.pending, self.pending_bytes = {}, 0
+        if self.pending:
+            chunk = self.folder / f".{self.stem}.chunk{len(self.chunks)}"
+            save_file(self.pending, str(chunk))
+            self.chunks.append(chunk)
+            self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> None:
-        """Give the shards their final names and write the Hugging Face index when there are several."""
+        """Merge the chunks into shards and write the Hugging Face index when there are several."""
         self.flush()
-        n = len(self.shards)
-        if n == 1:
-            os.replace(self.folder / f"{self.stem}.shard0.tmp", self.folder / f"{self.stem}.safetensors")
-            return
+        groups: list[list[Path]] = [[]]
+        size = 0
+        for chunk in self.chunks:
+            chunk_size = chunk.stat().st_size
+            if groups[-1] and size + chunk_size > self.max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(chunk)
+            size += chunk_size
+        n = len(groups)
+        names = [f"{self.stem}.safetensors"] if n == 1 else [
+            f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         weight_map, total = {}, 0
-        for i, shard in enumerate(self.shards):
-            name = f"{self.stem}-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / f"{self.stem}.shard{i}.tmp", self.folder / name)
-            weight_map.update(dict.fromkeys(shard, name))
-            total += sum(shard.values())
-        write_json(self.folder / f"{self.stem}.safetensors.index.json",
-                   {"metadata": {"total_size": total}, "weight_map": weight_map})
+        for name, group in zip(names, groups):
+            tensors = merge_safetensors(group, self.folder / name)
+            weight_map.update(dict.fromkeys(tensors, name))
+            total += sum(tensors.values())
+        if n > 1:
+            write_json(self.folder / f"{self.stem}.safetensors.index.json",
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def merge_safetensors(chunks: list[Path], out: Path) -> dict[str, int]:
+    """Concatenate safetensors files into one, copying data in blocks; returns {name: bytes}. Deletes the chunks."""
+    parsed = [read_safetensors_header(c) for c in chunks]
+    header, sizes, base = {}, {}, 0
+    for _, entries in parsed:
+        for name, e in entries.items():
+            begin, stop = e["data_offsets"]
+            header[name] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [base + begin, base + stop]}
+            sizes[name] = stop - begin
+        base += max((e["data_offsets"][1] for e in entries.values()), default=0)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data start to 8 bytes
+    with open(out, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for chunk, (start, _) in zip(chunks, parsed):
+            with open(chunk, "rb") as src:
+                src.seek(start)
+                shutil.copyfileobj(src, f, 16 * 2**20)
+            chunk.unlink()
+    return sizes
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

@@ -92,9 +92,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 pos: torch.Tensor | None) -> torch.Tensor:
-        B, T, _ = x.shape
+        y = self.attend(self.qkv_proj(x), cos, sin, mask, pos)
+        return all_reduce(self.o_proj(y), self.dist)  # row-parallel: sum the ranks' partial outputs
+
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               pos: torch.Tensor | None) -> torch.Tensor:
+        """Fused q/k/v projections [B, T, qkv_out] -> attention output [B, T, heads * head_dim], before o_proj."""
+        B, T, _ = qkv.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
@@ -105,8 +111,7 @@ class Attention(nn.Module):
         if self.kv_cache is not None and pos is not None:
             k, v = self.kv_cache.update(pos, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        y = y.transpose(1, 2).reshape(B, T, q_size)
-        return all_reduce(self.o_proj(y), self.dist)  # row-parallel: sum the ranks' partial outputs
+        return y.transpose(1, 2).reshape(B, T, q_size)
 
 
 class MLP(nn.Module):
@@ -118,8 +123,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(self.width, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.width, dim=-1)
-        return all_reduce(self.down_proj(F.silu(gate) * up), self.dist)
+        return all_reduce(self.down_proj(self.activate(self.gate_up_proj(x))), self.dist)
+
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """Fused gate/up projections [..., 2 * width] -> down_proj's input [..., width]."""
+        gate, up = gate_up.split(self.width, dim=-1)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):

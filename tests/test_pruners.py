@@ -1,0 +1,257 @@
+"""Calibrated pruners as pure functions of (W, statistics): counts, patterns, quality, robustness."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sparsezip.errors import SparsezipError
+from sparsezip.pruners import METHODS, LinearStats, float_sparse, magnitude, sparsegpt, wanda
+
+
+def problem(out: int, inp: int, tokens: int = 4096, seed: int = 0, rank: int | None = None):
+    """Random W and correlated inputs X = Z A (columns of very different scales), with their statistics."""
+    g = torch.Generator().manual_seed(seed)
+    rank = rank or inp
+    a = torch.randn(rank, inp, generator=g) / rank**0.5
+    x = (torch.randn(tokens, rank, generator=g) @ a) * torch.exp(torch.randn(inp, generator=g))[None, :]
+    w = torch.randn(out, inp, generator=g)
+    return w, x, stats_of(x)
+
+
+def stats_of(x: torch.Tensor) -> LinearStats:
+    stats = LinearStats(x.shape[1], "cpu", hessian=True)
+    for chunk in x.split(1000):
+        stats.add_batch(chunk)
+    return stats
+
+
+def out_err(x: torch.Tensor, w: torch.Tensor, pruned: torch.Tensor) -> float:
+    """||X W^T - X Wp^T||, computed in float64."""
+    return float((x.double() @ (w.double() - pruned.double()).T).norm())
+
+
+def assert_no_negative_zero(t: torch.Tensor) -> None:
+    assert not (torch.signbit(t) & (t == 0)).any(), "pruned entries must be +0.0"
+
+
+def assert_n_of_m(pruned: torch.Tensor, n: int, m: int) -> None:
+    zeros = (pruned == 0).reshape(pruned.shape[0], -1, m).sum(-1)
+    assert (zeros == m - n).all(), zeros.unique()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# statistics and registry
+
+
+def test_hessian_statistics_match_float64_sum():
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 7, 12, generator=g), torch.randn(5, 12, generator=g)]
+    stats = LinearStats(12, "cpu", hessian=True)
+    for b in batches:
+        stats.add_batch(b)
+    x = torch.cat([b.reshape(-1, 12) for b in batches]).double()
+    assert stats.tokens == 19
+    torch.testing.assert_close(stats.H.double(), x.T @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.sq_norm, (x**2).sum(0))
+    plain = LinearStats(12, "cpu")
+    plain.add_batch(batches[0])
+    assert plain.H is None and plain.tokens == 14
+
+
+def test_registry_flags():
+    assert METHODS["float_sparse"].needs_hessian and METHODS["float_sparse"].calibrated
+    assert METHODS["sparsegpt"].needs_hessian and METHODS["sparsegpt"].calibrated
+    assert not METHODS["wanda"].needs_hessian and not METHODS["magnitude"].needs_hessian
+    assert METHODS["float_sparse"].prune is float_sparse and METHODS["sparsegpt"].prune is sparsegpt
+
+
+@pytest.mark.parametrize("method", [float_sparse, sparsegpt])
+def test_hessian_methods_refuse_stats_without_hessian(method):
+    stats = LinearStats(8, "cpu")
+    stats.add_batch(torch.randn(32, 8))
+    with pytest.raises(SparsezipError, match="Hessian"):
+        method(torch.randn(4, 8), stats, 0.5, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float_sparse
+
+
+def reference_admm(w, h, ratio, iters=20, mask_iters=15, rho=1.0):
+    """The DESIGN's ADMM written plainly in float64 (linalg.solve, argsort ranking), unstructured only."""
+    w, h = w.double(), h.double()
+    d = h.diagonal().sqrt()
+    hn = h / torch.outer(d, d)
+    wn = (w * d).T.clone()
+    hn = hn + 0.1 * hn.diagonal().mean() * torch.eye(len(d), dtype=torch.float64)
+    xy = hn @ wn
+    a = hn + rho * torch.eye(len(d), dtype=torch.float64)
+    u = torch.zeros_like(wn)
+    n_zero = int(wn.numel() * ratio)
+    for it in range(iters):
+        if it < mask_iters:
+            order = torch.argsort((wn + u).abs().flatten())
+            mask = torch.ones(wn.numel(), dtype=torch.float64)
+            mask[order[:n_zero]] = 0
+            mask = mask.view_as(wn)
+        z = (wn + u) * mask
+        u = u + wn - z
+        wn = torch.linalg.solve(a, xy + rho * (z - u))
+    return ((wn + u) * mask).T / d
+
+
+def test_float_sparse_follows_the_admm_recipe():
+    w, x, stats = problem(16, 48, tokens=2048, seed=5)
+    got = float_sparse(w, stats, 0.5, None)
+    want = reference_admm(w, stats.H, 0.5)
+    assert ((got == 0) == (want == 0)).float().mean() > 0.99
+    assert float((got.double() - want).norm() / want.norm()) < 1e-3
+
+
+def test_float_sparse_counts_zeros_over_the_whole_matrix():
+    w, x, stats = problem(24, 40, seed=1)
+    w[:8] *= 20  # loud rows: a whole-matrix ranking prunes mostly the quiet rows
+    pruned = float_sparse(w, stats, 0.37, None)
+    zeros = pruned == 0
+    assert int(zeros.sum()) == int(24 * 40 * 0.37)  # 355, not 24 * floor(40 * 0.37) = 336
+    per_row = zeros.sum(1)
+    assert per_row[:8].float().mean() < 0.5 * per_row[8:].float().mean()
+    assert_no_negative_zero(pruned)
+    assert torch.isfinite(pruned).all()
+    assert pruned.is_contiguous() and pruned.dtype == torch.float32
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_float_sparse_n_of_m(n, m):
+    w, x, stats = problem(16, 64, seed=2)
+    pruned = float_sparse(w, stats, 0.5, (n, m))
+    assert_n_of_m(pruned, n, m)
+    assert_no_negative_zero(pruned)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_float_sparse_beats_masking_and_wanda(pattern):
+    w, x, stats = problem(32, 64, seed=3)
+    pruned = float_sparse(w, stats, 0.5, pattern)
+    same_mask = torch.where(pruned != 0, w, torch.zeros(()))
+    e = out_err(x, w, pruned)
+    assert e < 0.9 * out_err(x, w, same_mask)
+    assert e < 0.9 * out_err(x, w, wanda(w, stats, 0.5, pattern))
+    assert int((pruned == 0).sum()) == int((wanda(w, stats, 0.5, pattern) == 0).sum())
+
+
+def test_float_sparse_singular_hessian():
+    w, x, _ = problem(12, 32, seed=4)
+    x[:, 5] = x[:, 3]  # duplicate input
+    x[:, 7] = 0  # never activated
+    x[:, 20] = 0
+    pruned = float_sparse(w, stats_of(x), 0.5, None)
+    assert torch.isfinite(pruned).all()
+    assert int((pruned == 0).sum()) == 12 * 32 // 2
+    assert (pruned[:, 7] == 0).all() and (pruned[:, 20] == 0).all()  # dead inputs are pruned first
+    assert_no_negative_zero(pruned)
+
+
+def test_float_sparse_recovers_from_indefinite_hessian(caplog):
+    g = torch.Generator().manual_seed(6)
+    v = torch.randn(24, generator=g)
+    v /= v.norm()
+    stats = LinearStats(24, "cpu", hessian=True)
+    stats.H = torch.eye(24) - 3 * torch.outer(v, v) + 0.0 * torch.eye(24)  # eigenvalue -2: Hn + 1.1 I fails
+    stats.H += 3 * torch.diag(v * v) + 0.1 * torch.eye(24)  # keep the diagonal positive
+    w = torch.randn(8, 24, generator=g)
+    with caplog.at_level(logging.WARNING, logger="sparsezip"):
+        pruned = float_sparse(w, stats, 0.5, None)
+    assert any("Cholesky" in r.message for r in caplog.records)
+    assert torch.isfinite(pruned).all() and int((pruned == 0).sum()) == 8 * 24 // 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sparsegpt
+
+
+def reference_sparsegpt(w, h, ratio, pattern=None, block=128, damp=0.01):
+    """SparseGPT without lazy batching, in float64: immediate OBS updates of every later column."""
+    w, h = w.double().clone(), h.double()
+    cols = w.shape[1]
+    h = h + damp * h.diagonal().mean() * torch.eye(cols, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    prune = torch.zeros_like(w, dtype=torch.bool)
+    for j in range(cols):
+        if pattern is None and j % block == 0:
+            i2 = min(j + block, cols)
+            s = w[:, j:i2] ** 2 / u.diagonal()[j:i2] ** 2
+            k = int(i2 * ratio) - int(j * ratio)
+            for r in range(w.shape[0]):
+                prune[r, j + torch.argsort(s[r])[:k]] = True
+        if pattern is not None and j % pattern[1] == 0:
+            n, m = pattern
+            s = w[:, j:j + m] ** 2 / u.diagonal()[j:j + m] ** 2
+            for r in range(w.shape[0]):
+                prune[r, j + torch.argsort(s[r])[:m - n]] = True
+        q = torch.where(prune[:, j], 0.0, w[:, j])
+        e = (w[:, j] - q) / u[j, j]
+        w[:, j:] -= e[:, None] * u[j, j:][None, :]
+        w[:, j] = q
+    return w
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_sparsegpt_matches_plain_obs(pattern):
+    w, x, stats = problem(10, 300, tokens=3000, seed=7)
+    got = sparsegpt(w, stats, 0.4, pattern)
+    want = reference_sparsegpt(w, stats.H, 0.4, pattern)
+    assert ((got == 0) == (want == 0)).float().mean() > 0.995
+    assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_sparsegpt_exact_sparsity_per_row_and_block():
+    w, x, stats = problem(16, 300, seed=8)
+    pruned = sparsegpt(w, stats, 0.4, None)
+    zeros = pruned == 0
+    assert (zeros.sum(1) == int(300 * 0.4)).all()  # 120 in every row
+    blocks = [zeros[:, :128].sum(1), zeros[:, 128:256].sum(1), zeros[:, 256:].sum(1)]
+    for got, want in zip(blocks, [51, 51, 18]):  # floor(128*.4), floor(256*.4)-51, floor(300*.4)-102
+        assert (got == want).all()
+    assert_no_negative_zero(pruned)
+    assert pruned.is_contiguous() and pruned.dtype == torch.float32
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (3, 6)])  # 3:6 does not divide the 128-column block
+def test_sparsegpt_n_of_m(n, m):
+    w, x, stats = problem(8, 264, seed=9)
+    pruned = sparsegpt(w, stats, 0.5, (n, m))
+    assert_n_of_m(pruned, n, m)
+    assert_no_negative_zero(pruned)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_sparsegpt_beats_magnitude_and_wanda(pattern):
+    w, x, stats = problem(32, 128, seed=10, rank=64)  # strongly correlated inputs, as in LLM layers
+    e = out_err(x, w, sparsegpt(w, stats, 0.5, pattern))
+    assert e < 0.9 * out_err(x, w, magnitude(w, None, 0.5, pattern))
+    assert e < 0.9 * out_err(x, w, wanda(w, stats, 0.5, pattern))
+
+
+def test_sparsegpt_recovers_from_indefinite_hessian(caplog):
+    w, x, _ = problem(8, 64, tokens=32, seed=11)  # 32 tokens for 64 inputs: H is singular
+    stats = stats_of(x)
+    stats.H -= 0.05 * stats.H.diagonal().mean() * torch.eye(64)  # and now indefinite beyond the 1% damping
+    with caplog.at_level(logging.WARNING, logger="sparsezip"):
+        pruned = sparsegpt(w, stats, 0.5, None)
+    assert any("Cholesky" in r.message for r in caplog.records)
+    assert torch.isfinite(pruned).all()
+    assert ((pruned == 0).sum(1) == 32).all()
+
+
+def test_sparsegpt_dead_inputs():
+    w, x, _ = problem(8, 64, seed=12)
+    x[:, 10] = 0
+    x[:, 11] = x[:, 12]
+    pruned = sparsegpt(w, stats_of(x), 0.25, None)
+    assert torch.isfinite(pruned).all()
+    assert ((pruned == 0).sum(1) == 16).all()
+    assert (pruned[:, 10] == 0).all()  # a never-activated input costs nothing, so it is pruned first
