@@ -1,19 +1,24 @@
 """`sparsify`: prune a dense checkpoint layer by layer with calibration text, into a W16A16S folder.
 
-Sequential calibration: the calibration activations pass through one decoder layer at a time;
-each layer's statistics are collected on its dense weights, the layer is pruned, and its *pruned*
-output becomes the next layer's input. Only one layer's weights are in memory at once and
-finished tensors are written as they are produced.
+Sequential calibration with one forward pass per layer: the calibration activations go through a
+layer stage by stage (q/k/v, then o, then gate/up, then down); each linear's statistics come from
+inputs that already passed through the *pruned* linears before it, the linear is pruned, and the
+stage's output feeds the next stage. The layer's pruned output is the next layer's input. Only one
+layer's weights are in memory at once, and finished tensors are written as they are produced, so
+memory grows with one layer plus the calibration activations, not with the model.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from . import __version__
@@ -26,14 +31,24 @@ from .errors import SparsezipError
 from .masks import parse_pattern
 from .model import DecoderLayer, attention_mask, rope_cos_sin
 from .pruners import LinearStats, Method, get_method
-from .tp import PRUNABLE_SUFFIXES, Dist, global_rules, layer_rules, shard, unfuse
+from .rounding import l2_round
+from .tp import PRUNABLE_SUFFIXES, Dist, SplitRule, global_rules, layer_rules, shard, unfuse
 
 log = logging.getLogger("sparsezip")
-FUSED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+SAMPLES_PER_BATCH = 8
+PruneHook = Callable[[str, nn.Linear, LinearStats], None]
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    method_name: str
+    method: Method
+    pattern: tuple[int, int] | None
+    rounding: str  # "l2" or "none"
 
 
 def load_layer(args: ModelArgs, state: dict[str, torch.Tensor], index: int, device: str) -> DecoderLayer:
-    """A tp=1 decoder layer in fp32 from its fused fp16 tensors (keys relative to the layer)."""
+    """A tp=1 decoder layer in fp32 from its fused fp16 tensors (keys with the layer prefix)."""
     with torch.device("meta"):
         layer = DecoderLayer(args, Dist())
     prefix = f"model.layers.{index}."
@@ -42,56 +57,126 @@ def load_layer(args: ModelArgs, state: dict[str, torch.Tensor], index: int, devi
     return layer.eval()
 
 
-class LayerRunner:
-    """Runs calibration samples through one layer, grouping equal-length samples into batches."""
+def batches(samples: list[torch.Tensor]) -> Iterator[list[int]]:
+    """Indices of up to SAMPLES_PER_BATCH consecutive samples of equal length (jsonl samples vary)."""
+    group: list[int] = []
+    for i, s in enumerate(samples):
+        if group and (len(group) == SAMPLES_PER_BATCH or s.shape[0] != samples[group[0]].shape[0]):
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
 
-    def __init__(self, args: ModelArgs, device: str, batch_size: int = 8):
-        self.args, self.device, self.batch_size = args, device, batch_size
 
-    @torch.no_grad()
-    def __call__(self, layer: DecoderLayer, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for start in range(0, len(hidden), self.batch_size):
-            chunk = hidden[start:start + self.batch_size]
-            same_len = all(h.shape[0] == chunk[0].shape[0] for h in chunk)
-            batches = [torch.stack(chunk)] if same_len else [h[None] for h in chunk]
-            for x in batches:  # x: [B, L, hidden]
-                pos = torch.arange(x.shape[1], device=self.device)
-                cos, sin = rope_cos_sin(self.args, pos, torch.float32)
-                mask = attention_mask(self.args, pos, x.shape[1])
-                out += list(layer(x.to(self.device), cos, sin, mask).cpu())
+class LayerPass:
+    """Runs calibration samples through one layer stage by stage, on `device`, keeping activations on the CPU."""
+
+    def __init__(self, args: ModelArgs, device: str, needs_hessian: bool):
+        self.args, self.device, self.needs_hessian = args, device, needs_hessian
+
+    def apply(self, fn: Callable[..., torch.Tensor], *inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(inputs[0])
+        for group in batches(inputs[0]):
+            xs = [torch.stack([seq[i] for i in group]).to(self.device) for seq in inputs]  # each [B, L, D]
+            for i, y in zip(group, fn(*xs).cpu()):
+                out[i] = y
         return out
 
+    def stats(self, linear: nn.Linear, inputs: list[torch.Tensor]) -> LinearStats:
+        stats = LinearStats(linear.in_features, self.device, hessian=self.needs_hessian)
+        for group in batches(inputs):
+            stats.add_batch(torch.stack([inputs[i] for i in group]).to(self.device))
+        return stats
 
-def collect_stats(layer: DecoderLayer, run: LayerRunner, hidden: list[torch.Tensor]) -> dict[str, LinearStats]:
-    """One pass over the calibration set feeds the input statistics of every fused linear."""
-    stats, hooks = {}, []
-    for name in FUSED_LINEARS:
-        linear = layer.get_submodule(name)
-        stats[name] = LinearStats(linear.in_features, linear.weight.device)
-        hooks.append(linear.register_forward_pre_hook(lambda _m, inp, s=stats[name]: s.add_batch(inp[0])))
-    try:
-        run(layer, hidden)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
+    def rope_and_mask(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pos = torch.arange(h.shape[1], device=h.device)
+        cos, sin = rope_cos_sin(self.args, pos, h.dtype)
+        return cos, sin, attention_mask(self.args, pos, h.shape[1])
+
+    @torch.no_grad()
+    def __call__(self, layer: DecoderLayer, hidden: list[torch.Tensor], on_linear: PruneHook) -> list[torch.Tensor]:
+        """hidden: per sample [L, hidden] -> the layer's output per sample; `on_linear` may prune in place."""
+        attn, mlp = layer.self_attn, layer.mlp
+        normed = self.apply(layer.input_layernorm, hidden)
+        on_linear("self_attn.qkv_proj", attn.qkv_proj, self.stats(attn.qkv_proj, normed))
+        attended = self.apply(lambda h: attn.attend(attn.qkv_proj(h), *self.rope_and_mask(h), None), normed)
+        del normed
+        on_linear("self_attn.o_proj", attn.o_proj, self.stats(attn.o_proj, attended))
+        resid = self.apply(lambda x, a: x + attn.o_proj(a), hidden, attended)
+        del attended
+        normed = self.apply(layer.post_attention_layernorm, resid)
+        on_linear("mlp.gate_up_proj", mlp.gate_up_proj, self.stats(mlp.gate_up_proj, normed))
+        act = self.apply(lambda h: mlp.activate(mlp.gate_up_proj(h)), normed)
+        del normed
+        on_linear("mlp.down_proj", mlp.down_proj, self.stats(mlp.down_proj, act))
+        return self.apply(lambda r, a: r + mlp.down_proj(a), resid, act)
 
 
-def prune_layer(args: ModelArgs, index: int, fused: dict[str, torch.Tensor], stats: dict[str, LinearStats] | None,
-                method: Method, ratio: float, pattern) -> dict[str, torch.Tensor]:
-    """Prune every Hugging Face linear of a layer (q, k, v, o, gate, up, down) separately; returns HF-named fp16."""
+def prune_linear(rule: SplitRule, weight: torch.Tensor, stats: LinearStats | None, settings: PruneSettings,
+                 sparsity: float, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Prune each Hugging Face matrix inside a fused weight separately; returns {HF name: fp16 weight}."""
     out = {}
-    for rule in layer_rules(args, index):
-        parts = unfuse(rule, fused[rule.target], args)
-        if not rule.compressed:
-            out.update(parts)
-            continue
-        linear = rule.target[len(f"model.layers.{index}."):-len(".weight")]
-        for name, w in parts.items():
-            pruned = method.prune(w.float(), stats[linear] if stats else None, ratio, pattern)
-            out[name] = pruned.to(torch.float16)
+    for name, w in unfuse(rule, weight, args).items():
+        pruned = settings.method.prune(w.float(), stats, sparsity, settings.pattern).to(torch.float16)
+        if settings.rounding == "l2":
+            norm = stats.sq_norm.sqrt() if stats is not None else torch.ones(w.shape[1], device=w.device)
+            pruned = l2_round(pruned, norm)
+        out[name] = pruned
     return out
+
+
+def layer_rule(args: ModelArgs, layer: int, linear: str) -> SplitRule:
+    target = f"model.layers.{layer}.{linear}.weight"
+    return next(r for r in layer_rules(args, layer) if r.target == target)
+
+
+def prune_layer(args: ModelArgs, index: int, layer: DecoderLayer, hidden: list[torch.Tensor], run: LayerPass | None,
+                settings: PruneSettings, sparsity: float) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Prune the 7 linears of one layer; returns their HF-named fp16 weights and the layer's pruned output."""
+    pruned: dict[str, torch.Tensor] = {}
+
+    def on_linear(linear_name: str, linear: nn.Linear, stats: LinearStats | None) -> None:
+        rule = layer_rule(args, index, linear_name)
+        parts = prune_linear(rule, linear.weight.data, stats, settings, sparsity, args)
+        pruned.update(parts)
+        # later stages must see exactly the fp16 weights that are saved
+        linear.weight.data = torch.cat(list(parts.values()), dim=rule.dim or 0).to(linear.weight)
+
+    if run is None:  # uncalibrated (magnitude): no activations to propagate
+        for linear_name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            on_linear(linear_name, layer.get_submodule(linear_name), None)
+        return pruned, hidden
+    return pruned, run(layer, hidden, on_linear)
+
+
+def owl_allocation(outlier_ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """OWL (Yin et al. 2024): layers with more outliers get less sparsity, within sparsity ± lam, mean kept."""
+    r = torch.tensor(outlier_ratios, dtype=torch.float64)
+    spread = r.max() - r.min()
+    r = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
+    return (sparsity - (r - r.mean())).tolist()
+
+
+def owl_outlier_ratios(args: ModelArgs, reader: TensorReader, hidden: list[torch.Tensor], run: LayerPass,
+                       device: str, threshold: float) -> list[float]:
+    """Share of Wanda scores above `threshold` x their layer mean, per layer, on the dense model."""
+    ratios = []
+    for i in tqdm(range(args.num_layers), desc="OWL outlier scan", unit="layer"):
+        layer = load_layer(args, read_layer(args, reader, i), i, device)
+        scores: list[torch.Tensor] = []
+
+        def record(_name: str, linear: nn.Linear, stats: LinearStats) -> None:
+            scores.append((linear.weight.abs() * stats.sq_norm.sqrt().to(linear.weight)[None, :]).flatten())
+
+        hidden = run(layer, hidden, record)
+        flat = torch.cat(scores)
+        ratios.append(float((flat > threshold * flat.mean()).float().mean()))
+    return ratios
+
+
+def read_layer(args: ModelArgs, reader: TensorReader, index: int) -> dict[str, torch.Tensor]:
+    return {r.target: shard(r, lambda n: to_fp16(n, reader.get(n)), 0, 1) for r in layer_rules(args, index)}
 
 
 def embed_samples(reader: TensorReader, samples: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -122,8 +207,13 @@ def check_options(args: ModelArgs, sparsity: float, nm: tuple[int, int] | None, 
 def sparsify(model_path: Path, save_path: Path, method: str = "wanda", sparsity: float = 0.5,
              pattern: str = "unstructured", calib: list[Path] | None = None, calib_samples: int = 32,
              calib_seqlen: int = 512, device: str = "cpu", part_file_size: float = 5.0,
-             overwrite: bool = False, seed: int = 0) -> Path:
-    """Prune the 7 linears of every decoder layer of a dense checkpoint and save a W16A16S folder."""
+             overwrite: bool = False, seed: int = 0, rounding: str | None = None, owl: bool = False,
+             owl_threshold: float = 5.0, owl_lambda: float = 0.08) -> Path:
+    """Prune the 7 linears of every decoder layer of a dense checkpoint and save a W16A16S folder.
+
+    rounding None means the method's own default: L2 precision rounding for float_sparse (as the original
+    does), none for the others.
+    """
     model_path, save_path = Path(model_path), Path(save_path)
     if detect_kind(model_path) != HF:
         raise SparsezipError(f"{model_path} is already sparse; sparsify takes a dense Hugging Face folder")
@@ -132,8 +222,16 @@ def sparsify(model_path: Path, save_path: Path, method: str = "wanda", sparsity:
     prune = get_method(method)
     nm = parse_pattern(pattern)
     check_options(args, sparsity, nm, calib_samples, calib_seqlen)
+    rounding = rounding or ("l2" if method == "float_sparse" else "none")
+    if rounding not in ("l2", "none"):
+        raise SparsezipError(f"--rounding must be l2 or none, got {rounding!r}")
+    if owl and (nm is not None or not prune.calibrated):
+        raise SparsezipError("--owl allocates unstructured sparsity from activations: it needs a calibrated "
+                             "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
+    settings = PruneSettings(method, prune, nm, rounding)
     reader = TensorReader(safetensors_files(model_path))
     hidden, tokens = [], 0
+    run = LayerPass(args, device, prune.needs_hessian) if prune.calibrated else None
     if prune.calibrated:
         if not calib:
             raise SparsezipError(f"method {method} needs calibration text: pass --calib FILE")
@@ -143,37 +241,41 @@ def sparsify(model_path: Path, save_path: Path, method: str = "wanda", sparsity:
                                       calib_seqlen, seed)
         tokens = sum(len(s) for s in samples)
         if tokens < 2048:
-            log.warning("only %d calibration tokens; at least 2048 are recommended", tokens)
+            log.warning("only %d calibration tokens; at least 2048 are recommended (the inverse can fail)", tokens)
         hidden = embed_samples(reader, samples)
-    run = LayerRunner(args, device)
+    layer_sparsity = [sparsity] * args.num_layers
+    if owl:
+        ratios = owl_outlier_ratios(args, reader, hidden, LayerPass(args, device, False), device, owl_threshold)
+        layer_sparsity = owl_allocation(ratios, sparsity, owl_lambda)
+    n_samples = len(hidden)
     with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
         writer = ShardedWriter(tmp, SPARSE_STEM, int(part_file_size * 2**30))
         description = {}
-
-        def emit(tensors: dict[str, torch.Tensor], kind: str) -> None:
-            for name, t in tensors.items():
-                writer.add(name, t)
-                description[name] = kind
-
         for i in tqdm(range(args.num_layers), desc=f"sparsify {method}", unit="layer"):
-            fused = {r.target: shard(r, lambda n: to_fp16(n, reader.get(n)), 0, 1) for r in layer_rules(args, i)}
-            layer = load_layer(args, fused, i, device) if prune.calibrated else None
-            stats = collect_stats(layer, run, hidden) if prune.calibrated else None
-            pruned = prune_layer(args, i, fused, stats, prune, sparsity, nm)
+            fused = read_layer(args, reader, i)
+            layer = load_layer(args, fused, i, device)
+            pruned, hidden = prune_layer(args, i, layer, hidden, run, settings, layer_sparsity[i])
+            for rule in layer_rules(args, i):  # norms and biases pass through unchanged
+                if not rule.compressed:
+                    pruned.update(unfuse(rule, fused[rule.target], args))
             for name, t in pruned.items():
-                emit({name: t}, W16A16S if name.endswith(PRUNABLE_SUFFIXES) else "FLOAT")
-            if prune.calibrated:  # the next layer calibrates on this layer's pruned output
-                pruned_fused = {r.target: shard(r, pruned.__getitem__, 0, 1) for r in layer_rules(args, i)}
-                hidden = run(load_layer(args, pruned_fused, i, device), hidden)
+                writer.add(name, t.cpu())
+                description[name] = W16A16S if name.endswith(PRUNABLE_SUFFIXES) else "FLOAT"
+            del layer, fused, pruned
         for rule in global_rules(args):
-            emit({rule.target: to_fp16(rule.target, reader.get(rule.target))}, "FLOAT")
+            writer.add(rule.target, to_fp16(rule.target, reader.get(rule.target)))
+            description[rule.target] = "FLOAT"
         writer.close()
         metadata = {
-            "method": method, "sparsity": sparsity, "pattern": pattern, "calibration_tokens": tokens,
-            "calibration_files": [Path(c).name for c in calib or []], "calibration_samples": len(hidden),
+            "method": method, "sparsity": sparsity, "pattern": pattern, "rounding": rounding,
+            "calibration_tokens": tokens, "calibration_samples": n_samples,
+            "calibration_files": [Path(c).name for c in calib or []],
             "source": model_path.resolve().name, "tool": f"sparsezip {__version__}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        if owl:
+            metadata["owl"] = {"threshold_m": owl_threshold, "lambda": owl_lambda,
+                               "layer_sparsity": [round(x, 6) for x in layer_sparsity]}
         write_json(tmp / DESCRIPTION, {"model_quant_type": W16A16S, "version": FORMAT_VERSION,
                                        "metadata": metadata, **description})
         write_fp16_config(model_path, tmp)

@@ -48,15 +48,35 @@ def cmd_sparsify(ns: argparse.Namespace) -> None:
 
     sparsify(model_path=ns.model_path, save_path=ns.save_path, method=ns.method, sparsity=ns.sparsity,
              pattern=ns.pattern, calib=ns.calib, calib_samples=ns.calib_samples, calib_seqlen=ns.calib_seqlen,
-             device=pick_device(ns.device), part_file_size=ns.part_file_size, overwrite=ns.overwrite, seed=ns.seed)
+             device=pick_device(ns.device), part_file_size=ns.part_file_size, overwrite=ns.overwrite, seed=ns.seed,
+             rounding=ns.rounding, owl=ns.owl, owl_threshold=ns.owl_threshold, owl_lambda=ns.owl_lambda)
     print(f"saved W16A16S model to {ns.save_path}")
 
 
 def cmd_quant(ns: argparse.Namespace) -> None:
+    """The original's `quant --quant_type w16a16s`: float_sparse at ratio 0.4 with L2 rounding."""
+    from .assets import austen_files
+    from .calibrate import sparsify
+    from .runtime import pick_device
+
     if ns.quant_type.lower() != "w16a16s":
         raise SparsezipError(f"--quant_type {ns.quant_type} is not supported; only w16a16s")
-    raise SparsezipError("the float_sparse method behind --quant_type w16a16s is not implemented yet; "
-                         "use `sparsezip sparsify --method wanda --sparsity 0.4 --calib FILE` meanwhile")
+    if ns.model_type:
+        from .config import ModelArgs
+
+        actual = ModelArgs.from_dir(ns.model_path).model_type
+        if ns.model_type.lower().split("-")[0].rstrip("0123456789.") not in actual:
+            raise SparsezipError(f"--model_type {ns.model_type} does not match config.json's model_type {actual}")
+    calib = ns.calib or austen_files(QUANT_DEFAULT_CALIB)
+    if not ns.calib:
+        log.info("no --calib given: calibrating on %s", ", ".join(p.name for p in calib))
+    sparsify(model_path=ns.model_path, save_path=ns.save_path, method="float_sparse", sparsity=0.4, calib=calib,
+             device=pick_device(ns.device), overwrite=ns.overwrite)
+    print(f"saved W16A16S model to {ns.save_path}")
+
+
+# calibration books of the reference protocol (DESIGN §5), used when `quant` gets no --calib
+QUANT_DEFAULT_CALIB = ["emma", "mansfieldpark", "persuasion", "sensesensibility", "northangerabbey"]
 
 
 def cmd_compress(ns: argparse.Namespace) -> None:
@@ -148,13 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sparsify", help="prune a dense model into a W16A16S folder")
     flag(p, "--model_path", required=True, type=Path, help="dense Hugging Face model folder")
     flag(p, "--save_path", required=True, type=Path, help="output W16A16S folder (must not exist)")
-    flag(p, "--method", default="wanda", help="magnitude or wanda (default: wanda)")
+    flag(p, "--method", default="wanda", help="magnitude, wanda, sparsegpt or float_sparse (the original's "
+         "ADMM algorithm) (default: wanda)")
     flag(p, "--sparsity", type=float, default=0.5, help="fraction of weights to zero (default: 0.5)")
     flag(p, "--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 (default: unstructured)")
     flag(p, "--calib", nargs="+", type=Path, help=".txt or .jsonl calibration files")
     flag(p, "--calib_samples", type=int, default=32, help="random windows drawn from .txt files (default: 32)")
     flag(p, "--calib_seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
     flag(p, "--seed", type=int, default=0, help="seed of the window draw (default: 0)")
+    flag(p, "--rounding", choices=("l2", "none"), default=None,
+         help="L2 precision rounding of kept weights to E5M2 with 2%% kept exact (default: l2 for float_sparse, "
+         "none otherwise)")
+    flag(p, "--owl", action="store_true", help="OWL: give layers with more activation outliers less sparsity")
+    flag(p, "--owl_threshold", type=float, default=5.0, help="OWL outlier threshold M x layer mean (default: 5)")
+    flag(p, "--owl_lambda", type=float, default=0.08, help="OWL max deviation from --sparsity (default: 0.08)")
     flag(p, "--part_file_size", type=float, default=5.0, help="GB per safetensors shard (default: 5)")
     flag(p, "--overwrite", action="store_true", help="replace an existing output folder")
     add_device(p)
@@ -164,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(p, "--model_path", required=True, type=Path)
     flag(p, "--save_path", required=True, type=Path)
     flag(p, "--quant_type", required=True, help="w16a16s")
-    flag(p, "--model_type", default=None, help="accepted for compatibility")
+    flag(p, "--model_type", default=None, help="e.g. Qwen3-32B; checked against config.json")
+    flag(p, "--calib", nargs="+", type=Path, help="calibration files (default: the Austen reference books)")
+    flag(p, "--overwrite", action="store_true", help="replace an existing output folder")
     add_device(p)
     p.set_defaults(func=cmd_quant)
 
