@@ -10,6 +10,7 @@ memory grows with one layer plus the calibration activations, not with the model
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 from dataclasses import dataclass
@@ -175,6 +176,15 @@ def owl_outlier_ratios(args: ModelArgs, reader: TensorReader, hidden: list[torch
     return ratios
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS after each layer (glibc keeps it otherwise, and peak RSS
+    would creep up layer after layer although the live data stays one layer's worth)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def read_layer(args: ModelArgs, reader: TensorReader, index: int) -> dict[str, torch.Tensor]:
     return {r.target: shard(r, lambda n: to_fp16(n, reader.get(n)), 0, 1) for r in layer_rules(args, index)}
 
@@ -262,6 +272,7 @@ def sparsify(model_path: Path, save_path: Path, method: str = "wanda", sparsity:
                 writer.add(name, t.cpu())
                 description[name] = W16A16S if name.endswith(PRUNABLE_SUFFIXES) else "FLOAT"
             del layer, fused, pruned
+            release_freed_memory()
         for rule in global_rules(args):
             writer.add(rule.target, to_fp16(rule.target, reader.get(rule.target)))
             description[rule.target] = "FLOAT"

@@ -1,0 +1,78 @@
+"""sparsify streams the model: peak RSS stays below half the size of a 1.5 GB checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from sparsezip.checkpoint import ShardedWriter
+
+from conftest import VOCAB, save_tokenizer
+
+HIDDEN, MLP, LAYERS = 1024, 2816, 60  # 12.8M weights a layer: 1.54 GB of fp16 in all
+
+
+def write_big_model(folder: Path) -> int:
+    """A random Llama-style checkpoint written layer by layer (never whole in memory); returns its bytes."""
+    folder.mkdir()
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=VOCAB, hidden_size=HIDDEN,
+                  intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=8,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+                  torch_dtype="float16", bos_token_id=0, eos_token_id=2)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_tokenizer(folder)
+    g = torch.Generator().manual_seed(0)
+    writer = ShardedWriter(folder, "model", 2**40)
+    total = 0
+
+    def add(name: str, *shape: int) -> None:
+        nonlocal total
+        t = (torch.randn(*shape, generator=g) * 0.05).half() if len(shape) == 2 else torch.ones(shape).half()
+        writer.add(name, t)
+        total += t.numel() * 2
+
+    add("model.embed_tokens.weight", VOCAB, HIDDEN)
+    add("model.norm.weight", HIDDEN)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            add(p + f"self_attn.{name}.weight", HIDDEN, HIDDEN)
+        add(p + "mlp.gate_proj.weight", MLP, HIDDEN)
+        add(p + "mlp.up_proj.weight", MLP, HIDDEN)
+        add(p + "mlp.down_proj.weight", HIDDEN, MLP)
+        add(p + "input_layernorm.weight", HIDDEN)
+        add(p + "post_attention_layernorm.weight", HIDDEN)
+    writer.close()
+    return total
+
+
+def peak_rss(cmd: list[str]) -> tuple[int, int]:
+    """(exit code, peak RSS in bytes of the process, sampled every 20 ms)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    watcher, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watcher.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    assert proc.returncode == 0, proc.stderr.read()[-2000:]
+    return proc.returncode, peak
+
+
+def test_sparsify_peak_memory_is_below_half_the_model(tmp_path, text_file):
+    model_bytes = write_big_model(tmp_path / "big")
+    assert model_bytes > 1.5e9
+    _, peak = peak_rss([sys.executable, "-m", "sparsezip", "-q", "sparsify", "--model_path", str(tmp_path / "big"),
+                        "--save_path", str(tmp_path / "s"), "--method", "wanda", "--calib", str(text_file),
+                        "--calib_samples", "2", "--calib_seqlen", "32", "--part_file_size", "0.5"])
+    shards = sorted((tmp_path / "s").glob("quant_model_weights-*-of-*.safetensors"))
+    assert len(shards) >= 3 and (tmp_path / "s" / "quant_model_weights.safetensors.index.json").is_file()
+    assert all(p.stat().st_size <= 0.5 * 2**30 for p in shards)
+    assert peak < model_bytes / 2, f"peak RSS {peak / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
