@@ -1,4 +1,4 @@
-"""Pipeline benchmark on the DESIGN §5 reference protocol; writes BENCHMARKS.md.
+"""Pruning benchmark on the DESIGN §5 reference protocol (`make bench-prune`); writes BENCHMARKS.md.
 
 SmolLM2-135M-Instruct (computed in fp32 on CPU); calibration = 32 windows of 512 tokens drawn with seed 0
 from emma, mansfieldpark, persuasion, sensesensibility, northangerabbey joined by blank lines; evaluation =
@@ -26,9 +26,19 @@ from sparsezip.report import inspect_folder  # noqa: E402
 
 CALIB = ["emma", "mansfieldpark", "persuasion", "sensesensibility", "northangerabbey"]
 REFERENCE = {  # perplexities of plain reference implementations on the same protocol (DESIGN §5)
-    ("dense", ""): 23.15, ("magnitude", "50%"): 355.7, ("wanda", "50%"): 44.50,
-    ("magnitude", "2:4"): 1291, ("wanda", "2:4"): 132.2,
+    ("dense", ""): 23.15, ("magnitude", "50%"): 355.7, ("wanda", "50%"): 44.50, ("sparsegpt", "50%"): 34.59,
+    ("magnitude", "2:4"): 1291, ("wanda", "2:4"): 132.2, ("sparsegpt", "2:4"): 51.77,
 }
+SETTINGS = {"50%": ["--sparsity", "0.5"], "2:4": ["--pattern", "2:4"], "40%": ["--sparsity", "0.4"]}
+# (label, sparsify flags); float_sparse is run with and without its L2 precision rounding
+METHODS = [
+    ("magnitude", ["--method", "magnitude"]),
+    ("wanda", ["--method", "wanda"]),
+    ("sparsegpt", ["--method", "sparsegpt"]),
+    ("float_sparse", ["--method", "float_sparse", "--rounding", "none"]),
+    ("float_sparse + L2 rounding", ["--method", "float_sparse", "--rounding", "l2"]),
+]
+OWL = [("wanda + OWL", ["--method", "wanda", "--owl"]), ("sparsegpt + OWL", ["--method", "sparsegpt", "--owl"])]
 
 
 def timed(cmd: list[str]) -> tuple[str, float, float]:
@@ -70,26 +80,28 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "out" / "bench")
     ns = parser.parse_args()
     model, calib, (evalf,) = demo_model_dir(), austen_files(CALIB), austen_files(["prideprejudice"])
-    rows = []
-    ppl, eval_s = perplexity(model, evalf)
-    rows.append(("dense", "", ppl, None, None, None, eval_s))
+    ppl, _ = perplexity(model, evalf)
+    rows = [("dense", "", ppl, None, None)]
+    runs = [(m, flags, label) for label in SETTINGS for m, flags in METHODS] + [(m, f, "50%") for m, f in OWL]
     compressed = {}
-    for method, pattern, label in [("magnitude", "unstructured", "50%"), ("wanda", "unstructured", "50%"),
-                                   ("magnitude", "2:4", "2:4"), ("wanda", "2:4", "2:4")]:
-        out = ns.work / f"{method}-{pattern.replace(':', 'of')}"
+    for name, flags, label in runs:
+        out = ns.work / f"{name}-{label}".replace(" ", "").replace("+", "-").replace(":", "of").replace("%", "")
         _, prune_s, rss = timed(sparsezip("sparsify", "--model_path", str(model), "--save_path", str(out),
-                                          "--overwrite", "--method", method, "--sparsity", "0.5", "--pattern",
-                                          pattern, "--calib", *map(str, calib), "--calib_samples", "32",
-                                          "--calib_seqlen", "512"))
-        ppl, eval_s = perplexity(out, evalf)
-        rows.append((method, label, ppl, prune_s, rss, out, eval_s))
-        if (method, label) == ("wanda", "50%"):
-            packed = ns.work / "wanda-50-w16a16sc"
-            _, compress_s, _ = timed(sparsezip("compress", "--model_path", str(out), "--save_directory",
-                                               str(packed), "--overwrite", "--verify"))
-            ppl_c, _ = perplexity(packed, evalf)
-            compressed = {"ppl": ppl_c, "same": ppl_c == ppl, "bits": bits_per_weight(packed), "s": compress_s}
-    write_report(ns.out, rows, compressed)
+                                          "--overwrite", *flags, *SETTINGS[label], "--calib", *map(str, calib),
+                                          "--calib_samples", "32", "--calib_seqlen", "512"))
+        ppl, _ = perplexity(out, evalf)
+        rows.append((name, label, ppl, prune_s, rss))
+        print(f"{name:28} {label:4} ppl {ppl:8.2f}  {prune_s:6.0f} s  {rss:6.0f} MiB", flush=True)
+        if (name, label) == ("wanda", "50%"):
+            compressed = compress_and_check(out, ns.work / "wanda-50-w16a16sc", evalf, ppl)
+        write_report(ns.out, rows, compressed)
+
+
+def compress_and_check(sparse: Path, packed: Path, evalf: Path, sparse_ppl: float) -> dict:
+    _, compress_s, _ = timed(sparsezip("compress", "--model_path", str(sparse), "--save_directory", str(packed),
+                                       "--overwrite", "--verify"))
+    ppl, _ = perplexity(packed, evalf)
+    return {"ppl": ppl, "same": ppl == sparse_ppl, "bits": bits_per_weight(packed), "s": compress_s}
 
 
 def write_report(path: Path, rows, compressed) -> None:
@@ -98,7 +110,7 @@ def write_report(path: Path, rows, compressed) -> None:
         "# Benchmarks", "",
         f"Machine: {platform.machine()} {platform.processor() or ''} with {cpu} logical CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}, no GPU.  ",
-        f"Command: `make bench` (`python bench/pipeline.py`).  ",
+        f"Command: `make bench-prune` (`python bench/prune.py`).  ",
         f"Date: {datetime.date.today().isoformat()}.", "",
         "## Pruning quality on the reference protocol (SmolLM2-135M-Instruct, DESIGN §5)", "",
         "Perplexity on the first 16 windows of 1024 tokens of *Pride and Prejudice*; calibration 32 x 512 tokens.",
@@ -107,7 +119,7 @@ def write_report(path: Path, rows, compressed) -> None:
         "| method | sparsity | perplexity | reference | prune time (s) | sparsify peak RSS (MiB) |",
         "|---|---|---|---|---|---|",
     ]
-    for method, label, ppl, prune_s, rss, _, _ in rows:
+    for method, label, ppl, prune_s, rss in rows:
         ref = REFERENCE.get((method, label))
         lines.append(f"| {method} | {label or '0%'} | {ppl:.2f} | {ref if ref else '-'} | "
                      f"{'-' if prune_s is None else f'{prune_s:.0f}'} | {'-' if rss is None else f'{rss:.0f}'} |")
@@ -122,7 +134,6 @@ def write_report(path: Path, rows, compressed) -> None:
             f"({'identical to' if compressed['same'] else 'DIFFERENT from'} the W16A16S folder)",
         ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(path.read_text())
 
 
 if __name__ == "__main__":

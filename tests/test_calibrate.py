@@ -1,0 +1,125 @@
+"""The sparsify driver: stage-by-stage layer pass, methods end to end, rounding, OWL, jsonl, sharding."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from sparsezip.calibrate import LayerPass, load_layer, owl_allocation, read_layer, sparsify
+from sparsezip.checkpoint import TensorReader, safetensors_files
+from sparsezip.cli import main
+from sparsezip.config import ModelArgs, read_json
+from sparsezip.data import calibration_samples
+from sparsezip.model import attention_mask, rope_cos_sin
+from sparsezip.runtime import load_model
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linears(folder):
+    reader = TensorReader(safetensors_files(folder))
+    return {n: reader.get(n) for n in reader.names() if n.endswith(".weight") and n.split(".")[-2] in LINEARS}
+
+
+def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
+    folder = tiny_dir("qwen3")
+    args = ModelArgs.from_dir(folder)
+    layer = load_layer(args, read_layer(args, TensorReader(safetensors_files(folder)), 0), 0, "cpu")
+    hidden = [torch.randn(12, args.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    hidden.append(torch.randn(7, args.hidden_size))  # a different length goes in its own batch
+    seen = []
+    out = LayerPass(args, "cpu", needs_hessian=False)(layer, hidden, lambda name, *_: seen.append(name))
+    assert seen == ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    for x, y in zip(hidden, out):
+        pos = torch.arange(x.shape[0])
+        with torch.no_grad():
+            want = layer(x[None], *rope_cos_sin(args, pos, x.dtype), attention_mask(args, pos, x.shape[0]))[0]
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_owl_allocation_keeps_the_mean_and_gives_outlier_layers_less_sparsity():
+    ratios = owl_allocation([0.01, 0.05, 0.02, 0.09], sparsity=0.5, lam=0.08)
+    assert sum(ratios) / 4 == pytest.approx(0.5)
+    assert max(ratios) - min(ratios) == pytest.approx(0.16)
+    assert ratios[3] == min(ratios) and ratios[0] == max(ratios)
+    assert owl_allocation([0.02, 0.02], 0.4, 0.08) == pytest.approx([0.4, 0.4])
+
+
+@pytest.mark.parametrize("rounding", ["none", "l2"])
+def test_float_sparse_zeroes_exactly_the_ratio_over_each_matrix(tiny_dir, text_file, tmp_path, rounding):
+    out = sparsify(tiny_dir("llama"), tmp_path / "s", method="float_sparse", sparsity=0.4, calib=[text_file],
+                   calib_samples=8, calib_seqlen=64, rounding=rounding)
+    assert read_json(out / "quant_model_description.json")["metadata"]["rounding"] == rounding
+    for name, w in linears(out).items():
+        bits = w.view(torch.int16)
+        zeros = int((bits == 0).sum())
+        if rounding == "none":
+            assert zeros == int(w.numel() * 0.4), name
+            continue
+        assert zeros >= int(w.numel() * 0.4), name  # rounding may send tiny kept values to 0 as well
+        nonzero = bits != 0
+        low_byte_zero = ((bits & 0xFF) == 0) & nonzero
+        assert low_byte_zero.sum() >= nonzero.sum() - int(w.numel() * 0.02), name  # at most 2% kept exact
+
+
+def test_sparsegpt_with_qkv_bias_prunes_every_row_exactly(tiny_dir, text_file, tmp_path):
+    out = sparsify(tiny_dir("qwen2"), tmp_path / "s", method="sparsegpt", sparsity=0.5, calib=[text_file],
+                   calib_samples=8, calib_seqlen=64)
+    for name, w in linears(out).items():
+        assert ((w.view(torch.int16) == 0).sum(1) == w.shape[1] // 2).all(), name
+    model = load_model(out)
+    tokens = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens)).all()
+
+
+def test_owl_records_layer_ratios_that_the_weights_follow(tiny_dir, text_file, tmp_path):
+    folder = tiny_dir("llama")
+    out = sparsify(folder, tmp_path / "s", method="wanda", sparsity=0.5, calib=[text_file], calib_samples=8,
+                   calib_seqlen=64, owl=True, owl_lambda=0.1)
+    owl = read_json(out / "quant_model_description.json")["metadata"]["owl"]
+    layer_ratio = owl["layer_sparsity"]
+    assert len(layer_ratio) == ModelArgs.from_dir(folder).num_layers
+    assert sum(layer_ratio) / len(layer_ratio) == pytest.approx(0.5)
+    assert max(layer_ratio) - min(layer_ratio) == pytest.approx(0.2, abs=1e-6)
+    for name, w in linears(out).items():
+        ratio = layer_ratio[int(name.split(".")[2])]
+        assert ((w == 0).sum(1) == int(w.shape[1] * ratio)).all(), name
+
+
+def test_jsonl_calibration_gives_one_sample_per_record(tiny_dir, tmp_path, caplog):
+    records = [{"text": "It is a truth universally acknowledged. " * 20}, {"text": "Short one here."},
+               {"inputs_pretokenized": "A single man in possession of a good fortune. " * 5}]
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    from transformers import AutoTokenizer
+
+    samples = calibration_samples(AutoTokenizer.from_pretrained(tiny_dir("llama")), [path], seqlen=48)
+    assert len(samples) == 3 and len(samples[0]) == 48 and len(samples[1]) < 48
+    with caplog.at_level(logging.WARNING, logger="sparsezip"):
+        out = sparsify(tiny_dir("llama"), tmp_path / "s", method="wanda", calib=[path], calib_seqlen=48)
+    meta = read_json(out / "quant_model_description.json")["metadata"]
+    assert meta["calibration_samples"] == 3 and meta["calibration_tokens"] == sum(len(s) for s in samples)
+    assert "at least 2048" in caplog.text
+
+
+def test_sharded_output_loads_like_a_single_file(tiny_dir, text_file, tmp_path):
+    folder = tiny_dir("llama")
+    one = sparsify(folder, tmp_path / "one", method="magnitude")
+    many = sparsify(folder, tmp_path / "many", method="magnitude", part_file_size=40e3 / 2**30)
+    index = read_json(many / "quant_model_weights.safetensors.index.json")
+    assert len(set(index["weight_map"].values())) > 2 and len(safetensors_files(many)) > 2
+    tokens = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(load_model(one)(tokens), load_model(many)(tokens))
+
+
+def test_quant_w16a16s_runs_float_sparse_at_ratio_0_4(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "q"
+    assert main(["-q", "quant", "--model_path", str(tiny_dir("llama")), "--save_path", str(out),
+                 "--quant_type", "w16a16s", "--calib", str(text_file)]) == 0
+    meta = read_json(out / "quant_model_description.json")["metadata"]
+    assert (meta["method"], meta["sparsity"], meta["rounding"]) == ("float_sparse", 0.4, "l2")
