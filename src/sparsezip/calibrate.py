@@ -116,15 +116,22 @@ class LayerPass:
 
 def prune_linear(rule: SplitRule, weight: torch.Tensor, stats: LinearStats | None, settings: PruneSettings,
                  sparsity: float, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Prune each Hugging Face matrix inside a fused weight separately; returns {HF name: fp16 weight}."""
-    out = {}
-    for name, w in unfuse(rule, weight, args).items():
-        pruned = settings.method.prune(w.float(), stats, sparsity, settings.pattern).to(torch.float16)
-        if settings.rounding == "l2":
-            norm = stats.sq_norm.sqrt() if stats is not None else torch.ones(w.shape[1], device=w.device)
-            pruned = l2_round(pruned, norm)
-        out[name] = pruned
-    return out
+    """Prune each Hugging Face matrix inside a fused weight; returns {HF name: fp16 weight}.
+
+    Row-local methods prune the fused matrix in one call (identical per row, fewer passes); the others
+    rank over each matrix, so q, k and v (gate and up) are pruned one by one.
+    """
+    method = settings.method
+    if method.row_local:
+        fused = method.prune(weight.float(), stats, sparsity, settings.pattern).to(torch.float16)
+        parts = unfuse(rule, fused, args)
+    else:
+        parts = {name: method.prune(w.float(), stats, sparsity, settings.pattern).to(torch.float16)
+                 for name, w in unfuse(rule, weight, args).items()}
+    if settings.rounding == "l2":  # "the 2% of the matrix" is counted per Hugging Face matrix
+        norm = stats.sq_norm.sqrt() if stats is not None else torch.ones(weight.shape[1], device=weight.device)
+        parts = {name: l2_round(w.contiguous(), norm) for name, w in parts.items()}
+    return {name: w.contiguous() for name, w in parts.items()}
 
 
 def layer_rule(args: ModelArgs, layer: int, linear: str) -> SplitRule:

@@ -183,6 +183,9 @@ def compress_distributed(model_path: Path, save_directory: Path, dist: Dist, tp:
         raise error
     if not ok.item():
         raise SparsezipError("another rank failed; nothing was written")
+    totals = torch.tensor([stats.dense_bytes, stats.packed_bytes, stats.weights], dtype=torch.int64)
+    tdist.all_reduce(totals)  # the summary covers every rank's part, not just rank 0's
+    total = PartStats(*totals.tolist())
     if dist.is_main:
-        log_summary(stats)
-    return stats
+        log_summary(total)
+    return total

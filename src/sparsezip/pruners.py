@@ -34,7 +34,7 @@ class LinearStats:
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])  # [tokens, in]
         self.tokens += x.shape[0]
-        self.sq_norm += x.double().pow(2).sum(0)
+        self.sq_norm += x.float().square().sum(0).double()  # fp32 per batch, fp64 across batches
         if self.H is not None:
             xf = x.to(device=self.H.device, dtype=torch.float32)
             self.H.addmm_(xf.T, xf)  # H += x^T x
@@ -46,6 +46,9 @@ class Method:
     calibrated: bool  # False: needs no activations, so calibration forward passes are skipped
     description: str
     needs_hessian: bool = False  # True: LinearStats must accumulate X^T X (in^2 fp32 per linear)
+    # True when each output row is pruned on its own (per-row masks), so q/k/v (or gate/up), which share
+    # their input statistics, can be pruned as one fused matrix with the same result and fewer passes
+    row_local: bool = False
 
 
 def magnitude(w: torch.Tensor, stats: LinearStats | None, ratio: float, pattern) -> torch.Tensor:
@@ -215,9 +218,9 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
 METHODS = {
     "magnitude": Method(magnitude, calibrated=False, needs_hessian=False,
                         description="|W|, ranked over each matrix"),
-    "wanda": Method(wanda, calibrated=True, needs_hessian=False,
+    "wanda": Method(wanda, calibrated=True, needs_hessian=False, row_local=True,
                     description="|W|*||X||, ranked within each output row"),
-    "sparsegpt": Method(sparsegpt, calibrated=True, needs_hessian=True,
+    "sparsegpt": Method(sparsegpt, calibrated=True, needs_hessian=True, row_local=True,
                         description="OBS with weight updates, 128-column blocks, per-row sparsity (SparseGPT)"),
     "float_sparse": Method(float_sparse, calibrated=True, needs_hessian=True,
                            description="the original W16A16S: |W|*||X|| over each matrix + ADMM weight update"),
