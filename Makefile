@@ -15,15 +15,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# Sparsify the offline demo model (SmolLM2-135M-Instruct) with Wanda at 50%, compress it into
+# Sparsify the offline demo model (SmolLM2-135M-Instruct) with float_sparse at 50%, compress it into
 # TP=3 parts, generate from the parts under torchrun, and compare perplexity dense vs compressed.
 demo: $(STAMP)
 	@set -e; \
 	model=$$($(BIN)/sparsezip -q demo-model); \
 	austen=$$($(BIN)/python -c "from sparsezip.assets import austen_dir; print(austen_dir())"); \
-	echo "== 1/4 sparsify $$model (wanda, 50%)"; \
+	echo "== 1/4 sparsify $$model (float_sparse + L2 rounding, 50%)"; \
 	$(BIN)/sparsezip sparsify --model_path $$model --save_path $(OUT)/w16a16s --overwrite \
-	  --method wanda --sparsity 0.5 --calib $$austen/emma.txt --calib_samples 16 --calib_seqlen 256; \
+	  --method float_sparse --sparsity 0.5 --calib $$austen/emma.txt --calib_samples 16 --calib_seqlen 256; \
 	echo "== 2/4 compress into $(TP) tensor-parallel parts"; \
 	$(BIN)/sparsezip compress --model_path $(OUT)/w16a16s --save_directory $(OUT)/w16a16sc --tp $(TP) --verify --overwrite; \
 	$(BIN)/sparsezip inspect --summary $(OUT)/w16a16sc; \

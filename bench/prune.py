@@ -12,15 +12,14 @@ import argparse
 import datetime
 import platform
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from measure import run_measured  # noqa: E402
 from sparsezip.assets import austen_files, demo_model_dir  # noqa: E402
 from sparsezip.report import inspect_folder  # noqa: E402
 
@@ -42,20 +41,11 @@ OWL = [("wanda + OWL", ["--method", "wanda", "--owl"]), ("sparsegpt + OWL", ["--
 
 
 def timed(cmd: list[str]) -> tuple[str, float, float]:
-    """Run a command; return its stdout, wall seconds and peak RSS in MiB (sampled every 50 ms)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    watcher, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, watcher.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
-    out = proc.stdout.read()
-    if proc.returncode:
-        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}")
-    return out, time.perf_counter() - start, peak / 2**20
+    """Run a command; return its stdout, wall seconds and peak RSS in MiB."""
+    result, seconds, peak = run_measured(cmd)
+    if result.returncode:
+        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{result.stderr[-2000:]}")
+    return result.stdout, seconds, peak / 2**20
 
 
 def sparsezip(*argv: str) -> list[str]:
@@ -110,7 +100,7 @@ def write_report(path: Path, rows, compressed) -> None:
         "# Benchmarks", "",
         f"Machine: {platform.machine()} {platform.processor() or ''} with {cpu} logical CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}, no GPU.  ",
-        f"Command: `make bench-prune` (`python bench/prune.py`).  ",
+        "Command: `make bench-prune` (`python bench/prune.py`).  ",
         f"Date: {datetime.date.today().isoformat()}.", "",
         "## Pruning quality on the reference protocol (SmolLM2-135M-Instruct, DESIGN §5)", "",
         "Perplexity on the first 16 windows of 1024 tokens of *Pride and Prejudice*; calibration 32 x 512 tokens.",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from sparsezip.assets import austen_files, demo_model_dir

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import torch
 
 from sparsezip.checkpoint import ShardedWriter
 
 from conftest import VOCAB, save_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from measure import run_measured  # noqa: E402
 
 HIDDEN, MLP, LAYERS = 1024, 2816, 60  # 12.8M weights a layer: 1.54 GB of fp16 in all
 
@@ -52,26 +52,13 @@ def write_big_model(folder: Path) -> int:
     return total
 
 
-def peak_rss(cmd: list[str]) -> tuple[int, int]:
-    """(exit code, peak RSS in bytes of the process, sampled every 20 ms)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    watcher, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, watcher.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    assert proc.returncode == 0, proc.stderr.read()[-2000:]
-    return proc.returncode, peak
-
-
 def test_sparsify_peak_memory_is_below_half_the_model(tmp_path, text_file):
     model_bytes = write_big_model(tmp_path / "big")
     assert model_bytes > 1.5e9
-    _, peak = peak_rss([sys.executable, "-m", "sparsezip", "-q", "sparsify", "--model_path", str(tmp_path / "big"),
+    result, _, peak = run_measured([sys.executable, "-m", "sparsezip", "-q", "sparsify", "--model_path", str(tmp_path / "big"),
                         "--save_path", str(tmp_path / "s"), "--method", "wanda", "--calib", str(text_file),
                         "--calib_samples", "2", "--calib_seqlen", "32", "--part_file_size", "0.5"])
+    assert result.returncode == 0, result.stderr[-2000:]
     shards = sorted((tmp_path / "s").glob("quant_model_weights-*-of-*.safetensors"))
     assert len(shards) >= 3 and (tmp_path / "s" / "quant_model_weights.safetensors.index.json").is_file()
     assert all(p.stat().st_size <= 0.5 * 2**30 for p in shards)

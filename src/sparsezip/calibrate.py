@@ -221,7 +221,7 @@ def check_options(args: ModelArgs, sparsity: float, nm: tuple[int, int] | None, 
         raise SparsezipError(f"--calib_seqlen must be at least 2 tokens, got {calib_seqlen}")
 
 
-def sparsify(model_path: Path, save_path: Path, method: str = "wanda", sparsity: float = 0.5,
+def sparsify(model_path: Path, save_path: Path, method: str = "float_sparse", sparsity: float = 0.5,
              pattern: str = "unstructured", calib: list[Path] | None = None, calib_samples: int = 32,
              calib_seqlen: int = 512, device: str = "cpu", part_file_size: float = 5.0,
              overwrite: bool = False, seed: int = 0, rounding: str | None = None, owl: bool = False,

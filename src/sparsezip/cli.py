@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -168,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sparsify", help="prune a dense model into a W16A16S folder")
     flag(p, "--model_path", required=True, type=Path, help="dense Hugging Face model folder")
     flag(p, "--save_path", required=True, type=Path, help="output W16A16S folder (must not exist)")
-    flag(p, "--method", default="wanda", help="magnitude, wanda, sparsegpt or float_sparse (the original's "
-         "ADMM algorithm) (default: wanda)")
+    flag(p, "--method", default="float_sparse", help="float_sparse (the original's ADMM algorithm, the best in "
+         "BENCHMARKS.md), sparsegpt, wanda or magnitude (default: float_sparse)")
     flag(p, "--sparsity", type=float, default=0.5, help="fraction of weights to zero (default: 0.5)")
     flag(p, "--pattern", default="unstructured", help="unstructured, or N:M such as 2:4 (default: unstructured)")
     flag(p, "--calib", nargs="+", type=Path, help=".txt or .jsonl calibration files")

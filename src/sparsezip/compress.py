@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import __version__, codec
 from .checkpoint import (COMPRESSED_FILE, DESCRIPTION, FORMAT_VERSION, W16A16S, W16A16SC, TensorReader,
-                         check_output_path, copy_side_files, described_tensors,
+                         check_output_path, copy_side_files,
                          detect_kind, new_temp_dir, publish, read_description, safetensors_files, to_fp16,
                          write_fp16_config)
 from .config import ModelArgs, write_json

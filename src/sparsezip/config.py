@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import SparsezipError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -120,10 +122,8 @@ def _llama3_scaling(rope: dict[str, Any]) -> tuple[tuple[str, Any], ...] | None:
     return tuple((k, rope[k]) for k in keys)
 
 
-def rope_inv_freq(args: ModelArgs) -> "torch.Tensor":
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse RoPE frequencies [head_dim/2], with Llama-3 wavelength-dependent scaling when configured."""
-    import torch
-
     dim = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     if args.rope_scaling is None:
