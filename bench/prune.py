@@ -94,11 +94,18 @@ def compress_and_check(sparse: Path, packed: Path, evalf: Path, sparse_ppl: floa
     return {"ppl": ppl, "same": ppl == sparse_ppl, "bits": bits_per_weight(packed), "s": compress_s}
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
 def write_report(path: Path, rows, compressed) -> None:
     cpu = psutil.cpu_count(logical=True)
     lines = [
         "# Benchmarks", "",
-        f"Machine: {platform.machine()} {platform.processor() or ''} with {cpu} logical CPUs, "
+        f"Machine: {cpu_name()} ({platform.machine()}), {cpu} logical CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}, no GPU.  ",
         "Command: `make bench-prune` (`python bench/prune.py`).  ",
         f"Date: {datetime.date.today().isoformat()}.", "",
