@@ -124,10 +124,14 @@ def test_float_sparse_counts_zeros_over_the_whole_matrix():
     assert pruned.is_contiguous() and pruned.dtype == torch.float32
 
 
-@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
-def test_float_sparse_n_of_m(n, m):
-    w, x, stats = problem(16, 64, seed=2)
-    pruned = float_sparse(w, stats, 0.5, (n, m))
+@pytest.mark.parametrize("method, rows, cols, seed, n, m", [
+    (float_sparse, 16, 64, 2, 2, 4), (float_sparse, 16, 64, 2, 4, 8),
+    (sparsegpt, 8, 264, 9, 2, 4), (sparsegpt, 8, 264, 9, 4, 8),
+    (sparsegpt, 8, 264, 9, 3, 6),  # 3:6 does not divide SparseGPT's 128-column block
+])
+def test_n_of_m_patterns_are_exact(method, rows, cols, seed, n, m):
+    w, x, stats = problem(rows, cols, seed=seed)
+    pruned = method(w, stats, 0.5, (n, m))
     assert_n_of_m(pruned, n, m)
     assert_no_negative_zero(pruned)
 
@@ -218,14 +222,6 @@ def test_sparsegpt_exact_sparsity_per_row_and_block():
         assert (got == want).all()
     assert_no_negative_zero(pruned)
     assert pruned.is_contiguous() and pruned.dtype == torch.float32
-
-
-@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (3, 6)])  # 3:6 does not divide the 128-column block
-def test_sparsegpt_n_of_m(n, m):
-    w, x, stats = problem(8, 264, seed=9)
-    pruned = sparsegpt(w, stats, 0.5, (n, m))
-    assert_n_of_m(pruned, n, m)
-    assert_no_negative_zero(pruned)
 
 
 @pytest.mark.parametrize("pattern", [None, (2, 4)])
