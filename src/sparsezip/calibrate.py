@@ -271,14 +271,17 @@ def sparsify(model_path: Path, save_path: Path, method: str = "float_sparse", sp
         for i in tqdm(range(args.num_layers), desc=f"sparsify {method}", unit="layer"):
             fused = read_layer(args, reader, i)
             layer = load_layer(args, fused, i, device)
-            pruned, hidden = prune_layer(args, i, layer, hidden, run, settings, layer_sparsity[i])
-            for rule in layer_rules(args, i):  # norms and biases pass through unchanged
+            passthrough = {}  # norms and biases are saved unchanged
+            for rule in layer_rules(args, i):
                 if not rule.compressed:
-                    pruned.update(unfuse(rule, fused[rule.target], args))
+                    passthrough.update(unfuse(rule, fused[rule.target], args))
+            del fused  # the fp32 layer holds the weights now; keep peak memory at one copy
+            pruned, hidden = prune_layer(args, i, layer, hidden, run, settings, layer_sparsity[i])
+            pruned.update(passthrough)
             for name, t in pruned.items():
                 writer.add(name, t.cpu())
                 description[name] = W16A16S if name.endswith(PRUNABLE_SUFFIXES) else "FLOAT"
-            del layer, fused, pruned
+            del layer, pruned, passthrough
             release_freed_memory()
         for rule in global_rules(args):
             writer.add(rule.target, to_fp16(rule.target, reader.get(rule.target)))

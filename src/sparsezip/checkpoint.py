@@ -243,7 +243,7 @@ class ShardedWriter:
     streams the chunks into the final shards (a safetensors header needs every offset up front).
     """
 
-    CHUNK_BYTES = 32 * 2**20  # bounds the memory held for writing (save_file also makes one copy)
+    CHUNK_BYTES = 16 * 2**20  # bounds the memory held for writing (save_file also makes one copy)
 
     def __init__(self, folder: Path, stem: str, max_bytes: int):
         self.folder, self.stem, self.max_bytes = folder, stem, max_bytes
