@@ -17,7 +17,7 @@ from sparsezip.compress import compress
 from sparsezip.config import ModelArgs, read_json
 from sparsezip.data import eval_windows
 from sparsezip.evaluate import perplexity
-from sparsezip.generate import generate
+from sparsezip.generate import SamplingParams, generate_batch
 from sparsezip.runtime import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,11 +122,13 @@ def test_compressed_model_gives_identical_logits_tokens_and_perplexity(pipeline,
     tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(a(tokens), b(tokens))
-    prompt = tokens[0, :10].tolist()
-    assert generate(a, prompt, 12, set()).tokens == generate(b, prompt, 12, set()).tokens
     from transformers import AutoTokenizer
 
-    windows = eval_windows(AutoTokenizer.from_pretrained(sparse), [text_file], 64, 4)
+    tokenizer = AutoTokenizer.from_pretrained(sparse)
+    prompt, greedy = tokens[0, :10].tolist(), SamplingParams(max_new_tokens=12)
+    answers = [generate_batch(m, tokenizer, [prompt], greedy, set())[0].tokens for m in (a, b)]
+    assert len(answers[0]) == 12 and answers[0] == answers[1]
+    windows = eval_windows(tokenizer, [text_file], 64, 4)
     assert perplexity(a, windows, show_progress=False) == perplexity(b, windows, show_progress=False)
 
 

@@ -41,6 +41,21 @@ def add_device(p: argparse.ArgumentParser) -> None:
     flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """Sampling, weight mode and device flags shared by run, chat and serve."""
+    flag(p, "--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    flag(p, "--top_k", type=int, default=0, help="sample among the k likeliest tokens (default: 0 = all)")
+    flag(p, "--top_p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    flag(p, "--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1.0)")
+    flag(p, "--stop", nargs="+", default=None, help="stop before any of these strings")
+    flag(p, "--seed", type=int, default=0, help="sampling seed (default: 0)")
+    flag(p, "--weights", choices=("dense", "compressed"), default="dense",
+         help="W16A16SC folders: dense = decode every tile once at load (fastest); compressed = keep the weights "
+         "compressed in memory and decode each linear on the fly (least memory) (default: dense)")
+    flag(p, "--compile", action="store_true", help="torch.compile the model (slow start, faster decode)")
+    add_device(p)
+
+
 def cmd_sparsify(ns: argparse.Namespace) -> None:
     from .calibrate import sparsify
     from .runtime import pick_device
@@ -95,7 +110,7 @@ def cmd_compress(ns: argparse.Namespace) -> None:
 
 
 def load_for_inference(ns: argparse.Namespace):
-    """(model, tokenizer, dist, device) for run and eval, on every folder kind."""
+    """(model, tokenizer, dist, device) for run, chat, serve and eval, on every folder kind."""
     from transformers import AutoTokenizer
 
     from .checkpoint import check_model_dir
@@ -107,27 +122,71 @@ def load_for_inference(ns: argparse.Namespace):
     dist = init_dist(device)
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    model = load_model(Path(ns.model_path), device=device, dist=dist)
+    model = load_model(Path(ns.model_path), device=device, dist=dist, weights=getattr(ns, "weights", "dense"))
+    if getattr(ns, "compile", False):
+        model.forward = torch_compile(model.forward)
     tokenizer = AutoTokenizer.from_pretrained(ns.model_path)
     return model, tokenizer, dist, device
 
 
-def cmd_run(ns: argparse.Namespace) -> None:
-    from .generate import generate, peak_memory_mb, prompt_ids, stop_ids
+def torch_compile(fn):
+    import torch
 
+    # dynamic: prompt lengths and cache slots change every call; recompiling per shape would cost more
+    return torch.compile(fn, dynamic=True)
+
+
+def sampling_params(ns: argparse.Namespace, max_new_tokens: int):
+    from .generate import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=ns.temperature, top_k=ns.top_k,
+                            top_p=ns.top_p, repetition_penalty=ns.repetition_penalty, stop=tuple(ns.stop or ()),
+                            seed=ns.seed)
+    params.check()
+    return params
+
+
+def cmd_run(ns: argparse.Namespace) -> None:
+    from .generate import generate_batch, peak_memory_mb, prompt_ids, stop_ids
+
+    params = sampling_params(ns, ns.max_output_length)
     model, tokenizer, dist, device = load_for_inference(ns)
-    stop = stop_ids(tokenizer, ns.model_path)
-    for i, text in enumerate(ns.input_texts):
-        gen = generate(model, prompt_ids(tokenizer, text), ns.max_output_length, stop, ns.temperature, ns.seed)
-        if dist.is_main:
-            answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+    prompts = [prompt_ids(tokenizer, text, use_chat_template=not ns.no_chat_template) for text in ns.input_texts]
+    stream = dist.is_main and ns.stream and len(prompts) == 1
+    on_text = (lambda _, text: print(text, end="", flush=True)) if stream else None
+    if stream:
+        print(f"Question[0]: {ns.input_texts[0]}\nAnswer[0]: ", end="", flush=True)
+    gens = generate_batch(model, tokenizer, prompts, params, stop_ids(tokenizer, ns.model_path), on_text,
+                          ns.max_batch_size)
+    if not dist.is_main:
+        return
+    for i, (text, gen) in enumerate(zip(ns.input_texts, gens)):
+        if stream:
+            print()
+        else:
             print(f"Question[{i}]: {text}")
-            print(f"Answer[{i}]: {answer}")
-            print(f"Generate[{i}] token num: {len(gen.tokens)}")
-            rate = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
-            print(f"Generate[{i}] prefill: {gen.prefill_s * 1000:.0f} ms, decode: {rate:.1f} tokens/s")
-    if dist.is_main:
-        print(f"Peak memory: {peak_memory_mb(device):.0f} MiB ({device})")
+            print(f"Answer[{i}]: {gen.text}")
+        print(f"Generate[{i}] token num: {len(gen.tokens)}")
+        rate = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
+        print(f"Generate[{i}] prefill: {gen.prefill_s * 1000:.0f} ms, decode: {rate:.1f} tokens/s")
+    print(f"Peak memory: {peak_memory_mb(device):.0f} MiB ({device})")
+
+
+def cmd_chat(ns: argparse.Namespace) -> None:
+    from .chat import chat_loop
+
+    params = sampling_params(ns, ns.max_new_tokens)
+    model, tokenizer, dist, _ = load_for_inference(ns)
+    chat_loop(model, tokenizer, params, dist, ns.model_path, system=ns.system)
+
+
+def cmd_serve(ns: argparse.Namespace) -> None:
+    from .serve import serve
+
+    defaults = sampling_params(ns, ns.max_new_tokens)
+    model, tokenizer, dist, _ = load_for_inference(ns)
+    serve(model, tokenizer, dist, ns.model_path, host=ns.host, port=ns.port, defaults=defaults,
+          model_name=ns.model_name or Path(ns.model_path).name, max_batch_size=ns.max_batch_size)
 
 
 def cmd_eval(ns: argparse.Namespace) -> None:
@@ -208,12 +267,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate text from a dense, W16A16S or W16A16SC folder")
     flag(p, "--model_path", required=True, type=Path)
-    flag(p, "--input_texts", nargs="+", default=["What's deep learning?"], help="prompts")
+    flag(p, "--input_texts", nargs="+", default=["What's deep learning?"], help="prompts (several are batched)")
     flag(p, "--max_output_length", type=int, default=20, help="new tokens per prompt (default: 20)")
-    flag(p, "--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    flag(p, "--seed", type=int, default=0)
-    add_device(p)
+    flag(p, "--max_batch_size", type=int, default=8, help="prompts decoded together (default: 8)")
+    flag(p, "--stream", action="store_true", help="print the answer as it is generated (one prompt)")
+    flag(p, "--no_chat_template", action="store_true", help="feed the prompts as plain text")
+    add_generation_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
+    flag(p, "--model_path", required=True, type=Path)
+    flag(p, "--max_new_tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
+    flag(p, "--system", default=None, help="system prompt")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    flag(p, "--model_path", required=True, type=Path)
+    flag(p, "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    flag(p, "--port", type=int, default=8000, help="port (default: 8000)")
+    flag(p, "--model_name", default=None, help="model id reported by /v1/models (default: the folder's name)")
+    flag(p, "--max_new_tokens", type=int, default=256, help="default max_tokens of a request (default: 256)")
+    flag(p, "--max_batch_size", type=int, default=8, help="requests decoded together (default: 8)")
+    add_generation_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="perplexity over non-overlapping windows of text files")
     flag(p, "--model_path", required=True, type=Path)

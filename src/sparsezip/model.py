@@ -34,28 +34,35 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, T, head_dim]; cos, sin: [T, head_dim]
+    # x: [B, heads, T, head_dim]; cos, sin: [T, head_dim] or [B, 1, T, head_dim]
     return x * cos + rotate_half(x) * sin
 
 
 def rope_cos_sin(args: ModelArgs, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, head_dim] for positions `pos` [T]; recomputed per call (cheap) so no state is kept."""
+    """cos and sin for positions `pos`: [T] -> [T, head_dim]; per-row [B, T] -> [B, 1, T, head_dim]
+    (left-padded batches start each row at its own position). Recomputed per call (cheap): no state kept."""
     inv_freq = rope_inv_freq(args).to(pos.device)
-    freqs = pos.float()[:, None] * inv_freq[None, :]  # [T, head_dim/2]
+    freqs = pos.float()[..., None] * inv_freq  # [..., T, head_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
+    if pos.dim() == 2:
+        emb = emb.unsqueeze(1)  # broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def attention_mask(args: ModelArgs, q_pos: torch.Tensor, k_len: int,
                    key_padding: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean [B or 1, 1, T, k_len] mask: causal, windowed for Mistral, minus padded keys."""
+    """Boolean [B or 1, 1, T, k_len] mask over cache slots: causal, windowed for Mistral, minus padded keys.
+
+    A query may always see its own slot, so the rows of padding tokens (which see no real key) stay
+    finite: an all-masked row would give NaN, and 0 * NaN in the next layer's attention is still NaN.
+    """
     k_pos = torch.arange(k_len, device=q_pos.device)
     mask = k_pos[None, :] <= q_pos[:, None]
     if args.sliding_window:
         mask &= k_pos[None, :] > q_pos[:, None] - args.sliding_window
     mask = mask[None, None]
     if key_padding is not None:  # [B, k_len], True where the key is a real token
-        mask = mask & key_padding[:, None, None, :]
+        mask = (mask & key_padding[:, None, None, :]) | (k_pos[None, :] == q_pos[:, None])
     return mask
 
 
@@ -68,11 +75,27 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # pos: [T]; k, v: [B, kv_heads, T, head_dim] -> the whole cache [B, kv_heads, max_len, head_dim]
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # pos: [T]; k, v: [B, kv_heads, T, head_dim] -> the first `used` slots [B, kv_heads, used, head_dim]
         self.k[:, :, pos] = k
         self.v[:, :, pos] = v
-        return self.k, self.v
+        return self.k[:, :, :used], self.v[:, :, :used]
+
+
+# Decode steps (a query or a few) take the plain-matmul path: torch's CPU flash-attention kernel with a
+# mask costs several times the matmuls for one query, and a decode step has no long sequence to tile.
+SMALL_QUERY = 4
+
+
+def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention for few queries. q [B, H, T, d]; k, v [B, KV, S, d]; mask [B or 1, 1, T, S]."""
+    B, H, T, d = q.shape
+    kv = k.shape[1]
+    q = q.reshape(B, kv, H // kv * T, d)  # query heads h = g * (H // kv) + r share kv head g
+    scores = (q @ k.transpose(-1, -2)).mul_(d**-0.5).view(B, kv, H // kv, T, -1)  # [B, KV, rep, T, S]
+    scores.masked_fill_(~mask[:, :, None], float("-inf"))
+    return (scores.softmax(-1).view(B, kv, H // kv * T, -1) @ v).view(B, H, T, d)
 
 
 class Attention(nn.Module):
@@ -109,8 +132,11 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None and pos is not None:
-            k, v = self.kv_cache.update(pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+            k, v = self.kv_cache.update(pos, k, v, used=mask.shape[-1])
+        if T <= SMALL_QUERY:
+            y = small_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return y.transpose(1, 2).reshape(B, T, q_size)
 
 
@@ -190,17 +216,26 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None,
-                key_padding: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]. With a cache set up, `pos` [T] says where the tokens go."""
+                key_padding: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with `last_only`).
+
+        With a cache set up, `pos` [T] says which cache slots the tokens fill. `positions` [B, T] are the
+        RoPE positions when rows differ (left padding); by default they equal the slots. `key_padding`
+        [B, slots] marks the real tokens.
+        """
         T = tokens.shape[1]
         cached = pos is not None and self.model.layers[0].self_attn.kv_cache is not None
         q_pos = pos if pos is not None else torch.arange(T, device=tokens.device)
-        k_len = self.model.layers[0].self_attn.kv_cache.k.shape[2] if cached else T
+        # attend only over the slots filled so far (one host sync per step; the cache is filled in order)
+        k_len = int(q_pos[-1]) + 1 if cached else T
         x = self.embed(tokens)
-        cos, sin = rope_cos_sin(self.args, q_pos, x.dtype)
-        mask = attention_mask(self.args, q_pos, k_len, key_padding)
+        cos, sin = rope_cos_sin(self.args, q_pos if positions is None else positions, x.dtype)
+        mask = attention_mask(self.args, q_pos, k_len, None if key_padding is None else key_padding[:, :k_len])
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, q_pos if cached else None)
+        if last_only:  # generation needs only the next token's logits, not [T, vocab] of them
+            x = x[:, -1:]
         return self.logits(self.model.norm(x))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, described_tensors, detect_kind,
                          part_dirs, read_description, safetensors_files)
-from .runtime import decode_linear
+from .runtime import decode_linear, read_stored
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def part_rows(part: Path) -> list[Row]:
             continue
         base = name[: -len(".weight")]
         stored = sum(nbytes(reader.get(base + suffix)) for suffix in (".weight", ".index", ".info"))
-        w = decode_linear(reader, name, part / COMPRESSED_FILE)
+        w = decode_linear(read_stored(reader, name), name, part / COMPRESSED_FILE)
         rows.append(Row(prefix, kind, tuple(w.shape), stored, count_zeros(w)))
     return rows
 

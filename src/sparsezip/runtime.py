@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from . import codec
 from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, detect_kind, part_dirs,
@@ -48,21 +50,38 @@ def rank_state_from_dense(model_dir: Path, args: ModelArgs, dist: Dist) -> dict[
     return {rule.target: shard(rule, reader.get, dist.rank, dist.size) for rule in all_rules(args)}
 
 
-def read_part(part_dir: Path) -> dict[str, torch.Tensor]:
-    """Decode one W16A16SC part into fused fp16 tensors (read_description checks it against the file)."""
+WEIGHT_MODES = ("dense", "compressed")
+
+
+def read_part(part_dir: Path, keep_compressed: bool = False) -> dict[str, torch.Tensor | codec.EncodedWeight]:
+    """Read one W16A16SC part (read_description checks it against the file): FLOAT tensors as they are,
+    compressed linears decoded to fused fp16 tensors, or kept as stored with `keep_compressed`
+    (after one full checked decode, so a damaged file fails at load, not in the middle of a reply)."""
     desc = read_description(part_dir, W16A16SC)
     reader = TensorReader([part_dir / COMPRESSED_FILE])
     where = part_dir / COMPRESSED_FILE
-    return {name: reader.get(name) if kind == "FLOAT" else decode_linear(reader, name, where)
-            for name, kind in codec_entries(desc)}
+    state: dict[str, torch.Tensor | codec.EncodedWeight] = {}
+    for name, kind in codec_entries(desc):
+        if kind == "FLOAT":
+            state[name] = reader.get(name)
+            continue
+        stored = read_stored(reader, name)
+        decoded = decode_linear(stored, name, where)
+        state[name] = stored if keep_compressed else decoded
+    return state
 
 
-def decode_linear(reader: TensorReader, name: str, where: Path) -> torch.Tensor:
+def read_stored(reader: TensorReader, name: str) -> codec.EncodedWeight:
+    """The three stored tensors of the compressed linear `<p>.weight`: `<p>.weight`, `<p>.index`, `<p>.info`."""
+    prefix = name[: -len(".weight")]
+    return codec.EncodedWeight(reader.get(name), reader.get(prefix + ".index"), reader.get(prefix + ".info"))
+
+
+def decode_linear(stored: codec.EncodedWeight, name: str, where: Path) -> torch.Tensor:
     """Decode one compressed linear, naming file and tensor in any codec error (a CRC mismatch, say),
     so the user learns which part is damaged."""
-    prefix = name[: -len(".weight")]
     try:
-        return codec.decode(reader.get(name), reader.get(prefix + ".index"), reader.get(prefix + ".info"))
+        return codec.decode(stored.weight, stored.index, stored.info)
     except SparsezipError as e:
         raise SparsezipError(f"{where}: {name}: {e}") from None
 
@@ -79,9 +98,13 @@ def codec_entries(desc: dict) -> list[tuple[str, str]]:
     return entries
 
 
-def rank_state(model_dir: Path, args: ModelArgs, dist: Dist) -> dict[str, torch.Tensor]:
+def rank_state(model_dir: Path, args: ModelArgs, dist: Dist,
+               keep_compressed: bool = False) -> dict[str, torch.Tensor | codec.EncodedWeight]:
     kind = detect_kind(model_dir)
     if kind != W16A16SC:
+        if keep_compressed:
+            raise SparsezipError(f"--weights compressed needs a W16A16SC folder, but {model_dir} is a {kind} folder; "
+                                 "compress it first (`sparsezip compress`) or use --weights dense")
         return rank_state_from_dense(model_dir, args, dist)
     parts = part_dirs(model_dir)
     if len(parts) != dist.size:
@@ -89,19 +112,84 @@ def rank_state(model_dir: Path, args: ModelArgs, dist: Dist) -> dict[str, torch.
             f"{model_dir} was compressed for TP={len(parts)} but this run has {dist.size} process(es); "
             f"launch with: torchrun --nproc_per_node {len(parts)} -m sparsezip ..."
         )
-    return read_part(parts[dist.rank])
+    return read_part(parts[dist.rank], keep_compressed)
+
+
+class Scratch:
+    """One reusable buffer that every compressed linear of a model decodes its weight into, so resident
+    weight memory is the compressed bytes plus the largest single decoded matrix."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: str):
+        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+
+    def decode(self, stored: codec.EncodedWeight, shape: tuple[int, int]) -> torch.Tensor:
+        out = self.buffer[: shape[0] * shape[1]].view(shape)
+        out.copy_(codec.decode(stored.weight, stored.index, stored.info))
+        return out
+
+
+class CompressedLinear(nn.Module):
+    """A linear layer whose weight stays compressed in memory and is decoded on the data path of every
+    forward, into the model's shared scratch buffer. Same numbers as nn.Linear on the decoded weight."""
+
+    def __init__(self, stored: codec.EncodedWeight, bias: nn.Parameter | None, scratch: Scratch):
+        super().__init__()
+        self.in_features, self.out_features = int(stored.info[2]), int(stored.info[3])
+        self.stored = stored  # plain tensors, not buffers: they are not part of the state dict
+        self.bias = bias  # loaded with the state dict like any other parameter
+        self.scratch = scratch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.scratch.decode(self.stored, (self.out_features, self.in_features)), self.bias)
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.stored.weight, self.stored.index, self.stored.info))
+
+
+def keep_linears_compressed(model: Transformer, state: dict, dtype: torch.dtype, device: str) -> None:
+    """Swap every nn.Linear whose weight is in `state` as a stored codec stream for a CompressedLinear
+    sharing one scratch buffer; removes those entries from `state`."""
+    compressed = {name[: -len(".weight")]: state.pop(name) for name in list(state)
+                  if isinstance(state[name], codec.EncodedWeight)}
+    largest = max((int(s.info[2]) * int(s.info[3]) for s in compressed.values()), default=0)
+    scratch = Scratch(largest, dtype, device)
+    for prefix, stored in compressed.items():
+        parent_name, _, child = prefix.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if (old.out_features, old.in_features) != (int(stored.info[3]), int(stored.info[2])):
+            raise SparsezipError(f"{prefix} has shape ({int(stored.info[3])}, {int(stored.info[2])}) in the part, "
+                                 f"config.json implies ({old.out_features}, {old.in_features})")
+        setattr(parent, child, CompressedLinear(stored, old.bias, scratch))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Resident bytes of the model's weights: parameters, plus compressed streams and their scratch buffer."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    scratches = set()
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            total += m.stored_bytes()
+            scratches.add(m.scratch)
+    return total + sum(s.buffer.numel() * s.buffer.element_size() for s in scratches)
 
 
 def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None,
-               dist: Dist = Dist()) -> Transformer:
-    """Build our model for this rank from a dense, W16A16S or W16A16SC folder."""
+               dist: Dist = Dist(), weights: str = "dense") -> Transformer:
+    """Build our model for this rank from a dense, W16A16S or W16A16SC folder.
+
+    weights="compressed" (W16A16SC only) keeps the linears compressed and decodes them on every forward.
+    """
+    if weights not in WEIGHT_MODES:
+        raise SparsezipError(f"unknown weights mode {weights!r}; use one of {', '.join(WEIGHT_MODES)}")
     model_dir = Path(model_dir)
     kind = detect_kind(model_dir)
     args = ModelArgs.from_dir(model_dir)
     dtype = dtype or default_dtype(device)
-    state = rank_state(model_dir, args, dist)
+    state = rank_state(model_dir, args, dist, keep_compressed=weights == "compressed")
     with torch.device("meta"):
         model = Transformer(args, dist)
+    keep_linears_compressed(model, state, dtype, device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     for name, shape in expected.items():
         if name not in state:

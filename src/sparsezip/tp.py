@@ -158,3 +158,14 @@ def all_gather_last(x: torch.Tensor, dist_info: Dist) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist_info.size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_object(obj: object, dist_info: Dist) -> object:
+    """Rank 0's `obj` on every rank: rank 0 reads the user's input or a request, the other ranks follow it."""
+    if dist_info.size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if dist_info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
