@@ -8,7 +8,7 @@ TP ?= 3
 
 .PHONY: demo test bench bench-prune clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucodec.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt

@@ -1,0 +1,890 @@
+/* Native CPU path of the sparsezip tile codecs (huff-v2 encode/decode, bitmap-v1 decode).
+ *
+ * The byte format is documented in src/sparsezip/codec.py, whose numpy code is the source of truth;
+ * the tests check this file against it byte for byte. Work is split over tiles (they are independent)
+ * with pthreads. Portable C compiled with -O3; the expand step (bitmap -> dense row) has an
+ * SSSE3/F16C variant chosen at run time, so the module still runs on CPUs without them.
+ *
+ * Every function validates what it reads and reports the first bad tile as ValueError (the Python
+ * wrapper turns it into SparsezipError); nothing is read outside the buffers it was given.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPZ_X86 1
+#endif
+
+#define TILE 128
+#define GROUP_ROWS 8
+#define GROUPS (TILE / GROUP_ROWS)
+#define TABLE_SIZE 128
+#define MAX_CODE 12
+#define MAX_SUB ((GROUP_ROWS * TILE * MAX_CODE + 7) / 8)
+/* Largest valid v2 tile: header + bitmap + signs + substreams + 3-byte exceptions for every value. */
+#define MAX_TILE_BYTES (4 + 2 * GROUPS + TILE * 16 + TILE * 16 + GROUPS * MAX_SUB + 3 * TILE * TILE)
+#define READ_PAD 16 /* the bit reader loads 8 bytes at a time past the current byte */
+
+enum { OUT_F16 = 0, OUT_F32 = 1 };
+
+/* ------------------------------------------------------------------ errors and threads */
+
+typedef struct {
+    pthread_mutex_t mu;
+    int failed;
+    int64_t tile; /* lowest failing tile, so the message does not depend on thread timing */
+    char msg[320];
+} ErrState;
+
+static void err_init(ErrState *e) {
+    pthread_mutex_init(&e->mu, NULL);
+    e->failed = 0;
+    e->tile = INT64_MAX;
+    e->msg[0] = 0;
+}
+
+static int tile_error(ErrState *e, int64_t tile, const char *fmt, ...) {
+    pthread_mutex_lock(&e->mu);
+    if (tile < e->tile) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+        va_end(ap);
+        e->tile = tile;
+    }
+    __atomic_store_n(&e->failed, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&e->mu);
+    return -1;
+}
+
+typedef int (*TileFn)(void *ctx, int64_t tile, void *scratch);
+
+typedef struct {
+    TileFn fn;
+    void *ctx;
+    ErrState *err;
+    int64_t count;
+    int64_t next; /* atomic work counter */
+    size_t scratch_bytes;
+} Pool;
+
+static void *pool_worker(void *arg) {
+    Pool *p = (Pool *)arg;
+    void *scratch = calloc(1, p->scratch_bytes);
+    if (!scratch) {
+        tile_error(p->err, -1, "out of memory for a %zu-byte scratch buffer", p->scratch_bytes);
+        return NULL;
+    }
+    for (;;) {
+        int64_t t = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED);
+        if (t >= p->count || __atomic_load_n(&p->err->failed, __ATOMIC_RELAXED)) break;
+        p->fn(p->ctx, t, scratch);
+    }
+    free(scratch);
+    return NULL;
+}
+
+/* Run fn over tiles 0..count-1 on up to `threads` threads (the calling thread is one of them).
+ * Small jobs run inline: starting a thread costs more than decoding a few tiles. */
+static void parallel_tiles(TileFn fn, void *ctx, ErrState *err, int64_t count, int threads, int64_t elements,
+                           size_t scratch_bytes) {
+    Pool pool = {fn, ctx, err, count, 0, scratch_bytes};
+    int64_t by_work = elements / (1 << 17) + 1;
+    if (threads > count) threads = (int)count;
+    if (threads > by_work) threads = (int)by_work;
+    if (threads > 64) threads = 64;
+    pthread_t ids[64];
+    int started = 0;
+    for (int i = 1; i < threads; i++)
+        if (pthread_create(&ids[started], NULL, pool_worker, &pool) == 0) started++;
+    pool_worker(&pool);
+    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+}
+
+/* ------------------------------------------------------------------ geometry */
+
+typedef struct {
+    int64_t r0, c0;
+    int rows, cols, groups, header, row_bytes, bitmap;
+} Geom;
+
+static Geom geom_of(int64_t n, int64_t k, int64_t t) {
+    int64_t n_tc = (k + TILE - 1) / TILE;
+    Geom g;
+    g.r0 = (t / n_tc) * TILE;
+    g.c0 = (t % n_tc) * TILE;
+    g.rows = (int)((n - g.r0) < TILE ? (n - g.r0) : TILE);
+    g.cols = (int)((k - g.c0) < TILE ? (k - g.c0) : TILE);
+    g.groups = (g.rows + GROUP_ROWS - 1) / GROUP_ROWS;
+    g.header = 4 + 2 * g.groups;
+    g.row_bytes = (g.cols + 7) / 8;
+    g.bitmap = g.rows * g.row_bytes;
+    return g;
+}
+
+static int64_t tile_count(int64_t n, int64_t k) { return ((n + TILE - 1) / TILE) * ((k + TILE - 1) / TILE); }
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline void wr16(uint8_t *p, unsigned v) {
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+static inline uint64_t load_be64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return __builtin_bswap64(v);
+}
+
+/* ------------------------------------------------------------------ Huffman tables */
+
+/* Canonical codes: symbols sorted by (length, symbol) get increasing codes. Returns 0, or -1 if a
+ * length exceeds MAX_CODE or the lengths over-subscribe the code space (Kraft sum > 1). */
+static int canonical_codes(const uint8_t *lengths, uint16_t *codes) {
+    int64_t kraft = 0;
+    for (int s = 0; s < TABLE_SIZE; s++) {
+        if (lengths[s] > MAX_CODE) return -1;
+        if (lengths[s]) kraft += (int64_t)1 << (MAX_CODE - lengths[s]);
+    }
+    if (kraft > (1 << MAX_CODE)) return -1;
+    unsigned code = 0;
+    int prev = 0;
+    for (int len = 1; len <= MAX_CODE; len++)
+        for (int s = 0; s < TABLE_SIZE; s++)
+            if (lengths[s] == len) {
+                code <<= len - prev;
+                prev = len;
+                codes[s] = (uint16_t)code++;
+            }
+    return 0;
+}
+
+/* Decode table indexed by the next 12 stream bits. It yields up to two symbols per lookup (codes
+ * average ~3.6 bits on real weights, so two almost always fit). Entry layout (uint32):
+ *   bits 0-3   bits used by all symbols of the entry     bits 4-5   number of symbols (1 or 2)
+ *   bits 8-14  first symbol (so bits 8-15 are its place in the fp16 pattern, symbol << 8)
+ *   bit  15    set when no valid code starts here (checked once per tile, not per symbol)
+ *   bits 16-19 bits used by the first symbol alone      bits 24-30 second symbol (0 if none)
+ * Masked with ENTRY_VALUES the entry is two uint16 values, symbol << 8 each, ready to store. */
+#define ENTRY_VALUES 0xFF00FF00u
+#define ENTRY_INVALID 0x8000u
+
+static int build_decode_table(const uint8_t *lengths, uint32_t *table) {
+    uint16_t codes[TABLE_SIZE] = {0};
+    uint16_t single[1 << MAX_CODE]; /* symbol << 4 | length; 0 = invalid */
+    if (canonical_codes(lengths, codes)) return -1;
+    memset(single, 0, sizeof single);
+    for (int s = 0; s < TABLE_SIZE; s++) {
+        int len = lengths[s];
+        if (!len) continue;
+        int shift = MAX_CODE - len;
+        for (int i = codes[s] << shift, end = (codes[s] + 1) << shift; i < end; i++)
+            single[i] = (uint16_t)(s << 4 | len);
+    }
+    for (uint32_t w = 0; w < (1u << MAX_CODE); w++) {
+        unsigned first = single[w], len1 = first & 15;
+        if (!len1) { /* invalid: flag it, consume one bit so decoding moves on until the check */
+            table[w] = ENTRY_INVALID | 1u << 16 | 1u << 4 | 1u;
+            continue;
+        }
+        uint32_t e = (first >> 4) << 8 | len1 << 16 | 1u << 4 | len1;
+        unsigned second = single[(w << len1) & ((1u << MAX_CODE) - 1)], len2 = second & 15;
+        if (len2 && len1 + len2 <= MAX_CODE) /* the second code lies wholly inside the window */
+            e = (first >> 4) << 8 | len1 << 16 | (uint32_t)(second >> 4) << 24 | 2u << 4 | (len1 + len2);
+        table[w] = e;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ expand: compact values -> dense rows */
+
+/* Bits set in a byte. A table rather than __builtin_popcount, which is a libgcc call unless the
+ * whole file is compiled for a CPU with POPCNT. */
+static uint8_t POP8[256];
+
+static void init_popcount(void) {
+    for (int b = 0; b < 256; b++) POP8[b] = (uint8_t)((b & 1) + POP8[b >> 1]);
+}
+
+static inline uint32_t half_to_float_bits(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return sign | 0x7F800000u | man << 13; /* inf / NaN, payload kept */
+    if (exp) return sign | (exp + 112) << 23 | man << 13;
+    if (!man) return sign;
+    exp = 113; /* subnormal: normalise */
+    while (!(man & 0x400)) {
+        man <<= 1;
+        exp--;
+    }
+    return sign | exp << 23 | (man & 0x3FF) << 13;
+}
+
+/* Writes one tile row of `cols` outputs from bitmap bytes `bm` and compact values `vals` (which must
+ * stay readable 16 bytes past the last value); returns how many values it consumed. */
+typedef int (*ExpandFn)(const uint8_t *bm, int cols, const uint16_t *vals, void *out);
+
+static int expand_f16_scalar(const uint8_t *bm, int cols, const uint16_t *vals, void *out) {
+    uint16_t *o = (uint16_t *)out;
+    int p = 0;
+    for (int c = 0; c < cols; c++) {
+        unsigned bit = (bm[c >> 3] >> (c & 7)) & 1;
+        o[c] = (uint16_t)(vals[p] & (0u - bit));
+        p += (int)bit;
+    }
+    return p;
+}
+
+static int expand_f32_scalar(const uint8_t *bm, int cols, const uint16_t *vals, void *out) {
+    uint32_t *o = (uint32_t *)out;
+    int p = 0;
+    for (int c = 0; c < cols; c++) {
+        unsigned bit = (bm[c >> 3] >> (c & 7)) & 1;
+        o[c] = bit ? half_to_float_bits(vals[p]) : 0;
+        p += (int)bit;
+    }
+    return p;
+}
+
+#ifdef SPZ_X86
+/* pshufb masks: for bitmap byte m, output lane j takes the next compact value if bit j is set. */
+static uint8_t SHUF[256][16];
+
+static void init_shuffles(void) {
+    for (int m = 0; m < 256; m++) {
+        int p = 0;
+        for (int j = 0; j < 8; j++) {
+            if (m >> j & 1) {
+                SHUF[m][2 * j] = (uint8_t)(2 * p);
+                SHUF[m][2 * j + 1] = (uint8_t)(2 * p + 1);
+                p++;
+            } else {
+                SHUF[m][2 * j] = SHUF[m][2 * j + 1] = 0x80; /* pshufb writes 0 */
+            }
+        }
+    }
+}
+
+__attribute__((target("ssse3"))) static int expand_f16_ssse3(const uint8_t *bm, int cols, const uint16_t *vals,
+                                                               void *out) {
+    uint16_t *o = (uint16_t *)out;
+    int p = 0, full = cols >> 3;
+    for (int b = 0; b < full; b++) {
+        unsigned m = bm[b];
+        __m128i v = _mm_loadu_si128((const __m128i *)(vals + p));
+        _mm_storeu_si128((__m128i *)(o + 8 * b), _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)SHUF[m])));
+        p += POP8[m];
+    }
+    if (cols & 7) p += expand_f16_scalar(bm + full, cols & 7, vals + p, o + 8 * full);
+    return p;
+}
+
+__attribute__((target("avx2,f16c"))) static int expand_f32_f16c(const uint8_t *bm, int cols, const uint16_t *vals,
+                                                                  void *out) {
+    float *o = (float *)out;
+    int p = 0, full = cols >> 3;
+    for (int b = 0; b < full; b++) {
+        unsigned m = bm[b];
+        __m128i v = _mm_loadu_si128((const __m128i *)(vals + p));
+        v = _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)SHUF[m]));
+        _mm256_storeu_ps(o + 8 * b, _mm256_cvtph_ps(v));
+        p += POP8[m];
+    }
+    if (cols & 7) p += expand_f32_scalar(bm + full, cols & 7, vals + p, o + 8 * full);
+    return p;
+}
+#endif
+
+static ExpandFn EXPAND[2] = {expand_f16_scalar, expand_f32_scalar};
+
+/* ------------------------------------------------------------------ huff-v2 encode */
+
+typedef struct {
+    const uint16_t *bits;
+    int64_t n, k;
+    uint8_t lengths[TABLE_SIZE];
+    uint16_t codes[TABLE_SIZE];
+    int64_t *sizes;         /* pass 1 output: bytes of each tile */
+    const int64_t *offsets; /* pass 2 input: where each tile starts in `dst` */
+    uint8_t *dst;
+} EncCtx;
+
+/* Gathers a tile's present values (row-major) into vals, writes its bitmap into bm (if not NULL) and
+ * the index of each row group's first value into gstart[0..groups]. Returns nnz. */
+static int gather_tile(const EncCtx *c, const Geom *g, uint16_t *vals, uint8_t *bm, int *gstart) {
+    int nnz = 0;
+    for (int r = 0; r < g->rows; r++) {
+        if (r % GROUP_ROWS == 0) gstart[r / GROUP_ROWS] = nnz;
+        const uint16_t *src = c->bits + (g->r0 + r) * c->k + g->c0;
+        for (int b = 0; b < g->row_bytes; b++) {
+            unsigned m = 0;
+            int lim = g->cols - 8 * b < 8 ? g->cols - 8 * b : 8;
+            for (int j = 0; j < lim; j++) {
+                uint16_t v = src[8 * b + j];
+                vals[nnz] = v; /* branch-free compaction: the slot is overwritten unless v != 0 */
+                nnz += v != 0;
+                m |= (unsigned)(v != 0) << j;
+            }
+            if (bm) bm[r * g->row_bytes + b] = (uint8_t)m;
+        }
+    }
+    gstart[g->groups] = nnz;
+    return nnz;
+}
+
+static int count_exceptions(const uint16_t *vals, int nnz) {
+    int e = 0;
+    for (int i = 0; i < nnz; i++) e += (vals[i] & 0xFF) != 0;
+    return e;
+}
+
+static int enc_size_tile(void *ctx, int64_t t, void *scratch) {
+    EncCtx *c = (EncCtx *)ctx;
+    Geom g = geom_of(c->n, c->k, t);
+    uint16_t *vals = (uint16_t *)scratch;
+    int gstart[GROUPS + 1];
+    int nnz = gather_tile(c, &g, vals, NULL, gstart);
+    int64_t subs = 0;
+    for (int q = 0; q < g.groups; q++) {
+        int64_t bits = 0;
+        for (int i = gstart[q]; i < gstart[q + 1]; i++) bits += c->lengths[(vals[i] >> 8) & 0x7F];
+        subs += (bits + 7) / 8;
+    }
+    int exc = count_exceptions(vals, nnz);
+    int lows = 3 * exc < nnz ? 3 * exc : nnz;
+    c->sizes[t] = g.header + g.bitmap + (nnz + 7) / 8 + subs + lows;
+    return 0;
+}
+
+/* MSB-first Huffman substream of vals[from:to]; returns its byte length. */
+static int write_substream(const EncCtx *c, const uint16_t *vals, int from, int to, uint8_t *o) {
+    uint64_t acc = 0;
+    int nb = 0;
+    uint8_t *start = o;
+    for (int i = from; i < to; i++) {
+        unsigned s = (vals[i] >> 8) & 0x7F;
+        acc = acc << c->lengths[s] | c->codes[s];
+        nb += c->lengths[s];
+        if (nb >= 32) {
+            nb -= 32;
+            uint32_t w = __builtin_bswap32((uint32_t)(acc >> nb));
+            memcpy(o, &w, 4);
+            o += 4;
+        }
+    }
+    while (nb >= 8) {
+        nb -= 8;
+        *o++ = (uint8_t)(acc >> nb);
+    }
+    if (nb) *o++ = (uint8_t)(acc << (8 - nb));
+    return (int)(o - start);
+}
+
+static int enc_write_tile(void *ctx, int64_t t, void *scratch) {
+    EncCtx *c = (EncCtx *)ctx;
+    Geom g = geom_of(c->n, c->k, t);
+    uint16_t *vals = (uint16_t *)scratch;
+    uint8_t *o = c->dst + c->offsets[t];
+    int gstart[GROUPS + 1];
+    int nnz = gather_tile(c, &g, vals, o + g.header, gstart);
+    int exc = count_exceptions(vals, nnz);
+    int e5m2 = 3 * exc < nnz;
+
+    uint8_t *signs = o + g.header + g.bitmap;
+    memset(signs, 0, (size_t)(nnz + 7) / 8);
+    for (int i = 0; i < nnz; i++) signs[i >> 3] |= (uint8_t)((vals[i] >> 15) << (i & 7));
+
+    uint8_t *p = signs + (nnz + 7) / 8;
+    for (int q = 0; q < g.groups; q++) {
+        int len = write_substream(c, vals, gstart[q], gstart[q + 1], p);
+        wr16(o + 4 + 2 * q, (unsigned)len);
+        p += len;
+    }
+    if (e5m2) { /* positions (u16) of the nonzero low bytes, then those bytes */
+        uint8_t *bytes = p + 2 * exc;
+        for (int i = 0, e = 0; i < nnz; i++)
+            if (vals[i] & 0xFF) {
+                wr16(p + 2 * e, (unsigned)i);
+                bytes[e++] = (uint8_t)vals[i];
+            }
+    } else {
+        for (int i = 0; i < nnz; i++) p[i] = (uint8_t)vals[i];
+    }
+    o[0] = (uint8_t)e5m2;
+    o[1] = 0;
+    wr16(o + 2, e5m2 ? (unsigned)exc : 0);
+    return 0;
+}
+
+typedef struct {
+    const uint16_t *bits;
+    int64_t n, k;
+    int64_t (*hist)[TABLE_SIZE]; /* one row per tile */
+} HistCtx;
+
+static int hist_tile(void *ctx, int64_t t, void *scratch) {
+    (void)scratch;
+    HistCtx *c = (HistCtx *)ctx;
+    Geom g = geom_of(c->n, c->k, t);
+    int64_t *h = c->hist[t];
+    for (int r = 0; r < g.rows; r++) {
+        const uint16_t *src = c->bits + (g.r0 + r) * c->k + g.c0;
+        for (int j = 0; j < g.cols; j++) h[(src[j] >> 8) & 0x7F] += src[j] != 0;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ huff-v2 / bitmap-v1 decode */
+
+typedef struct {
+    const uint8_t *payload;
+    int64_t payload_len;
+    const int64_t *offsets;
+    int64_t n, k, tiles;
+    uint32_t table[1 << MAX_CODE];
+    void *out;
+    int out_kind;
+    ExpandFn expand;
+    ErrState err;
+} DecCtx;
+
+static int64_t tile_end(const DecCtx *c, int64_t t) { return t + 1 < c->tiles ? c->offsets[t + 1] : c->payload_len; }
+
+/* Bitmap checks shared by both codecs: no bits past the last column; counts per row group. */
+static int scan_bitmap(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, int *gcnt) {
+    int tail = g->cols & 7;
+    for (int q = 0; q < GROUPS; q++) gcnt[q] = 0;
+    for (int r = 0; r < g->rows; r++) {
+        const uint8_t *row = bm + r * g->row_bytes;
+        if (tail && row[g->row_bytes - 1] >> tail)
+            return tile_error(&c->err, t,
+                              "bitmap marks entries outside the matrix; the weight stream is corrupted "
+                              "or info has the wrong shape");
+        int cnt = 0;
+        for (int b = 0; b < g->row_bytes; b++) cnt += POP8[row[b]];
+        gcnt[r / GROUP_ROWS] += cnt;
+    }
+    return 0;
+}
+
+static void expand_tile(DecCtx *c, const Geom *g, const uint8_t *bm, const uint16_t *vals) {
+    size_t esz = c->out_kind == OUT_F32 ? 4 : 2;
+    uint8_t *base = (uint8_t *)c->out + ((size_t)g->r0 * (size_t)c->k + (size_t)g->c0) * esz;
+    int p = 0;
+    for (int r = 0; r < g->rows; r++)
+        p += c->expand(bm + r * g->row_bytes, g->cols, vals + p, base + (size_t)r * (size_t)c->k * esz);
+}
+
+/* Huffman substream decoding. A reader is a bit position into a byte-aligned substream; `base` must
+ * stay readable 8 bytes past the substream end (the reader loads 8 bytes at a time). Symbols are
+ * written as symbol << 8, the place they take in the fp16 pattern. An invalid code leaves
+ * ENTRY_INVALID in its value, which the caller checks once per tile. */
+typedef struct {
+    const uint8_t *base;
+    int64_t pos, limit; /* bits used so far, bits available */
+    uint16_t *out;
+    int i, count; /* symbols decoded so far, symbols in this substream */
+} Reader;
+
+static inline uint32_t peek_entry(const uint32_t *table, const Reader *r) {
+    uint64_t w = load_be64(r->base + (r->pos >> 3)) << (r->pos & 7);
+    return table[w >> (64 - MAX_CODE)];
+}
+
+/* One lookup, up to two symbols; the caller guarantees i + 2 <= count (the pair is stored whole). */
+#define HUFF_PAIR(r, bad)                                   \
+    do {                                                    \
+        uint32_t e_ = peek_entry(table, &(r));              \
+        uint32_t v_ = e_ & ENTRY_VALUES;                    \
+        memcpy((r).out + (r).i, &v_, 4);                    \
+        (r).i += (e_ >> 4) & 3;                             \
+        (r).pos += e_ & 15;                                 \
+        (bad) |= (r).pos > (r).limit;                       \
+    } while (0)
+
+/* The rest of one reader, one symbol per lookup. Returns -1 on a read past the limit (checked after
+ * every symbol, so a corrupt stream never reads more than 8 bytes past its end). */
+static int huff_finish(const uint32_t *table, Reader *r) {
+    for (; r->i < r->count; r->i++) {
+        uint32_t e = peek_entry(table, r);
+        r->out[r->i] = (uint16_t)(e & 0xFF00);
+        r->pos += (e >> 16) & 15;
+        if (r->pos > r->limit) return -1;
+    }
+    return 0;
+}
+
+static inline int room(const Reader *r) { return (r->count - r->i) / 2; }
+
+/* Four substreams in lock-step: four independent dependency chains (load -> table -> position)
+ * keep the core busy while each waits for its loads. Each round runs as many pair steps as the
+ * reader closest to its end can take without overshooting; then each finishes alone. */
+static int huff_four(const uint32_t *table, Reader *r) {
+    Reader a = r[0], b = r[1], c = r[2], d = r[3];
+    int bad = 0;
+    for (;;) {
+        int steps = room(&a);
+        steps = room(&b) < steps ? room(&b) : steps;
+        steps = room(&c) < steps ? room(&c) : steps;
+        steps = room(&d) < steps ? room(&d) : steps;
+        if (steps == 0 || bad) break;
+        for (int s = 0; s < steps && !bad; s++) {
+            HUFF_PAIR(a, bad);
+            HUFF_PAIR(b, bad);
+            HUFF_PAIR(c, bad);
+            HUFF_PAIR(d, bad);
+        }
+    }
+    r[0] = a, r[1] = b, r[2] = c, r[3] = d;
+    if (bad) return -1;
+    for (int j = 0; j < 4; j++)
+        if (huff_finish(table, &r[j])) return -1;
+    return 0;
+}
+
+static int huff_alone(const uint32_t *table, Reader *r) {
+    int bad = 0;
+    while (room(r) && !bad) HUFF_PAIR(*r, bad);
+    return bad ? -1 : huff_finish(table, r);
+}
+
+/* SIGN16[b][j] = 0x8000 if bit j of sign byte b is set: ORs 8 signs into 8 values at once. */
+static uint16_t SIGN16[256][8];
+
+static void init_signs(void) {
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 8; j++) SIGN16[b][j] = (uint16_t)((b >> j & 1) << 15);
+}
+
+static int v2_decode_one(void *ctx, int64_t t, void *scratch) {
+    DecCtx *c = (DecCtx *)ctx;
+    Geom g = geom_of(c->n, c->k, t);
+    int64_t start = c->offsets[t], size = tile_end(c, t) - start;
+    if (size < g.header + g.bitmap)
+        return tile_error(&c->err, t,
+                          "index offsets do not match the stream: tile %lld spans %lld bytes, less than its "
+                          "%d-byte header and %d-byte bitmap",
+                          (long long)t, (long long)size, g.header, g.bitmap);
+    const uint8_t *p = c->payload + start;
+    uint16_t *vals = (uint16_t *)scratch;
+    uint8_t *copy = (uint8_t *)scratch + 2 * (TILE * TILE + READ_PAD);
+    int mode = p[0], reserved = p[1], nexc = rd16(p + 2);
+    const uint8_t *bm = p + g.header;
+    int gcnt[GROUPS], sub_len[GROUPS];
+    if (scan_bitmap(c, t, &g, bm, gcnt)) return -1;
+    int nnz = 0;
+    int64_t subs = 0;
+    for (int q = 0; q < g.groups; q++) {
+        nnz += gcnt[q];
+        sub_len[q] = rd16(p + 4 + 2 * q);
+        subs += sub_len[q];
+        if ((sub_len[q] == 0) != (gcnt[q] == 0))
+            return tile_error(&c->err, t,
+                              "huff-v2 stream is corrupted: tile %lld has a substream length that disagrees "
+                              "with its bitmap", (long long)t);
+        if (sub_len[q] > MAX_SUB)
+            return tile_error(&c->err, t, "huff-v2 stream is corrupted: tile %lld has a substream longer than %d bytes",
+                              (long long)t, MAX_SUB);
+    }
+    if (mode > 1 || reserved || (mode == 0 && nexc) || nexc > nnz)
+        return tile_error(&c->err, t,
+                          "huff-v2 stream is corrupted: tile %lld has an invalid header (mode %d, reserved %d, "
+                          "%d exceptions for %d values)",
+                          (long long)t, mode, reserved, nexc, nnz);
+    int sign_bytes = (nnz + 7) / 8;
+    int64_t expect = g.header + g.bitmap + sign_bytes + subs + (mode ? 3 * (int64_t)nexc : nnz);
+    if (expect != size)
+        return tile_error(&c->err, t,
+                          "index offsets do not match the stream: tile %lld spans %lld bytes but its fields "
+                          "imply %lld",
+                          (long long)t, (long long)size, (long long)expect);
+    if (start + size + 8 > c->payload_len) { /* near the end: decode from a zero-padded copy */
+        memcpy(copy, p, (size_t)size);
+        memset(copy + size, 0, READ_PAD);
+        p = copy;
+        bm = p + g.header;
+    }
+    const uint8_t *signs = bm + g.bitmap, *sub = signs + sign_bytes;
+    if ((nnz & 7) && signs[nnz >> 3] >> (nnz & 7))
+        return tile_error(&c->err, t, "huff-v2 stream is corrupted: nonzero padding bits in the sign bits of tile %lld",
+                          (long long)t);
+    Reader rd[GROUPS];
+    for (int q = 0, v = 0; q < g.groups; q++) {
+        rd[q] = (Reader){sub, 0, 8 * (int64_t)sub_len[q], vals + v, 0, gcnt[q]};
+        sub += sub_len[q];
+        v += gcnt[q];
+    }
+    int q = 0, failed = 0;
+    for (; q + 4 <= g.groups && !failed; q += 4) failed = huff_four(c->table, rd + q);
+    for (; q < g.groups && !failed; q++) failed = huff_alone(c->table, rd + q);
+    for (q = 0; q < g.groups && !failed; q++) failed = (rd[q].pos + 7) / 8 != sub_len[q];
+    unsigned flags = 0;
+    for (int i = 0; i < nnz; i++) flags |= vals[i];
+    if (failed || (flags & ENTRY_INVALID))
+        return tile_error(&c->err, t,
+                          "huff-v2 stream is corrupted: tile %lld holds an invalid Huffman code or a substream "
+                          "length that disagrees with its codes", (long long)t);
+    for (q = 0; q < g.groups; q++) {
+        int64_t used = rd[q].pos;
+        if ((used & 7) && (rd[q].base[used >> 3] & (0xFF >> (used & 7))))
+            return tile_error(&c->err, t, "huff-v2 stream is corrupted: nonzero padding bits after a substream");
+    }
+    for (int b = 0; b < sign_bytes; b++)
+        for (int j = 0; j < 8; j++) vals[8 * b + j] |= SIGN16[signs[b]][j];
+    if (mode == 0) {
+        for (int i = 0; i < nnz; i++) vals[i] |= sub[i];
+    } else {
+        const uint8_t *bytes = sub + 2 * nexc;
+        int prev = -1;
+        for (int e = 0; e < nexc; e++) {
+            int pos = rd16(sub + 2 * e);
+            if (pos <= prev || pos >= nnz || !bytes[e])
+                return tile_error(&c->err, t,
+                                  "huff-v2 stream is corrupted: tile %lld has an invalid exception list (positions "
+                                  "must increase and be below the tile's value count, bytes nonzero)", (long long)t);
+            vals[pos] |= bytes[e];
+            prev = pos;
+        }
+    }
+#ifndef SKIP_EXPAND
+    expand_tile(c, &g, bm, vals);
+#endif
+    return 0;
+}
+
+static int v1_decode_one(void *ctx, int64_t t, void *scratch) {
+    DecCtx *c = (DecCtx *)ctx;
+    Geom g = geom_of(c->n, c->k, t);
+    int64_t start = c->offsets[t], size = tile_end(c, t) - start;
+    if (size < g.bitmap)
+        return tile_error(&c->err, t,
+                          "index offsets do not match the stream: tile %lld spans %lld bytes, less than its "
+                          "%d-byte bitmap", (long long)t, (long long)size, g.bitmap);
+    const uint8_t *bm = c->payload + start;
+    int gcnt[GROUPS];
+    if (scan_bitmap(c, t, &g, bm, gcnt)) return -1;
+    int64_t nnz = 0;
+    for (int q = 0; q < GROUPS; q++) nnz += gcnt[q];
+    if (size != g.bitmap + 2 * nnz)
+        return tile_error(&c->err, t,
+                          "index offsets do not match the bitmaps: tile %lld spans %lld bytes but its bitmap "
+                          "implies %d + 2 * %lld", (long long)t, (long long)size, g.bitmap, (long long)nnz);
+    uint16_t *vals = (uint16_t *)scratch; /* copy: the expand step reads 16 bytes past the last value */
+    memcpy(vals, bm + g.bitmap, (size_t)(2 * nnz));
+    expand_tile(c, &g, bm, vals);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ Python bindings */
+
+static int check_shape(long long n, long long k) {
+    if (n < 1 || k < 1 || n > INT32_MAX || k > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "matrix shape must be 1..2^31-1 on each side, got %lld x %lld", n, k);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_v2_histogram(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer bits;
+    long long n, k;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*LLi", &bits, &n, &k, &threads)) return NULL;
+    PyObject *result = NULL;
+    if (check_shape(n, k)) goto done;
+    if (bits.len != n * k * 2) {
+        PyErr_SetString(PyExc_ValueError, "bits buffer size does not match the shape");
+        goto done;
+    }
+    int64_t tiles = tile_count(n, k);
+    int64_t(*hist)[TABLE_SIZE] = calloc((size_t)tiles, sizeof *hist);
+    if (!hist) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    HistCtx ctx = {(const uint16_t *)bits.buf, n, k, hist};
+    ErrState err;
+    err_init(&err);
+    Py_BEGIN_ALLOW_THREADS parallel_tiles(hist_tile, &ctx, &err, tiles, threads, n * k, 16);
+    Py_END_ALLOW_THREADS int64_t total[TABLE_SIZE] = {0};
+    for (int64_t t = 0; t < tiles; t++)
+        for (int s = 0; s < TABLE_SIZE; s++) total[s] += hist[t][s];
+    free(hist);
+    result = PyBytes_FromStringAndSize((const char *)total, sizeof total);
+done:
+    PyBuffer_Release(&bits);
+    return result;
+}
+
+/* v2_encode(bits, n, k, lengths, prefix, threads) -> (bytearray: prefix zero bytes + payload, offsets bytes) */
+static PyObject *py_v2_encode(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer bits, lengths;
+    long long n, k;
+    Py_ssize_t prefix;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*LLy*ni", &bits, &n, &k, &lengths, &prefix, &threads)) return NULL;
+    PyObject *stream = NULL, *index = NULL, *result = NULL;
+    int64_t *sizes = NULL, *offsets = NULL;
+    if (check_shape(n, k)) goto done;
+    if (bits.len != n * k * 2 || lengths.len != TABLE_SIZE || prefix < 0) {
+        PyErr_SetString(PyExc_ValueError, "v2_encode: bad buffer sizes");
+        goto done;
+    }
+    EncCtx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.bits = (const uint16_t *)bits.buf;
+    ctx.n = n;
+    ctx.k = k;
+    memcpy(ctx.lengths, lengths.buf, TABLE_SIZE);
+    if (canonical_codes(ctx.lengths, ctx.codes)) {
+        PyErr_SetString(PyExc_ValueError, "v2_encode: invalid code lengths");
+        goto done;
+    }
+    int64_t tiles = tile_count(n, k);
+    sizes = malloc((size_t)tiles * sizeof *sizes);
+    offsets = malloc((size_t)tiles * sizeof *offsets);
+    if (!sizes || !offsets) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ctx.sizes = sizes;
+    ErrState err;
+    err_init(&err);
+    size_t scratch = 2 * (TILE * TILE + READ_PAD);
+    Py_BEGIN_ALLOW_THREADS parallel_tiles(enc_size_tile, &ctx, &err, tiles, threads, n * k, scratch);
+    Py_END_ALLOW_THREADS int64_t total = TABLE_SIZE;
+    for (int64_t t = 0; t < tiles; t++) {
+        offsets[t] = total;
+        total += sizes[t];
+    }
+    stream = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(prefix + total));
+    if (!stream) goto done;
+    uint8_t *dst = (uint8_t *)PyByteArray_AS_STRING(stream) + prefix;
+    memset(dst - prefix, 0, (size_t)prefix);
+    memcpy(dst, ctx.lengths, TABLE_SIZE);
+    ctx.dst = dst;
+    ctx.offsets = offsets;
+    Py_BEGIN_ALLOW_THREADS parallel_tiles(enc_write_tile, &ctx, &err, tiles, threads, n * k, scratch);
+    Py_END_ALLOW_THREADS if (err.failed) {
+        PyErr_SetString(PyExc_ValueError, err.msg);
+        goto done;
+    }
+    index = PyBytes_FromStringAndSize((const char *)offsets, (Py_ssize_t)(tiles * 8));
+    if (index) result = PyTuple_Pack(2, stream, index);
+done:
+    Py_XDECREF(stream);
+    Py_XDECREF(index);
+    free(sizes);
+    free(offsets);
+    PyBuffer_Release(&bits);
+    PyBuffer_Release(&lengths);
+    return result;
+}
+
+/* decode(codec_id, payload, offsets, n, k, out, out_kind, threads): validates and writes out [n, k]. */
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    (void)self;
+    int codec_id, out_kind, threads;
+    Py_buffer payload, offsets, out;
+    long long n, k;
+    if (!PyArg_ParseTuple(args, "iy*y*LLw*ii", &codec_id, &payload, &offsets, &n, &k, &out, &out_kind, &threads))
+        return NULL;
+    PyObject *result = NULL;
+    DecCtx *ctx = NULL;
+    if (check_shape(n, k)) goto done;
+    int64_t tiles = tile_count(n, k);
+    size_t esz = out_kind == OUT_F32 ? 4 : 2;
+    if ((codec_id != 1 && codec_id != 2) || (out_kind != OUT_F16 && out_kind != OUT_F32) ||
+        offsets.len != tiles * 8 || out.len != (Py_ssize_t)(n * k * (long long)esz)) {
+        PyErr_SetString(PyExc_ValueError, "decode: bad arguments (codec id, output kind or buffer sizes)");
+        goto done;
+    }
+    ctx = calloc(1, sizeof *ctx);
+    if (!ctx) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ctx->payload = (const uint8_t *)payload.buf;
+    ctx->payload_len = payload.len;
+    ctx->offsets = (const int64_t *)offsets.buf;
+    ctx->n = n;
+    ctx->k = k;
+    ctx->tiles = tiles;
+    ctx->out = out.buf;
+    ctx->out_kind = out_kind;
+    ctx->expand = EXPAND[out_kind];
+    err_init(&ctx->err);
+    /* Offsets must lie in the payload and not decrease; tile sizes are then checked per tile. */
+    int64_t first = codec_id == 2 ? TABLE_SIZE : 0;
+    if (ctx->offsets[0] != first) {
+        PyErr_Format(PyExc_ValueError, "index offsets do not match the stream: tile 0 starts at %lld, not %lld",
+                     (long long)ctx->offsets[0], (long long)first);
+        goto done;
+    }
+    for (int64_t t = 0; t < tiles; t++)
+        if (ctx->offsets[t] > tile_end(ctx, t) || ctx->offsets[t] > payload.len) {
+            PyErr_Format(PyExc_ValueError, "index offsets do not match the stream: tile %lld starts at %lld, after "
+                         "the next tile or the %lld-byte payload", (long long)t, (long long)ctx->offsets[t],
+                         (long long)payload.len);
+            goto done;
+        }
+    if (codec_id == 2 && build_decode_table(ctx->payload, ctx->table)) {
+        PyErr_SetString(PyExc_ValueError, "huff-v2 code table is corrupted (a length above 12 or an over-subscribed code)");
+        goto done;
+    }
+    size_t scratch = 2 * (TILE * TILE + READ_PAD) + MAX_TILE_BYTES + READ_PAD;
+    TileFn fn = codec_id == 2 ? v2_decode_one : v1_decode_one;
+    Py_BEGIN_ALLOW_THREADS parallel_tiles(fn, ctx, &ctx->err, tiles, threads, n * k, scratch);
+    Py_END_ALLOW_THREADS if (ctx->err.failed) {
+        PyErr_SetString(PyExc_ValueError, ctx->err.msg);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    free(ctx);
+    PyBuffer_Release(&payload);
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *py_simd(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyUnicode_FromString(EXPAND[OUT_F16] == expand_f16_scalar ? "portable" : "ssse3+f16c");
+}
+
+static PyMethodDef METHODS[] = {
+    {"v2_histogram", py_v2_histogram, METH_VARARGS, "v2_histogram(bits, n, k, threads) -> 128 int64 counts"},
+    {"v2_encode", py_v2_encode, METH_VARARGS,
+     "v2_encode(bits, n, k, lengths, prefix, threads) -> (bytearray prefix+payload, int64 offsets bytes)"},
+    {"decode", py_decode, METH_VARARGS, "decode(codec_id, payload, offsets, n, k, out, out_kind, threads)"},
+    {"simd", py_simd, METH_NOARGS, "which expand variant is in use"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT, "_cpucodec", "native sparsezip tile codecs", -1, METHODS, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__cpucodec(void) {
+#ifdef SPZ_X86
+    init_shuffles();
+#endif
+    init_signs();
+    init_popcount();
+#ifdef SPZ_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("ssse3")) EXPAND[OUT_F16] = expand_f16_ssse3;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) EXPAND[OUT_F32] = expand_f32_f16c;
+#endif
+    return PyModule_Create(&MODULE);
+}
