@@ -167,8 +167,7 @@ def cmd_run(ns: argparse.Namespace) -> None:
             print(f"Question[{i}]: {text}")
             print(f"Answer[{i}]: {gen.text}")
         print(f"Generate[{i}] token num: {len(gen.tokens)}")
-        rate = (len(gen.tokens) - 1) / gen.decode_s if len(gen.tokens) > 1 and gen.decode_s > 0 else 0.0
-        print(f"Generate[{i}] prefill: {gen.prefill_s * 1000:.0f} ms, decode: {rate:.1f} tokens/s")
+        print(f"Generate[{i}] prefill: {gen.prefill_s * 1000:.0f} ms, decode: {gen.decode_rate:.1f} tokens/s")
     print(f"Peak memory: {peak_memory_mb(device):.0f} MiB ({device})")
 
 

@@ -85,6 +85,12 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prefill_s: float  # of the whole batch this prompt ran in
     decode_s: float
+    decode_steps: int  # forward passes after the prefill (one new token per prompt of the batch each)
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens per second of this prompt while decoding (the batch makes one token per row per step)."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
 class TextStream:
@@ -173,6 +179,7 @@ def _generate_chunk(model: Transformer, tokenizer, prompts: list[list[int]], par
         logits = model(tokens, slots, key_padding, positions=(slots[None, :] - pads[:, None]).clamp(min=0),
                        last_only=True)[:, -1]
         t1 = time.perf_counter()
+        steps = 0
         for step in range(params.max_new_tokens):
             next_ids = sampler.pick(logits)  # [B]
             for b, token in enumerate(next_ids.tolist()):
@@ -190,6 +197,7 @@ def _generate_chunk(model: Transformer, tokenizer, prompts: list[list[int]], par
                 break
             slot = torch.tensor([width + step], device=device)
             logits = model(next_ids[:, None], slot, key_padding, positions=(slot - pads)[:, None])[:, -1]
+            steps += 1
         decode_s = time.perf_counter() - t1
     finally:
         model.clear_cache()
@@ -200,7 +208,7 @@ def _generate_chunk(model: Transformer, tokenizer, prompts: list[list[int]], par
         if tail and on_text:
             on_text(b, tail)
         results.append(Generation(len(prompts[b]), stream.tokens, stream.text, finish[b] or "length",
-                                  t1 - t0, decode_s))
+                                  t1 - t0, decode_s, steps))
     return results
 
 

@@ -1,0 +1,227 @@
+"""Generation: batching with left padding, sampling rules, stop strings, streaming, weight modes, chat."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from sparsezip.chat import chat_loop
+from sparsezip.compress import compress
+from sparsezip.errors import SparsezipError
+from sparsezip.generate import (SamplingParams, Sampler, TextStream, chat_ids, generate_batch, prompt_ids,
+                                stop_ids, truncate)
+from sparsezip.runtime import CompressedLinear, load_model, weight_bytes
+from sparsezip.tp import Dist
+
+from test_pipeline import sparsezip_cli, sparsezip_ok
+
+GREEDY = SamplingParams(max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_dir):
+    folder = tiny_dir("llama")
+    return load_model(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def prompts_of(tokenizer, *texts):
+    return [prompt_ids(tokenizer, t, use_chat_template=False) for t in texts]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_left_padded_batch_gives_the_logits_of_each_prompt_alone(tiny_dir, family):
+    folder = tiny_dir(family)
+    model = load_model(folder)
+    short, long = [5, 9, 33], list(range(40, 60))
+    tokens = torch.tensor([[0] * (len(long) - len(short)) + short, long])
+    pads = torch.tensor([len(long) - len(short), 0])
+    width = tokens.shape[1]
+    real = torch.arange(width)[None, :] >= pads[:, None]
+    with torch.no_grad():
+        model.setup_cache(2, width + 1)
+        slots = torch.arange(width)
+        batched = model(tokens, slots, real, positions=(slots[None] - pads[:, None]).clamp(min=0), last_only=True)
+        model.clear_cache()
+        alone = [model(torch.tensor([p]))[0, -1] for p in (short, long)]
+    assert batched.shape == (2, 1, model.args.vocab_size)
+    assert torch.isfinite(batched).all()
+    for row, want in enumerate(alone):
+        torch.testing.assert_close(batched[row, 0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_greedy_tokens_equal_one_prompt_at_a_time(llama):
+    model, tok = llama
+    prompts = prompts_of(tok, "It is a truth", "Emma Woodhouse, handsome, clever and rich, had", "Yes")
+    batched = generate_batch(model, tok, prompts, GREEDY, set(), max_batch_size=8)
+    chunked = generate_batch(model, tok, prompts, GREEDY, set(), max_batch_size=2)
+    alone = [generate_batch(model, tok, [p], GREEDY, set())[0] for p in prompts]
+    assert [g.tokens for g in batched] == [g.tokens for g in alone] == [g.tokens for g in chunked]
+    assert all(len(g.tokens) == 10 and g.finish_reason == "length" for g in batched)
+    assert [g.prompt_tokens for g in batched] == [len(p) for p in prompts]
+    assert batched[0].text == tok.decode(batched[0].tokens, skip_special_tokens=True)
+
+
+def test_eos_ends_one_row_and_not_the_others(llama):
+    model, tok = llama
+    prompts = prompts_of(tok, "It is a truth", "Emma Woodhouse")
+    free = generate_batch(model, tok, prompts, GREEDY, set())
+    eos = {free[0].tokens[3]}  # make the 4th token of the first answer an end-of-sequence token
+    stopped = generate_batch(model, tok, prompts, GREEDY, eos)
+    first = free[0].tokens.index(free[0].tokens[3])
+    assert stopped[0].tokens == free[0].tokens[:first] and stopped[0].finish_reason == "stop"
+    if not eos & set(free[1].tokens):
+        assert stopped[1].tokens == free[1].tokens and stopped[1].finish_reason == "length"
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(llama):
+    model, tok = llama
+    prompts = prompts_of(tok, "It is a truth")
+    hot = dict(max_new_tokens=12, temperature=1.5)
+    a = generate_batch(model, tok, prompts, SamplingParams(**hot, seed=1), set())[0].tokens
+    b = generate_batch(model, tok, prompts, SamplingParams(**hot, seed=1), set())[0].tokens
+    c = generate_batch(model, tok, prompts, SamplingParams(**hot, seed=2), set())[0].tokens
+    assert a == b and a != c
+    greedy = generate_batch(model, tok, prompts, SamplingParams(max_new_tokens=12), set())[0].tokens
+    for narrow in (dict(top_k=1), dict(top_p=1e-6)):
+        got = generate_batch(model, tok, prompts, SamplingParams(**hot, **narrow, seed=3), set())[0].tokens
+        assert got == greedy, narrow
+
+
+def test_truncate_keeps_top_k_and_the_smallest_top_p_set():
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15]]))
+    assert torch.isfinite(truncate(logits, 2, 1.0)).tolist() == [[True, False, True, False]]
+    # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the two likeliest tokens make the nucleus
+    assert torch.isfinite(truncate(logits, 0, 0.7)).tolist() == [[True, False, True, False]]
+    assert torch.isfinite(truncate(logits, 0, 0.85)).tolist() == [[True, False, True, True]]
+    assert torch.isfinite(truncate(logits, 0, 1.0)).all()
+
+
+def test_repetition_penalty_shrinks_seen_logits_by_sign():
+    # row 0: prompt token 5 (the 0 before it is padding); row 1: prompt token 6
+    sampler = Sampler(SamplingParams(repetition_penalty=2.0), 8, torch.tensor([[0, 5], [6, 6]]),
+                      torch.tensor([[False, True], [True, True]]), "cpu")
+    logits = torch.full((2, 8), -1.0)
+    logits[0, 5], logits[0, 0] = 2.0, 1.8  # seen 5: 2.0 / 2 = 1.0 < 1.8 (padding did not mark 0 as seen)
+    logits[1, 6], logits[1, 2] = -0.1, -0.15  # seen 6: -0.1 * 2 = -0.2 < -0.15
+    assert sampler.pick(logits).tolist() == [0, 2]
+    assert sampler.pick(logits).tolist() == [5, 6]  # 0 and 2 are seen now: 1.8 / 2 = 0.9 < 1.0; -0.3 < -0.2
+
+
+class CharTokenizer:
+    """Token i decodes to ALPHABET[i]; ids >= len(ALPHABET) are the bytes of 'é' split in two."""
+
+    ALPHABET = "ab. XYZ"
+
+    def decode(self, ids, skip_special_tokens=True):
+        raw = b"".join(self.ALPHABET[i].encode() if i < len(self.ALPHABET) else "é".encode()[i - len(self.ALPHABET):][:1]
+                       for i in ids)
+        return raw.decode("utf-8", errors="replace")
+
+
+def stream_all(tokens, stop):
+    stream, pieces = TextStream(CharTokenizer(), stop), []
+    for t in tokens:
+        pieces.append(stream.push(t))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    return stream, pieces
+
+
+def test_text_stream_holds_back_a_possible_stop_string_and_cuts_before_it():
+    stream, pieces = stream_all([0, 1, 3, 4, 5, 0, 1], stop=("XYZ",))  # "ab XY" then "ab": XY was no stop
+    assert "".join(pieces) == stream.text == "ab XYab" and not stream.stopped
+    assert pieces[3] == "" and pieces[4] == ""  # "X", "XY" held back while they could begin "XYZ"
+    stream, pieces = stream_all([0, 1, 4, 5, 6, 0], stop=("XYZ", "b."))
+    assert stream.stopped and "".join(pieces) == stream.text == "ab"
+    assert stream.tokens == [0, 1, 4, 5, 6]  # the token that completed the stop string ends the stream
+
+
+def test_text_stream_never_emits_half_a_character():
+    e1, e2 = len(CharTokenizer.ALPHABET), len(CharTokenizer.ALPHABET) + 1
+    stream, pieces = stream_all([0, e1, e2, 1], stop=())
+    assert pieces[:3] == ["a", "", "é"] and stream.text == "aéb"
+
+
+def test_sampling_params_are_checked():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+                dict(repetition_penalty=0), dict(stop=("",)), dict(temperature=math.nan)):
+        with pytest.raises(SparsezipError):
+            SamplingParams(**bad).check()
+
+
+def test_context_overflow_is_a_clear_error(llama):
+    model, tok = llama
+    with pytest.raises(SparsezipError, match="context"):
+        generate_batch(model, tok, [[1, 2, 3]], SamplingParams(max_new_tokens=10**6), set())
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_dir, tmp_path_factory):
+    """A 50%-sparse tiny Qwen2 (q/k/v bias) compressed at TP 1."""
+    from sparsezip.calibrate import sparsify
+
+    root = tmp_path_factory.mktemp("packed")
+    sparse = sparsify(tiny_dir("qwen2"), root / "s", method="magnitude", sparsity=0.5)
+    compress(sparse, root / "c", tp=1)
+    return sparse, root / "c"
+
+
+def test_compressed_mode_gives_identical_logits_and_holds_less(packed):
+    sparse, folder = packed
+    dense, lean = load_model(folder), load_model(folder, weights="compressed")
+    assert any(isinstance(m, CompressedLinear) for m in lean.modules())
+    assert not any(isinstance(m, torch.nn.Linear) and "layers" in name for name, m in lean.named_modules())
+    tokens = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(dense(tokens), lean(tokens))
+    tok = AutoTokenizer.from_pretrained(folder)
+    answers = [generate_batch(m, tok, [tokens[0, :9].tolist()], GREEDY, set())[0].tokens for m in (dense, lean)]
+    assert answers[0] == answers[1]
+    compressed = [m for m in lean.modules() if isinstance(m, CompressedLinear)]
+    fp16_bytes = 2 * sum(m.in_features * m.out_features for m in compressed)
+    assert sum(m.stored_bytes() for m in compressed) < 0.6 * fp16_bytes
+    scratch = compressed[0].scratch.buffer
+    assert all(m.scratch is compressed[0].scratch for m in compressed)  # one buffer shared by every linear
+    assert scratch.numel() == max(m.in_features * m.out_features for m in compressed)
+    assert weight_bytes(lean) < weight_bytes(dense)
+
+
+def test_compressed_mode_refuses_uncompressed_folders(packed):
+    sparse, _ = packed
+    with pytest.raises(SparsezipError, match="W16A16SC"):
+        load_model(sparse, weights="compressed")
+
+
+def test_chat_keeps_history_resets_and_exits(tiny_dir):
+    folder = tiny_dir("qwen3")
+    model, tok = load_model(folder), AutoTokenizer.from_pretrained(folder)
+    lines = iter(["Hello there", "", "And then?", "/reset", "Once more", "/exit", "never read"])
+    out = io.StringIO()
+    params = SamplingParams(max_new_tokens=6)
+    history = chat_loop(model, tok, params, Dist(), folder, read_line=lambda _: next(lines), out=out)
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "Once more"
+    want = generate_batch(model, tok, [chat_ids(tok, [{"role": "user", "content": "Once more"}])], params,
+                          stop_ids(tok, folder))
+    assert history[1]["content"] == want[0].text
+    assert "(new conversation)" in out.getvalue() and next(lines) == "never read"
+
+
+def test_run_cli_batches_streams_and_refuses_bad_flags(tiny_dir):
+    folder = str(tiny_dir("llama"))
+    result = sparsezip_ok(sparsezip_cli("run", "--model_path", folder, "--input_texts", "It is", "Emma was", "Yes",
+                                        "--max_output_length", "6", "--max_batch_size", "2", "--no_chat_template"))
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("Answer[")] == [
+        "Answer[0]", "Answer[1]", "Answer[2]"]
+    streamed = sparsezip_ok(sparsezip_cli("run", "--model_path", folder, "--input_texts", "Emma was", "--stream",
+                                          "--max_output_length", "6", "--no_chat_template"))
+    answer = [line for line in result.stdout.splitlines() if line.startswith("Answer[1]")][0]
+    assert "Answer[0]" + answer.removeprefix("Answer[1]") in streamed.stdout
+    for bad in (["--top_p", "0"], ["--max_batch_size", "0"], ["--weights", "compressed"], ["--temperature", "-2"]):
+        failed = sparsezip_cli("run", "--model_path", folder, *bad)
+        assert failed.returncode != 0 and failed.stderr.startswith("sparsezip: error:"), bad
+        assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
