@@ -14,6 +14,13 @@ setup(
             extra_compile_args=["-O3", "-std=gnu11", "-pthread"],
             extra_link_args=["-pthread"],
             optional=True,
-        )
+        ),
+        Extension(  # fp16-weight matrix-vector products for CPU decode steps (sparsezip.kernels.cpu_linear)
+            "sparsezip.kernels._cpugemv",
+            sources=["src/sparsezip/kernels/_cpugemv.c"],
+            extra_compile_args=["-O3", "-std=gnu11", "-pthread"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        ),
     ]
 )

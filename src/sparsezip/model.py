@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs, rope_inv_freq
+from .kernels.cpu_linear import mixed_linear
 from .tp import Dist, all_gather_last, all_reduce
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight may stay fp16 under fp32 activations (the loader keeps fp16 matrices as stored
+    on CPU: a decode step then reads half the bytes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mixed_linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -106,8 +115,8 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.dist = dist
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * args.head_dim, args.hidden_size, bias=False)
+        self.qkv_proj = Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
+        self.o_proj = Linear(self.n_heads * args.head_dim, args.hidden_size, bias=False)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
@@ -145,8 +154,8 @@ class MLP(nn.Module):
         super().__init__()
         self.width = args.intermediate_size // dist.size
         self.dist = dist
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * self.width, bias=False)
-        self.down_proj = nn.Linear(self.width, args.hidden_size, bias=False)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * self.width, bias=False)
+        self.down_proj = Linear(self.width, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.down_proj(self.activate(self.gate_up_proj(x))), self.dist)
@@ -188,7 +197,7 @@ class Transformer(nn.Module):
         self.dist = dist
         self.model = Backbone(args, dist)
         if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size // dist.size, bias=False)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size // dist.size, bias=False)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -196,13 +205,13 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: each rank embeds the ids in its row range, the sum completes it."""
-        table = self.model.embed_tokens
+        table, dtype = self.model.embed_tokens, self.model.norm.weight.dtype  # the table may be fp16 under fp32
         if self.dist.size == 1:
-            return table(tokens)
+            return table(tokens).to(dtype)
         start = self.dist.rank * table.num_embeddings
         local = tokens - start
         inside = (local >= 0) & (local < table.num_embeddings)
-        x = table(local.clamp(0, table.num_embeddings - 1)) * inside.unsqueeze(-1).to(table.weight.dtype)
+        x = table(local.clamp(0, table.num_embeddings - 1)).to(dtype) * inside.unsqueeze(-1).to(dtype)
         return all_reduce(x, self.dist)
 
     def setup_cache(self, batch: int, max_len: int) -> None:
@@ -239,4 +248,4 @@ class Transformer(nn.Module):
         return self.logits(self.model.norm(x))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return all_gather_last(F.linear(h, self.head_weight), self.dist)
+        return all_gather_last(mixed_linear(h, self.head_weight), self.dist)

@@ -11,10 +11,11 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import codec
+from .kernels import cpu as cpu_codec
+from .kernels.cpu_linear import mixed_linear
 from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, detect_kind, part_dirs,
                          read_description, safetensors_files)
 from .config import ModelArgs
@@ -119,13 +120,15 @@ class Scratch:
     """One reusable buffer that every compressed linear of a model decodes its weight into, so resident
     weight memory is the compressed bytes plus the largest single decoded matrix."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, device: str):
-        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+    def __init__(self, numel: int, device: str):
+        # fp16 like the stored weights: mixed_linear computes in the activations' dtype
+        self.buffer = torch.empty(numel, dtype=torch.float16, device=device)
 
     def decode(self, stored: codec.EncodedWeight, shape: tuple[int, int]) -> torch.Tensor:
         out = self.buffer[: shape[0] * shape[1]].view(shape)
-        out.copy_(codec.decode(stored.weight, stored.index, stored.info))
-        return out
+        if out.device.type == "cpu":  # the stream was CRC-checked once at load; skip that here
+            return cpu_codec.decode_into(stored.weight, stored.index, stored.info, out, check_crc=False)
+        return out.copy_(codec.decode(stored.weight, stored.index, stored.info))
 
 
 class CompressedLinear(nn.Module):
@@ -140,19 +143,19 @@ class CompressedLinear(nn.Module):
         self.scratch = scratch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.scratch.decode(self.stored, (self.out_features, self.in_features)), self.bias)
+        return mixed_linear(x, self.scratch.decode(self.stored, (self.out_features, self.in_features)), self.bias)
 
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.stored.weight, self.stored.index, self.stored.info))
 
 
-def keep_linears_compressed(model: Transformer, state: dict, dtype: torch.dtype, device: str) -> None:
+def keep_linears_compressed(model: Transformer, state: dict, device: str) -> None:
     """Swap every nn.Linear whose weight is in `state` as a stored codec stream for a CompressedLinear
     sharing one scratch buffer; removes those entries from `state`."""
     compressed = {name[: -len(".weight")]: state.pop(name) for name in list(state)
                   if isinstance(state[name], codec.EncodedWeight)}
     largest = max((int(s.info[2]) * int(s.info[3]) for s in compressed.values()), default=0)
-    scratch = Scratch(largest, dtype, device)
+    scratch = Scratch(largest, device)
     for prefix, stored in compressed.items():
         parent_name, _, child = prefix.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -174,6 +177,15 @@ def weight_bytes(model: nn.Module) -> int:
     return total + sum(s.buffer.numel() * s.buffer.element_size() for s in scratches)
 
 
+def held_dtype(name: str, tensor: torch.Tensor, compute: torch.dtype, device: str) -> torch.dtype:
+    """The dtype a tensor is held in: fp16 matrices stay fp16 under fp32 CPU compute (Linear and the embedding
+    convert on the fly, and a decode step reads half the bytes); everything else takes the compute dtype.
+    bf16 matrices are converted: fp16 could not hold their range."""
+    if device == "cpu" and compute == torch.float32 and tensor.dtype == torch.float16 and tensor.dim() == 2:
+        return torch.float16
+    return compute
+
+
 def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None,
                dist: Dist = Dist(), weights: str = "dense") -> Transformer:
     """Build our model for this rank from a dense, W16A16S or W16A16SC folder.
@@ -189,7 +201,7 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
     state = rank_state(model_dir, args, dist, keep_compressed=weights == "compressed")
     with torch.device("meta"):
         model = Transformer(args, dist)
-    keep_linears_compressed(model, state, dtype, device)
+    keep_linears_compressed(model, state, device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     for name, shape in expected.items():
         if name not in state:
@@ -197,7 +209,7 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
         if state[name].shape != shape:
             raise SparsezipError(f"{name} has shape {tuple(state[name].shape)} in {model_dir}, "
                                  f"config.json implies {tuple(shape)}")
-    state = {k: state[k].to(device=device, dtype=dtype) for k in expected}
+    state = {k: state[k].to(device=device, dtype=held_dtype(k, state[k], dtype, device)) for k in expected}
     model.load_state_dict(state, strict=True, assign=True)
     log.info("loaded %s folder %s (rank %d of %d) on %s as %s", kind, model_dir, dist.rank, dist.size, device, dtype)
     return model.eval()
