@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test bench bench-prune clean
+.PHONY: demo test bench bench-prune bench-run clean
 
-$(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucodec.c
+$(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucodec.c src/sparsezip/kernels/_cpugemv.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
@@ -39,10 +39,15 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Benchmarks write BENCHMARKS.md (the machine, the command and the date are recorded in it).
-bench: bench-prune
+bench: bench-prune bench-run
 
 bench-prune: $(STAMP)
 	$(BIN)/python bench/prune.py --out BENCHMARKS.md
+
+# Generation speed and memory: transformers vs sparsezip (dense, W16A16SC in both weight modes), on the demo
+# model and on a random 1B-shaped model (built once under out/bench-run).
+bench-run: $(STAMP)
+	$(BIN)/python bench/run.py --out BENCHMARKS.md
 
 clean:
 	rm -rf out

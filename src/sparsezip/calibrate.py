@@ -10,7 +10,6 @@ memory grows with one layer plus the calibration activations, not with the model
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import logging
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import (DESCRIPTION, FORMAT_VERSION, HF, SPARSE_STEM, W16A16S, ShardedWriter, TensorReader,
-                         atomic_output_dir, check_output_path, copy_side_files, detect_kind, safetensors_files, to_fp16,
-                         write_fp16_config)
+                         atomic_output_dir, check_output_path, copy_side_files, detect_kind, release_freed_memory,
+                         safetensors_files, to_fp16, write_fp16_config)
 from .config import ModelArgs, write_json
 from .data import calibration_samples
 from .errors import SparsezipError
@@ -181,15 +180,6 @@ def owl_outlier_ratios(args: ModelArgs, reader: TensorReader, hidden: list[torch
         flat = torch.cat(scores)
         ratios.append(float((flat > threshold * flat.mean()).float().mean()))
     return ratios
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS after each layer (glibc keeps it otherwise, and peak RSS
-    would creep up layer after layer although the live data stays one layer's worth)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def read_layer(args: ModelArgs, reader: TensorReader, index: int) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from . import codec
 from .kernels import cpu as cpu_codec
 from .kernels.cpu_linear import mixed_linear
 from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, detect_kind, part_dirs,
-                         read_description, safetensors_files)
+                         read_description, release_freed_memory, safetensors_files)
 from .config import ModelArgs
 from .errors import SparsezipError
 from .model import Transformer
@@ -211,5 +211,7 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
                                  f"config.json implies {tuple(shape)}")
     state = {k: state[k].to(device=device, dtype=held_dtype(k, state[k], dtype, device)) for k in expected}
     model.load_state_dict(state, strict=True, assign=True)
+    del state
+    release_freed_memory()
     log.info("loaded %s folder %s (rank %d of %d) on %s as %s", kind, model_dir, dist.rank, dist.size, device, dtype)
     return model.eval()
