@@ -89,55 +89,95 @@ def prepared(kit: tuple[ModuleType, str], w: torch.Tensor, name: str = "bitmap-v
     return tk.prepare(enc.weight, enc.index, enc.info, device), enc
 
 
+def e5m2(w: torch.Tensor, keep_every: int = 40) -> torch.Tensor:
+    """w with the low byte cleared except in every keep_every-th value: huff-v2 exception-list tiles."""
+    bits = w.clone().view(torch.int16)
+    flat = bits.view(-1)
+    cleared = flat & -256
+    flat[:] = torch.where(torch.arange(flat.numel()) % keep_every == 0, flat, cleared)
+    return bits.view(torch.float16)
+
+
+# The interpreter steps through huff-v2's Huffman loop once per symbol of the fullest 8-row group,
+# so huff-v2 cases use sparse weights (a few % of 8 x 128) to keep this file fast; the 50% and 100%
+# density cases use narrow matrices.
+CODECS = {"bitmap-v1": 0.5, "huff-v2": 0.06}
+
+
 # ---------------------------------------------------------------------------- decode
 
 
+@pytest.mark.parametrize("name", CODECS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_decode_is_bit_exact(kit, shape):
+def test_decode_is_bit_exact(kit, name, shape):
     tk, _ = kit
-    w = pruned(*shape, seed=1, special=True)
-    dw, enc = prepared(kit, w)
+    w = pruned(*shape, seed=1, density=CODECS[name], special=True)
+    dw, enc = prepared(kit, w, name)
     out = tk.decode(dw)
     assert out.dtype == torch.float16 and out.device == dw.device
     assert bit_equal(out, codec.decode(enc.weight, enc.index, enc.info))
     assert bit_equal(out, w)
 
 
-@pytest.mark.parametrize("density", [0.0, 1.0])
-def test_decode_empty_and_dense_tiles(kit, density):
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+def test_decode_empty_half_and_dense_tiles(kit, name, density):
     tk, _ = kit
-    w = pruned(200, 130, seed=2, density=density)
-    dw, _ = prepared(kit, w)
-    assert bit_equal(tk.decode(dw, block_rows=32), w)
+    w = pruned(140, 24, seed=2, density=density)  # 2 x 1 tiles, the second with 12 rows
+    dw, _ = prepared(kit, w, name)
+    assert bit_equal(tk.decode(dw, block_rows=32 if name == "bitmap-v1" else 128), w)
+
+
+def test_decode_huff_exception_lists_and_one_symbol(kit):
+    tk, _ = kit
+    w = e5m2(pruned(130, 200, seed=3, density=0.06, special=True))
+    dw, enc = prepared(kit, w, "huff-v2")
+    assert bit_equal(tk.decode(dw), w)
+    same = torch.zeros(20, 150, dtype=torch.float16)
+    same[::3, ::2] = 1.5  # one distinct symbol: a 1-bit code
+    assert bit_equal(tk.decode(prepared(kit, same, "huff-v2")[0]), same)
+
+
+@pytest.mark.parametrize("block_rows, tile_cols", [(16, 1), (32, 2), (64, 4), (128, 8)])
+def test_decode_strip_sizes(kit, block_rows, tile_cols):
+    """Strips of several tiles, ragged at the matrix edge (3 tile columns), and every block height."""
+    tk, _ = kit
+    w = e5m2(pruned(150, 300, seed=4, density=0.02), keep_every=7)
+    for name in CODECS:
+        dw, _ = prepared(kit, w, name)
+        assert bit_equal(tk.decode(dw, block_rows=block_rows, tile_cols=tile_cols), w), name
 
 
 # ---------------------------------------------------------------------------- linear
 
 
+@pytest.mark.parametrize("name", CODECS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_linear_matches_torch(kit, shape, batch):
+def test_linear_matches_torch(kit, name, shape, batch):
     tk, device = kit
-    w = pruned(*shape, seed=3)
-    dw, _ = prepared(kit, w)
+    w = pruned(*shape, seed=5, density=CODECS[name])
+    dw, _ = prepared(kit, w, name)
     x = torch.randn(batch, shape[1], generator=torch.Generator().manual_seed(batch)).half()
     assert_linear_close(tk.linear(x.to(device), dw), x, w)
 
 
-@pytest.mark.parametrize("split_k", [1, 2, 3])
-def test_linear_split_k_and_block_rows(kit, split_k):
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("split_k, block_rows, tile_cols", [(1, 128, 2), (2, 32, 1), (3, 64, 4)])
+def test_linear_split_k_and_strips(kit, name, split_k, block_rows, tile_cols):
     tk, device = kit
-    w = pruned(256, 384, seed=4)
-    dw, _ = prepared(kit, w)
-    x = torch.randn(2, 384, generator=torch.Generator().manual_seed(5)).half()
-    assert_linear_close(tk.linear(x.to(device), dw, split_k=split_k, block_rows=32), x, w)
+    w = e5m2(pruned(256, 384, seed=6, density=CODECS[name]))
+    dw, _ = prepared(kit, w, name)
+    x = torch.randn(2, 384, generator=torch.Generator().manual_seed(7)).half()
+    y = tk.linear(x.to(device), dw, split_k=split_k, block_rows=block_rows, tile_cols=tile_cols)
+    assert_linear_close(y, x, w)
 
 
 def test_linear_leading_dims_and_large_batch_fallback(kit):
     tk, device = kit
-    w = pruned(130, 200, seed=6)
+    w = pruned(130, 200, seed=8)
     dw, _ = prepared(kit, w)
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 3, 200, generator=g).half()
     assert_linear_close(tk.linear(x.to(device), dw), x, w)
     big = torch.randn(tk.MAX_FUSED_M + 1, 200, generator=g).half()  # decode + torch path
@@ -147,13 +187,18 @@ def test_linear_leading_dims_and_large_batch_fallback(kit):
 
 def test_linear_rejects_bad_input(kit):
     tk, device = kit
-    dw, _ = prepared(kit, pruned(130, 200, seed=8))
+    dw, _ = prepared(kit, pruned(130, 200, seed=10))
+    x = torch.zeros(1, 200, dtype=torch.float16, device=device)
     with pytest.raises(SparsezipError, match="float16"):
-        tk.linear(torch.zeros(1, 200, device=device), dw)
+        tk.linear(x.float(), dw)
     with pytest.raises(SparsezipError, match=r"\[\.\.\., 200\]"):
-        tk.linear(torch.zeros(1, 199, dtype=torch.float16, device=device), dw)
+        tk.linear(x[:, :199], dw)
     with pytest.raises(SparsezipError, match="split_k"):
-        tk.linear(torch.zeros(1, 200, dtype=torch.float16, device=device), dw, split_k=3)
+        tk.linear(x, dw, split_k=3)
+    with pytest.raises(SparsezipError, match="block_rows"):
+        tk.linear(x, dw, block_rows=8)
+    with pytest.raises(SparsezipError, match="tile_cols"):
+        tk.decode(dw, tile_cols=3)
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -205,6 +250,47 @@ def test_prepare_rejects_corrupt_input(kit, case):
     (weight, index, info), message = _corruptions(enc)[case]
     with pytest.raises(SparsezipError, match=message):
         tk.prepare(weight, index, info, device)
+
+
+def _huff_corruptions() -> tuple[codec.EncodedWeight, dict[str, tuple[torch.Tensor, str]]]:
+    """A one-tile 64 x 64 huff-v2 weight and name -> (altered weight stream with a valid CRC, message)."""
+    w = pruned(64, 64, seed=11)
+    nnz = int((w != 0).sum())
+    if nnz % 8 == 0:  # the sign bits must end inside a byte, leaving padding bits to set
+        w[0, 0] = 0 if w[0, 0] != 0 else 1
+        nnz = int((w != 0).sum())
+    enc = codec.encode(w, "huff-v2")
+    tile = HEADER + 128  # payload: 128-byte code table, then tile 0
+    header, bitmap = 4 + 2 * 8, 64 * 8  # 8 row groups; 8 bitmap bytes a row
+
+    def altered(at: int, value: int) -> torch.Tensor:
+        stream = enc.weight.clone()
+        stream[at] = torch.tensor(value, dtype=torch.uint8).view(torch.int8)
+        return _with_crc(stream)
+
+    raw = enc.weight.view(torch.uint8)
+    sign_end = tile + header + bitmap + (nnz + 7) // 8 - 1
+    return enc, {
+        "table": (altered(HEADER + 5, 13), "code table is corrupted"),
+        "mode": (altered(tile, 2), r"mode 2\b"),
+        "sub_len": (altered(tile + 4, int(raw[tile + 4]) + 1), "fields imply"),
+        "sign padding": (altered(sign_end, int(raw[sign_end]) | 0x80), "padding bits in the sign bits"),
+    }
+
+
+@pytest.mark.parametrize("case", ["table", "mode", "sub_len", "sign padding"])
+def test_prepare_rejects_corrupt_huff_streams(kit, case):
+    tk, device = kit
+    enc, cases = _huff_corruptions()
+    weight, message = cases[case]
+    with pytest.raises(SparsezipError, match=message):
+        tk.prepare(weight, enc.index, enc.info, device)
+    if case == "sign padding":  # only the reference decoder sees this; without it the values are still right
+        dw = tk.prepare(weight, enc.index, enc.info, device, verify=False)
+        assert bit_equal(tk.decode(dw), codec.decode(enc.weight, enc.index, enc.info))
+    else:  # structure: checked even without verify
+        with pytest.raises(SparsezipError, match=message):
+            tk.prepare(weight, enc.index, enc.info, device, verify=False)
 
 
 def test_prepare_accepts_what_the_reference_accepts(kit):

@@ -2,22 +2,33 @@
 
 Why: at batch 1..16 a linear layer is bound by the bytes it reads. The fused kernel reads the
 compressed tiles and multiplies them in registers, so the fp16 weight never exists in global memory.
+Both codecs of sparsezip.codec have kernels: bitmap-v1 (id 1) and huff-v2 (id 2).
 
-Device form of one stored weight (built once by prepare(), which validates everything on the host):
-  payload    uint8 [P]       the stored stream without its 24-byte header (index offsets are relative to it)
+Device form of one stored weight (built once by prepare(), which validates it on the host):
+  payload    uint8 [P + 4]   the stored stream without its 24-byte header (index offsets are relative
+                             to it), plus 4 zero bytes so the Huffman peek may run past the last byte
   tile_off   int64 [T]       byte offset of each tile in the payload (the .index tensor)
-  row_start  int16 [T, 128]  index, among its tile's present values, of each tile row's first value: a
-                             host-side prefix sum of bitmap popcounts, so that any block of rows decodes
-                             without reading the rows above it
+  row_start  int16 [T, 128]  number, among its tile's present values, of each tile row's first value:
+                             a host-side prefix sum of bitmap popcounts, so that any block of rows
+                             decodes without reading the rows above it
+  tile_nnz   int32 [T]       present values per tile (locates huff-v2's fields after the signs)
+  lut        int16 [4096]    huff-v2: code length << 8 | symbol for every 12-bit peek (from the
+                             matrix's 128 code lengths); a 1-element placeholder for bitmap-v1
 
-Kernels work on "blocks": BN consecutive rows (BN divides 128) of one 128 x 128 tile. A block decodes
-to fp16 bit patterns [BN, 128] in registers: each element's presence bit comes from the bitmap, its
-value index is row_start + an in-row prefix sum of presence bits (a scan), and the value is then
-gathered from the payload.
-  decode: grid (T * 128/BN,): one program per block (BN = 128: one program per tile) stores its block.
-  linear: grid (tile rows * 128/BN, S): program (row block, split s) walks its share of the tile columns,
-          acc[BM, BN] += x[:, tile cols] @ block.T via tl.dot (fp32 accumulation), and stores its partial
-          sum; the host adds the S partials (deterministic: no atomics) and rounds once to fp16.
+Work unit: a "strip" = rows r0..r0+BN (BN in 16..128) of TC consecutive tiles of one tile row. Each
+tile of a strip becomes fp16 bit patterns [BN, 128] in registers: the presence bit comes from the
+bitmap, the value's number is row_start + an in-row prefix sum of presence bits, and the value is
+gathered by that number. bitmap-v1 reads the value's two bytes. huff-v2 first decodes the strip's
+TC * BN/8 Huffman substreams in parallel lanes (one lane per 8-row group per tile, one symbol per
+lane per step, through `lut`) into a per-program scratch buffer indexed by value number (registers
+cannot be indexed by a lane's running position), ORs the E5M2 exception low bytes in, then gathers
+symbol, sign bit and raw low byte by value number. Scratch is BN * 128 int16 per tile, in L1/L2.
+  decode: grid (P,): program p decodes strips p, p + P, ... and stores them (int16, so NaN payloads
+          survive); P = number of strips for bitmap-v1, about 8 per multiprocessor for huff-v2.
+  linear: grid (tile rows * 128/BN, S): program (row block, split s) walks its share of the tile
+          columns strip by strip, acc[16, BN] += x[:, tile cols] @ tile.T via tl.dot (fp32
+          accumulation), and stores its partial sum; the host adds the S partials (deterministic:
+          no atomics) and rounds once to fp16. S (split-k) is chosen to give ~2 programs per SM.
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the same kernels run on the CPU with
 numpy, which is how CI checks them against sparsezip.codec without a GPU.
@@ -49,8 +60,9 @@ else:
 
 TILE = codec.TILE  # 128: kernels hard-code tl.arange(0, 128) for the tile width
 MAX_FUSED_M = 16  # rows of x the fused kernel takes; larger batches decode once and use cuBLAS
-BITMAP = 1  # codec ids with a kernel here
-KERNEL_CODECS = (BITMAP,)
+BITMAP, HUFF = 1, 2  # codec ids with a kernel here: bitmap-v1, huff-v2
+KERNEL_CODECS = (BITMAP, HUFF)
+PAD = 4  # zero bytes after the device payload, for reads just past a huff-v2 substream
 
 
 # ---------------------------------------------------------------------------- device side
@@ -66,6 +78,24 @@ def _cumsum(x, axis: tl.constexpr):
     """Inclusive prefix sum. Triton's own sum combiner is named (not tl.cumsum) because the interpreter
     recognises it and runs numpy's cumsum instead of calling a Python combiner per element."""
     return tl.associative_scan(x, axis, tl.standard._sum_combine)
+
+
+@_jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@_jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@_jit
+def _u16(ptr, mask):
+    """Little-endian u16 (as int32) at any byte address: two byte loads, as fields are unaligned."""
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.int32)
+    return (hi << 8) | lo
 
 
 @_jit
@@ -86,63 +116,181 @@ def _value_index(row_start, t, r, rows, present):
 
 
 @_jit
-def _bitmap_block(payload, tile_off, row_start, t, r, rows, cols):
-    """bitmap-v1: fp16 bit patterns (int32 0..65535) [BN, 128] of tile t's rows r; 0 outside the tile."""
+def _row_first(row_start, nnz, t, rr, rows):
+    """Number of the first value of tile row(s) rr of tile(s) t; nnz (one past the last) from `rows` on."""
+    inside = rr + 0 * t < rows  # shaped like t and rr together: the interpreter cannot broadcast bool masks
+    return tl.where(inside, tl.load(row_start + t * 128 + rr, mask=inside, other=0).to(tl.int32), nnz)
+
+
+@_jit
+def _bitmap_block(payload, tile_off, row_start, t, r0, rows, cols, BN: tl.constexpr):
+    """bitmap-v1: fp16 bit patterns (int32 0..65535) [BN, 128] of tile t's rows r0..; 0 outside the tile."""
+    r = r0 + tl.arange(0, BN)
     row_bytes = (cols + 7) // 8
     base = tl.load(tile_off + t)  # int64: payloads may exceed 2 GiB
     present = _presence(payload, base, row_bytes, r, rows, cols)
     at = payload + base + rows * row_bytes + 2 * _value_index(row_start, t, r, rows, present)
-    # Values are little-endian u16 at any byte alignment (bitmaps have odd lengths), so two byte loads.
-    lo = tl.load(at, mask=present != 0, other=0).to(tl.int32)
-    hi = tl.load(at + 1, mask=present != 0, other=0).to(tl.int32)
-    return (hi << 8) | lo
+    return _u16(at, present != 0)
 
 
 @_jit
-def _block(payload, tile_off, row_start, t, r, rows, cols, CODEC: tl.constexpr):
-    """Bit patterns [BN, 128] of one block, for the codec chosen at compile time."""
-    tl.static_assert(CODEC == 1, "no kernel for this codec id")
-    return _bitmap_block(payload, tile_off, row_start, t, r, rows, cols)
+def _huff_symbols(payload, tile_off, row_start, tile_nnz, lut, scratch, t0, n_t, tc0, r0, rows, k,
+                  BN: tl.constexpr, TC: tl.constexpr):
+    """huff-v2 phase 1 for rows r0..r0+BN of tiles t0..t0+n_t-1 (tile columns tc0..; n_t <= TC).
+
+    Lanes = TC * BN/8 substreams (one per 8-row group per tile), all decoded in lock-step, one
+    symbol per lane per step, as `symbol << 8` into scratch slot s (BN * 128 int16 for tile t0 + s)
+    at the value's number within the block: registers cannot be indexed by a lane's running
+    position, memory can. More tiles per step = more lanes sharing each step's latency.
+    """
+    lane = tl.arange(0, TC * (BN // 8))
+    slot = lane // (BN // 8)
+    ok = slot < n_t
+    slot = tl.where(ok, slot, 0)  # lanes past the last tile read tile t0's fields and decode nothing
+    t = t0 + slot
+    g = r0 // 8 + lane % (BN // 8)  # row group = substream number within the tile
+    base = tl.load(tile_off + t)
+    nnz = tl.load(tile_nnz + t)
+    groups = (rows + 7) // 8
+    row_bytes = (tl.minimum(k - (tc0 + slot) * 128, 128) + 7) // 8
+    subs = base + 4 + 2 * groups + rows * row_bytes + (nnz + 7) // 8  # header, bitmap, signs, substreams
+    h = tl.arange(0, 16)
+    sub_len = _u16(payload + base[:, None] + 4 + 2 * h[None, :], (h[None, :] < groups) & ok[:, None])
+    start = tl.where(ok, subs + _sum(tl.where(h[None, :] < g[:, None], sub_len, 0), 1), 0)
+    block_first = _row_first(row_start, nnz, t, r0, rows)
+    first = _row_first(row_start, nnz, t, 8 * g, rows) - block_first
+    count = tl.where(ok, _row_first(row_start, nnz, t, 8 * g + 8, rows) - block_first - first, 0)
+    dest = scratch + slot * (BN * 128) + first
+    bit = start * 8  # [lanes] cursor, MSB-first
+    tl.debug_barrier()  # the previous strip's readers are done with scratch
+    for j in range(0, _max(count, 0)):
+        live = j < count
+        # Peek 12 bits (the longest code) from 3 bytes. No masks: a finished lane stays at its end,
+        # so at most 2 bytes past a substream are read, and prepare() pads the payload's end.
+        at = payload + (bit >> 3)
+        window = (tl.load(at).to(tl.int32) << 16) | (tl.load(at + 1).to(tl.int32) << 8)
+        window |= tl.load(at + 2).to(tl.int32)
+        entry = tl.load(lut + ((window >> (12 - (bit & 7)).to(tl.int32)) & 0xFFF))  # length << 8 | symbol
+        tl.store(dest + j, (entry & 0x7F) << 8, mask=live)
+        bit += tl.where(live, entry >> 8, 0)
+    tl.debug_barrier()
 
 
 @_jit
-def _decode_kernel(payload, tile_off, row_start, out, n, k, n_tc, BN: tl.constexpr, CODEC: tl.constexpr):
-    """out int16 [n, k] = bit patterns of the decoded weight; one program per BN-row block of a tile."""
+def _huff_block(payload, tile_off, row_start, tile_nnz, scratch, t, r0, rows, cols, BN: tl.constexpr):
+    """huff-v2 phases 2-3: bit patterns (int32) [BN, 128] of tile t's rows r0.., whose symbols are in
+    `scratch` (this tile's slot); 0 outside the tile. cols = 0 yields zeros."""
+    base = tl.load(tile_off + t)
+    nnz = tl.load(tile_nnz + t)
+    groups = (rows + 7) // 8
+    row_bytes = (cols + 7) // 8
+    mode = tl.load(payload + base).to(tl.int32)
+    bm = base + 4 + 2 * groups
+    signs = bm + rows * row_bytes
+    h = tl.arange(0, 16)
+    lows = signs + (nnz + 7) // 8 + _sum(_u16(payload + base + 4 + 2 * h, h < groups), 0)
+    block_first = _row_first(row_start, nnz, t, r0, rows)
+
+    if (mode == 1) & (cols > 0):  # E5M2 tile: low bytes are 0 but for a sorted exception list
+        n_exc = _u16(payload + base + 2, mode == 1)
+        block_count = _row_first(row_start, nnz, t, r0 + BN, rows) - block_first
+        for e0 in range(0, n_exc, 128):
+            e = e0 + tl.arange(0, 128)
+            pos = _u16(payload + lows + 2 * e, e < n_exc) - block_first
+            mine = (e < n_exc) & (pos >= 0) & (pos < block_count)
+            low = tl.load(payload + lows + 2 * n_exc + e, mask=mine, other=0).to(tl.int16)
+            tl.store(scratch + pos, tl.load(scratch + pos, mask=mine, other=0) | low, mask=mine)
+        tl.debug_barrier()
+
+    r = r0 + tl.arange(0, BN)
+    present = _presence(payload, bm, row_bytes, r, rows, cols)
+    i = _value_index(row_start, t, r, rows, present)  # [BN, 128] value number within the tile
+    on = present != 0
+    high = tl.load(scratch + i - block_first, mask=on, other=0).to(tl.int32)
+    sign = (tl.load(payload + signs + (i >> 3), mask=on, other=0).to(tl.int32) >> (i & 7)) & 1
+    raw = (on & (mode == 0)) != 0  # "!= 0": the interpreter turns tensor & scalar-bool into int32
+    low = tl.load(payload + lows + i, mask=raw, other=0).to(tl.int32)
+    return (sign << 15) | high | low
+
+
+@_jit
+def _strip_start(payload, tile_off, row_start, tile_nnz, lut, scratch, tr, r0, rows, tc0, tc_end, n_tc, k,
+                 BN: tl.constexpr, TC: tl.constexpr, CODEC: tl.constexpr):
+    """Work shared by the TC tiles of a strip (tile columns tc0..tc0+TC-1, rows r0..r0+BN of tile row tr)
+    before any of them is placed: huff-v2 decodes their symbols; bitmap-v1 has nothing to do."""
+    if CODEC == 2:
+        _huff_symbols(payload, tile_off, row_start, tile_nnz, lut, scratch, tr * n_tc + tc0,
+                      tl.minimum(tc_end - tc0, TC), tc0, r0, rows, k, BN, TC)
+
+
+@_jit
+def _strip_tile(payload, tile_off, row_start, tile_nnz, scratch, tr, r0, rows, tc0, s, tc_end, n_tc, k,
+                BN: tl.constexpr, CODEC: tl.constexpr):
+    """Bit patterns [BN, 128] of tile column tc0 + s of a strip, and its width (0 past tc_end)."""
+    tl.static_assert((CODEC == 1) or (CODEC == 2), "no kernel for this codec id")
+    tc = tc0 + s
+    cols = tl.where(tc < tc_end, tl.minimum(k - tc * 128, 128), 0)
+    t = tr * n_tc + tl.minimum(tc, tc_end - 1)  # past the end: a real tile, fully masked by cols = 0
+    if CODEC == 1:
+        bits = _bitmap_block(payload, tile_off, row_start, t, r0, rows, cols, BN)
+    else:
+        bits = _huff_block(payload, tile_off, row_start, tile_nnz, scratch + s * (BN * 128), t, r0, rows, cols,
+                           BN)
+    return bits, cols
+
+
+@_jit
+def _decode_kernel(payload, tile_off, row_start, tile_nnz, lut, scratch, out, n, k, n_tc, n_strips,
+                   BN: tl.constexpr, TC: tl.constexpr, CODEC: tl.constexpr):
+    """out int16 [n, k] = bit patterns of the decoded weight. A strip is BN rows x TC tiles of one tile
+    row; program p decodes strips p, p + P, ... (P: one program per strip, or fewer when each needs
+    scratch memory)."""
     pid = tl.program_id(0)
-    t = (pid // (128 // BN)).to(tl.int64)
-    tr = t // n_tc
-    tc = t % n_tc
-    rows = tl.minimum(n - tr * 128, 128)
-    cols = tl.minimum(k - tc * 128, 128)
-    r = (pid % (128 // BN)) * BN + tl.arange(0, BN)  # tile-local rows
+    my_scratch = scratch + pid * (TC * BN * 128)
+    chunks = (n_tc + TC - 1) // TC
     c = tl.arange(0, 128)
-    bits = _block(payload, tile_off, row_start, t, r, rows, cols, CODEC)
-    ptrs = out + (tr * 128 + r)[:, None] * k + tc * 128 + c[None, :]
-    tl.store(ptrs, bits.to(tl.int16), mask=(r[:, None] < rows) & (c[None, :] < cols))
+    for strip in range(pid, n_strips, tl.num_programs(0)):
+        tr = tl.cast(strip // ((128 // BN) * chunks), tl.int64)
+        r0 = (strip // chunks) % (128 // BN) * BN  # first tile-local row
+        tc0 = strip % chunks * TC
+        rows = tl.minimum(n - tr * 128, 128)
+        r = r0 + tl.arange(0, BN)
+        _strip_start(payload, tile_off, row_start, tile_nnz, lut, my_scratch, tr, r0, rows, tc0, n_tc, n_tc, k,
+                     BN, TC, CODEC)
+        for s in tl.static_range(TC):
+            bits, cols = _strip_tile(payload, tile_off, row_start, tile_nnz, my_scratch, tr, r0, rows, tc0, s,
+                                     n_tc, n_tc, k, BN, CODEC)
+            ptrs = out + (tr * 128 + r)[:, None] * k + (tc0 + s) * 128 + c[None, :]
+            tl.store(ptrs, bits.to(tl.int16), mask=(r[:, None] < rows) & (c[None, :] < cols))
 
 
 @_jit
 def _linear_kernel(
-    x, part, payload, tile_off, row_start, M, n, k, n_tc, tiles_per_split,
-    BM: tl.constexpr, BN: tl.constexpr, CODEC: tl.constexpr,
+    x, part, payload, tile_off, row_start, tile_nnz, lut, scratch, M, n, k, n_tc, tiles_per_split,
+    BM: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr, CODEC: tl.constexpr,
 ):
-    """part fp32 [S, M, n]: split s's share of x @ W.T, decoding W block by block in registers."""
+    """part fp32 [S, M, n]: split s's share of x @ W.T, decoding W strip by strip in registers."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    tr = (pid // (128 // BN)).to(tl.int64)
-    r = (pid % (128 // BN)) * BN + tl.arange(0, BN)  # tile-local rows = output features tr*128 + r
+    my_scratch = scratch + (pid * tl.num_programs(1) + split) * (TC * BN * 128)
+    tr = tl.cast(pid // (128 // BN), tl.int64)
+    r0 = (pid % (128 // BN)) * BN  # tile-local rows r0.. = output features tr*128 + r0..
     rows = tl.minimum(n - tr * 128, 128)
     m = tl.arange(0, BM)
     c = tl.arange(0, 128)
     acc = tl.full((BM, BN), 0.0, dtype=tl.float32)
     tc_end = tl.minimum(split * tiles_per_split + tiles_per_split, n_tc)
-    for tc in range(split * tiles_per_split, tc_end):
-        cols = tl.minimum(k - tc * 128, 128)
-        bits = _block(payload, tile_off, row_start, tr * n_tc + tc, r, rows, cols, CODEC)
-        w = bits.to(tl.int16).to(tl.float16, bitcast=True)  # [BN, 128]
-        xs = tl.load(x + m[:, None] * k + tc * 128 + c[None, :], mask=(m[:, None] < M) & (c[None, :] < cols),
-                     other=0.0)  # [BM, 128]; masked columns are 0 in both operands
-        acc += tl.dot(xs, tl.trans(w))  # [BM, BN], fp32 accumulation
+    for tc0 in range(split * tiles_per_split, tc_end, TC):
+        _strip_start(payload, tile_off, row_start, tile_nnz, lut, my_scratch, tr, r0, rows, tc0, tc_end, n_tc, k,
+                     BN, TC, CODEC)
+        for s in tl.static_range(TC):
+            bits, cols = _strip_tile(payload, tile_off, row_start, tile_nnz, my_scratch, tr, r0, rows, tc0, s,
+                                     tc_end, n_tc, k, BN, CODEC)
+            w = bits.to(tl.int16).to(tl.float16, bitcast=True)  # [BN, 128]
+            xs = tl.load(x + m[:, None] * k + (tc0 + s) * 128 + c[None, :],
+                         mask=(m[:, None] < M) & (c[None, :] < cols), other=0.0)  # [BM, 128]
+            acc += tl.dot(xs, tl.trans(w))  # [BM, BN], fp32 accumulation; masked columns are 0 in both
+    r = r0 + tl.arange(0, BN)
     ptrs = part + split * M * n + m[:, None] * n + tr * 128 + r[None, :]
     tl.store(ptrs, acc, mask=(m[:, None] < M) & (r[None, :] < rows))
 
@@ -157,9 +305,11 @@ class DeviceWeight:
     codec_id: int
     n: int  # out_features
     k: int  # in_features
-    payload: torch.Tensor  # uint8 [P]
-    tile_off: torch.Tensor  # int64 [T]
-    row_start: torch.Tensor  # int16 [T, 128]
+    payload: torch.Tensor  # uint8 [P + PAD]: the stream without its header, then PAD zero bytes
+    tile_off: torch.Tensor  # int64 [T]: payload offset of each tile
+    row_start: torch.Tensor  # int16 [T, 128]: value number of each tile row's first value
+    tile_nnz: torch.Tensor  # int32 [T]: present values per tile
+    lut: torch.Tensor  # int16 [4096]: huff-v2 12-bit peek -> code length << 8 | symbol ([1] unused for v1)
 
     @property
     def device(self) -> torch.device:
@@ -172,8 +322,12 @@ class DeviceWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kernels read for the whole weight: payload plus tables."""
-        return sum(t.numel() * t.element_size() for t in (self.payload, self.tile_off, self.row_start))
+        """Bytes of the device form: what one pass of the kernels reads (payload plus tables)."""
+        return sum(t.numel() * t.element_size() for t in self._tables())
+
+    def _tables(self) -> tuple[torch.Tensor, ...]:
+        """The kernels' leading arguments, in their order."""
+        return self.payload, self.tile_off, self.row_start, self.tile_nnz, self.lut
 
 
 def available(device: torch.device | str) -> bool:
@@ -192,48 +346,73 @@ def interpreted() -> bool:
 
 
 def prepare(
-    weight: torch.Tensor, index: torch.Tensor, info: torch.Tensor, device: torch.device | str
+    weight: torch.Tensor, index: torch.Tensor, info: torch.Tensor, device: torch.device | str, verify: bool = True
 ) -> DeviceWeight:
     """Validate one stored weight (.weight, .index, .info) on the host and move it to `device`.
 
-    Checks the header, CRC, index and every tile's bitmap against its size, so the kernels only ever
-    see consistent data. Raises SparsezipError for anything corrupt or for a codec without a kernel.
+    Always checked: header, CRC, index, and every tile's fields and bitmap against its size, so the
+    kernels never read outside a tile. huff-v2 codes, sign padding and exception lists can only be
+    checked by decoding: verify=True (the default) runs the reference decoder once for that; with
+    verify=False a corrupt stream (with a valid CRC) decodes to wrong values instead of an error.
+    Raises SparsezipError for anything corrupt or for a codec without a kernel.
     """
     n, k, codec_id = codec._parse_info(info)
     name = codec.codec_for_id(codec_id).name  # unknown ids fail here with the list of known codecs
     if codec_id not in KERNEL_CODECS:
         raise SparsezipError(f"codec {name!r} (id {codec_id}) has no Triton kernel; use the torch reference decode")
-    payload = codec._read_stream(weight, codec_id, check_crc=True)  # uint8 [P]
+    full_check = verify and codec_id == HUFF
+    if full_check:
+        codec.decode(weight, index, info)  # raises on any inconsistency; the result is not needed
+    payload = codec._read_stream(weight, codec_id, check_crc=not full_check)  # uint8 [P]
     grid = codec._Grid.of(n, k)
     offsets = codec._read_index(index, grid.count, len(payload))  # int64 [T]
-    row_start = _bitmap_tables(payload, offsets, grid)
+    if codec_id == BITMAP:
+        counts = _bitmap_counts(payload, offsets, grid)
+        lut = np.zeros(1, dtype=np.int16)
+    else:
+        counts, lut = _huff_counts(payload, offsets, grid)
+    row_start = (np.cumsum(counts, axis=1) - counts).astype(np.int16)  # [T, 128], < 128 * 128 fits
+    nnz = counts.sum(axis=1, dtype=np.int32)  # [T]
 
     def move(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device)
 
-    return DeviceWeight(codec_id, n, k, move(payload), move(offsets), move(row_start))
+    # PAD zero bytes after the payload let the Huffman peek run unmasked (see _huff_block).
+    padded = torch.zeros(len(payload) + PAD, dtype=torch.uint8, device=device)
+    padded[: len(payload)] = torch.from_numpy(payload)
+    return DeviceWeight(codec_id, n, k, padded, move(offsets), move(row_start), move(nnz), move(lut))
 
 
-def decode(dw: DeviceWeight, block_rows: int = TILE) -> torch.Tensor:
-    """Decompress to fp16 [n, k] on dw's device, bit for bit equal to sparsezip.codec.decode."""
-    _check_block_rows(block_rows)
+def decode(dw: DeviceWeight, block_rows: int = TILE, tile_cols: int | None = None) -> torch.Tensor:
+    """Decompress to fp16 [n, k] on dw's device, bit for bit equal to sparsezip.codec.decode.
+
+    A program decodes strips of block_rows rows x tile_cols tiles (bitmap-v1 default: one tile per
+    program; huff-v2 default: 2 tiles, i.e. 32 substream lanes per step).
+    """
+    tc = _tiles_per_step(dw, block_rows, tile_cols, lanes=32)
     out = torch.empty((dw.n, dw.k), dtype=torch.int16, device=dw.device)  # int16: NaN payloads stay exact
     n_tr, n_tc = dw.tile_grid
-    _decode_kernel[(n_tr * n_tc * (TILE // block_rows),)](
-        dw.payload, dw.tile_off, dw.row_start, out, dw.n, dw.k, n_tc, BN=block_rows, CODEC=dw.codec_id
+    n_strips = n_tr * (TILE // block_rows) * -(-n_tc // tc)
+    programs = n_strips if dw.codec_id == BITMAP else min(n_strips, _scratch_programs(dw.device))
+    _decode_kernel[(programs,)](
+        *dw._tables(), _scratch(dw, programs * tc * block_rows), out, dw.n, dw.k, n_tc, n_strips,
+        BN=block_rows, TC=tc, CODEC=dw.codec_id,
     )
     return out.view(torch.float16)
 
 
-def linear(x: torch.Tensor, dw: DeviceWeight, split_k: int | None = None, block_rows: int = 64) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, dw: DeviceWeight, split_k: int | None = None, block_rows: int = 64, tile_cols: int | None = None
+) -> torch.Tensor:
     """y = x @ W.T for fp16 x [..., k], without materialising W when x has at most 16 rows.
 
     split_k: how many programs share one row block's tile columns (default: enough programs to fill
-    the GPU). Larger batches decode W once and call torch (cuBLAS), which is then compute-bound anyway.
+    the GPU). tile_cols: tiles a program takes per step (huff-v2: their substreams decode together).
+    Larger batches decode W once and call torch (cuBLAS), which is then compute-bound anyway.
     """
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float16 or x.dim() < 1 or x.shape[-1] != dw.k:
         raise SparsezipError(f"x must be a float16 tensor [..., {dw.k}], got {codec._describe(x)}")
-    _check_block_rows(block_rows)
+    tc = _tiles_per_step(dw, block_rows, tile_cols, lanes=32)
     x2 = x.reshape(-1, dw.k)  # [M, k]
     m = x2.shape[0]
     if m == 0 or m > MAX_FUSED_M:
@@ -247,16 +426,23 @@ def linear(x: torch.Tensor, dw: DeviceWeight, split_k: int | None = None, block_
     splits = -(-n_tc // per_split)  # no split left without tiles
     part = torch.empty((splits, m, dw.n), dtype=torch.float32, device=dw.device)
     _linear_kernel[(row_programs, splits)](
-        x2.contiguous(), part, dw.payload, dw.tile_off, dw.row_start, m, dw.n, dw.k, n_tc, per_split,
-        BM=16, BN=block_rows, CODEC=dw.codec_id,
+        x2.contiguous(), part, *dw._tables(), _scratch(dw, row_programs * splits * tc * block_rows),
+        m, dw.n, dw.k, n_tc, per_split, BM=16, BN=block_rows, TC=tc, CODEC=dw.codec_id,
     )
     y = part[0] if splits == 1 else part.sum(0)  # [M, n] fp32
     return y.to(torch.float16).reshape(*x.shape[:-1], dw.n)
 
 
-def _check_block_rows(block_rows: int) -> None:
+def _tiles_per_step(dw: DeviceWeight, block_rows: int, tile_cols: int | None, lanes: int) -> int:
+    """Validate block_rows / tile_cols; default tile_cols: 1 for bitmap-v1 (no shared work), else
+    enough tiles for `lanes` huff-v2 substream lanes (block_rows / 8 per tile)."""
     if block_rows not in (16, 32, 64, 128):
         raise SparsezipError(f"block_rows must be 16, 32, 64 or 128 (a divisor of the tile), got {block_rows}")
+    if tile_cols is None:
+        return 1 if dw.codec_id == BITMAP else max(1, lanes // (block_rows // 8))
+    if tile_cols not in (1, 2, 4, 8):
+        raise SparsezipError(f"tile_cols must be 1, 2, 4 or 8, got {tile_cols}")
+    return tile_cols
 
 
 def _default_splits(device: torch.device, row_programs: int, n_tc: int) -> int:
@@ -267,23 +453,88 @@ def _default_splits(device: torch.device, row_programs: int, n_tc: int) -> int:
     return max(1, min(n_tc, -(-2 * sms // row_programs)))
 
 
-def _bitmap_tables(payload: np.ndarray, offsets: np.ndarray, grid: codec._Grid) -> np.ndarray:
-    """bitmap-v1: check every tile's span against its bitmap; return row_start int16 [T, 128]."""
+def _scratch_programs(device: torch.device) -> int:
+    """Programs for a huff-v2 decode: each owns scratch, so launch about as many as run at once (then
+    loop) instead of one per strip."""
+    if device.type != "cuda":
+        return 64
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _scratch(dw: DeviceWeight, rows: int) -> torch.Tensor:
+    """huff-v2 symbol scratch: `rows` tile rows of 128 int16 (bitmap-v1 needs none: 1 element)."""
+    return torch.empty(rows * TILE if dw.codec_id == HUFF else 1, dtype=torch.int16, device=dw.device)
+
+
+def _tile_sizes(payload: np.ndarray, offsets: np.ndarray, first: int) -> np.ndarray:
+    """Bytes of each tile, int64 [T], from the index; tile 0 must start at `first`."""
+    if offsets[0] != first:
+        raise SparsezipError(f"index offsets do not match the stream: tile 0 starts at {offsets[0]}, not {first}")
+    return np.append(offsets[1:], len(payload)) - offsets
+
+
+def _bitmap_counts(payload: np.ndarray, offsets: np.ndarray, grid: codec._Grid) -> np.ndarray:
+    """bitmap-v1: check every tile's span against its bitmap; return values per tile row, int32 [T, 128]."""
     bm_len = grid.bitmap_bytes()  # [T]
-    sizes = np.append(offsets[1:], len(payload)) - offsets  # [T]
-    if offsets[0] != 0:
-        raise SparsezipError(f"index offsets do not match the stream: tile 0 starts at {offsets[0]}, not 0")
+    sizes = _tile_sizes(payload, offsets, 0)
     _first_bad(sizes < bm_len, lambda t: f"tile {t} spans {sizes[t]} bytes, less than its {bm_len[t]}-byte bitmap")
-    bitmap = _gather_bitmaps(payload, offsets, grid)  # [n_tr, n_tc, 128, 16]
-    counts = np.bitwise_count(bitmap).sum(axis=-1, dtype=np.int32).reshape(grid.count, TILE)  # [T, 128]
+    bitmap = _gather_bitmaps(payload, offsets, grid)
+    counts = _row_counts(bitmap, grid)  # [T, 128]
     nnz = counts.sum(axis=1, dtype=np.int64)  # [T]
     _first_bad(
         sizes != bm_len + 2 * nnz,
         lambda t: f"tile {t} spans {sizes[t]} bytes but its bitmap implies {bm_len[t]} + 2 * {nnz[t]}",
     )
-    # Set bits past the last column would make values vanish from the decoded matrix.
+    _check_padding(bitmap, grid)
+    return counts
+
+
+def _huff_counts(payload: np.ndarray, offsets: np.ndarray, grid: codec._Grid) -> tuple[np.ndarray, np.ndarray]:
+    """huff-v2: check the code table and every tile's fields against its span.
+
+    Returns (values per tile row int32 [T, 128], peek table int16 [4096] = code length << 8 | symbol).
+    """
+    table = codec.V2_TABLE_SIZE
+    if len(payload) < table:
+        raise SparsezipError(
+            f"wrong weight stream length: payload of {len(payload)} bytes is shorter than the {table}-byte code table"
+        )
+    sym_of, len_of = codec.v2_decode_table(payload[:table])  # validates the code lengths
+    lut = (len_of.astype(np.int16) << 8) | sym_of
+    sizes = _tile_sizes(payload, offsets, table)
+
+    rows = np.repeat(grid.rows, grid.shape[1])  # [T]
+    groups = -(-rows // 8)  # substreams per tile
+    header = 4 + 2 * groups  # mode, reserved, n_exceptions, sub_len[groups]
+    fixed = header + grid.bitmap_bytes()
+    _first_bad(sizes < fixed, lambda t: f"tile {t} spans {sizes[t]} bytes, less than its {fixed[t]}-byte header "
+                                        "and bitmap")
+    full = 4 + 2 * (TILE // 8)
+    in_header = np.arange(full)[None, :] < header[:, None]  # [T, 36]
+    head = np.zeros((grid.count, full), dtype=np.uint8)
+    head[in_header] = payload[(offsets[:, None] + np.arange(full)[None, :])[in_header]]
+    head16 = head.view("<u2").astype(np.int64)  # [T, 18]
+    mode, n_exc, sub_len = head[:, 0].astype(np.int64), head16[:, 1], head16[:, 2:]
+
+    bitmap = _gather_bitmaps(payload, offsets + header, grid)
+    _check_padding(bitmap, grid)
+    counts = _row_counts(bitmap, grid)  # [T, 128]
+    group_cnt = counts.reshape(grid.count, TILE // 8, 8).sum(axis=2, dtype=np.int64)  # [T, 16]
+    nnz = group_cnt.sum(axis=1)
+    codec.HuffCodec._check_tile_fields(np.arange(grid.count), mode, head[:, 1], n_exc, nnz, sub_len, group_cnt)
+    implied = fixed + (nnz + 7) // 8 + sub_len.sum(axis=1) + np.where(mode == 0, nnz, 3 * n_exc)
+    _first_bad(implied != sizes, lambda t: f"tile {t} spans {sizes[t]} bytes but its fields imply {implied[t]}")
+    return counts, lut
+
+
+def _row_counts(bitmap: np.ndarray, grid: codec._Grid) -> np.ndarray:
+    """Values per tile row, int32 [T, 128], of bitmaps uint8 [n_tr, n_tc, 128, 16]."""
+    return np.bitwise_count(bitmap).sum(axis=-1, dtype=np.int32).reshape(grid.count, TILE)
+
+
+def _check_padding(bitmap: np.ndarray, grid: codec._Grid) -> None:
+    """Set bits past the matrix's last column would make values vanish: reject them."""
     codec.BitmapCodec._check_padding_bits(bitmap[:, -1], int(grid.cols[-1]))
-    return (np.cumsum(counts, axis=1) - counts).astype(np.int16)  # < 128 * 128, fits int16
 
 
 def _gather_bitmaps(payload: np.ndarray, bm_starts: np.ndarray, grid: codec._Grid) -> np.ndarray:
