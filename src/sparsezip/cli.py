@@ -52,7 +52,6 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--weights", choices=("dense", "compressed"), default="dense",
          help="W16A16SC folders: dense = decode every tile once at load (fastest); compressed = keep the weights "
          "compressed in memory and decode each linear on the fly (least memory) (default: dense)")
-    flag(p, "--compile", action="store_true", help="torch.compile the model (slow start, faster decode)")
     add_device(p)
 
 
@@ -123,17 +122,8 @@ def load_for_inference(ns: argparse.Namespace):
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     model = load_model(Path(ns.model_path), device=device, dist=dist, weights=getattr(ns, "weights", "dense"))
-    if getattr(ns, "compile", False):
-        model.forward = torch_compile(model.forward)
     tokenizer = AutoTokenizer.from_pretrained(ns.model_path)
     return model, tokenizer, dist, device
-
-
-def torch_compile(fn):
-    import torch
-
-    # dynamic: prompt lengths and cache slots change every call; recompiling per shape would cost more
-    return torch.compile(fn, dynamic=True)
 
 
 def sampling_params(ns: argparse.Namespace, max_new_tokens: int):
