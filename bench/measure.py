@@ -1,9 +1,12 @@
-"""Wall time and peak resident memory of a child process (shared by the benchmarks and the memory test)."""
+"""Shared by the benchmarks (and the memory test): wall time and peak resident memory of a child process;
+writing one section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 
@@ -24,3 +27,26 @@ def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, in
         time.sleep(0.02)
     out, err = proc.communicate()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.perf_counter() - start, peak
+
+
+def write_section(path: Path, name: str, markdown: str) -> None:
+    """Replace the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in `path` with `markdown`.
+
+    BENCHMARKS.md is shared by several benchmarks, each owning its sections; everything outside the
+    markers (hand-written notes, other sections) is kept. A missing section is appended; a missing file
+    is created. Written to a temporary file and renamed, so an interrupted run never truncates the file.
+    """
+    path = Path(path)
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = f"{start}\n{markdown.strip(chr(10))}\n{end}"
+    i, j = text.find(start), text.find(end)
+    if i >= 0 and j > i:
+        text = text[:i] + block + text[j + len(end):]
+    elif i >= 0 or j >= 0:
+        raise ValueError(f"{path}: the markers of section {name!r} are incomplete or out of order; fix them by hand")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

