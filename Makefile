@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test bench bench-prune bench-run clean
+.PHONY: demo test bench bench-prune bench-run bench-codec clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucodec.c src/sparsezip/kernels/_cpugemv.c
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Benchmarks write BENCHMARKS.md (the machine, the command and the date are recorded in it).
-bench: bench-prune bench-run
+bench: bench-prune bench-run bench-codec
 
 bench-prune: $(STAMP)
 	$(BIN)/python bench/prune.py --out BENCHMARKS.md
@@ -48,6 +48,10 @@ bench-prune: $(STAMP)
 # model and on a random 1B-shaped model (built once under out/bench-run).
 bench-run: $(STAMP)
 	$(BIN)/python bench/run.py --out BENCHMARKS.md
+
+# Lossless codecs (bits/weight, MB/s) on MiniLM and the demo model, against bitmap-v1 and zstd.
+bench-codec: $(STAMP)
+	$(BIN)/python bench/codec.py --out BENCHMARKS.md
 
 clean:
 	rm -rf out
