@@ -225,3 +225,24 @@ def test_run_cli_batches_streams_and_refuses_bad_flags(tiny_dir):
         failed = sparsezip_cli("run", "--model_path", folder, *bad)
         assert failed.returncode != 0 and failed.stderr.startswith("sparsezip: error:"), bad
         assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+
+
+def test_fused_triton_linear_computes_the_decoded_linear(packed):
+    """The CUDA path of --weights compressed, run under the Triton interpreter on CPU at tiny shapes."""
+    pytest.importorskip("triton")
+    from test_triton import _interpreted_copy
+
+    from sparsezip.runtime import FusedCompressedLinear, read_part
+
+    kernels = _interpreted_copy()
+    _, folder = packed
+    state = read_part(folder / "part0-of-1", keep_compressed=True)
+    name = "model.layers.0.self_attn.qkv_proj"
+    stored, bias = state[name + ".weight"], state[name + ".bias"]
+    fused = FusedCompressedLinear(kernels, kernels.prepare(stored.weight, stored.index, stored.info, "cpu"),
+                                  torch.nn.Parameter(bias.half(), requires_grad=False))
+    x = torch.randn(3, fused.in_features, generator=torch.Generator().manual_seed(6)).half()
+    weight = read_part(folder / "part0-of-1")[name + ".weight"]
+    want = x.double() @ weight.double().T + bias.double()
+    torch.testing.assert_close(fused(x).double(), want, rtol=2e-3, atol=2e-3)
+    assert fused.stored_bytes() < 2 * weight.numel()

@@ -149,13 +149,45 @@ class CompressedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.stored.weight, self.stored.index, self.stored.info))
 
 
+class FusedCompressedLinear(nn.Module):
+    """The CUDA form of a compressed linear: its tiles live on the GPU and a Triton kernel decompresses them
+    in registers inside the matmul (batches up to 16; larger ones decode then call cuBLAS)."""
+
+    def __init__(self, kernels, device_weight, bias: nn.Parameter | None):
+        super().__init__()
+        self.kernels = kernels  # the kernels.triton_codec module (tests pass an interpreter build of it)
+        self.device_weight = device_weight  # built by kernels.prepare()
+        self.in_features, self.out_features = device_weight.k, device_weight.n
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernels.linear(x, self.device_weight)
+        return y + self.bias if self.bias is not None else y
+
+    def stored_bytes(self) -> int:
+        return self.device_weight.nbytes
+
+
+def fused_kernels(device: str):
+    """The Triton kernel module when it can serve `device` (a CUDA GPU with triton installed), else None:
+    then the torch reference decode into a scratch buffer serves instead."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        from .kernels import triton_codec
+    except ImportError:
+        return None
+    return triton_codec if triton_codec.available(device) else None
+
+
 def keep_linears_compressed(model: Transformer, state: dict, device: str) -> None:
-    """Swap every nn.Linear whose weight is in `state` as a stored codec stream for a CompressedLinear
-    sharing one scratch buffer; removes those entries from `state`."""
+    """Swap every nn.Linear whose weight is in `state` as a stored codec stream for a compressed linear
+    (fused Triton kernel on CUDA, else a shared scratch buffer); removes those entries from `state`."""
     compressed = {name[: -len(".weight")]: state.pop(name) for name in list(state)
                   if isinstance(state[name], codec.EncodedWeight)}
     largest = max((int(s.info[2]) * int(s.info[3]) for s in compressed.values()), default=0)
-    scratch = Scratch(largest, device)
+    kernels = fused_kernels(device)
+    scratch = Scratch(largest if kernels is None else 0, device)
     for prefix, stored in compressed.items():
         parent_name, _, child = prefix.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -163,7 +195,11 @@ def keep_linears_compressed(model: Transformer, state: dict, device: str) -> Non
         if (old.out_features, old.in_features) != (int(stored.info[3]), int(stored.info[2])):
             raise SparsezipError(f"{prefix} has shape ({int(stored.info[3])}, {int(stored.info[2])}) in the part, "
                                  f"config.json implies ({old.out_features}, {old.in_features})")
-        setattr(parent, child, CompressedLinear(stored, old.bias, scratch))
+        if kernels is not None:  # the stream was checked by the full decode at load: no second verification
+            fused = kernels.prepare(stored.weight, stored.index, stored.info, device, verify=False)
+            setattr(parent, child, FusedCompressedLinear(kernels, fused, old.bias))
+        else:
+            setattr(parent, child, CompressedLinear(stored, old.bias, scratch))
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -171,8 +207,9 @@ def weight_bytes(model: nn.Module) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     scratches = set()
     for m in model.modules():
-        if isinstance(m, CompressedLinear):
+        if isinstance(m, (CompressedLinear, FusedCompressedLinear)):
             total += m.stored_bytes()
+        if isinstance(m, CompressedLinear):
             scratches.add(m.scratch)
     return total + sum(s.buffer.numel() * s.buffer.element_size() for s in scratches)
 
