@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import openai
@@ -302,6 +302,51 @@ class FailingOnce:
             self.armed = False
             raise RuntimeError("simulated failure")
         return self.inner(*args, **kwargs)
+
+
+class Recording(FailingOnce):
+    """The model, noting the batch size of every generate_batch call (each one sets up a KV cache)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.armed, self.batches = False, []
+
+    def setup_cache(self, batch: int, length: int) -> None:
+        self.batches.append(batch)
+        self.inner.setup_cache(batch, length)
+
+
+def test_waiting_greedy_jobs_with_equal_settings_share_one_batch(reference):
+    model = Recording(reference.model)
+    engine = Engine(model, reference.tokenizer, Dist(), reference.eos, max_batch_size=8)
+    texts = [PROMPT, "Mr. Darcy said", "Hello there", "Anne Elliot walked", PROMPT]
+    greedy, sampled = SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=0.8)
+    params = [greedy, greedy, sampled, greedy, replace(greedy, max_new_tokens=5)]
+
+    async def ask_all() -> list[tuple[list[Generation], str]]:
+        loop = asyncio.get_running_loop()
+        jobs = [Job([completion_ids(reference, t)], p, i == 1, loop) for i, (t, p) in enumerate(zip(texts, params))]
+        for job in jobs:  # all queued before the worker starts, as if they had arrived together
+            engine.submit(job)
+        engine.start()
+        answers = []
+        for job in jobs:
+            streamed = ""
+            while (event := await job.events.get())[0] == "text":
+                streamed += event[2]
+            assert event[0] == "done", event
+            answers.append((event[1], streamed))
+        return answers
+
+    try:
+        answers = asyncio.run(ask_all())
+    finally:
+        engine.close()
+    assert model.batches == [3, 1, 1]  # the three equal greedy jobs together; sampled and different ones alone
+    for (gens, streamed), text, p in zip(answers, texts, params):
+        if p.temperature == 0:
+            assert [g.text for g in gens] == [reference(completion_ids(reference, text), p.max_new_tokens).text]
+    assert answers[1][1] == answers[1][0][0].text  # the streamed job's pieces, within a shared batch
 
 
 def test_a_generation_error_is_a_500_and_the_worker_goes_on(reference):
