@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,9 +25,10 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from sparsezip.errors import SparsezipError
 from sparsezip.generate import Generation, SamplingParams, chat_ids, generate_batch, stop_ids
 from sparsezip.runtime import load_model
-from sparsezip.serve import ApiError, Engine, Job, wait_done
+from sparsezip.serve import ApiError, Engine, Job, listen, wait_done
 from sparsezip.tp import Dist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,6 +370,12 @@ def test_a_generation_error_is_a_500_and_the_worker_goes_on(reference):
     finally:
         engine.close()
     assert not engine.thread.is_alive()
+
+
+def test_a_busy_port_is_a_one_line_error():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(SparsezipError, match="Address already in use.*pick another --port"):
+            listen("127.0.0.1", taken.getsockname()[1])
 
 
 def test_tensor_parallel_server_answers_like_one_process(launched, reference):

@@ -91,23 +91,31 @@ class Engine:
 
     def _run(self) -> None:
         waiting: list[Job] = []
-        stopping = False
-        while not stopping:
-            if not waiting:
-                try:  # under TP, wake up now and then to keep the other ranks' receive alive
-                    job = self.jobs.get(timeout=KEEPALIVE_S if self.dist.size > 1 else None)
-                except queue.Empty:
-                    self._tell_followers(Work("ping"))
-                    continue
-                stopping = job is None
-                waiting += [job] if job else []
-            stopping = self._drain(waiting) or stopping
-            if waiting and not stopping:
-                batch = self._take_batch(waiting)
-                self._generate(batch)
+        while self._collect(waiting):
+            self._generate(self._take_batch(waiting))
         for job in waiting:
             job.send(("error", 503, "the server is shutting down"))
         self._tell_followers(Work("stop"))
+
+    def _collect(self, waiting: list[Job]) -> bool:
+        """Wait until a job is waiting, then add every job already queued; False once asked to stop."""
+        while not waiting:
+            try:  # under TP, wake up now and then to keep the other ranks' receive alive
+                job = self.jobs.get(timeout=KEEPALIVE_S if self.dist.size > 1 else None)
+            except queue.Empty:
+                self._tell_followers(Work("ping"))
+                continue
+            if job is None:
+                return False
+            waiting.append(job)
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            waiting.append(job)
 
     def _tell_followers(self, work: Work) -> None:
         """Broadcast a ping or stop. The other ranks may be gone already: Ctrl-C in a terminal reaches them too."""
@@ -116,17 +124,6 @@ class Engine:
         except RuntimeError as e:  # expected at shutdown; while serving, later batches will fail with a 500
             log.log(logging.DEBUG if work.kind == "stop" else logging.WARNING, "the other ranks did not receive "
                     "%s: %s", work.kind, " ".join(str(e).split())[:200])
-
-    def _drain(self, waiting: list[Job]) -> bool:
-        """Move every job already queued into `waiting`; True when a stop request was among them."""
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                return False
-            if job is None:
-                return True
-            waiting.append(job)
 
     def _take_batch(self, waiting: list[Job]) -> list[Job]:
         """The oldest job plus the later ones that can share its batch, up to max_batch_size prompts."""
@@ -441,8 +438,9 @@ def listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
-        raise SparsezipError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port "
-                             "or stop the program using it") from None
+        reason = (e.strerror or str(e)).split(" (while")[0]  # socket.create_server appends the address again
+        raise SparsezipError(f"cannot listen on {host}:{port} ({reason}); check --host, or pick another --port if "
+                             "another program uses this one") from None
 
 
 def serve(model: Transformer, tokenizer, dist: Dist, model_path, host: str = "127.0.0.1", port: int = 8000,
@@ -456,7 +454,11 @@ def serve(model: Transformer, tokenizer, dist: Dist, model_path, host: str = "12
         return
     import uvicorn
 
-    sock = listen(host, port)  # before the worker starts: a failure here leaves nothing to clean up
+    try:
+        sock = listen(host, port)  # before the worker starts: a failure here leaves nothing to clean up
+    except SparsezipError:
+        broadcast_object(Work("stop"), dist)  # the other ranks wait for work: let them exit too
+        raise
     engine = Engine(model, tokenizer, dist, eos, max_batch_size)
     info = ServerInfo(model_name, defaults, model.args.max_position_embeddings, int(time.time()))
     app = build_app(engine, copy.deepcopy(tokenizer), info)  # a Rust tokenizer must not be shared across threads
