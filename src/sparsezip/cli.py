@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(p, "--tp", type=int, default=None, help="tensor-parallel size (default: 1, or the torchrun world size)")
     flag(p, "--workers", type=int, default=os.cpu_count() or 1, help="parallel encoding threads")
     flag(p, "--verify", action="store_true", help="decode every tensor and compare bit for bit")
-    flag(p, "--codec", default="bitmap-v1", help="tile codec (default: bitmap-v1)")
+    flag(p, "--codec", default="huff-v2", help="tile codec: huff-v2 (default, smallest) or bitmap-v1")
     flag(p, "--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_compress)
 

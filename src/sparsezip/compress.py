@@ -27,7 +27,7 @@ from .errors import SparsezipError
 from .tp import Dist, SplitRule, all_rules, check_tp_size, shard
 
 log = logging.getLogger("sparsezip")
-DEFAULT_CODEC = "bitmap-v1"
+DEFAULT_CODEC = "huff-v2"
 
 
 @dataclass(frozen=True)
