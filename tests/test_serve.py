@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from sparsezip.errors import SparsezipError
 from sparsezip.generate import Generation, SamplingParams, chat_ids, generate_batch, stop_ids
 from sparsezip.runtime import load_model
-from sparsezip.serve import ApiError, Engine, Job, listen, wait_done
+from sparsezip.serve import ApiError, Engine, Job, listen, stream_events, wait_done
 from sparsezip.tp import Dist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,12 +360,22 @@ def test_a_generation_error_is_a_500_and_the_worker_goes_on(reference):
         engine.submit(job)
         return (await wait_done(job))[0]
 
+    async def ask_streamed() -> list[str]:  # the status line is out already: the error comes as an event
+        job = Job([ids], SamplingParams(max_new_tokens=4), True, asyncio.get_running_loop())
+        engine.submit(job)
+        return [event async for event in stream_events(job, "cmpl-1", "m", chat=False, include_usage=False)]
+
     engine.start()
     try:
         with pytest.raises(ApiError) as failed:
             asyncio.run(ask())
         assert failed.value.status == 500 and "simulated failure" in failed.value.message
         assert failed.value.body()["error"]["type"] == "server_error"
+        assert asyncio.run(ask()).text == reference(ids, 4).text
+        engine.model.armed = True
+        events = asyncio.run(ask_streamed())
+        assert events[-1] == "data: [DONE]\n\n"
+        assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "server_error"
         assert asyncio.run(ask()).text == reference(ids, 4).text
     finally:
         engine.close()
