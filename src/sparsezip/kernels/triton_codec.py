@@ -26,7 +26,7 @@ symbol, sign bit and raw low byte by value number. Scratch is BN * 128 int16 per
   decode: grid (P,): program p decodes strips p, p + P, ... and stores them (int16, so NaN payloads
           survive); P = number of strips for bitmap-v1, about 8 per multiprocessor for huff-v2.
   linear: grid (tile rows * 128/BN, S): program (row block, split s) walks its share of the tile
-          columns strip by strip, acc[16, BN] += x[:, tile cols] @ tile.T via tl.dot (fp32
+          columns strip by strip, acc[BM, BN] += x[:, tile cols] @ tile.T via tl.dot (fp32
           accumulation), and stores its partial sum; the host adds the S partials (deterministic:
           no atomics) and rounds once to fp16. S (split-k) is chosen to give ~2 programs per SM.
 
@@ -59,7 +59,7 @@ else:
     _jit = triton.jit
 
 TILE = codec.TILE  # 128: kernels hard-code tl.arange(0, 128) for the tile width
-MAX_FUSED_M = 16  # rows of x the fused kernel takes; larger batches decode once and use cuBLAS
+MAX_FUSED_M = 16  # default: rows of x the fused kernel takes; larger batches decode once and use cuBLAS
 BITMAP, HUFF = 1, 2  # codec ids with a kernel here: bitmap-v1, huff-v2
 KERNEL_CODECS = (BITMAP, HUFF)
 PAD = 4  # zero bytes after the device payload, for reads just past a huff-v2 substream
@@ -396,26 +396,34 @@ def decode(dw: DeviceWeight, block_rows: int = TILE, tile_cols: int | None = Non
     programs = n_strips if dw.codec_id == BITMAP else min(n_strips, _scratch_programs(dw.device))
     _decode_kernel[(programs,)](
         *dw._tables(), _scratch(dw, programs * tc * block_rows), out, dw.n, dw.k, n_tc, n_strips,
-        BN=block_rows, TC=tc, CODEC=dw.codec_id,
+        BN=block_rows, TC=tc, CODEC=dw.codec_id, num_warps=_warps(block_rows),
     )
     return out.view(torch.float16)
 
 
 def linear(
-    x: torch.Tensor, dw: DeviceWeight, split_k: int | None = None, block_rows: int = 64, tile_cols: int | None = None
+    x: torch.Tensor,
+    dw: DeviceWeight,
+    split_k: int | None = None,
+    block_rows: int = 64,
+    tile_cols: int | None = None,
+    max_fused_m: int = MAX_FUSED_M,
 ) -> torch.Tensor:
-    """y = x @ W.T for fp16 x [..., k], without materialising W when x has at most 16 rows.
+    """y = x @ W.T for fp16 x [..., k], without materialising W when x has at most max_fused_m rows.
 
     split_k: how many programs share one row block's tile columns (default: enough programs to fill
     the GPU). tile_cols: tiles a program takes per step (huff-v2: their substreams decode together).
-    Larger batches decode W once and call torch (cuBLAS), which is then compute-bound anyway.
+    Larger batches decode W once and call torch (cuBLAS): there the matmul, not the weight read, is
+    the cost. max_fused_m (<= 64) moves that threshold, e.g. for benchmarks.
     """
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float16 or x.dim() < 1 or x.shape[-1] != dw.k:
         raise SparsezipError(f"x must be a float16 tensor [..., {dw.k}], got {codec._describe(x)}")
     tc = _tiles_per_step(dw, block_rows, tile_cols, lanes=32)
+    if not 1 <= max_fused_m <= 64:
+        raise SparsezipError(f"max_fused_m must be in 1..64, got {max_fused_m}")
     x2 = x.reshape(-1, dw.k)  # [M, k]
     m = x2.shape[0]
-    if m == 0 or m > MAX_FUSED_M:
+    if m == 0 or m > max_fused_m:
         return F.linear(x, decode(dw))
     n_tr, n_tc = dw.tile_grid
     row_programs = n_tr * (TILE // block_rows)
@@ -427,7 +435,8 @@ def linear(
     part = torch.empty((splits, m, dw.n), dtype=torch.float32, device=dw.device)
     _linear_kernel[(row_programs, splits)](
         x2.contiguous(), part, *dw._tables(), _scratch(dw, row_programs * splits * tc * block_rows),
-        m, dw.n, dw.k, n_tc, per_split, BM=16, BN=block_rows, TC=tc, CODEC=dw.codec_id,
+        m, dw.n, dw.k, n_tc, per_split, BM=max(16, 1 << (m - 1).bit_length()), BN=block_rows, TC=tc,
+        CODEC=dw.codec_id, num_warps=_warps(block_rows),
     )
     y = part[0] if splits == 1 else part.sum(0)  # [M, n] fp32
     return y.to(torch.float16).reshape(*x.shape[:-1], dw.n)
@@ -443,6 +452,11 @@ def _tiles_per_step(dw: DeviceWeight, block_rows: int, tile_cols: int | None, la
     if tile_cols not in (1, 2, 4, 8):
         raise SparsezipError(f"tile_cols must be 1, 2, 4 or 8, got {tile_cols}")
     return tile_cols
+
+
+def _warps(block_rows: int) -> int:
+    """Warps per program: a 128-row block holds [128, 128] int32 temporaries, twice a 64-row one."""
+    return 8 if block_rows == TILE else 4
 
 
 def _default_splits(device: torch.device, row_programs: int, n_tc: int) -> int:
