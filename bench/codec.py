@@ -145,27 +145,31 @@ def runners() -> list[Runner]:
 # ---------------------------------------------------------------------------- measurement
 
 
-def best_pass(fn: Callable[[], object]) -> tuple[float, object]:
-    """Seconds of the fastest of up to 3 passes (1 if a pass is slow), and the last pass's result."""
-    times, result = [], None
-    while len(times) < 3:
-        start = time.perf_counter()
+def best_pass(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """Wall and CPU seconds (this process, all threads) of the fastest of up to 3 passes (1 if a pass is
+    slow), and the last pass's result. CPU time is the steadier number on a machine shared with other jobs."""
+    walls, cpus, result = [], [], None
+    while len(walls) < 3:
+        wall, cpu_s = time.perf_counter(), time.process_time()
         result = fn()
-        times.append(time.perf_counter() - start)
-        if times[0] > REPEAT_BELOW_S:
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu_s)
+        if walls[0] > REPEAT_BELOW_S:
             break
-    return min(times), result
+    return min(walls), min(cpus), result
 
 
 def measure(r: Runner, weights: list[torch.Tensor]) -> dict:
     mb = sum(2 * w.numel() for w in weights) / 1e6
-    enc_s, encoded = best_pass(lambda: [r.encode(w) for w in weights])
-    dec_s, decoded = best_pass(lambda: [r.decode(e) for e in encoded])
+    enc_s, enc_cpu, encoded = best_pass(lambda: [r.encode(w) for w in weights])
+    dec_s, dec_cpu, decoded = best_pass(lambda: [r.decode(e) for e in encoded])
     for w, d in zip(weights, decoded):
         if not torch.equal(w.view(torch.int16), d.view(torch.int16)):
             raise SystemExit(f"{r.name}: decode is not bit-identical")
     bits = 8 * sum(r.size(e) for e in encoded) / sum(w.numel() for w in weights)
-    return {"bits": bits, "enc": mb / enc_s if r.timed_encode else None, "dec": mb / dec_s}
+    timed = r.timed_encode
+    return {"bits": bits, "enc": mb / enc_s if timed else None, "dec": mb / dec_s,
+            "enc_cpu": mb / enc_cpu if timed else None, "dec_cpu": mb / dec_cpu}
 
 
 def decode_into_rates(weights: list[torch.Tensor]) -> dict[str, float]:
@@ -175,8 +179,8 @@ def decode_into_rates(weights: list[torch.Tensor]) -> dict[str, float]:
     rates = {}
     for dtype in (torch.float16, torch.float32):
         outs = [torch.empty(w.shape, dtype=dtype) for w in weights]
-        seconds, _ = best_pass(lambda: [cpu.decode_into(e.weight, e.index, e.info, o, check_crc=False)
-                                        for e, o in zip(encoded, outs)])
+        seconds, _, _ = best_pass(lambda: [cpu.decode_into(e.weight, e.index, e.info, o, check_crc=False)
+                                           for e, o in zip(encoded, outs)])
         rates[str(dtype).removeprefix("torch.")] = mb / seconds
     return rates
 
@@ -204,27 +208,30 @@ def fmt(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
-def report(results: dict, bounds: dict, into: dict, load: float, seconds: float) -> str:
+def report(results: dict, bounds: dict, into: dict, load: tuple[float, float], seconds: float) -> str:
     lines = [
         "## Lossless codecs on pruned fp16 weights", "",
         f"Machine: {cpu_name()} ({platform.machine()}), {psutil.cpu_count(logical=True)} logical CPUs, "
         f"Python {platform.python_version()}, no GPU; native codec: {cpu.threads()} threads, "
         f"expand variant {cpu.simd()}.  ",
         "Command: `make bench-codec` (`python bench/codec.py`).  ",
-        f"Date: {datetime.date.today().isoformat()}; run took {seconds:.0f} s; load average when it started "
-        f"{load:.2f} (the 2 cores are shared with other jobs, so throughputs are lower bounds).", "",
-        "MB/s = fp16 weight bytes (2 per weight, zeros included) per second, one process, all matrices in turn, "
-        "best of 3 passes when a pass takes under 3 s. Sizes count .weight + .index + .info. Every decode was "
-        "checked bit for bit. zstd runs single-threaded on each matrix's raw fp16 bytes. decode includes the "
-        "CRC check.", "",
-        "| data | codec | bits/weight | % of fp16 | size vs bitmap-v1 | encode MB/s | decode MB/s |",
-        "|---|---|---|---|---|---|---|",
+        f"Date: {datetime.date.today().isoformat()}; run took {seconds:.0f} s; 1-minute load average "
+        f"{load[0]:.2f} at the start and {load[1]:.2f} at the end: the 2 cores were shared with other jobs, so "
+        "the wall-clock MB/s are lower bounds.", "",
+        "MB/s = fp16 weight bytes (2 per weight, zeros included) per second of wall time, one process, all "
+        "matrices in turn, best of 3 passes when a pass takes under 3 s. MB/CPU-s = the same bytes per second "
+        "of this process's CPU time (all its threads), i.e. the rate of one busy core. Sizes count .weight + "
+        ".index + .info. Every decode was checked bit for bit; decode includes the CRC check. zstd runs "
+        "single-threaded on each matrix's raw fp16 bytes.", "",
+        "| data | codec | bits/weight | % of fp16 | size vs bitmap-v1 | encode MB/s | decode MB/s "
+        "| encode MB/CPU-s | decode MB/CPU-s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for data, rows in results.items():
         v1 = rows["bitmap-v1 (numpy)"]["bits"]
         for name, r in rows.items():
             lines.append(f"| {data} | {name} | {r['bits']:.3f} | {r['bits'] / 16:.1%} | {r['bits'] / v1:.1%} | "
-                         f"{fmt(r['enc'])} | {fmt(r['dec'])} |")
+                         f"{fmt(r['enc'])} | {fmt(r['dec'])} | {fmt(r['enc_cpu'])} | {fmt(r['dec_cpu'])} |")
     lines += ["", "Order-0 entropy with per-matrix statistics (bitmap + sign + 7-bit symbol + low byte), "
               "for scale: " + "; ".join(f"{d}: {b:.3f} bits/weight" for d, b in bounds.items()) + "."]
     if into:
@@ -258,10 +265,11 @@ def main() -> None:
         for r in runners():
             results[data][r.name] = row = measure(r, weights)
             print(f"{data:38} {r.name:26} {row['bits']:6.3f} bits/w  enc {fmt(row['enc']):>7} MB/s  "
-                  f"dec {fmt(row['dec']):>7} MB/s", flush=True)
+                  f"dec {fmt(row['dec']):>7} MB/s  (per CPU-s: {fmt(row['enc_cpu'])} / {fmt(row['dec_cpu'])})",
+                  flush=True)
         if cpu.available():
             into[data] = decode_into_rates(weights)
-    markdown = report(results, bounds, into, load, time.perf_counter() - started)
+    markdown = report(results, bounds, into, (load, os.getloadavg()[0]), time.perf_counter() - started)
     if not ns.out.exists():
         ns.out.write_text("# Benchmarks\n", encoding="utf-8")
     write_section(ns.out, "codec", markdown)
