@@ -304,6 +304,32 @@ def test_prepare_accepts_what_the_reference_accepts(kit):
         codec.decode(*_corruptions(enc)["padding bits"][0])
 
 
+# Kernel argument types for an ahead-of-time compile: pointers by name, everything else i32.
+POINTERS = {"payload": "*u8", "tile_off": "*i64", "row_start": "*i16", "tile_nnz": "*i32", "lut": "*i16",
+            "scratch": "*i16", "out": "*i16", "x": "*fp16", "part": "*fp32"}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="kernels built interpreted")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("codec_id", [1, 2])
+def test_kernels_compile_for_h100(codec_id):
+    """The interpreter runs kernels as Python and cannot see what only the compiler rejects (types,
+    layouts, loop-carried values): compile both kernels to an sm_90 cubin, which needs no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from sparsezip.kernels import triton_codec
+
+    for kernel, consts in [
+        (triton_codec._decode_kernel, {"BN": 16, "TC": 1, "CODEC": codec_id}),
+        (triton_codec._linear_kernel, {"BM": 16, "BN": 16, "TC": 2, "CODEC": codec_id}),
+    ]:
+        sig = {a: "constexpr" if a in consts else POINTERS.get(a, "i32") for a in kernel.arg_names}
+        built = compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": 4})
+        assert len(built.asm["cubin"]) > 0
+
+
 def test_availability_is_per_module(kit):
     tk, device = kit
     assert tk.available(device)

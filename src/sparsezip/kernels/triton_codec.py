@@ -25,10 +25,15 @@ cannot be indexed by a lane's running position), ORs the E5M2 exception low byte
 symbol, sign bit and raw low byte by value number. Scratch is BN * 128 int16 per tile, in L1/L2.
   decode: grid (P,): program p decodes strips p, p + P, ... and stores them (int16, so NaN payloads
           survive); P = number of strips for bitmap-v1, about 8 per multiprocessor for huff-v2.
+          Default strip: 64 rows x 1 tile (bitmap-v1) or x 2 tiles (huff-v2), 8 warps.
   linear: grid (tile rows * 128/BN, S): program (row block, split s) walks its share of the tile
           columns strip by strip, acc[BM, BN] += x[:, tile cols] @ tile.T via tl.dot (fp32
           accumulation), and stores its partial sum; the host adds the S partials (deterministic:
           no atomics) and rounds once to fp16. S (split-k) is chosen to give ~2 programs per SM.
+          Default strip: 64 rows x 1 tile (bitmap-v1) or x 4 tiles (huff-v2), 8 warps.
+Register use was checked by compiling for sm_90 without a GPU (triton.compile + ptxas -v): with the
+defaults the linear kernels do not spill and the huff-v2 decode spills 24 bytes; 128-row blocks
+spill more (16 warps leave 128 registers a thread).
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the same kernels run on the CPU with
 numpy, which is how CI checks them against sparsezip.codec without a GPU.
@@ -383,13 +388,14 @@ def prepare(
     return DeviceWeight(codec_id, n, k, padded, move(offsets), move(row_start), move(nnz), move(lut))
 
 
-def decode(dw: DeviceWeight, block_rows: int = TILE, tile_cols: int | None = None) -> torch.Tensor:
+def decode(dw: DeviceWeight, block_rows: int = 64, tile_cols: int | None = None) -> torch.Tensor:
     """Decompress to fp16 [n, k] on dw's device, bit for bit equal to sparsezip.codec.decode.
 
-    A program decodes strips of block_rows rows x tile_cols tiles (bitmap-v1 default: one tile per
-    program; huff-v2 default: 2 tiles, i.e. 32 substream lanes per step).
+    A program decodes strips of block_rows rows x tile_cols tiles (defaults: half a tile for
+    bitmap-v1; for huff-v2 half of 2 tiles, i.e. 16 substream lanes per step): about the largest
+    that compile for sm_90 without register spills (ptxas -v, 8 warps).
     """
-    tc = _tiles_per_step(dw, block_rows, tile_cols, lanes=32)
+    tc = _tiles_per_step(dw, block_rows, tile_cols, lanes=16)
     out = torch.empty((dw.n, dw.k), dtype=torch.int16, device=dw.device)  # int16: NaN payloads stay exact
     n_tr, n_tc = dw.tile_grid
     n_strips = n_tr * (TILE // block_rows) * -(-n_tc // tc)
@@ -412,7 +418,8 @@ def linear(
     """y = x @ W.T for fp16 x [..., k], without materialising W when x has at most max_fused_m rows.
 
     split_k: how many programs share one row block's tile columns (default: enough programs to fill
-    the GPU). tile_cols: tiles a program takes per step (huff-v2: their substreams decode together).
+    the GPU). tile_cols: tiles a program takes per step (huff-v2: their substreams decode together;
+    default 4 tiles of 64 rows = 32 lanes, which compiles for sm_90 without register spills).
     Larger batches decode W once and call torch (cuBLAS): there the matmul, not the weight read, is
     the cost. max_fused_m (<= 64) moves that threshold, e.g. for benchmarks.
     """
@@ -455,8 +462,8 @@ def _tiles_per_step(dw: DeviceWeight, block_rows: int, tile_cols: int | None, la
 
 
 def _warps(block_rows: int) -> int:
-    """Warps per program: a 128-row block holds [128, 128] int32 temporaries, twice a 64-row one."""
-    return 8 if block_rows == TILE else 4
+    """Warps per program: about 32 of a block's block_rows x 128 elements per thread (more spills)."""
+    return max(4, block_rows // 8)
 
 
 def _default_splits(device: torch.device, row_programs: int, n_tc: int) -> int:
