@@ -12,6 +12,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from sparsezip.codec import (
     EncodedWeight,
@@ -483,3 +486,45 @@ def test_wrong_info_shape(sample, backend):
 def test_unknown_backend():
     with pytest.raises(SparsezipError, match="backend"):
         V2.encode(as_half(np.ones((2, 2), dtype=np.uint16)), backend="gpu")
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@native_only
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    hnp.arrays(
+        np.uint16,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=140),
+        elements=st.one_of(st.just(0), st.sampled_from(SPECIAL), st.integers(0, 0xFFFF),
+                           st.integers(0, 0x7F).map(lambda s: s << 8)),
+    )
+)
+def test_native_equals_reference_on_random_matrices(bits):
+    ref = V2.encode(as_half(bits), backend="numpy")
+    nat = V2.encode(as_half(bits), backend="native")
+    assert torch.equal(nat.weight, ref.weight) and torch.equal(nat.index, ref.index)
+    np.testing.assert_array_equal(bits_of(V2.decode(ref, backend="native")), bits)
+    np.testing.assert_array_equal(bits_of(V2.decode(ref, backend="numpy")), bits)
+
+
+@native_only
+def test_native_and_reference_agree_on_random_corruption(sample):
+    """Random byte changes anywhere in the payload (CRC recomputed): the native decoder never crashes, rejects
+    what the reference rejects, and decodes what it accepts to the same matrix."""
+    bits, enc = sample
+    payload = bytearray(payload_of(enc))
+    rng = np.random.default_rng(21)
+    for _ in range(80):
+        bad = bytearray(payload)
+        for where in rng.integers(0, len(bad), size=rng.integers(1, 4)):
+            bad[where] = int(rng.integers(0, 256))
+        corrupted = with_payload(enc, bytes(bad))
+        try:
+            out = bits_of(decode_with(corrupted, "native"))
+        except SparsezipError:
+            with pytest.raises(SparsezipError):
+                decode_with(corrupted, "numpy")  # the reference rejects it too
+            continue
+        np.testing.assert_array_equal(out, bits_of(decode_with(corrupted, "numpy")))
