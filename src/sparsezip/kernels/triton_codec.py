@@ -382,7 +382,7 @@ def prepare(
     def move(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(device)
 
-    # PAD zero bytes after the payload let the Huffman peek run unmasked (see _huff_block).
+    # PAD zero bytes after the payload let the Huffman peek run unmasked (see _huff_symbols).
     padded = torch.zeros(len(payload) + PAD, dtype=torch.uint8, device=device)
     padded[: len(payload)] = torch.from_numpy(payload)
     return DeviceWeight(codec_id, n, k, padded, move(offsets), move(row_start), move(nnz), move(lut))
@@ -425,6 +425,8 @@ def linear(
     """
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float16 or x.dim() < 1 or x.shape[-1] != dw.k:
         raise SparsezipError(f"x must be a float16 tensor [..., {dw.k}], got {codec._describe(x)}")
+    if x.device != dw.device:
+        raise SparsezipError(f"x is on {x.device} but the weight is on {dw.device}")
     tc = _tiles_per_step(dw, block_rows, tile_cols, lanes=32)
     if not 1 <= max_fused_m <= 64:
         raise SparsezipError(f"max_fused_m must be in 1..64, got {max_fused_m}")
