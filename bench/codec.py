@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import psutil
 import torch
+import torch.nn.functional as F
 import zstandard
 from safetensors import safe_open
 
@@ -185,6 +186,38 @@ def decode_into_rates(weights: list[torch.Tensor]) -> dict[str, float]:
     return rates
 
 
+def per_call_us(fn: Callable[[], object], calls: int = 200) -> float:
+    """Median microseconds of one call (after a warm-up)."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * float(np.median(times))
+
+
+def linear_rows(weights: list[torch.Tensor]) -> list[tuple]:
+    """Batch-1 y = x W^T on the first matrix of each shape: dense fp32 F.linear vs the native fused linear
+    straight from bitmap-v1 / huff-v2 tiles vs decode_into (fp32) + F.linear. CRC skipped (hot path)."""
+    rows, seen = [], set()
+    for w in weights:
+        if tuple(w.shape) in seen:
+            continue
+        seen.add(tuple(w.shape))
+        x, dense = torch.randn(w.shape[1]), w.float()
+        v1, v2 = codec.encode(w, "bitmap-v1"), codec.encode(w, "huff-v2")
+        scratch = torch.empty(w.shape, dtype=torch.float32)
+        t_dense = per_call_us(lambda: F.linear(x, dense))
+        t_v1 = per_call_us(lambda: cpu.linear(x, v1.weight, v1.index, v1.info, check_crc=False))
+        t_v2 = per_call_us(lambda: cpu.linear(x, v2.weight, v2.index, v2.info, check_crc=False))
+        t_dec = per_call_us(lambda: F.linear(x, cpu.decode_into(v2.weight, v2.index, v2.info, scratch,
+                                                                 check_crc=False)))
+        rows.append((tuple(w.shape), t_dense, t_v1, t_v2, t_dec))
+    return rows
+
+
 def entropy_bound(weights: list[torch.Tensor]) -> float:
     """Order-0 entropy per weight with per-matrix statistics: bitmap + sign + 7-bit symbol + low byte."""
     def h(counts: np.ndarray) -> float:
@@ -208,7 +241,7 @@ def fmt(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
-def report(results: dict, bounds: dict, into: dict, load: tuple[float, float], seconds: float) -> str:
+def report(results: dict, bounds: dict, into: dict, linears: list, load: tuple[float, float], seconds: float) -> str:
     lines = [
         "## Lossless codecs on pruned fp16 weights", "",
         f"Machine: {cpu_name()} ({platform.machine()}), {psutil.cpu_count(logical=True)} logical CPUs, "
@@ -239,6 +272,17 @@ def report(results: dict, bounds: dict, into: dict, load: tuple[float, float], s
                   "compressed mode calls it): " + "; ".join(
                       f"{d}: " + ", ".join(f"{k} out {v:,.0f} MB/s" for k, v in r.items()) for d, r in into.items())
                   + "."]
+    if linears:
+        lines += ["", "### Batch-1 linear on CPU, decompressing on the fly (demo float_sparse 40% + L2 weights)", "",
+                  "y = x W^T for one fp32 activation row, median µs per call over 200 calls; dense = torch "
+                  f"F.linear on the fp32 weight ({torch.get_num_threads()} torch threads); fused = "
+                  "`sparsezip.kernels.cpu.linear`, which reads the compressed tiles and never writes W; "
+                  "decode_into + F.linear = decode into a preallocated fp32 buffer, then the dense call.", "",
+                  "| W shape [out, in] | dense fp32 µs | fused bitmap-v1 µs | fused huff-v2 µs | huff-v2 / dense "
+                  "| decode_into + F.linear µs |", "|---|---|---|---|---|---|"]
+        for shape, dense, v1, v2, dec in linears:
+            lines.append(f"| {shape[0]} x {shape[1]} | {dense:.0f} | {v1:.0f} | {v2:.0f} | {v2 / dense:.2f}x | "
+                         f"{dec:.0f} |")
     lines += ["", "The demo model's dense weights come from a Q4_1 GGUF (4-bit grid); after float_sparse their "
               "values are no longer on that grid, but treat its ratios as the less general ones; MiniLM's are "
               "the honest continuous-weight numbers."]
@@ -269,7 +313,10 @@ def main() -> None:
                   flush=True)
         if cpu.available():
             into[data] = decode_into_rates(weights)
-    markdown = report(results, bounds, into, (load, os.getloadavg()[0]), time.perf_counter() - started)
+    linears = linear_rows(sets["demo float_sparse 40% + L2 rounding"]) if cpu.available() else []
+    for row in linears:
+        print("linear", row, flush=True)
+    markdown = report(results, bounds, into, linears, (load, os.getloadavg()[0]), time.perf_counter() - started)
     if not ns.out.exists():
         ns.out.write_text("# Benchmarks\n", encoding="utf-8")
     write_section(ns.out, "codec", markdown)

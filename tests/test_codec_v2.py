@@ -528,3 +528,21 @@ def test_native_and_reference_agree_on_random_corruption(sample):
                 decode_with(corrupted, "numpy")  # the reference rejects it too
             continue
         np.testing.assert_array_equal(out, bits_of(decode_with(corrupted, "numpy")))
+
+
+@pytest.mark.parametrize("codec_name", ["bitmap-v1", "huff-v2"])
+@pytest.mark.parametrize("shape", [(1, 1), (130, 7), (300, 260)])
+def test_fused_linear_matches_dense(codec_name, shape):
+    bits = gaussian_pruned(22, shape)
+    bits.reshape(-1)[::17] = 0x8001  # -subnormals are weights too
+    w = as_half(bits)
+    enc = encode(w, codec=codec_name)
+    x = torch.randn(shape[1], generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.linear(x.double(), w.double()).float()
+    y = cpu.linear(x, enc.weight, enc.index, enc.info)
+    assert y.shape == (shape[0],) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    bias = torch.randn(shape[0])
+    torch.testing.assert_close(cpu.linear(x[None], enc.weight, enc.index, enc.info, bias=bias), (expected + bias)[None])
+    with pytest.raises(SparsezipError, match="float32"):
+        cpu.linear(x.half(), enc.weight, enc.index, enc.info)

@@ -33,7 +33,7 @@
 #define MAX_TILE_BYTES (4 + 2 * GROUPS + TILE * 16 + TILE * 16 + GROUPS * MAX_SUB + 3 * TILE * TILE)
 #define READ_PAD 16 /* the bit reader loads 8 bytes at a time past the current byte */
 
-enum { OUT_F16 = 0, OUT_F32 = 1 };
+enum { OUT_F16 = 0, OUT_F32 = 1, OUT_LINEAR = 2 }; /* OUT_LINEAR: y = x W^T, W never written out */
 
 /* ------------------------------------------------------------------ errors and threads */
 
@@ -509,6 +509,8 @@ typedef struct {
     void *out;
     int out_kind;
     ExpandFn expand;
+    const float *x; /* OUT_LINEAR: input [k]; per-tile row sums go to partial [tiles, 128] */
+    float *partial;
     ErrState err;
 } DecCtx;
 
@@ -624,6 +626,68 @@ static void init_signs(void) {
         for (int j = 0; j < 8; j++) SIGN16[b][j] = (uint16_t)((b >> j & 1) << 15);
 }
 
+/* Fused linear: one tile row's dot product with x straight from the bitmap and compact values.
+ * Returns the sum; *used = values consumed. Absent entries contribute exactly 0. */
+typedef float (*DotFn)(const uint8_t *bm, int cols, const uint16_t *vals, const float *x, int *used);
+
+static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const float *x, int *used) {
+    float sum = 0;
+    int p = 0;
+    for (int c = 0; c < cols; c++)
+        if (bm[c >> 3] >> (c & 7) & 1) {
+            uint32_t f = half_to_float_bits(vals[p++]);
+            float w;
+            memcpy(&w, &f, 4);
+            sum += w * x[c];
+        }
+    *used = p;
+    return sum;
+}
+
+#ifdef SPZ_X86
+__attribute__((target("avx2,f16c,fma"))) static float dot_avx2(const uint8_t *bm, int cols, const uint16_t *vals,
+                                                                 const float *x, int *used) {
+    __m256 acc = _mm256_setzero_ps();
+    int p = 0, full = cols >> 3;
+    for (int b = 0; b < full; b++) {
+        unsigned m = bm[b];
+        __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(vals + p)),
+                                     _mm_loadu_si128((const __m128i *)SHUF[m]));
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(v), _mm256_loadu_ps(x + 8 * b), acc);
+        p += POP8[m];
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float sum = _mm_cvtss_f32(s);
+    if (cols & 7) {
+        int tail;
+        sum += dot_scalar(bm + full, cols & 7, vals + p, x + 8 * full, &tail);
+        p += tail;
+    }
+    *used = p;
+    return sum;
+}
+#endif
+
+static DotFn DOT = dot_scalar;
+
+/* What happens to a decoded tile: written out (decode) or multiplied with x (fused linear). */
+static void finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, const uint16_t *vals) {
+    if (c->out_kind != OUT_LINEAR) {
+        expand_tile(c, g, bm, vals);
+        return;
+    }
+    float *part = c->partial + t * TILE;
+    const float *x = c->x + g->c0;
+    int p = 0;
+    for (int r = 0; r < g->rows; r++) {
+        int used;
+        part[r] = DOT(bm + r * g->row_bytes, g->cols, vals + p, x, &used);
+        p += used;
+    }
+}
+
 static int v2_decode_one(void *ctx, int64_t t, void *scratch) {
     DecCtx *c = (DecCtx *)ctx;
     Geom g = geom_of(c->n, c->k, t);
@@ -720,9 +784,7 @@ static int v2_decode_one(void *ctx, int64_t t, void *scratch) {
             prev = pos;
         }
     }
-#ifndef SKIP_EXPAND
-    expand_tile(c, &g, bm, vals);
-#endif
+    finish_tile(c, t, &g, bm, vals);
     return 0;
 }
 
@@ -745,7 +807,7 @@ static int v1_decode_one(void *ctx, int64_t t, void *scratch) {
                           "implies %d + 2 * %lld", (long long)t, (long long)size, g.bitmap, (long long)nnz);
     uint16_t *vals = (uint16_t *)scratch; /* copy: the expand step reads 16 bytes past the last value */
     memcpy(vals, bm + g.bitmap, (size_t)(2 * nnz));
-    expand_tile(c, &g, bm, vals);
+    finish_tile(c, t, &g, bm, vals);
     return 0;
 }
 
@@ -861,17 +923,19 @@ done:
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     (void)self;
     int codec_id, out_kind, threads;
-    Py_buffer payload, offsets, out;
+    Py_buffer payload, offsets, out, x = {0};
     long long n, k;
-    if (!PyArg_ParseTuple(args, "iy*y*LLw*ii", &codec_id, &payload, &offsets, &n, &k, &out, &out_kind, &threads))
+    if (!PyArg_ParseTuple(args, "iy*y*LLw*ii|y*", &codec_id, &payload, &offsets, &n, &k, &out, &out_kind, &threads,
+                          &x))
         return NULL;
     PyObject *result = NULL;
     DecCtx *ctx = NULL;
     if (check_shape(n, k)) goto done;
     int64_t tiles = tile_count(n, k);
-    size_t esz = out_kind == OUT_F32 ? 4 : 2;
-    if ((codec_id != 1 && codec_id != 2) || (out_kind != OUT_F16 && out_kind != OUT_F32) ||
-        offsets.len != tiles * 8 || out.len != (Py_ssize_t)(n * k * (long long)esz)) {
+    long long out_len = out_kind == OUT_LINEAR ? 4 * n : n * k * (out_kind == OUT_F32 ? 4 : 2);
+    if ((codec_id != 1 && codec_id != 2) || out_kind < OUT_F16 || out_kind > OUT_LINEAR ||
+        offsets.len != tiles * 8 || out.len != (Py_ssize_t)out_len ||
+        (out_kind == OUT_LINEAR && x.len != (Py_ssize_t)(4 * k))) {
         PyErr_SetString(PyExc_ValueError, "decode: bad arguments (codec id, output kind or buffer sizes)");
         goto done;
     }
@@ -879,6 +943,14 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     if (!ctx) {
         PyErr_NoMemory();
         goto done;
+    }
+    if (out_kind == OUT_LINEAR) {
+        ctx->x = (const float *)x.buf;
+        ctx->partial = malloc((size_t)tiles * TILE * sizeof(float));
+        if (!ctx->partial) {
+            PyErr_NoMemory();
+            goto done;
+        }
     }
     ctx->payload = (const uint8_t *)payload.buf;
     ctx->payload_len = payload.len;
@@ -888,7 +960,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     ctx->tiles = tiles;
     ctx->out = out.buf;
     ctx->out_kind = out_kind;
-    ctx->expand = EXPAND[out_kind];
+    ctx->expand = EXPAND[out_kind == OUT_F32];
     err_init(&ctx->err);
     /* Offsets must lie in the payload and not decrease; tile sizes are then checked per tile. */
     int64_t first = codec_id == 2 ? TABLE_SIZE : 0;
@@ -915,12 +987,24 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, ctx->err.msg);
         goto done;
     }
+    if (out_kind == OUT_LINEAR) { /* y[row] = sum over the tile row's tiles, in tile order (deterministic) */
+        float *y = (float *)out.buf;
+        int64_t n_tc = (k + TILE - 1) / TILE;
+        for (int64_t row = 0; row < n; row++) {
+            const float *part = ctx->partial + (row / TILE) * n_tc * TILE + row % TILE;
+            float sum = 0;
+            for (int64_t tc = 0; tc < n_tc; tc++) sum += part[tc * TILE];
+            y[row] = sum;
+        }
+    }
     result = Py_NewRef(Py_None);
 done:
+    if (ctx) free(ctx->partial);
     free(ctx);
     PyBuffer_Release(&payload);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&out);
+    if (x.buf) PyBuffer_Release(&x);
     return result;
 }
 
@@ -934,7 +1018,9 @@ static PyMethodDef METHODS[] = {
     {"v2_histogram", py_v2_histogram, METH_VARARGS, "v2_histogram(bits, n, k, threads) -> 128 int64 counts"},
     {"v2_encode", py_v2_encode, METH_VARARGS,
      "v2_encode(bits, n, k, lengths, prefix, threads) -> (bytearray prefix+payload, int64 offsets bytes)"},
-    {"decode", py_decode, METH_VARARGS, "decode(codec_id, payload, offsets, n, k, out, out_kind, threads)"},
+    {"decode", py_decode, METH_VARARGS,
+     "decode(codec_id, payload, offsets, n, k, out, out_kind, threads[, x]): out_kind 0 fp16 [n, k], 1 fp32 "
+     "[n, k], 2 fused linear (out = fp32 y [n] = W x for fp32 x [k])"},
     {"simd", py_simd, METH_NOARGS, "which expand variant is in use"},
     {NULL, NULL, 0, NULL},
 };
@@ -957,6 +1043,8 @@ PyMODINIT_FUNC PyInit__cpucodec(void) {
         COMPACT = compact_ssse3;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) EXPAND[OUT_F32] = expand_f32_f16c;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
+        DOT = dot_avx2;
 #endif
     return PyModule_Create(&MODULE);
 }

@@ -25,6 +25,7 @@ except ImportError as exc:  # not built (no compiler) or built for another Pytho
     logger.debug("native codec extension not available (%s); using the numpy codec", exc)
 
 _OUT_KIND = {torch.float16: 0, torch.float32: 1}
+_LINEAR = 2  # the extension's output kind for the fused linear
 _NATIVE_CODECS = (1, 2)  # bitmap-v1 decode, huff-v2 encode and decode
 
 
@@ -97,6 +98,36 @@ def decode(weight: torch.Tensor, index: torch.Tensor, info: torch.Tensor, dtype:
     if dtype not in _OUT_KIND:
         raise SparsezipError(f"decode writes float16 or float32, not {dtype}")
     return decode_into(weight, index, info, torch.empty((n, k), dtype=dtype), check_crc=check_crc)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, info: torch.Tensor,
+           bias: torch.Tensor | None = None, check_crc: bool = True) -> torch.Tensor:
+    """Batch-1 y = x W^T (+ bias) straight from the compressed tiles, W never materialised.
+
+    x: float32 [k] or [1, k] on CPU; returns float32 [n] or [1, n]. Each tile row's dot product runs in
+    fp32 in a fixed order (results may differ from F.linear in the last bits). Without the extension, or for
+    another codec, it decodes and calls F.linear.
+    """
+    n, k, codec_id = _codec._parse_info(info)
+    _codec.codec_for_id(codec_id)
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or \
+            tuple(x.shape) not in ((k,), (1, k)):
+        raise SparsezipError(f"x must be a CPU float32 tensor of shape [{k}] or [1, {k}], got {_describe(x)}")
+    if _native is None or codec_id not in _NATIVE_CODECS:
+        y = torch.nn.functional.linear(x, decode(weight, index, info, torch.float32, check_crc), bias)
+        return y
+    payload = _codec._read_stream(weight, codec_id, check_crc=check_crc)
+    offsets = _codec._read_index(index, _codec.n_tiles(n, k), len(payload))
+    y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
+    try:
+        _native.decode(codec_id, payload, offsets, n, k, y.numpy(), _LINEAR, threads(), x.contiguous().numpy())
+    except ValueError as exc:
+        raise SparsezipError(str(exc)) from None
+    return y if bias is None else y.add_(bias)
+
+
+def _describe(t: object) -> str:
+    return f"{t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_out(out: torch.Tensor, n: int, k: int) -> None:
