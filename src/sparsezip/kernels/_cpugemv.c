@@ -7,6 +7,12 @@
  *
  * gemv_f16(w, x, y, n, k, m, threads): w uint16 [n, k] (fp16 bit patterns), x float32 [m, k],
  * y float32 [m, n] (written). Rows of W are split over `threads` POSIX threads.
+ *
+ * Summation order (kept equal to the fused compressed linear of _cpucodec.c, so that a W16A16SC model
+ * gives bit-identical results whether its weights are decoded at load or multiplied from the tiles):
+ * each 128-column tile of a row is summed on its own (8 SIMD lanes over its whole groups of 8 columns,
+ * lanes added pairwise, then its last cols % 8 products one by one), and the tile sums are added to 0
+ * left to right. Zero weights take part as exact zeros, as absent entries do there.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +26,7 @@
 #endif
 
 #define MAX_THREADS 64
+#define TILE 128 /* the codec's tile width: the unit of the summation order above */
 #define X_BLOCK 8 /* activation rows handled per pass over a weight row: 8 accumulators fit in registers */
 
 typedef struct {
@@ -50,14 +57,23 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
+/* Products w[c] * x[c] for c in [begin, end), added one by one to 0. Never contracted into FMAs
+ * (-ffp-contract=off), like the fused kernel's scalar path. */
+static float dot_tail(const uint16_t *w, const float *x, int64_t begin, int64_t end) {
+    float sum = 0.0f;
+    for (int64_t c = begin; c < end; c++) sum += half_to_float(w[c]) * x[c];
+    return sum;
+}
+
 static void rows_portable(const Job *j) {
     for (int64_t r = j->row_begin; r < j->row_end; r++) {
         const uint16_t *wr = j->w + r * j->k;
         for (int64_t b = 0; b < j->m; b++) {
             const float *xb = j->x + b * j->k;
-            float acc = 0.0f;
-            for (int64_t c = 0; c < j->k; c++) acc += half_to_float(wr[c]) * xb[c];
-            j->y[b * j->n + r] = acc;
+            float total = 0.0f;
+            for (int64_t c0 = 0; c0 < j->k; c0 += TILE)
+                total += dot_tail(wr, xb, c0, c0 + TILE < j->k ? c0 + TILE : j->k);
+            j->y[b * j->n + r] = total;
         }
     }
 }
@@ -66,7 +82,7 @@ static void rows_portable(const Job *j) {
 __attribute__((target("avx2,fma,f16c"))) static float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 
@@ -75,20 +91,23 @@ __attribute__((target("avx2,fma,f16c"))) static float hsum(__m256 v) {
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void row_block_avx2(const Job *j, int64_t r,
                                                                                         int64_t b0, const int nb) {
     const uint16_t *wr = j->w + r * j->k;
-    const int64_t k8 = j->k & ~(int64_t)7;
-    __m256 acc[X_BLOCK];
-    for (int b = 0; b < X_BLOCK; b++) acc[b] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < k8; c += 8) {
-        __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + c)));
-        for (int b = 0; b < nb; b++)
-            acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(j->x + (b0 + b) * j->k + c), acc[b]);
+    float total[X_BLOCK] = {0};
+    for (int64_t c0 = 0; c0 < j->k; c0 += TILE) {
+        const int64_t cols = j->k - c0 < TILE ? j->k - c0 : TILE, full = c0 + (cols & ~(int64_t)7);
+        __m256 acc[X_BLOCK];
+        for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+        for (int64_t c = c0; c < full; c += 8) {
+            __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + c)));
+            for (int b = 0; b < nb; b++)
+                acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(j->x + (b0 + b) * j->k + c), acc[b]);
+        }
+        for (int b = 0; b < nb; b++) {
+            float tile = hsum(acc[b]);
+            if (full < c0 + cols) tile += dot_tail(wr, j->x + (b0 + b) * j->k, full, c0 + cols);
+            total[b] += tile;
+        }
     }
-    for (int b = 0; b < nb; b++) {
-        const float *xb = j->x + (b0 + b) * j->k;
-        float tail = 0.0f;
-        for (int64_t c = k8; c < j->k; c++) tail += half_to_float(wr[c]) * xb[c];
-        j->y[(b0 + b) * j->n + r] = hsum(acc[b]) + tail;
-    }
+    for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = total[b];
 }
 
 __attribute__((target("avx2,fma,f16c"))) static void rows_avx2(const Job *j) {
