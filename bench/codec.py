@@ -241,6 +241,23 @@ def fmt(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def target_lines(results: dict) -> list[str]:
+    """The issue's targets checked against this run's huff-v2 (native) rows."""
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    v2 = {data: rows.get("huff-v2 (native)") or rows["huff-v2 (numpy)"] for data, rows in results.items()}
+    out = []
+    for data, limit in (("MiniLM 50% magnitude", 7.5), ("demo float_sparse 40% + L2 rounding", 4.5)):
+        if data in v2:
+            out.append(f"{data} <= {limit} bits/weight: {v2[data]['bits']:.2f}, {met(v2[data]['bits'] <= limit)}")
+    enc = min(r["enc"] for r in v2.values())
+    dec = min(r["dec"] for r in v2.values())
+    out.append(f"encode >= 200 MB/s: slowest data set {enc:,.0f} MB/s, {met(enc >= 200)}")
+    out.append(f"decode >= 1 GB/s: slowest data set {dec:,.0f} MB/s, {met(dec >= 1000)} (wall clock, CRC included)")
+    return out
+
+
 def report(results: dict, bounds: dict, into: dict, linears: list, load: tuple[float, float], seconds: float) -> str:
     lines = [
         "## Lossless codecs on pruned fp16 weights", "",
@@ -265,6 +282,7 @@ def report(results: dict, bounds: dict, into: dict, linears: list, load: tuple[f
         for name, r in rows.items():
             lines.append(f"| {data} | {name} | {r['bits']:.3f} | {r['bits'] / 16:.1%} | {r['bits'] / v1:.1%} | "
                          f"{fmt(r['enc'])} | {fmt(r['dec'])} | {fmt(r['enc_cpu'])} | {fmt(r['dec_cpu'])} |")
+    lines += ["", "Targets (issue 5), huff-v2 native, this run: " + "; ".join(target_lines(results)) + "."]
     lines += ["", "Order-0 entropy with per-matrix statistics (bitmap + sign + 7-bit symbol + low byte), "
               "for scale: " + "; ".join(f"{d}: {b:.3f} bits/weight" for d, b in bounds.items()) + "."]
     if into:
