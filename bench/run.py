@@ -102,7 +102,7 @@ def worker(engine: str, folder: Path, prompt_len: int, new_tokens: int) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        run = lambda batch: hf_generate(model, prompt, batch, new_tokens)
+        run = lambda batch, tokens=new_tokens: hf_generate(model, prompt, batch, tokens)
     else:
         from transformers import AutoTokenizer
 
@@ -111,9 +111,9 @@ def worker(engine: str, folder: Path, prompt_len: int, new_tokens: int) -> dict:
         model = load_model(folder, weights=engine.split("/")[1] if "/" in engine else "dense")
         weights = weight_bytes(model)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        run = lambda batch: our_generate(model, tokenizer, prompt, batch, new_tokens)
+        run = lambda batch, tokens=new_tokens: our_generate(model, tokenizer, prompt, batch, tokens)
     loaded = rss() - before
-    run(1)  # warm-up: first-call allocations and kernel selection are not what we measure
+    run(1, 4)  # warm-up: first-call allocations and kernel selection are not what we measure
     prefill_s, decode1 = run(1)
     _, decode8 = run(8)
     return {"prefill": prompt_len / prefill_s, "decode1": decode1, "decode8": decode8,
