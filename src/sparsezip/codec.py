@@ -339,6 +339,31 @@ def _read_index(index: torch.Tensor, count: int, payload_len: int) -> np.ndarray
 # ---------------------------------------------------------------------------- bitmap-v1
 
 
+def _scatter_tiles(present: np.ndarray, values: np.ndarray, n: int, k: int) -> torch.Tensor:
+    """fp16 [n, k] from the presence masks bool [n_tr, n_tc, 128, 128] and the present values uint16 [nnz]
+    in tile-major, row-major order. Scatters straight into the final [Np, Kp] layout through a tile-ordered
+    view: no per-tile temporaries, no index array (flat indices would cost 8 bytes per value)."""
+    n_tr, n_tc = present.shape[:2]
+    full = torch.zeros((n_tr * TILE, n_tc * TILE), dtype=torch.int16)  # [Np, Kp]
+    full.view(n_tr, TILE, n_tc, TILE).permute(0, 2, 1, 3).masked_scatter_(
+        torch.from_numpy(present), torch.from_numpy(values.view(np.int16))
+    )
+    if full.shape != (n, k):
+        full = full[:n, :k].contiguous()
+    return full.view(torch.float16)
+
+
+def _tile_number(tile: object, grid: _Grid) -> int:
+    """A validated tile number for decode_tile."""
+    try:
+        t = operator.index(tile)
+    except TypeError:
+        raise SparsezipError(f"tile must be an int, got {type(tile).__name__}") from None
+    if not 0 <= t < grid.count:
+        raise SparsezipError(f"tile {t} is out of range; this weight has {grid.count} tiles")
+    return t
+
+
 @register_codec
 class BitmapCodec(Codec):
     """Per tile: presence bitmap (each tile row ceil(cols_t/8) bytes, LSB first), then the
@@ -425,27 +450,14 @@ class BitmapCodec(Codec):
         np.logical_not(in_bitmap, out=in_bitmap)  # now marks value bytes
         values = payload[in_bitmap].view("<u2").astype(np.uint16, copy=False)  # [nnz]
         del in_bitmap
-        # Scatter straight into the final [Np, Kp] layout through a tile-ordered view: no
-        # per-tile temporaries, no index array (flat indices would cost 8 bytes per value).
-        full = torch.zeros((n_tr * TILE, n_tc * TILE), dtype=torch.int16)  # [Np, Kp]
-        full.view(n_tr, TILE, n_tc, TILE).permute(0, 2, 1, 3).masked_scatter_(
-            torch.from_numpy(present), torch.from_numpy(values.view(np.int16))
-        )
-        if full.shape != (n, k):
-            full = full[:n, :k].contiguous()
-        return full.view(torch.float16)
+        return _scatter_tiles(present, values, n, k)
 
     def decode_tile(self, enc: EncodedWeight, tile: int) -> torch.Tensor:
         n, k, codec_id = _parse_info(enc.info)
         self._check_id(codec_id)
         payload = _read_stream(enc.weight, self.codec_id, check_crc=False)
         grid = _Grid.of(n, k)
-        try:
-            t = operator.index(tile)
-        except TypeError:
-            raise SparsezipError(f"tile must be an int, got {type(tile).__name__}") from None
-        if not 0 <= t < grid.count:
-            raise SparsezipError(f"tile {t} is out of range; this weight has {grid.count} tiles")
+        t = _tile_number(tile, grid)
         offsets = _read_index(enc.index, grid.count, len(payload))
         tr, tc = divmod(t, grid.shape[1])
         rows, cols = int(grid.rows[tr]), int(grid.cols[tc])
@@ -693,26 +705,14 @@ class HuffCodec(Codec):
         grid = _Grid.of(n, k)
         offsets = _read_index(enc.index, grid.count, len(payload))
         present, values = self._decode_tiles(payload, offsets, grid, np.arange(grid.count))
-        n_tr, n_tc = grid.shape
-        full = torch.zeros((n_tr * TILE, n_tc * TILE), dtype=torch.int16)  # [Np, Kp]
-        full.view(n_tr, TILE, n_tc, TILE).permute(0, 2, 1, 3).masked_scatter_(
-            torch.from_numpy(present.reshape(n_tr, n_tc, TILE, TILE)), torch.from_numpy(values.view(np.int16))
-        )
-        if full.shape != (n, k):
-            full = full[:n, :k].contiguous()
-        return full.view(torch.float16)
+        return _scatter_tiles(present.reshape(*grid.shape, TILE, TILE), values, n, k)
 
     def decode_tile(self, enc: EncodedWeight, tile: int) -> torch.Tensor:
         n, k, codec_id = _parse_info(enc.info)
         self._check_id(codec_id)
         payload = _read_stream(enc.weight, self.codec_id, check_crc=False)
         grid = _Grid.of(n, k)
-        try:
-            t = operator.index(tile)
-        except TypeError:
-            raise SparsezipError(f"tile must be an int, got {type(tile).__name__}") from None
-        if not 0 <= t < grid.count:
-            raise SparsezipError(f"tile {t} is out of range; this weight has {grid.count} tiles")
+        t = _tile_number(tile, grid)
         offsets = _read_index(enc.index, grid.count, len(payload))
         present, values = self._decode_tiles(payload, offsets, grid, np.array([t]))
         tr, tc = divmod(t, grid.shape[1])
