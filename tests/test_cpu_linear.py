@@ -79,3 +79,15 @@ def test_gemv_is_bit_identical_to_the_fused_compressed_linear(codec_name, shape)
     x, bias = torch.randn(1, shape[1], generator=gen), torch.randn(shape[0], generator=gen)
     enc = codec.encode(w, codec_name)
     assert torch.equal(mixed_linear(x, w, bias), cpu.linear(x, enc.weight, enc.index, enc.info, bias))
+
+
+@needs_native
+def test_native_gemv_with_many_rows():
+    """Large weights use the kernel for up to GEMV_MAX_ROWS_LARGE rows: call it directly at 40 rows."""
+    from sparsezip.kernels.cpu_linear import _native
+
+    gen = torch.Generator().manual_seed(8)
+    w, x = torch.randn(50, 70, generator=gen).half(), torch.randn(40, 70, generator=gen)
+    y = torch.empty(40, 50)
+    _native.gemv_f16(w.numpy(), x.numpy(), y.numpy(), 50, 70, 40, 2)
+    torch.testing.assert_close(y.double(), reference(x, w), rtol=1e-5, atol=1e-4)

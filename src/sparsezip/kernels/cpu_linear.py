@@ -1,13 +1,14 @@
 """Linear layers whose weights stay fp16 while CPU activations are fp32.
 
 A CPU decode step is bound by the bytes of weight it reads; fp16 weights read half the bytes of an fp32
-copy. Up to GEMV_MAX_ROWS activation rows (decode steps, small batches, short prompts) go to the native fp16
-GEMV (`_cpugemv`), which accumulates in fp32; more rows (a long prefill, an evaluation window) convert the
-weight to fp32 for torch's matmul, where the arithmetic, not the bytes, is the cost. Without the extension everything takes that path.
+copy. Few activation rows (decode steps, small batches; short prompts on large weights) go to the native fp16
+GEMV (`_cpugemv`), which accumulates in fp32; more rows (a prefill, an evaluation window) convert the weight
+to fp32 for torch's matmul, where the arithmetic, not the bytes, is the cost. Without the extension everything takes that path.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -22,16 +23,20 @@ except ImportError as exc:
     _native = None
     logger.debug("native fp16 GEMV not available (%s); converting weights per call", exc)
 
-# Up to this many activation rows the native kernel beats converting the weight for torch's sgemm (whose fresh
-# fp32 copy costs page faults on every call): on an 11264 x 2048 weight, 2 threads, 13.8 vs 72 ms at 16 rows,
-# 55 vs 106 ms at 64, 119 vs 129 ms at 128. Beyond it the activations no longer stay in cache.
-GEMV_MAX_ROWS = 128
+# Rows up to which the native kernel beats converting the weight for torch's sgemm. Measured (ms per call, 2
+# threads, GEMV / convert + sgemm): a 3072 x 576 weight 1.53 / 2.94 at 16 rows but 8.68 / 5.83 at 128; an
+# 11264 x 2048 weight 10.8 / 85.2 at 16 rows and 126.7 / 123.0 at 128 -- a fresh fp32 copy of a large weight costs
+# page faults on every call, so large weights keep the GEMV for short prompts too.
+GEMV_MAX_ROWS = 16
+GEMV_MAX_ROWS_LARGE = 128
+LARGE_WEIGHT = 4 * 2**20  # elements
 
 
 def available() -> bool:
     return _native is not None
 
 
+@functools.cache  # asked ~100 times per decode step: one environment read and syscall per process is enough
 def gemv_threads() -> int:
     """Threads for the GEMV: OMP_NUM_THREADS when set (torchrun sets 1 per process), else the CPUs this process
     may use. Not torch.get_num_threads(): decode steps run torch's own small ops on one thread (see generate.py)."""
@@ -46,13 +51,16 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     rows, k = x.numel() // x.shape[-1], x.shape[-1]
-    if (_native is None or rows > GEMV_MAX_ROWS or x.dtype != torch.float32 or weight.dtype != torch.float16
+    max_rows = GEMV_MAX_ROWS_LARGE if weight.numel() >= LARGE_WEIGHT else GEMV_MAX_ROWS
+    if (_native is None or rows > max_rows or x.dtype != torch.float32 or weight.dtype != torch.float16
             or x.device.type != "cpu" or not weight.is_contiguous()):
         return F.linear(x, weight.to(x.dtype), bias)
     n = weight.shape[0]
     flat = x.reshape(rows, k).contiguous()
     y = torch.empty(rows, n, dtype=torch.float32)
-    _native.gemv_f16(weight.numpy(), flat.numpy(), y.numpy(), n, k, rows, gemv_threads())
+    # starting a thread costs ~30 us: below ~1M multiply-adds one thread finishes first
+    threads = gemv_threads() if n * k * rows >= 2**20 else 1
+    _native.gemv_f16(weight.numpy(), flat.numpy(), y.numpy(), n, k, rows, threads)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], n)
