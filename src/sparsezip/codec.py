@@ -119,6 +119,19 @@ class Codec(ABC):
     def decode_tile(self, enc: EncodedWeight, tile: int) -> torch.Tensor:
         """Decompress one tile [rows_t, cols_t], reading only that tile's bytes."""
 
+    def _check_id(self, codec_id: int) -> None:
+        if codec_id != self.codec_id:
+            raise SparsezipError(f"info codec id {codec_id} does not belong to codec {self.name!r}")
+
+    def _open_tile(self, enc: EncodedWeight, tile: int) -> tuple[np.ndarray, _Grid, int, np.ndarray]:
+        """(payload, grid, checked tile number, tile offsets) for decode_tile; the CRC is not checked (it
+        would read the whole stream)."""
+        n, k, codec_id = _parse_info(enc.info)
+        self._check_id(codec_id)
+        payload = _read_stream(enc.weight, self.codec_id, check_crc=False)
+        grid = _Grid.of(n, k)
+        return payload, grid, _tile_number(tile, grid), _read_index(enc.index, grid.count, len(payload))
+
 
 # The only global state: the codec registry, keyed both ways.
 _BY_NAME: dict[str, Codec] = {}
@@ -453,12 +466,7 @@ class BitmapCodec(Codec):
         return _scatter_tiles(present, values, n, k)
 
     def decode_tile(self, enc: EncodedWeight, tile: int) -> torch.Tensor:
-        n, k, codec_id = _parse_info(enc.info)
-        self._check_id(codec_id)
-        payload = _read_stream(enc.weight, self.codec_id, check_crc=False)
-        grid = _Grid.of(n, k)
-        t = _tile_number(tile, grid)
-        offsets = _read_index(enc.index, grid.count, len(payload))
+        payload, grid, t, offsets = self._open_tile(enc, tile)
         tr, tc = divmod(t, grid.shape[1])
         rows, cols = int(grid.rows[tr]), int(grid.cols[tc])
         row_bytes = (cols + 7) // 8
@@ -482,10 +490,6 @@ class BitmapCodec(Codec):
         out = np.zeros((rows, cols), dtype=np.uint16)
         out[present] = np.frombuffer(payload[start + bm_len : end].tobytes(), dtype="<u2")
         return torch.from_numpy(out.view(np.int16)).view(torch.float16)
-
-    def _check_id(self, codec_id: int) -> None:
-        if codec_id != self.codec_id:
-            raise SparsezipError(f"info codec id {codec_id} does not belong to codec {self.name!r}")
 
     @staticmethod
     def _check_padding_bits(bitmap: np.ndarray, cols: int) -> None:
@@ -708,12 +712,7 @@ class HuffCodec(Codec):
         return _scatter_tiles(present.reshape(*grid.shape, TILE, TILE), values, n, k)
 
     def decode_tile(self, enc: EncodedWeight, tile: int) -> torch.Tensor:
-        n, k, codec_id = _parse_info(enc.info)
-        self._check_id(codec_id)
-        payload = _read_stream(enc.weight, self.codec_id, check_crc=False)
-        grid = _Grid.of(n, k)
-        t = _tile_number(tile, grid)
-        offsets = _read_index(enc.index, grid.count, len(payload))
+        payload, grid, t, offsets = self._open_tile(enc, tile)
         present, values = self._decode_tiles(payload, offsets, grid, np.array([t]))
         tr, tc = divmod(t, grid.shape[1])
         rows, cols = int(grid.rows[tr]), int(grid.cols[tc])
@@ -959,10 +958,6 @@ class HuffCodec(Codec):
         return low
 
     # ------------------------------------------------------------ shared
-
-    def _check_id(self, codec_id: int) -> None:
-        if codec_id != self.codec_id:
-            raise SparsezipError(f"info codec id {codec_id} does not belong to codec {self.name!r}")
 
     def _finish(self, stream: np.ndarray, offsets: np.ndarray, shape: tuple[int, int]) -> EncodedWeight:
         """Fill the 24-byte header of stream (payload already after it) and wrap the three tensors."""
