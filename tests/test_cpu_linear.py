@@ -91,3 +91,107 @@ def test_native_gemv_with_many_rows():
     y = torch.empty(40, 50)
     _native.gemv_f16(w.numpy(), x.numpy(), y.numpy(), 50, 70, 40, 2)
     torch.testing.assert_close(y.double(), reference(x, w), rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- sparse layout (pack_sparse)
+
+
+def pruned(shape, seed, density=0.5, e5m2=False):
+    """A random fp16 matrix with `density` nonzero entries; with e5m2 most low bytes are 0 (as after L2
+    rounding) and every 23rd nonzero keeps a nonzero low byte (an exception)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=gen).half()
+    w[torch.rand(*shape, generator=gen) >= density] = 0
+    if e5m2:
+        bits = w.view(torch.int16)
+        keep = torch.zeros(w.numel(), dtype=torch.bool)
+        keep[::23] = True
+        bits[~keep.view(shape)] &= ~0xFF
+        w[(bits == 0)] = 0  # dropping a low byte may leave a pattern of 0: absent, like the codec treats it
+    return w
+
+
+def bit_equal(a, b):
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def unpack_without_native(sparse):
+    saved, cpu_linear._native = cpu_linear._native, None
+    try:
+        return cpu_linear.unpack_sparse(sparse)
+    finally:
+        cpu_linear._native = saved
+
+
+@pytest.mark.parametrize("e5m2", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 13), (9, 128), (130, 300), (3, 4100)])
+def test_sparse_layout_round_trips_and_picks_its_value_width(shape, e5m2):
+    w = pruned(shape, seed=shape[0] * 7 + shape[1], e5m2=e5m2)
+    sparse = cpu_linear.pack_sparse(w)
+    nnz = int((w.view(torch.int16) != 0).sum())
+    exceptions = int(((w.view(torch.int16) & 0xFF) != 0).sum())
+    assert sparse.e5m2 == (3 * exceptions < nnz)
+    assert int(sparse.row_start[-1]) == nnz and len(sparse.exc_col) == (exceptions if sparse.e5m2 else 0)
+    assert bit_equal(unpack_without_native(sparse), w)
+    if cpu_linear.available():
+        assert bit_equal(cpu_linear.unpack_sparse(sparse), w)
+    assert not sparse.values.flags.writeable  # the kernel trusts the arrays: nobody may edit them
+
+
+def test_sparse_layout_is_lossless_for_every_fp16_pattern():
+    """All 65536 bit patterns (-0.0, subnormals, inf, NaN payloads), in both value widths."""
+    every = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16)
+    for w in (every.view(256, 256), every.view(256, 256) & ~0xFF | (every.view(256, 256) == 0x1234).short()):
+        w = w.view(torch.float16)
+        sparse = cpu_linear.pack_sparse(w)
+        assert bit_equal(unpack_without_native(sparse), w)
+        if cpu_linear.available():
+            assert bit_equal(cpu_linear.unpack_sparse(sparse), w)
+    assert cpu_linear.pack_sparse(w).e5m2  # the second matrix: only one value with a low byte
+
+
+@needs_native
+@pytest.mark.parametrize("e5m2", [False, True])
+@pytest.mark.parametrize("shape", [(37, 13), (64, 136), (300, 577), (5, 4100)])
+def test_sparse_linear_is_bit_identical_to_the_dense_gemv(shape, e5m2):
+    """The promise that lets `--weights sparse` give the same tokens as `--weights dense`: every row count the
+    kernel takes, columns that are not a multiple of 8 or of 128, rows longer than the kernel's 4096-column chunk."""
+    w = pruned(shape, seed=sum(shape), e5m2=e5m2)
+    sparse = cpu_linear.pack_sparse(w)
+    bias = torch.randn(shape[0])
+    for rows in (1, 2, 8, 9, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 3):
+        x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(cpu_linear.sparse_linear(x, sparse, bias), mixed_linear(x, w, bias)), rows
+
+
+@needs_native
+def test_sparse_linear_matches_fp64_and_handles_batch_dims_and_scratch():
+    w = pruned((200, 96), seed=3, e5m2=True)
+    sparse = cpu_linear.pack_sparse(w)
+    x = torch.randn(2, 3, 96, generator=torch.Generator().manual_seed(1))
+    got = cpu_linear.sparse_linear(x, sparse)
+    assert got.shape == (2, 3, 200)
+    torch.testing.assert_close(got.double(), reference(x, w), rtol=1e-5, atol=1e-4)
+    scratch = torch.full((200 * 96 + 10,), float("nan"), dtype=torch.float16)
+    many = torch.randn(GEMV_MAX_ROWS + 1, 96)
+    assert torch.equal(cpu_linear.sparse_linear(many, sparse, scratch=scratch), mixed_linear(many, w))
+    assert bit_equal(scratch[: 200 * 96].view(200, 96), w)  # many rows: unpacked into the scratch buffer
+
+
+@needs_native
+def test_sparse_kernel_refuses_inconsistent_arrays():
+    from sparsezip.kernels.cpu_linear import _native
+
+    sparse = cpu_linear.pack_sparse(pruned((8, 16), seed=2))
+    arrays = list(sparse.arrays())
+    x, y = torch.randn(1, 16), torch.empty(1, 8)
+    with pytest.raises(ValueError, match="sparse layout"):
+        _native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 9, 16, 1, 1)  # n disagrees with the bitmap
+    arrays[1] = arrays[1][:4]  # values cut short
+    with pytest.raises(ValueError, match="too short"):
+        _native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 8, 16, 1, 1)
+
+
+def test_pack_sparse_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="float16"):
+        cpu_linear.pack_sparse(torch.zeros(4, 4))

@@ -14,7 +14,7 @@ from sparsezip.compress import compress
 from sparsezip.errors import SparsezipError
 from sparsezip.generate import (SamplingParams, Sampler, TextStream, chat_ids, generate_batch, prompt_ids,
                                 stop_ids, truncate)
-from sparsezip.runtime import CompressedLinear, load_model, weight_bytes
+from sparsezip.runtime import CompressedLinear, SparseLinear, load_model, weight_bytes
 from sparsezip.tp import Dist
 
 from test_pipeline import sparsezip_cli, sparsezip_ok
@@ -198,6 +198,29 @@ def test_compressed_mode_refuses_uncompressed_folders(packed):
         load_model(sparse, weights="compressed")
 
 
+@pytest.mark.parametrize("which", ["W16A16S", "W16A16SC"])
+def test_sparse_mode_gives_identical_logits_and_tokens(packed, which):
+    folder = packed[0] if which == "W16A16S" else packed[1]
+    dense, lean = load_model(folder), load_model(folder, weights="sparse")
+    sparse = [m for m in lean.modules() if isinstance(m, SparseLinear)]
+    assert len(sparse) == 4 * lean.args.num_layers
+    assert not any(isinstance(m, torch.nn.Linear) and "layers" in name for name, m in lean.named_modules())
+    tokens = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(dense(tokens), lean(tokens))  # 60 rows: unpacked into the scratch buffer
+        assert torch.equal(dense(tokens[:1, :1]), lean(tokens[:1, :1]))  # one row: the sparse kernel
+        assert torch.equal(dense(tokens[:, :3]), lean(tokens[:, :3]))  # six rows
+    tok = AutoTokenizer.from_pretrained(folder)
+    answers = [generate_batch(m, tok, [tokens[0, :9].tolist()], GREEDY, set())[0].tokens for m in (dense, lean)]
+    assert answers[0] == answers[1]
+    assert weight_bytes(lean) < weight_bytes(dense)
+
+
+def test_sparse_mode_refuses_dense_folders(tiny_dir):
+    with pytest.raises(SparsezipError, match="W16A16S or W16A16SC"):
+        load_model(tiny_dir("llama"), weights="sparse")
+
+
 def test_chat_keeps_history_resets_and_exits(tiny_dir):
     folder = tiny_dir("qwen3")
     model, tok = load_model(folder), AutoTokenizer.from_pretrained(folder)
@@ -222,7 +245,8 @@ def test_run_cli_batches_streams_and_refuses_bad_flags(tiny_dir):
                                           "--max_output_length", "6", "--no_chat_template"))
     answer = [line for line in result.stdout.splitlines() if line.startswith("Answer[1]")][0]
     assert "Answer[0]" + answer.removeprefix("Answer[1]") in streamed.stdout
-    for bad in (["--top_p", "0"], ["--max_batch_size", "0"], ["--weights", "compressed"], ["--temperature", "-2"]):
+    for bad in (["--top_p", "0"], ["--max_batch_size", "0"], ["--weights", "compressed"], ["--weights", "sparse"],
+                ["--temperature", "-2"]):
         failed = sparsezip_cli("run", "--model_path", folder, *bad)
         assert failed.returncode != 0 and failed.stderr.startswith("sparsezip: error:"), bad
         assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
+from . import WEIGHT_MODES, __version__
 from .errors import SparsezipError
 
 log = logging.getLogger("sparsezip")
@@ -49,9 +49,11 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1.0)")
     flag(p, "--stop", nargs="+", default=None, help="stop before any of these strings")
     flag(p, "--seed", type=int, default=0, help="sampling seed (default: 0)")
-    flag(p, "--weights", choices=("dense", "compressed"), default="dense",
-         help="W16A16SC folders: dense = decode every tile once at load (fastest); compressed = keep the weights "
-         "compressed in memory and decode each linear on the fly (least memory) (default: dense)")
+    flag(p, "--weights", choices=WEIGHT_MODES, default="dense",
+         help="how linear weights are held: dense = fp16, decoded once at load (fastest prefill); sparse = "
+         "W16A16S/W16A16SC on CPU: bitmap + nonzero values (1 byte each after L2 rounding), expanded inside each "
+         "product (~40%% of dense memory, fastest decoding when weights outgrow the caches); compressed = "
+         "W16A16SC: the stored codec bytes, decoded on the fly (least memory, slowest) (default: dense)")
     add_device(p)
 
 

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from . import codec
+from . import WEIGHT_MODES, codec
 from .kernels import cpu as cpu_codec
-from .kernels.cpu_linear import mixed_linear
+from .kernels.cpu_linear import SparseWeight, mixed_linear, pack_sparse, sparse_linear
 from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, detect_kind, part_dirs,
                          read_description, release_freed_memory, safetensors_files)
 from .config import ModelArgs
 from .errors import SparsezipError
 from .model import Transformer
-from .tp import Dist, all_rules, check_tp_size, shard
+from .tp import Dist, all_rules, check_tp_size, layer_rules, shard
 
 log = logging.getLogger("sparsezip")
 
@@ -49,9 +50,6 @@ def rank_state_from_dense(model_dir: Path, args: ModelArgs, dist: Dist) -> dict[
         read_description(model_dir, W16A16S)  # refuses a description that disagrees with the weights
     reader = TensorReader(safetensors_files(model_dir))
     return {rule.target: shard(rule, reader.get, dist.rank, dist.size) for rule in all_rules(args)}
-
-
-WEIGHT_MODES = ("dense", "compressed")
 
 
 def read_part(part_dir: Path, keep_compressed: bool = False) -> dict[str, torch.Tensor | codec.EncodedWeight]:
@@ -154,6 +152,26 @@ class CompressedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.stored.weight, self.stored.index, self.stored.info))
 
 
+class SparseLinear(nn.Module):
+    """A CPU linear whose pruned fp16 weight is held as a bitmap plus its nonzero values (one byte each for
+    E5M2-valued weights; see kernels.cpu_linear.SparseWeight) and expanded in registers inside the product.
+    Inputs of many rows unpack the weight into the model's shared scratch buffer first. Same numbers as the
+    dense fp16 weight gives."""
+
+    def __init__(self, sparse: SparseWeight, bias: nn.Parameter | None, scratch: Scratch):
+        super().__init__()
+        self.out_features, self.in_features = sparse.shape
+        self.sparse = sparse  # numpy arrays, not part of the state dict
+        self.bias = bias
+        self.scratch = scratch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.sparse, self.bias, self.scratch.buffer)
+
+    def stored_bytes(self) -> int:
+        return self.sparse.nbytes
+
+
 class FusedCompressedLinear(nn.Module):
     """The CUDA form of a compressed linear: its tiles live on the GPU and a Triton kernel decompresses them
     in registers inside the matmul (batches up to 16; larger ones decode then call cuBLAS)."""
@@ -185,6 +203,17 @@ def fused_kernels(device: str):
     return triton_codec if triton_codec.available(device) else None
 
 
+def swap_linear(model: Transformer, prefix: str, shape: tuple[int, int], make) -> None:
+    """Replace the nn.Linear at `prefix` by make(old linear), after checking the new weight's [out, in] shape."""
+    parent_name, _, child = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, child)
+    if (old.out_features, old.in_features) != shape:
+        raise SparsezipError(f"{prefix} has shape {shape} in the part, config.json implies "
+                             f"({old.out_features}, {old.in_features})")
+    setattr(parent, child, make(old))
+
+
 def keep_linears_compressed(model: Transformer, state: dict, device: str) -> None:
     """Swap every nn.Linear whose weight is in `state` as a stored codec stream for a compressed linear
     (fused Triton kernel on CUDA, else a shared scratch buffer); removes those entries from `state`."""
@@ -194,17 +223,25 @@ def keep_linears_compressed(model: Transformer, state: dict, device: str) -> Non
     kernels = fused_kernels(device)
     scratch = Scratch(largest if kernels is None else 0, device)
     for prefix, stored in compressed.items():
-        parent_name, _, child = prefix.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        if (old.out_features, old.in_features) != (int(stored.info[3]), int(stored.info[2])):
-            raise SparsezipError(f"{prefix} has shape ({int(stored.info[3])}, {int(stored.info[2])}) in the part, "
-                                 f"config.json implies ({old.out_features}, {old.in_features})")
+        shape = (int(stored.info[3]), int(stored.info[2]))
         if kernels is not None:  # the stream was checked by the full decode at load: no second verification
             fused = kernels.prepare(stored.weight, stored.index, stored.info, device, verify=False)
-            setattr(parent, child, FusedCompressedLinear(kernels, fused, old.bias))
+            swap_linear(model, prefix, shape, lambda old: FusedCompressedLinear(kernels, fused, old.bias))
         else:
-            setattr(parent, child, CompressedLinear(stored, old.bias, scratch))
+            swap_linear(model, prefix, shape, lambda old: CompressedLinear(stored, old.bias, scratch))
+
+
+def hold_linears_sparse(model: Transformer, state: dict, args: ModelArgs) -> None:
+    """Swap every pruned linear (the codec-stored ones of the TP table) for a SparseLinear built from its fp16
+    weight in `state`; removes those entries from `state`."""
+    names = [r.target for i in range(args.num_layers) for r in layer_rules(args, i) if r.compressed]
+    largest = max(state[name].numel() for name in names)
+    scratch = Scratch(largest, "cpu")
+    for name in tqdm(names, desc="packing sparse weights", unit="linear", leave=False):
+        weight = state.pop(name)
+        sparse = pack_sparse(weight)
+        del weight  # keeps peak memory near one dense copy plus the packed ones
+        swap_linear(model, name[: -len(".weight")], sparse.shape, lambda old: SparseLinear(sparse, old.bias, scratch))
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -212,9 +249,9 @@ def weight_bytes(model: nn.Module) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     scratches = set()
     for m in model.modules():
-        if isinstance(m, (CompressedLinear, FusedCompressedLinear)):
+        if isinstance(m, (CompressedLinear, FusedCompressedLinear, SparseLinear)):
             total += m.stored_bytes()
-        if isinstance(m, CompressedLinear):
+        if isinstance(m, (CompressedLinear, SparseLinear)):
             scratches.add(m.scratch)
     return total + sum(s.buffer.numel() * s.buffer.element_size() for s in scratches)
 
@@ -232,7 +269,9 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
                dist: Dist = Dist(), weights: str = "dense") -> Transformer:
     """Build our model for this rank from a dense, W16A16S or W16A16SC folder.
 
-    weights="compressed" (W16A16SC only) keeps the linears compressed and decodes them on every forward.
+    weights="sparse" (W16A16S or W16A16SC, CPU) holds the pruned linears as bitmap + nonzero values and
+    expands them inside each product; weights="compressed" (W16A16SC only) keeps the linears as stored and
+    decodes them on every forward.
     """
     if weights not in WEIGHT_MODES:
         raise SparsezipError(f"unknown weights mode {weights!r}; use one of {', '.join(WEIGHT_MODES)}")
@@ -240,10 +279,15 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
     kind = detect_kind(model_dir)
     args = ModelArgs.from_dir(model_dir)
     dtype = dtype or default_dtype(device)
+    if weights == "sparse" and (kind not in (W16A16S, W16A16SC) or device != "cpu" or dtype != torch.float32):
+        raise SparsezipError(f"--weights sparse needs a W16A16S or W16A16SC folder on the CPU (fp32 compute), "
+                             f"but this is a {kind} folder on {device}; use --weights dense")
     state = rank_state(model_dir, args, dist, keep_compressed=weights == "compressed")
     with torch.device("meta"):
         model = Transformer(args, dist)
     keep_linears_compressed(model, state, device)
+    if weights == "sparse":
+        hold_linears_sparse(model, state, args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     for name, shape in expected.items():
         if name not in state:
