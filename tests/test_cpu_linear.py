@@ -195,3 +195,37 @@ def test_sparse_kernel_refuses_inconsistent_arrays():
 def test_pack_sparse_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="float16"):
         cpu_linear.pack_sparse(torch.zeros(4, 4))
+
+
+@needs_native
+def test_thread_pool_survives_fork_and_concurrent_callers():
+    """The kernels share one persistent pool of worker threads: a forked child (multiprocessing's default on
+    Linux) must start its own instead of waiting on workers it does not have, and two Python threads calling at
+    once must each get their own answer."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, threading, torch
+        from sparsezip.kernels.cpu_linear import mixed_linear, pack_sparse, sparse_linear
+        w = torch.randn(512, 1024).half()
+        w[torch.rand(512, 1024) < 0.5] = 0
+        sparse, x = pack_sparse(w), torch.randn(4, 1024)
+        want = mixed_linear(x, w)  # 2M multiply-adds: runs on the pool
+        results = []
+        def call():
+            results.extend(torch.equal(sparse_linear(x, sparse), want) for _ in range(50))
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(results) == 100 and all(results)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if torch.equal(sparse_linear(x, sparse), want) else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        print("ok")
+    """)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
