@@ -2,12 +2,13 @@
 
 Two models: the demo model (SmolLM2-135M-Instruct) and a random model shaped like a real 1B one (hidden 2048,
 24 layers, 32 query / 4 KV heads, MLP 5632; Llama architecture, the demo tokenizer). Each is pruned to 50% by
-magnitude (speed does not depend on the values) and compressed at TP 1. Engines, each in its own process so
-its resident memory is its own:
+magnitude with L2 rounding (speed does not depend on the values, but the sparse layout's width does, and L2
+rounding is what float_sparse outputs) and compressed at TP 1. Engines, each in its own process so its resident
+memory is its own:
   transformers  AutoModelForCausalLM in fp32 on the dense folder, its own forward with a DynamicCache (no
                 generate() overhead: the strongest baseline)
   sparsezip     our model on the dense folder
-  W16A16SC/dense, W16A16SC/compressed  our model on the compressed folder, in both weight modes
+  W16A16SC/dense, W16A16SC/sparse, W16A16SC/compressed  our model on the compressed folder, in each weight mode
 Measured: prefill tokens/s (batch 1), decode tokens/s at batch 1 and 8 (all rows' tokens per second), and
 resident memory (RSS growth while loading; and the weights' bytes). Ratios are to transformers in the same run.
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 from measure import write_section  # noqa: E402
 
-ENGINES = ["transformers", "sparsezip", "W16A16SC/dense", "W16A16SC/compressed"]
+ENGINES = ["transformers", "sparsezip", "W16A16SC/dense", "W16A16SC/sparse", "W16A16SC/compressed"]
 LARGE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
              num_key_value_heads=4)
 
@@ -71,11 +72,11 @@ def prepare(work: Path, large_layers: int) -> dict[str, dict[str, Path]]:
         models[f"random 2048x{large_layers} GQA"] = make_large_model(work / f"large{large_layers}", demo, large_layers)
     out = {}
     for i, (label, dense) in enumerate(models.items()):
-        sparse, packed = work / f"m{i}-sparse", work / f"m{i}-packed"
+        sparse, packed = work / f"m{i}-sparse", work / f"m{i}-l2-packed"
         if not packed.exists():
-            print(f"preparing {label}: magnitude 50% and compress", file=sys.stderr)
+            print(f"preparing {label}: magnitude 50% + L2 rounding and compress", file=sys.stderr)
             sparsezip_cli("sparsify", "--model_path", str(dense), "--save_path", str(sparse), "--method",
-                          "magnitude", "--sparsity", "0.5", "--overwrite")
+                          "magnitude", "--sparsity", "0.5", "--rounding", "l2", "--overwrite")
             sparsezip_cli("compress", "--model_path", str(sparse), "--save_directory", str(packed), "--overwrite")
             shutil.rmtree(sparse)
         out[label] = {"dense": dense, "packed": packed}
@@ -181,7 +182,8 @@ def report(results: dict, args, seconds: float) -> str:
         "",
         "Prompt of random token ids; greedy decode; decode tokens/s counts every row of the batch. transformers runs "
         "in fp32 (its fastest CPU mode here) with its own KV cache, on the dense folder; sparsezip on the dense folder "
-        "and on the magnitude-50% W16A16SC folder in both weight modes. Resident = RSS growth while loading; weights "
+        "and on the magnitude-50% + L2-rounded W16A16SC folder in each weight mode (dense: fp16; sparse: bitmap + E5M2 "
+        "bytes; compressed: huff-v2 tiles). Resident = RSS growth while loading; weights "
         "= bytes of the weights the engine holds. Ratios are to transformers, measured in the same run.", "",
     ]
     for label, rows in results.items():
