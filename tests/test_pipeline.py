@@ -152,9 +152,12 @@ def test_tensor_parallel_run_and_eval_match_between_sparse_and_compressed(pipeli
         outputs[name] = answers + [line.split(";")[0] for line in ev.stdout.splitlines() if line.startswith("perplexity")]
     assert len(outputs["sparse"]) == 3
     assert outputs["sparse"] == outputs["packed"]
-    # and the tensor-parallel answer is the one-process answer
+    # and the tensor-parallel answer is the one-process answer, and the sparse weight mode's
     alone = sparsezip_ok(sparsezip_cli("run", "--model_path", str(sparse), "--max_output_length", "10"))
     assert [line for line in alone.stdout.splitlines() if line.startswith("Answer[0]")] == outputs["sparse"][:1]
+    lean = sparsezip_ok(sparsezip_cli("run", "--model_path", str(packed[2]), "--max_output_length", "10",
+                                      "--weights", "sparse", nproc=2))
+    assert [line for line in lean.stdout.splitlines() if line.startswith("Answer[0]")] == outputs["sparse"][:1]
 
 
 def sparsezip_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
