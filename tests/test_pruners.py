@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sparsezip.errors import SparsezipError
-from sparsezip.pruners import METHODS, LinearStats, float_sparse, magnitude, sparsegpt, wanda
+from sparsezip.pruners import (METHODS, LinearStats, _inverse_upper_factor, add_hessian, float_sparse, magnitude,
+                               sparsegpt, wanda)
 
 
 def problem(out: int, inp: int, tokens: int = 4096, seed: int = 0, rank: int | None = None):
@@ -59,6 +60,34 @@ def test_hessian_statistics_match_float64_sum():
     plain = LinearStats(12, "cpu")
     plain.add_batch(batches[0])
     assert plain.H is None and plain.tokens == 14
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 4, 7])
+def test_hessian_from_its_upper_triangle_is_exact_and_symmetric(blocks):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 50, generator=g)
+    h = torch.zeros(50, 50)
+    add_hessian(h, x, blocks)
+    lo = 50 // blocks
+    assert blocks == 1 or not h[lo:, :lo].any()  # below the first band: left for the mirror to fill
+    stats = LinearStats(50, "cpu", hessian=True)
+    stats.add_batch(x[:100])
+    first = stats.H
+    torch.testing.assert_close(first.double(), x[:100].double().T @ x[:100].double(), rtol=1e-5, atol=1e-4)
+    stats.add_batch(x[100:])  # reading H in between must not spoil later batches
+    assert torch.equal(stats.H, stats.H.T)
+    torch.testing.assert_close(stats.H.double(), x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_sparsegpt_factor_is_the_upper_cholesky_of_the_inverse():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 60, generator=g) * torch.exp(torch.randn(60, generator=g))
+    h = x.T @ x
+    u = _inverse_upper_factor(h)
+    want = torch.linalg.cholesky(torch.linalg.inv(h.double()), upper=True)
+    assert torch.equal(u, torch.triu(u))
+    torch.testing.assert_close(u.double(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert _inverse_upper_factor(h - 2 * float(h.diagonal().max()) * torch.eye(60)) is None  # indefinite
 
 
 def test_registry_flags():
