@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from pathlib import Path
 
 import torch
+from tokenizers import Encoding, Tokenizer, models, pre_tokenizers
 
 from .errors import SparsezipError
 
 JSONL_KEYS = ("text", "inputs_pretokenized")  # the original calibration set uses the latter
+# tokenizer_config.json classes that transformers builds straight from tokenizer.json, unchanged
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token",
+                      "additional_special_tokens", "extra_special_tokens")
+# tokenizer_config.json keys that do not change how transformers turns text into ids (decoding, padding, chat,
+# bookkeeping, and the special tokens, which are checked separately); any other key sends us to transformers
+NEUTRAL_CONFIG_KEYS = {"backend", "tokenizer_class", "is_local", "local_files_only", "model_max_length",
+                       "name_or_path", "clean_up_tokenization_spaces", "padding_side", "truncation_side",
+                       "model_input_names", "chat_template", "errors", "processor_class",
+                       "spaces_between_special_tokens", *SPECIAL_TOKEN_KEYS}
+# Where a long text may be cut into pieces that a ByteLevel BPE tokenizer encodes exactly as the whole text: after
+# a single newline that follows a non-space and precedes an ASCII letter, the GPT-2 pre-tokenizer regex always
+# ends one pre-token at the newline and starts the next at the letter, and BPE never merges across pre-tokens.
+SAFE_CUT = re.compile(r"(?<=\S\n)(?=[A-Za-z])")
+PIECES_PER_THREAD = 4  # several pieces per thread even out the threads' work
 
 
 def read_jsonl(path: Path) -> list[str]:
@@ -39,9 +57,80 @@ def read_text_file(path: Path) -> str:
         raise SparsezipError(f"{path} is not UTF-8 text") from None
 
 
+def load_tokenizer(model_dir: Path):
+    """The tokenizer for calibration text: a `tokenizers.Tokenizer` read from tokenizer.json when that gives exactly
+    the ids of transformers' AutoTokenizer (importing transformers alone costs ~4 s), else AutoTokenizer itself."""
+    tokenizer = plain_tokenizer(Path(model_dir))
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer
+
+
+def plain_tokenizer(model_dir: Path) -> Tokenizer | None:
+    """tokenizer.json as is, or None when transformers would change it: a tokenizer class of its own, a config key
+    that alters encoding (add_bos_token, add_prefix_space, ...), or a special token missing from the file (which
+    transformers would add)."""
+    json_path, config_path = model_dir / "tokenizer.json", model_dir / "tokenizer_config.json"
+    if not (json_path.is_file() and config_path.is_file()):
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") not in PLAIN_TOKENIZER_CLASSES or set(config) - NEUTRAL_CONFIG_KEYS:
+        return None
+    tokenizer = Tokenizer.from_file(str(json_path))
+    in_file = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    named = [v for k in SPECIAL_TOKEN_KEYS for v in as_list(config.get(k))]
+    if not all(isinstance(v, str) and v in in_file for v in named):
+        return None
+    tokenizer.no_truncation()  # as transformers encodes by default
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def as_list(value) -> list:
+    """A config's special token entry as a list of token strings: None, "tok", {"content": "tok"} or a list of them."""
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return [v.get("content") if isinstance(v, dict) else v for v in values]
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids [T] of `text`, special tokens included, from a transformers tokenizer or a plain one."""
+    if isinstance(tokenizer, Tokenizer):
+        return torch.tensor(encode_long(tokenizer, text), dtype=torch.long)
     # verbose=False: long books exceed the tokenizer's model_max_length, which is harmless here
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+
+
+def encode_long(tokenizer: Tokenizer, text: str) -> list[int]:
+    """tokenizer.encode(text).ids, with the text encoded in pieces on all threads when cutting it cannot change
+    the ids (a byte-level BPE tokenizer, see SAFE_CUT); the special tokens are added once, around the whole."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pieces = cut(text, threads * PIECES_PER_THREAD) if cuts_safely(tokenizer) else [text]
+    if len(pieces) == 1:
+        return tokenizer.encode(text).ids
+    encodings = tokenizer.encode_batch(pieces, add_special_tokens=False)
+    return tokenizer.post_process(Encoding.merge(encodings, growing_offsets=True)).ids
+
+
+def cuts_safely(tokenizer: Tokenizer) -> bool:
+    """True for the configuration SAFE_CUT was reasoned for: no normalizer, the GPT-2 ByteLevel pre-tokenizer
+    without prefix space, deterministic BPE, and no added token that could match across a cut."""
+    pre = tokenizer.pre_tokenizer
+    return (tokenizer.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
+            and not pre.add_prefix_space and isinstance(tokenizer.model, models.BPE) and not tokenizer.model.dropout
+            and not any(t.lstrip or "\n" in t.content for t in tokenizer.get_added_tokens_decoder().values()))
+
+
+def cut(text: str, pieces: int) -> list[str]:
+    """`text` in up to `pieces` parts of similar length, cut only at SAFE_CUT positions."""
+    starts = [0]
+    for k in range(1, pieces):
+        found = SAFE_CUT.search(text, max(starts[-1] + 1, len(text) * k // pieces))
+        if found is None:
+            break
+        starts.append(found.start())
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
 
 
 def calibration_samples(tokenizer, files: list[Path], n_samples: int = 32, seqlen: int = 512,
