@@ -7,13 +7,15 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sparsezip.calibrate import LayerPass, load_layer, owl_allocation, read_layer, sparsify
+from sparsezip.calibrate import (SAMPLES_PER_BATCH, LayerPass, embed_samples, load_layer, owl_allocation,
+                                 read_layer, sparsify)
 from sparsezip.checkpoint import TensorReader, safetensors_files
 from sparsezip.cli import main
 from sparsezip.config import ModelArgs, read_json
 from sparsezip.data import calibration_samples
-from sparsezip.model import attention_mask, rope_cos_sin
+from sparsezip.model import attention_mask, causal_attention_in_chunks, rope_cos_sin
 from sparsezip.runtime import load_model
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -28,16 +30,38 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
     folder = tiny_dir("qwen3")
     args = ModelArgs.from_dir(folder)
     layer = load_layer(args, read_layer(args, TensorReader(safetensors_files(folder)), 0), 0, "cpu")
-    hidden = [torch.randn(12, args.hidden_size, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    hidden.append(torch.randn(7, args.hidden_size))  # a different length goes in its own batch
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(3, 12, args.hidden_size, generator=g), torch.randn(1, 7, args.hidden_size, generator=g)]
     seen = []
     out = LayerPass(args, "cpu", needs_hessian=False)(layer, hidden, lambda name, *_: seen.append(name))
     assert seen == ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
     for x, y in zip(hidden, out):
-        pos = torch.arange(x.shape[0])
+        pos = torch.arange(x.shape[1])
         with torch.no_grad():
-            want = layer(x[None], *rope_cos_sin(args, pos, x.dtype), attention_mask(args, pos, x.shape[0]))[0]
+            want = layer(x, *rope_cos_sin(args, pos, x.dtype), attention_mask(args, pos, x.shape[1]))
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_in_query_chunks_equals_one_masked_call(window):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 6, 40, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 40, 16)
+    pos = torch.arange(40)
+    mask = pos[None, :] <= pos[:, None]
+    if window:
+        mask &= pos[None, :] > pos[:, None] - window
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], enable_gqa=True)
+    for chunk in (7, 16, 64):
+        torch.testing.assert_close(causal_attention_in_chunks(q, k, v, mask[None, None], chunk), want)
+
+
+def test_samples_are_embedded_in_batches_of_equal_length(tiny_dir):
+    reader = TensorReader(safetensors_files(tiny_dir("llama")))
+    samples = [torch.arange(i, i + 5) for i in range(SAMPLES_PER_BATCH + 2)] + [torch.arange(3), torch.arange(4, 7)]
+    got = embed_samples(reader, samples)
+    assert [tuple(b.shape[:2]) for b in got] == [(SAMPLES_PER_BATCH, 5), (2, 5), (2, 3)]
+    table = reader.get("model.embed_tokens.weight").float()
+    assert torch.equal(torch.cat([b.flatten(0, 1) for b in got]), table[torch.cat(samples)])
 
 
 def test_owl_allocation_keeps_the_mean_and_gives_outlier_layers_less_sparsity():

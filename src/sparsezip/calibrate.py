@@ -26,7 +26,7 @@ from .checkpoint import (DESCRIPTION, FORMAT_VERSION, HF, SPARSE_STEM, W16A16S, 
                          atomic_output_dir, check_output_path, copy_side_files, detect_kind, release_freed_memory,
                          safetensors_files, to_fp16, write_fp16_config)
 from .config import ModelArgs, write_json
-from .data import calibration_samples
+from .data import calibration_samples, load_tokenizer
 from .errors import SparsezipError
 from .masks import parse_pattern
 from .model import DecoderLayer, attention_mask, rope_cos_sin
@@ -36,6 +36,7 @@ from .tp import PRUNABLE_SUFFIXES, Dist, SplitRule, global_rules, layer_rules, s
 
 log = logging.getLogger("sparsezip")
 SAMPLES_PER_BATCH = 8
+ATTENTION_CHUNK = 128  # queries per attention call: causal chunks skip the masked scores (model.attend)
 PruneHook = Callable[[str, nn.Linear, LinearStats], None]
 
 
@@ -70,23 +71,19 @@ def batches(samples: list[torch.Tensor]) -> Iterator[list[int]]:
 
 
 class LayerPass:
-    """Runs calibration samples through one layer stage by stage, on `device`, keeping activations on the CPU."""
+    """Runs calibration batches ([B, L, hidden] each) through one layer stage by stage, on `device`, keeping
+    activations on the CPU. The batches are formed once (embed_samples) and never restacked."""
 
     def __init__(self, args: ModelArgs, device: str, needs_hessian: bool):
         self.args, self.device, self.needs_hessian = args, device, needs_hessian
 
     def apply(self, fn: Callable[..., torch.Tensor], *inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(inputs[0])
-        for group in batches(inputs[0]):
-            xs = [torch.stack([seq[i] for i in group]).to(self.device) for seq in inputs]  # each [B, L, D]
-            for i, y in zip(group, fn(*xs).cpu()):
-                out[i] = y
-        return out
+        return [fn(*(x.to(self.device) for x in xs)).cpu() for xs in zip(*inputs)]
 
     def stats(self, linear: nn.Linear, inputs: list[torch.Tensor]) -> LinearStats:
         stats = LinearStats(linear.in_features, self.device, hessian=self.needs_hessian)
-        for group in batches(inputs):
-            stats.add_batch(torch.stack([inputs[i] for i in group]).to(self.device))
+        for x in inputs:
+            stats.add_batch(x.to(self.device))
         return stats
 
     def rope_and_mask(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,21 +93,26 @@ class LayerPass:
 
     @torch.no_grad()
     def __call__(self, layer: DecoderLayer, hidden: list[torch.Tensor], on_linear: PruneHook) -> list[torch.Tensor]:
-        """hidden: per sample [L, hidden] -> the layer's output per sample; `on_linear` may prune in place."""
+        """hidden: batches [B, L, hidden] -> the layer's output batches; `on_linear` may prune in place."""
         attn, mlp = layer.self_attn, layer.mlp
+
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            return attn.attend(attn.qkv_proj(h), *self.rope_and_mask(h), None, query_chunk=ATTENTION_CHUNK)
+
         normed = self.apply(layer.input_layernorm, hidden)
         on_linear("self_attn.qkv_proj", attn.qkv_proj, self.stats(attn.qkv_proj, normed))
-        attended = self.apply(lambda h: attn.attend(attn.qkv_proj(h), *self.rope_and_mask(h), None), normed)
+        attended = self.apply(attend, normed)
         del normed
         on_linear("self_attn.o_proj", attn.o_proj, self.stats(attn.o_proj, attended))
-        resid = self.apply(lambda x, a: x + attn.o_proj(a), hidden, attended)
+        # residual sums in place into the fresh linear output (y + x and x + y are the same floats)
+        resid = self.apply(lambda x, a: attn.o_proj(a).add_(x), hidden, attended)
         del attended
         normed = self.apply(layer.post_attention_layernorm, resid)
         on_linear("mlp.gate_up_proj", mlp.gate_up_proj, self.stats(mlp.gate_up_proj, normed))
         act = self.apply(lambda h: mlp.activate(mlp.gate_up_proj(h)), normed)
         del normed
         on_linear("mlp.down_proj", mlp.down_proj, self.stats(mlp.down_proj, act))
-        return self.apply(lambda r, a: r + mlp.down_proj(a), resid, act)
+        return self.apply(lambda r, a: mlp.down_proj(a).add_(r), resid, act)
 
 
 def prune_linear(rule: SplitRule, weight: torch.Tensor, stats: LinearStats | None, settings: PruneSettings,
@@ -187,8 +189,9 @@ def read_layer(args: ModelArgs, reader: TensorReader, index: int) -> dict[str, t
 
 
 def embed_samples(reader: TensorReader, samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The calibration batches [B, L, hidden] fp32 that LayerPass takes, from token sequences [L] each."""
     table = to_fp16("model.embed_tokens.weight", reader.get("model.embed_tokens.weight")).float()
-    return [F.embedding(s, table) for s in samples]  # each [L, hidden] fp32
+    return [F.embedding(torch.stack([samples[i] for i in group]), table) for group in batches(samples)]
 
 
 def pruned_input_widths(args: ModelArgs) -> list[int]:
@@ -237,16 +240,13 @@ def sparsify(model_path: Path, save_path: Path, method: str = "float_sparse", sp
                              "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
     settings = PruneSettings(method, prune, nm, rounding)
     reader = TensorReader(safetensors_files(model_path))
-    hidden, tokens = [], 0
+    hidden, tokens, n_samples = [], 0, 0
     run = LayerPass(args, device, prune.needs_hessian) if prune.calibrated else None
     if prune.calibrated:
         if not calib:
             raise SparsezipError(f"method {method} needs calibration text: pass --calib FILE")
-        from transformers import AutoTokenizer
-
-        samples = calibration_samples(AutoTokenizer.from_pretrained(model_path), calib, calib_samples,
-                                      calib_seqlen, seed)
-        tokens = sum(len(s) for s in samples)
+        samples = calibration_samples(load_tokenizer(model_path), calib, calib_samples, calib_seqlen, seed)
+        tokens, n_samples = sum(len(s) for s in samples), len(samples)
         if tokens < 2048:
             log.warning("only %d calibration tokens; at least 2048 are recommended (the inverse can fail)", tokens)
         hidden = embed_samples(reader, samples)
@@ -254,7 +254,6 @@ def sparsify(model_path: Path, save_path: Path, method: str = "float_sparse", sp
     if owl:
         ratios = owl_outlier_ratios(args, reader, hidden, LayerPass(args, device, False), device, owl_threshold)
         layer_sparsity = owl_allocation(ratios, sparsity, owl_lambda)
-    n_samples = len(hidden)
     with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
         writer = ShardedWriter(tmp, SPARSE_STEM, int(part_file_size * 2**30))
         description = {}

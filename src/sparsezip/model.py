@@ -107,6 +107,19 @@ def small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return (scores.softmax(-1).view(B, kv, H // kv * T, -1) @ v).view(B, H, T, d)
 
 
+def causal_attention_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                               chunk: int) -> torch.Tensor:
+    """Attention of a causal sequence without cache, chunk by chunk of queries, each chunk against the keys up to
+    its own end: about (1 + chunk / T) / 2 of the work. torch's CPU flash kernel takes keys in blocks of up to
+    512, so on calibration windows (512 tokens) it computes every masked score, with or without is_causal.
+    q [B, H, T, d]; k, v [B, KV, T, d]; mask [B or 1, 1, T, T], masking every key after its query."""
+    T = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k[:, :, :i + chunk], v[:, :, :i + chunk],
+                                                     attn_mask=mask[..., i:i + chunk, :i + chunk], enable_gqa=gqa)
+                      for i in range(0, T, chunk)], dim=2)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, dist: Dist):
         super().__init__()
@@ -128,8 +141,11 @@ class Attention(nn.Module):
         return all_reduce(self.o_proj(y), self.dist)  # row-parallel: sum the ranks' partial outputs
 
     def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-               pos: torch.Tensor | None) -> torch.Tensor:
-        """Fused q/k/v projections [B, T, qkv_out] -> attention output [B, T, heads * head_dim], before o_proj."""
+               pos: torch.Tensor | None, query_chunk: int | None = None) -> torch.Tensor:
+        """Fused q/k/v projections [B, T, qkv_out] -> attention output [B, T, heads * head_dim], before o_proj.
+
+        `query_chunk` (calibration: a whole causal sequence, no cache) attends in query chunks of that many tokens,
+        each against the keys up to its own end only (see causal_attention_in_chunks)."""
         B, T, _ = qkv.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -144,6 +160,8 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(pos, k, v, used=mask.shape[-1])
         if T <= SMALL_QUERY:
             y = small_query_attention(q, k, v, mask)
+        elif query_chunk is not None:
+            y = causal_attention_in_chunks(q, k, v, mask, query_chunk)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return y.transpose(1, 2).reshape(B, T, q_size)
