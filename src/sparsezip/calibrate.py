@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +37,7 @@ from .tp import PRUNABLE_SUFFIXES, Dist, SplitRule, global_rules, layer_rules, s
 
 log = logging.getLogger("sparsezip")
 SAMPLES_PER_BATCH = 8
+TRIM_GROWTH = 1.5  # hand freed heap memory back once the resident size grew this much over its low (trim_if_grown)
 ATTENTION_CHUNK = 128  # queries per attention call: causal chunks skip the masked scores (model.attend)
 PruneHook = Callable[[str, nn.Linear, LinearStats], None]
 
@@ -159,6 +161,18 @@ def prune_layer(args: ModelArgs, index: int, layer: DecoderLayer, hidden: list[t
     return pruned, run(layer, hidden, on_linear)
 
 
+def trim_if_grown(low: int | None) -> int:
+    """Hand freed heap memory back to the OS (release_freed_memory) when the resident size after a layer is
+    TRIM_GROWTH times its lowest so far; returns the new low. glibc keeps freed memory for reuse, which is fine as
+    long as it does not creep: trimming after every layer cost ~65 ms plus the page faults of taking the memory
+    back (2 s on the demo model, 10 s on the 1.5 GB memory-test model) and lowered no measured peak."""
+    rss = psutil.Process().memory_info().rss
+    if low is not None and rss > TRIM_GROWTH * low:
+        release_freed_memory()
+        rss = psutil.Process().memory_info().rss
+    return rss if low is None else min(low, rss)
+
+
 def owl_allocation(outlier_ratios: list[float], sparsity: float, lam: float) -> list[float]:
     """OWL (Yin et al. 2024): layers with more outliers get less sparsity, within sparsity ± lam, mean kept."""
     r = torch.tensor(outlier_ratios, dtype=torch.float64)
@@ -256,7 +270,7 @@ def sparsify(model_path: Path, save_path: Path, method: str = "float_sparse", sp
         layer_sparsity = owl_allocation(ratios, sparsity, owl_lambda)
     with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
         writer = ShardedWriter(tmp, SPARSE_STEM, int(part_file_size * 2**30))
-        description = {}
+        description, low_rss = {}, None
         for i in tqdm(range(args.num_layers), desc=f"sparsify {method}", unit="layer"):
             fused = read_layer(args, reader, i)
             layer = load_layer(args, fused, i, device)
@@ -271,7 +285,7 @@ def sparsify(model_path: Path, save_path: Path, method: str = "float_sparse", sp
                 writer.add(name, t.cpu())
                 description[name] = W16A16S if name.endswith(PRUNABLE_SUFFIXES) else "FLOAT"
             del layer, pruned, passthrough
-            release_freed_memory()
+            low_rss = trim_if_grown(low_rss)
         for rule in global_rules(args):
             writer.add(rule.target, to_fp16(rule.target, reader.get(rule.target)))
             description[rule.target] = "FLOAT"
