@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test bench bench-prune bench-run bench-codec clean
+.PHONY: demo test bench bench-prune bench-prune-speed bench-run bench-codec clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucodec.c src/sparsezip/kernels/_cpugemv.c
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: bench-prune bench-run bench-codec
 
 bench-prune: $(STAMP)
 	$(BIN)/python bench/prune.py --out BENCHMARKS.md
+
+# Only Wanda and SparseGPT at 50%: pruning time against issue 3's 60 s target (run it on a quiet machine).
+bench-prune-speed: $(STAMP)
+	$(BIN)/python bench/prune.py --speed --repeat 2 --out BENCHMARKS.md
 
 # Generation speed and memory: transformers vs sparsezip (dense, W16A16SC in both weight modes), on the demo
 # model and on a random 1B-shaped model (built once under out/bench-run).
