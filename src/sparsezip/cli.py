@@ -331,4 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsezip: interrupted", file=sys.stderr)
         return 130
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """After a successful torchrun command, leave the process group while the interpreter is whole: left to
+    the interpreter's exit, gloo's worker threads are sometimes torn down mid-flight and the process aborts
+    with "terminate called without an active exception" (pytorch/pytorch#190489). Not after a failure: the
+    other ranks may be inside a collective, and waiting for them would hang."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
