@@ -48,7 +48,7 @@ bench-prune: $(STAMP)
 bench-prune-speed: $(STAMP)
 	$(BIN)/python bench/prune.py --speed --repeat 2 --out BENCHMARKS.md
 
-# Generation speed and memory: transformers vs sparsezip (dense, W16A16SC in both weight modes), on the demo
+# Generation speed and memory: transformers vs sparsezip (dense, W16A16SC in each weight mode), on the demo
 # model and on a random 1B-shaped model (built once under out/bench-run).
 bench-run: $(STAMP)
 	$(BIN)/python bench/run.py --out BENCHMARKS.md
