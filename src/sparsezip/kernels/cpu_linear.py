@@ -62,17 +62,16 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             or x.device.type != "cpu" or not weight.is_contiguous()):
         return F.linear(x, weight.to(x.dtype), bias)
     n = weight.shape[0]
-    flat = x.reshape(rows, k).contiguous()
-    y = torch.empty(rows, n, dtype=torch.float32)
-    _native.gemv_f16(weight.numpy(), flat.numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
+    y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)  # the kernel sees x and y as [rows, k] and [rows, n]
+    _native.gemv_f16(weight.numpy(), x.contiguous().numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], n)
+    return y
 
 
 def threads_for(multiply_adds: int) -> int:
-    # handing work to the pool's other threads costs a few us: below ~256k multiply-adds one thread finishes first
-    return gemv_threads() if multiply_adds >= 2**18 else 1
+    # handing work to the pool's other threads costs a few us: below ~64k multiply-adds one thread finishes first
+    return gemv_threads() if multiply_adds >= 2**16 else 1
 
 
 VALUE_PAD = 16  # bytes readable past the last value (the kernel loads 16 at a time); as in _cpugemv.c
@@ -163,9 +162,8 @@ def sparse_linear(x: torch.Tensor, sparse: SparseWeight, bias: torch.Tensor | No
     if _native is None or rows > max_rows or x.dtype != torch.float32:
         dense = unpack_sparse(sparse, None if scratch is None else scratch[: n * k].view(n, k))
         return mixed_linear(x, dense, bias)
-    flat = x.reshape(rows, k).contiguous()
-    y = torch.empty(rows, n, dtype=torch.float32)
-    _native.sparse_gemv(*sparse.arrays(), flat.numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
+    y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
+    _native.sparse_gemv(*sparse.arrays(), x.contiguous().numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
     if bias is not None:
         y += bias
-    return y.view(*x.shape[:-1], n)
+    return y
