@@ -52,7 +52,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--weights", choices=WEIGHT_MODES, default="dense",
          help="how linear weights are held: dense = fp16, decoded once at load (fastest prefill); sparse = "
          "W16A16S/W16A16SC on CPU: bitmap + nonzero values (1 byte each after L2 rounding), expanded inside each "
-         "product (~40%% of dense memory, fastest decoding when weights outgrow the caches); compressed = "
+         "product (~half the memory of dense, ~0.7x its decode speed); compressed = "
          "W16A16SC: the stored codec bytes, decoded on the fly (least memory, slowest) (default: dense)")
     add_device(p)
 
