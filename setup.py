@@ -23,5 +23,12 @@ setup(
             extra_link_args=["-pthread"],
             optional=True,
         ),
+        Extension(  # SparseGPT's per-column OBS loop (sparsezip.kernels.cpu_obs)
+            "sparsezip.kernels._cpuobs",
+            sources=["src/sparsezip/kernels/_cpuobs.c"],
+            extra_compile_args=["-O3", "-std=gnu11", "-pthread"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        ),
     ]
 )

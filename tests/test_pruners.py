@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sparsezip.errors import SparsezipError
-from sparsezip.pruners import (METHODS, LinearStats, _inverse_upper_factor, add_hessian, float_sparse, magnitude,
-                               sparsegpt, wanda)
+from sparsezip.kernels import cpu_obs
+from sparsezip.pruners import (METHODS, LinearStats, _inverse_upper_factor, _prune_block, add_hessian, float_sparse,
+                               magnitude, sparsegpt, wanda)
 
 
 def problem(out: int, inp: int, tokens: int = 4096, seed: int = 0, rank: int | None = None):
@@ -239,6 +240,51 @@ def test_sparsegpt_matches_plain_obs(pattern):
     want = reference_sparsegpt(w, stats.H, 0.4, pattern)
     assert ((got == 0) == (want == 0)).float().mean() > 0.995
     assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+def obs_block_problem(b: int, rows: int, seed: int):
+    """A lazy block as sparsegpt hands it over: w1 [b, rows] and the upper factor of a random H^-1, one dead input."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * b, b, generator=g) @ torch.randn(b, b, generator=g)
+    h = x.T @ x + 0.1 * torch.eye(b)
+    dead = torch.zeros(b, dtype=torch.bool)
+    dead[3] = True
+    return torch.randn(b, rows, generator=g), _inverse_upper_factor(h), dead
+
+
+@pytest.mark.skipif(cpu_obs._native is None, reason="native OBS kernel not built")
+@pytest.mark.parametrize("b, rows, k, pattern, threads", [
+    (128, 64, 64, None, 1), (128, 130, 51, None, 2), (128, 7, 0, None, 2), (96, 200, 96, None, 2),
+    (128, 2100, 51, None, 2), (128, 70, 0, (2, 4), 1), (128, 2051, 0, (2, 4), 2), (126, 65, 0, (3, 6), 2),
+    (128, 9, 0, (1, 8), 1)])
+def test_native_obs_block_matches_torch_loop(b, rows, k, pattern, threads, monkeypatch):
+    """The C loop (row chunks of 64; threads from 1024 rows each) makes the same masks as the torch loop and the same
+    updates up to fp32 summation order; rows not a multiple of the chunk, and the N:M groups, included."""
+    w1, h1, dead = obs_block_problem(b, rows, seed=b + rows)
+    want_w = w1.clone()
+    want_err = _prune_block(want_w, h1, dead, k, pattern)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    got_w = w1.clone()
+    got_err = cpu_obs.obs_block(got_w, h1, dead, k, pattern)
+    assert torch.equal(got_w == 0, want_w == 0)
+    assert torch.allclose(got_w, want_w, rtol=1e-4, atol=1e-4 * float(want_w.abs().max()))
+    assert torch.allclose(got_err, want_err, rtol=1e-4, atol=1e-4 * float(want_err.abs().max()))
+    zeros = (got_w == 0).sum(0)
+    assert (zeros == (k if pattern is None else b // pattern[1] * (pattern[1] - pattern[0]))).all()
+    if k or pattern:
+        assert bool((got_w[3] == 0).all())  # the dead input is pruned first in every row
+    assert_no_negative_zero(got_w)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_sparsegpt_torch_loop_matches_native(pattern, monkeypatch):
+    """Without the extension (or off the CPU) sparsegpt takes the torch loop, with the same result."""
+    w, x, stats = problem(40, 300, seed=13)
+    native = sparsegpt(w, stats, 0.5, pattern)
+    monkeypatch.setattr(cpu_obs, "_native", None)
+    torch_loop = sparsegpt(w, stats, 0.5, pattern)
+    assert torch.equal(native == 0, torch_loop == 0)
+    assert float((native - torch_loop).norm() / torch_loop.norm()) < 1e-5
 
 
 def test_sparsegpt_exact_sparsity_per_row_and_block():

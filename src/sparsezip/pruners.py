@@ -14,6 +14,7 @@ from typing import Callable, TypeVar
 import torch
 
 from .errors import SparsezipError
+from .kernels import cpu_obs
 from .masks import apply_mask, make_mask
 
 log = logging.getLogger("sparsezip")
@@ -212,22 +213,29 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
     hinv = _with_damping(factor, damp, "sparsegpt")  # upper triangular, H^-1 = hinv^T hinv
     del h
     Wt = W.T.contiguous()  # [in, out]: one input column is one contiguous row, for the per-column updates
-    sub = OBS_SUB_BLOCK if pattern is None else m * max(1, OBS_SUB_BLOCK // m)  # whole N:M groups
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = Wt[i1:i2]  # [b, rows], updated in place
-        h1 = hinv[i1:i2, i1:i2]  # [b, b]
-        prune1 = torch.zeros_like(w1, dtype=torch.bool)  # True: prune
-        k = int(i2 * ratio) - int(i1 * ratio)
-        if pattern is None and k:
-            idx = torch.topk(_obs_score(w1, h1.diagonal(), dead[i1:i2]), k, dim=0, largest=False).indices
-            prune1.scatter_(0, idx, True)
-        select = None if pattern is None else partial(_select_n_of_m, w1, h1.diagonal(), dead[i1:i2], prune1,
-                                                      pattern)
-        err1 = _obs_block(w1, h1, prune1, select, sub)
-        w1.masked_fill_(prune1, 0.0)  # +0.0, never -0.0
+        k = int(i2 * ratio) - int(i1 * ratio) if pattern is None else 0
+        prune_block = cpu_obs.obs_block if cpu_obs.applies(w1) else _prune_block
+        err1 = prune_block(w1, hinv[i1:i2, i1:i2], dead[i1:i2], k, pattern)
         Wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)  # lazy update of the later blocks
     return Wt.T.to(w.dtype).contiguous()  # row-major, as safetensors needs
+
+
+def _prune_block(w1: torch.Tensor, h1: torch.Tensor, dead1: torch.Tensor, prune_k: int,
+                 pattern: tuple[int, int] | None) -> torch.Tensor:
+    """One lazy block in torch (any device; kernels.cpu_obs.obs_block is the CPU fast path with the same rules):
+    w1 [b, rows] (transposed columns of W) is pruned and masked in place; returns the errors [b, rows]."""
+    prune1 = torch.zeros_like(w1, dtype=torch.bool)  # True: prune
+    if pattern is None and prune_k:
+        idx = torch.topk(_obs_score(w1, h1.diagonal(), dead1), prune_k, dim=0, largest=False).indices
+        prune1.scatter_(0, idx, True)
+    select = None if pattern is None else partial(_select_n_of_m, w1, h1.diagonal(), dead1, prune1, pattern)
+    sub = OBS_SUB_BLOCK if pattern is None else pattern[1] * max(1, OBS_SUB_BLOCK // pattern[1])  # whole groups
+    err1 = _obs_block(w1, h1, prune1, select, sub)
+    w1.masked_fill_(prune1, 0.0)  # +0.0, never -0.0
+    return err1
 
 
 def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,240 @@
+/* SparseGPT's column-by-column OBS loop over one lazy block, for the CPU.
+ *
+ * Why: the loop is sequential in the columns (each pruned column's error moves every later column), so in
+ * torch it is a few small ops per column: ~150k columns for the demo model, ~10 s of Python and dispatch
+ * overhead. Every output row is independent of the others, though, so here each thread takes a range of rows,
+ * copies CHUNK of them at a time into an L1-sized buffer and runs the whole block on it.
+ *
+ * obs_block(w, h, dead, err, b, rows, prune_k, n, m, threads):
+ *   w    float32 [b, rows]  the block's columns of W, transposed (column j of W is row j of w); updated in place
+ *                           and masked (pruned entries become +0.0)
+ *   h    float32 [b, b]     the block's diagonal block of the upper factor U (U^T U = H^-1)
+ *   dead uint8   [b]        inputs never activated: saliency 0, so they are pruned first
+ *   err  float32 [b, rows]  written: err[j] = w_j / U_jj where pruned, 0 where kept (for the lazy update)
+ *   Unstructured (m == 0): each row prunes its prune_k least salient columns of the block, chosen at the start.
+ *   N:M (m > 0): each row prunes the m - n least salient of every group of m columns when the group is reached.
+ * Saliency is w^2 / U_jj^2 as in the torch path (pruners._obs_score); ties go to the lower column index.
+ * The padding rows of a last, partial chunk are zeros: selected and updated like the others, never written back.
+ * Results equal the torch path's up to fp32 summation order (it updates 16 columns by rank-1 steps and the
+ * rest of the block by a GEMM).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_B 256     /* block width limit (SparseGPT uses 128) */
+#define CHUNK 64      /* rows processed together: 128 columns x 64 rows x 4 bytes = 32 KiB, one L1 */
+#define MAX_THREADS 64
+#define ROWS_PER_THREAD 1024 /* below this a thread's start costs more than it saves (measured on 2 cores) */
+
+typedef struct {
+    float *w, *err;
+    const float *h;
+    const uint8_t *dead;
+    int64_t b, rows;
+    int prune_k, n, m;
+    int avx2; /* this CPU has AVX2 and FMA */
+} Job;
+
+typedef struct {
+    const Job *job;
+    int64_t row_begin, row_end;
+} Part;
+
+#define LANES 8      /* rows handled together by the selection loops: one AVX2 vector of int32 */
+#define FEW_COLS 32  /* up to this many columns (N:M groups) ranking by pairs is cheaper than the bisection */
+
+typedef int32_t Lanes __attribute__((vector_size(4 * LANES))); /* GCC/Clang vectors: AVX2, or two SSE halves */
+
+static inline __attribute__((always_inline)) Lanes lanes_at(const int32_t *p) { return *(const Lanes *)p; }
+
+/* For each of the CHUNK rows, set prune[j][r] for the k of columns j < cols whose saliency bits key[j][r] come first
+ * in the pruning order (lower saliency, then lower column). Saliencies are non-negative floats, so their bit
+ * patterns order like them, as signed ints too (which SIMD compares). The rows go LANES at a time through vector
+ * compares (a comparison is -1 where true), with no data-dependent branch. key is 32-byte aligned. */
+static inline __attribute__((always_inline)) void mark_least(const int32_t *key, int cols, int k, uint8_t *prune) {
+    if (k <= 0) return;
+    const Lanes zero = {0}, kk = zero + k;
+    for (int r0 = 0; r0 < CHUNK; r0 += LANES) {
+        const int32_t *kr = key + r0;
+        Lanes pick[MAX_B];
+        if (cols <= FEW_COLS) { /* rank of column i = how many columns come before it */
+            for (int i = 0; i < cols; i++) {
+                Lanes rank = zero, ki = lanes_at(kr + i * CHUNK);
+                for (int j = 0; j < cols; j++) {
+                    Lanes kj = lanes_at(kr + j * CHUNK);
+                    rank -= j < i ? kj <= ki : kj < ki;
+                }
+                pick[i] = rank < kk;
+            }
+        } else { /* bisection on the bits for each row's k-th smallest saliency: 31 halvings of [+0, +inf] */
+            Lanes lo = zero, hi = zero + 0x7F800000;
+            for (int step = 0; step < 31; step++) {
+                Lanes mid = lo + ((hi - lo) >> 1), count = zero;
+                for (int j = 0; j < cols; j++) count -= lanes_at(kr + j * CHUNK) <= mid;
+                Lanes enough = count >= kk;
+                lo = (enough & lo) | (~enough & (mid + 1));
+                hi = (enough & mid) | (~enough & hi);
+            }
+            /* lo is the k-th smallest: take every column below it, then its ties from the left */
+            Lanes taken = zero;
+            for (int j = 0; j < cols; j++) {
+                pick[j] = lanes_at(kr + j * CHUNK) < lo;
+                taken -= pick[j];
+            }
+            for (int j = 0; j < cols; j++) {
+                Lanes tie = (lanes_at(kr + j * CHUNK) == lo) & (taken < kk);
+                pick[j] |= tie;
+                taken -= tie;
+            }
+        }
+        for (int j = 0; j < cols; j++)
+            for (int r = 0; r < LANES; r++) prune[j * CHUNK + r0 + r] = (uint8_t)(pick[j][r] & 1);
+    }
+}
+
+/* saliency w^2 / d^2 of columns [j0, j0 + cols) as bit patterns; dead inputs 0 */
+static inline __attribute__((always_inline)) void saliency_keys(const Job *J, const float *buf, int64_t j0, int cols, int32_t *key) {
+    const int64_t b = J->b;
+    for (int j = 0; j < cols; j++) {
+        const float d = J->h[(j0 + j) * b + j0 + j];
+        const int dead = J->dead[j0 + j];
+        for (int r = 0; r < CHUNK; r++) {
+            float w = buf[(j0 + j) * CHUNK + r];
+            float s = dead ? 0.0f : (w * w) / (d * d);
+            memcpy(&key[j * CHUNK + r], &s, 4);
+        }
+    }
+}
+
+/* One chunk of rows: buf [b][CHUNK] holds their weights, transposed as in the block. Compiled twice (below):
+ * for AVX2+FMA and portable, chosen at run time. */
+static inline __attribute__((always_inline)) void obs_chunk_body(const Job *J, float *buf, float *ebuf, uint8_t *prune, int32_t *key) {
+    const int64_t b = J->b;
+    const float *h = J->h;
+    memset(prune, 0, (size_t)(b * CHUNK));
+    if (J->m == 0) {
+        saliency_keys(J, buf, 0, (int)b, key);
+        mark_least(key, (int)b, J->prune_k, prune);
+    }
+    for (int64_t j = 0; j < b; j++) {
+        if (J->m && j % J->m == 0) { /* the group's weights are up to date now: choose its mask */
+            saliency_keys(J, buf, j, J->m, key);
+            mark_least(key, J->m, J->m - J->n, prune + j * CHUNK);
+        }
+        const float d = h[j * b + j];
+        float *wj = buf + j * CHUNK, *e = ebuf + j * CHUNK;
+        const uint8_t *pj = prune + j * CHUNK;
+        for (int r = 0; r < CHUNK; r++) e[r] = pj[r] ? wj[r] / d : 0.0f;
+        for (int64_t k = j + 1; k < b; k++) {
+            const float hk = h[j * b + k];
+            float *wk = buf + k * CHUNK;
+            for (int r = 0; r < CHUNK; r++) wk[r] -= hk * e[r];
+        }
+        for (int r = 0; r < CHUNK; r++)
+            if (pj[r]) wj[r] = 0.0f;
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2,fma"))) static void obs_chunk_avx2(const Job *J, float *buf, float *ebuf, uint8_t *prune,
+                                                                int32_t *key) {
+    obs_chunk_body(J, buf, ebuf, prune, key);
+}
+#endif
+
+static void obs_chunk_portable(const Job *J, float *buf, float *ebuf, uint8_t *prune, int32_t *key) {
+    obs_chunk_body(J, buf, ebuf, prune, key);
+}
+
+static void obs_chunk(const Job *J, float *buf, float *ebuf, uint8_t *prune, int32_t *key) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (J->avx2) {
+        obs_chunk_avx2(J, buf, ebuf, prune, key);
+        return;
+    }
+#endif
+    obs_chunk_portable(J, buf, ebuf, prune, key);
+}
+
+static void *run_part(void *arg) {
+    const Part *p = arg;
+    const Job *J = p->job;
+    float buf[MAX_B * CHUNK], ebuf[MAX_B * CHUNK]; /* 3 x 64 KiB: within any thread's stack */
+    int32_t key[MAX_B * CHUNK] __attribute__((aligned(32)));
+    uint8_t prune[MAX_B * CHUNK];
+    for (int64_t r0 = p->row_begin; r0 < p->row_end; r0 += CHUNK) {
+        int cnt = (int)(p->row_end - r0 < CHUNK ? p->row_end - r0 : CHUNK);
+        for (int64_t j = 0; j < J->b; j++) {  /* copy in; the padding rows are zeros and stay unused */
+            memcpy(buf + j * CHUNK, J->w + j * J->rows + r0, (size_t)cnt * 4);
+            memset(buf + j * CHUNK + cnt, 0, (size_t)(CHUNK - cnt) * 4);
+        }
+        obs_chunk(J, buf, ebuf, prune, key);
+        for (int64_t j = 0; j < J->b; j++) {
+            memcpy(J->w + j * J->rows + r0, buf + j * CHUNK, (size_t)cnt * 4);
+            memcpy(J->err + j * J->rows + r0, ebuf + j * CHUNK, (size_t)cnt * 4);
+        }
+    }
+    return NULL;
+}
+
+static int has_avx2_fma(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static PyObject *py_obs_block(PyObject *self, PyObject *args) {
+    Py_buffer w, h, dead, err;
+    long long b, rows;
+    int prune_k, n, m, threads;
+    if (!PyArg_ParseTuple(args, "w*y*y*w*LLiiii", &w, &h, &dead, &err, &b, &rows, &prune_k, &n, &m, &threads))
+        return NULL;
+    PyObject *result = NULL;
+    if (b < 1 || b > MAX_B || rows < 1 || w.len != b * rows * 4 || err.len != b * rows * 4 || h.len != b * b * 4 ||
+        dead.len != b || prune_k < 0 || prune_k > b || m < 0 || n < 0 || (m && (n > m || b % m))) {
+        PyErr_SetString(PyExc_ValueError, "obs_block: buffer sizes or pattern do not match b, rows");
+        goto done;
+    }
+    Job job = {w.buf, err.buf, h.buf, dead.buf, b, rows, prune_k, n, m, has_avx2_fma()};
+    int64_t chunks = (rows + CHUNK - 1) / CHUNK;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > rows / ROWS_PER_THREAD) threads = (int)(rows / ROWS_PER_THREAD);
+    if (threads < 1) threads = 1;
+    Part parts[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    for (int t = 0; t < threads; t++)  /* whole chunks per thread */
+        parts[t] = (Part){&job, chunks * t / threads * CHUNK, chunks * (t + 1) / threads * CHUNK};
+    parts[threads - 1].row_end = rows;
+    Py_BEGIN_ALLOW_THREADS
+    int started = 1;
+    for (; started < threads; started++)
+        if (pthread_create(&ids[started], NULL, run_part, &parts[started])) break;
+    run_part(&parts[0]);
+    for (int t = started; t < threads; t++) run_part(&parts[t]);  /* a thread that did not start: do it here */
+    for (int t = 1; t < started; t++) pthread_join(ids[t], NULL);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&h);
+    PyBuffer_Release(&dead);
+    PyBuffer_Release(&err);
+    return result;
+}
+
+static PyMethodDef METHODS[] = {
+    {"obs_block", py_obs_block, METH_VARARGS,
+     "obs_block(w, h, dead, err, b, rows, prune_k, n, m, threads): SparseGPT's OBS loop over one block"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_cpuobs", NULL, -1, METHODS};
+
+PyMODINIT_FUNC PyInit__cpuobs(void) { return PyModule_Create(&MODULE); }

@@ -1,0 +1,39 @@
+"""SparseGPT's per-column OBS loop over one lazy block in native code (`_cpuobs`), for CPU tensors.
+
+The torch loop (pruners._obs_block) costs a few small ops per column; here each row range runs the whole block
+in an L1-sized buffer. Same rules as the torch path (see _cpuobs.c), results equal up to fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger("sparsezip")
+
+try:  # optional: built by setup.py when a C compiler is present
+    from . import _cpuobs as _native
+except ImportError as exc:
+    _native = None
+    logger.debug("native OBS loop not available (%s); using the torch loop", exc)
+
+MAX_BLOCK = 256  # as _cpuobs.c's MAX_B
+
+
+def applies(w1: torch.Tensor) -> bool:
+    """Whether obs_block can take this block ([b, rows] fp32): the extension is built and the data is on the CPU."""
+    return (_native is not None and w1.device.type == "cpu" and w1.dtype == torch.float32
+            and w1.is_contiguous() and w1.shape[0] <= MAX_BLOCK)
+
+
+def obs_block(w1: torch.Tensor, h1: torch.Tensor, dead1: torch.Tensor, prune_k: int,
+              pattern: tuple[int, int] | None) -> torch.Tensor:
+    """Prune one block in place (w1 [b, rows], transposed columns of W; masked on return) and return the errors
+    [b, rows] for the lazy update of later blocks. Unstructured: prune_k per row; N:M: `pattern` (n, m)."""
+    b, rows = w1.shape
+    n, m = pattern or (0, 0)
+    err1 = torch.empty_like(w1)
+    _native.obs_block(w1.numpy(), h1.contiguous().numpy(), dead1.to(torch.uint8).numpy(), err1.numpy(), b, rows,
+                      prune_k, n, m, torch.get_num_threads())
+    return err1
