@@ -37,3 +37,20 @@ def test_kv_cache_decode_matches_full_forward(tiny_dir):
             steps.append(model(tokens[:, t:t + 1], torch.tensor([t]))[:, -1])
         model.clear_cache()
     torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 7:11], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_dtype, table_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                                  (torch.float16, torch.float32)])
+def test_apply_rope_is_the_rotate_half_formula_bit_for_bit(x_dtype, table_dtype):
+    """apply_rope writes rotate_half into one buffer; it must give exactly x*cos + cat(-x2, x1)*sin, also on a
+    strided q view of a fused qkv output and with per-row tables."""
+    from sparsezip.model import apply_rope
+
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 7, 5 * 8, generator=g).to(x_dtype)
+    x = qkv[..., :3 * 8].view(2, 7, 3, 8).transpose(1, 2)  # [B, heads, T, head_dim], not contiguous
+    for shape in [(7, 8), (2, 1, 7, 8)]:
+        cos, sin = torch.randn(shape, generator=g).to(table_dtype), torch.randn(shape, generator=g).to(table_dtype)
+        want = x * cos + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin
+        got = apply_rope(x, cos, sin)
+        assert got.dtype == want.dtype and torch.equal(got, want)
