@@ -16,6 +16,7 @@ import datetime
 import os
 import platform
 import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -113,25 +114,50 @@ def speed(path: Path, work: Path, repeat: int) -> None:
     for method in SPEED_METHODS:
         out = work / f"speed-{method}"
         for _ in range(repeat):
-            load = settle()
+            load, gflops = settle(), sgemm_gflops()
+            cpu_before = children_cpu_seconds()
             seconds, rss = sparsify_protocol(model, out, calib, ["--method", method, "--sparsity", "0.5"])
+            cpu = children_cpu_seconds() - cpu_before
             ppl, _ = perplexity(out, evalf)
-            rows.append((method, seconds, rss, ppl, load))
-            print(f"{method:10} {seconds:6.1f} s  {rss:6.0f} MiB  ppl {ppl:.4f}  load {load:.2f}", flush=True)
+            rows.append((method, seconds, cpu, rss, ppl, load, gflops))
+            print(f"{method:10} {seconds:6.1f} s  cpu {cpu:6.1f} s  {rss:6.0f} MiB  ppl {ppl:.4f}  load {load:.2f}  "
+                  f"sgemm {gflops:.0f} GFLOP/s", flush=True)
     lines = [
         "## Pruning time at 50% (`make bench-prune-speed`)", "",
         f"Machine: {cpu_name()}, {psutil.cpu_count(logical=True)} logical CPUs. Date: {datetime.date.today()}.  ",
         "Wall time of the whole `sparsezip sparsify` process (imports, tokenizing the five calibration books, 30",
         "layers, writing), on the reference protocol above; issue 3's target is "
-        f"{SPEED_TARGET_S} s for each method. 'load' is the 1-minute",
-        f"load average when the run started (after waiting up to {QUIET_WAIT_S} s for it to fall below {QUIET_LOAD}): "
-        "above that, another job", "shared the two cores and the time is inflated.", "",
-        "| method | sparsity | time (s) | target (s) | peak RSS (MiB) | perplexity | load |",
-        "|---|---|---|---|---|---|---|",
+        f"{SPEED_TARGET_S} s for each method. 'CPU' is its user + system time. 'load' is the 1-minute",
+        f"load average when the run started (after waiting up to {QUIET_WAIT_S} s for it to fall below {QUIET_LOAD}); "
+        "'sgemm' is torch's fp32",
+        "GEMM speed measured just before (4096 x 576 by 576 x 1536, 2 threads, best of 6): this virtual machine's",
+        "speed varies with its neighbours, and about 70% of sparsify's time is such GEMMs.", "",
+        "| method | sparsity | time (s) | target (s) | CPU (s) | peak RSS (MiB) | perplexity | load | sgemm (GFLOP/s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for method, seconds, rss, ppl, load in rows:
-        lines.append(f"| {method} | 50% | {seconds:.1f} | {SPEED_TARGET_S} | {rss:.0f} | {ppl:.2f} | {load:.2f} |")
+    for method, seconds, cpu, rss, ppl, load, gflops in rows:
+        lines.append(f"| {method} | 50% | {seconds:.1f} | {SPEED_TARGET_S} | {cpu:.1f} | {rss:.0f} | {ppl:.2f} | "
+                     f"{load:.2f} | {gflops:.0f} |")
     write_section(path, "prune-speed", "\n".join(lines))
+
+
+def sgemm_gflops() -> float:
+    """torch's fp32 GEMM throughput right now, in GFLOP/s (the machine's speed varies with its neighbours)."""
+    import torch
+    import torch.nn.functional as F
+
+    x, w = torch.randn(4096, 576), torch.randn(1536, 576)
+    best = float("inf")
+    for _ in range(6):
+        start = time.perf_counter()
+        F.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 576 * 1536 / best / 1e9
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished and waited-for children
+    return usage.ru_utime + usage.ru_stime
 
 
 def settle() -> float:
