@@ -8,7 +8,7 @@ TP ?= 3
 
 .PHONY: demo test bench bench-prune bench-prune-speed bench-run bench-codec clean
 
-$(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucodec.c src/sparsezip/kernels/_cpugemv.c src/sparsezip/kernels/_cpuobs.c
+$(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucodec.c src/sparsezip/kernels/_cpugemv.c src/sparsezip/kernels/_cpuprune.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt

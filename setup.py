@@ -23,9 +23,9 @@ setup(
             extra_link_args=["-pthread"],
             optional=True,
         ),
-        Extension(  # SparseGPT's per-column OBS loop (sparsezip.kernels.cpu_obs)
-            "sparsezip.kernels._cpuobs",
-            sources=["src/sparsezip/kernels/_cpuobs.c"],
+        Extension(  # SparseGPT's per-column OBS loop (sparsezip.kernels.cpu_prune)
+            "sparsezip.kernels._cpuprune",
+            sources=["src/sparsezip/kernels/_cpuprune.c"],
             extra_compile_args=["-O3", "-std=gnu11", "-pthread"],
             extra_link_args=["-pthread"],
             optional=True,

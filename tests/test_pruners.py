@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsezip.errors import SparsezipError
-from sparsezip.kernels import cpu_obs
+from sparsezip.kernels import cpu_prune
 from sparsezip.pruners import (METHODS, LinearStats, _inverse_upper_factor, _prune_block, add_hessian, float_sparse,
                                magnitude, sparsegpt, wanda)
 
@@ -252,7 +252,7 @@ def obs_block_problem(b: int, rows: int, seed: int):
     return torch.randn(b, rows, generator=g), _inverse_upper_factor(h), dead
 
 
-@pytest.mark.skipif(cpu_obs._native is None, reason="native OBS kernel not built")
+@pytest.mark.skipif(cpu_prune._native is None, reason="native OBS kernel not built")
 @pytest.mark.parametrize("b, rows, k, pattern, threads", [
     (128, 64, 64, None, 1), (128, 130, 51, None, 2), (128, 7, 0, None, 2), (96, 200, 96, None, 2),
     (128, 2100, 51, None, 2), (128, 70, 0, (2, 4), 1), (128, 2051, 0, (2, 4), 2), (126, 65, 0, (3, 6), 2),
@@ -265,7 +265,7 @@ def test_native_obs_block_matches_torch_loop(b, rows, k, pattern, threads, monke
     want_err = _prune_block(want_w, h1, dead, k, pattern)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     got_w = w1.clone()
-    got_err = cpu_obs.obs_block(got_w, h1, dead, k, pattern)
+    got_err = cpu_prune.obs_block(got_w, h1, dead, k, pattern)
     assert torch.equal(got_w == 0, want_w == 0)
     assert torch.allclose(got_w, want_w, rtol=1e-4, atol=1e-4 * float(want_w.abs().max()))
     assert torch.allclose(got_err, want_err, rtol=1e-4, atol=1e-4 * float(want_err.abs().max()))
@@ -281,7 +281,7 @@ def test_sparsegpt_torch_loop_matches_native(pattern, monkeypatch):
     """Without the extension (or off the CPU) sparsegpt takes the torch loop, with the same result."""
     w, x, stats = problem(40, 300, seed=13)
     native = sparsegpt(w, stats, 0.5, pattern)
-    monkeypatch.setattr(cpu_obs, "_native", None)
+    monkeypatch.setattr(cpu_prune, "_native", None)
     torch_loop = sparsegpt(w, stats, 0.5, pattern)
     assert torch.equal(native == 0, torch_loop == 0)
     assert float((native - torch_loop).norm() / torch_loop.norm()) < 1e-5

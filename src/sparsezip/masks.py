@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import SparsezipError
+from .kernels.cpu_prune import kth_smallest
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -23,8 +24,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 def keep_largest_per_matrix(score: torch.Tensor, ratio: float) -> torch.Tensor:
     """Zero exactly floor(numel * ratio) entries with the smallest score, ranked over the whole matrix.
 
-    A k-th value threshold (about twice as fast as a top-k of ~half the matrix, which matters inside the
-    ADMM loop); entries tied at the threshold are pruned in index order until the count is exact.
+    A k-th value threshold (about twice as fast as a top-k of ~half the matrix with torch.kthvalue, and several
+    times more natively, which matters inside the ADMM loop); entries tied at the threshold are pruned in index
+    order until the count is exact.
     """
     n_zero = int(score.numel() * ratio)
     flat = score.flatten()
@@ -32,11 +34,13 @@ def keep_largest_per_matrix(score: torch.Tensor, ratio: float) -> torch.Tensor:
         return torch.ones_like(score, dtype=torch.bool)
     if n_zero >= flat.numel():
         return torch.zeros_like(score, dtype=torch.bool)
-    thresh = torch.kthvalue(flat, n_zero).values  # the n_zero-th smallest score
+    thresh = kth_smallest(flat, n_zero)  # the n_zero-th smallest score
     prune = flat < thresh
     ties = flat == thresh
-    prune |= ties & (torch.cumsum(ties, 0) <= n_zero - prune.sum())
-    return ~prune.view_as(score)
+    missing = n_zero - int(prune.sum())  # >= 1: the threshold entry itself is a tie
+    if int(ties.sum()) > missing:  # more ties than places: the first ones in index order
+        ties &= torch.cumsum(ties, 0) <= missing
+    return ~(prune | ties).view_as(score)
 
 
 def keep_largest_per_row(score: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import torch
 
 from .errors import SparsezipError
-from .kernels import cpu_obs
+from .kernels import cpu_prune
 from .masks import apply_mask, make_mask
 
 log = logging.getLogger("sparsezip")
@@ -224,7 +224,7 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
         i2 = min(i1 + block, cols)
         w1 = Wt[i1:i2]  # [b, rows], updated in place
         k = int(i2 * ratio) - int(i1 * ratio) if pattern is None else 0
-        prune_block = cpu_obs.obs_block if cpu_obs.applies(w1) else _prune_block
+        prune_block = cpu_prune.obs_block if cpu_prune.applies(w1) else _prune_block
         err1 = prune_block(w1, hinv[i1:i2, i1:i2], dead[i1:i2], k, pattern)
         Wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)  # lazy update of the later blocks
     return Wt.T.to(w.dtype).contiguous()  # row-major, as safetensors needs
@@ -232,7 +232,7 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
 
 def _prune_block(w1: torch.Tensor, h1: torch.Tensor, dead1: torch.Tensor, prune_k: int,
                  pattern: tuple[int, int] | None) -> torch.Tensor:
-    """One lazy block in torch (any device; kernels.cpu_obs.obs_block is the CPU fast path with the same rules):
+    """One lazy block in torch (any device; kernels.cpu_prune.obs_block is the CPU fast path with the same rules):
     w1 [b, rows] (transposed columns of W) is pruned and masked in place; returns the errors [b, rows]."""
     prune1 = torch.zeros_like(w1, dtype=torch.bool)  # True: prune
     if pattern is None and prune_k:

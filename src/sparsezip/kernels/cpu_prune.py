@@ -1,7 +1,9 @@
-"""SparseGPT's per-column OBS loop over one lazy block in native code (`_cpuobs`), for CPU tensors.
+"""Pruning kernels in native code (`_cpuprune`) for CPU tensors, each with a torch path as its reference.
 
-The torch loop (pruners._obs_block) costs a few small ops per column; here each row range runs the whole block
-in an L1-sized buffer. Same rules as the torch path (see _cpuobs.c), results equal up to fp32 summation order.
+obs_block: SparseGPT's per-column OBS loop over one lazy block. The torch loop (pruners._prune_block) costs a few
+small ops per column; here each row range runs the whole block in an L1-sized buffer. Same rules, results equal
+up to fp32 summation order.
+kth_smallest: torch.kthvalue's value, by histograms of the float bits (float_sparse's whole-matrix masks).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import torch
 logger = logging.getLogger("sparsezip")
 
 try:  # optional: built by setup.py when a C compiler is present
-    from . import _cpuobs as _native
+    from . import _cpuprune as _native
 except ImportError as exc:
     _native = None
     logger.debug("native OBS loop not available (%s); using the torch loop", exc)
 
-MAX_BLOCK = 256  # as _cpuobs.c's MAX_B
+MAX_BLOCK = 256  # as _cpuprune.c's MAX_B
 
 
 def applies(w1: torch.Tensor) -> bool:
@@ -37,3 +39,11 @@ def obs_block(w1: torch.Tensor, h1: torch.Tensor, dead1: torch.Tensor, prune_k: 
     _native.obs_block(w1.numpy(), h1.contiguous().numpy(), dead1.to(torch.uint8).numpy(), err1.numpy(), b, rows,
                       prune_k, n, m, torch.get_num_threads())
     return err1
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) entry of a 1-D tensor, as a 0-dim tensor of its dtype: torch.kthvalue's value
+    (values are exact, so both paths agree bit for bit), natively for contiguous fp32 CPU tensors."""
+    if _native is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous():
+        return torch.kthvalue(flat, k).values
+    return torch.tensor(_native.kth_smallest(flat.numpy(), k), dtype=torch.float32)

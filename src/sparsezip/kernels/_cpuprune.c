@@ -1,4 +1,5 @@
-/* SparseGPT's column-by-column OBS loop over one lazy block, for the CPU.
+/* Pruning kernels for the CPU: SparseGPT's column-by-column OBS loop over one lazy block, and the k-th smallest
+ * value of a score array (float_sparse's whole-matrix mask, 15 times per linear).
  *
  * Why: the loop is sequential in the columns (each pruned column's error moves every later column), so in
  * torch it is a few small ops per column: ~150k columns for the demo model, ~10 s of Python and dispatch
@@ -17,11 +18,16 @@
  * The padding rows of a last, partial chunk are zeros: selected and updated like the others, never written back.
  * Results equal the torch path's up to fp32 summation order (it updates 16 columns by rank-1 steps and the
  * rest of the block by a GEMM).
+ *
+ * kth_smallest(values, k): the k-th smallest (1-based) of a float32 array, exactly torch.kthvalue's value, by
+ * three histogram passes over the values' bits (11, 11 and 10 bits) instead of a quickselect on a copy: ~5x faster
+ * on a 576 x 1536 matrix. NaN ranks above +inf.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_B 256     /* block width limit (SparseGPT uses 128) */
@@ -229,12 +235,72 @@ done:
     return result;
 }
 
+/* float bits -> an unsigned key in the floats' order (negatives reversed below the positives) */
+static uint32_t order_key(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+static float key_float(uint32_t key) {
+    uint32_t b = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* Which bin of hist[0..bins) holds the k-th (1-based) entry; k becomes its rank within that bin. */
+static uint32_t bin_of_rank(const uint64_t *hist, uint32_t bins, uint64_t *k) {
+    uint32_t b = 0;
+    while (b + 1 < bins && hist[b] < *k) *k -= hist[b++];
+    return b;
+}
+
+/* Pass `shift`: histogram of key bits [shift, shift + width) over the keys whose bits above shift + width equal
+ * `prefix`. Four interleaved histograms, so that runs of equal bins do not wait on each other's increments. */
+static void histogram(const float *v, int64_t n, int shift, int width, uint32_t prefix, int whole, uint64_t *hist) {
+    enum { WAYS = 4 };
+    const uint32_t bins = 1u << width, mask = bins - 1;
+    uint64_t *part = calloc((size_t)WAYS * bins, sizeof(uint64_t));
+    const int top = shift + width;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t key = order_key(v[i]);
+        if (whole || (key >> top) == prefix) part[(i % WAYS) * bins + ((key >> shift) & mask)]++;
+    }
+    for (uint32_t b = 0; b < bins; b++) hist[b] = part[b] + part[bins + b] + part[2 * bins + b] + part[3 * bins + b];
+    free(part);
+}
+
+static PyObject *py_kth_smallest(PyObject *self, PyObject *args) {
+    Py_buffer v;
+    long long k;
+    if (!PyArg_ParseTuple(args, "y*L", &v, &k)) return NULL;
+    int64_t n = v.len / 4;
+    if (v.len % 4 || k < 1 || k > n) {
+        PyBuffer_Release(&v);
+        PyErr_SetString(PyExc_ValueError, "kth_smallest: k must be in [1, n] for a float32 buffer of n values");
+        return NULL;
+    }
+    static const int WIDTH[3] = {11, 11, 10}, SHIFT[3] = {21, 10, 0};
+    uint64_t hist[2048], rank = (uint64_t)k;
+    uint32_t prefix = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (int pass = 0; pass < 3; pass++) {
+        histogram(v.buf, n, SHIFT[pass], WIDTH[pass], prefix, pass == 0, hist);
+        prefix = (prefix << WIDTH[pass]) | bin_of_rank(hist, 1u << WIDTH[pass], &rank);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&v);
+    return PyFloat_FromDouble((double)key_float(prefix));
+}
+
 static PyMethodDef METHODS[] = {
     {"obs_block", py_obs_block, METH_VARARGS,
      "obs_block(w, h, dead, err, b, rows, prune_k, n, m, threads): SparseGPT's OBS loop over one block"},
+    {"kth_smallest", py_kth_smallest, METH_VARARGS, "kth_smallest(values, k): the k-th smallest float32 (1-based)"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_cpuobs", NULL, -1, METHODS};
+static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_cpuprune", NULL, -1, METHODS};
 
-PyMODINIT_FUNC PyInit__cpuobs(void) { return PyModule_Create(&MODULE); }
+PyMODINIT_FUNC PyInit__cpuprune(void) { return PyModule_Create(&MODULE); }
