@@ -27,7 +27,6 @@
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define MAX_B 256     /* block width limit (SparseGPT uses 128) */
@@ -261,14 +260,13 @@ static uint32_t bin_of_rank(const uint64_t *hist, uint32_t bins, uint64_t *k) {
 static void histogram(const float *v, int64_t n, int shift, int width, uint32_t prefix, int whole, uint64_t *hist) {
     enum { WAYS = 4 };
     const uint32_t bins = 1u << width, mask = bins - 1;
-    uint64_t *part = calloc((size_t)WAYS * bins, sizeof(uint64_t));
+    uint64_t part[WAYS * 2048] = {0}; /* width <= 11: 64 KiB on the stack, no allocation to fail */
     const int top = shift + width;
     for (int64_t i = 0; i < n; i++) {
         uint32_t key = order_key(v[i]);
         if (whole || (key >> top) == prefix) part[(i % WAYS) * bins + ((key >> shift) & mask)]++;
     }
     for (uint32_t b = 0; b < bins; b++) hist[b] = part[b] + part[bins + b] + part[2 * bins + b] + part[3 * bins + b];
-    free(part);
 }
 
 static PyObject *py_kth_smallest(PyObject *self, PyObject *args) {
