@@ -53,7 +53,7 @@ typedef struct {
 
 typedef int32_t Lanes __attribute__((vector_size(4 * LANES))); /* GCC/Clang vectors: AVX2, or two SSE halves */
 
-static inline __attribute__((always_inline)) Lanes lanes_at(const int32_t *p) { return *(const Lanes *)p; }
+#define lanes_at(p) (*(const Lanes *)(p)) /* a macro: a vector-returning function would warn about its ABI */
 
 /* For each of the CHUNK rows, set prune[j][r] for the k of columns j < cols whose saliency bits key[j][r] come first
  * in the pruning order (lower saliency, then lower column). Saliencies are non-negative floats, so their bit
