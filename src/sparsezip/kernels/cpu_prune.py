@@ -18,7 +18,7 @@ try:  # optional: built by setup.py when a C compiler is present
     from . import _cpuprune as _native
 except ImportError as exc:
     _native = None
-    logger.debug("native OBS loop not available (%s); using the torch loop", exc)
+    logger.debug("native pruning kernels not available (%s); using their torch paths", exc)
 
 MAX_BLOCK = 256  # as _cpuprune.c's MAX_B
 
