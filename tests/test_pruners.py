@@ -9,8 +9,8 @@ import torch
 
 from sparsezip.errors import SparsezipError
 from sparsezip.kernels import cpu_prune
-from sparsezip.pruners import (METHODS, LinearStats, _inverse_upper_factor, _prune_block, add_hessian, float_sparse,
-                               magnitude, sparsegpt, wanda)
+from sparsezip.pruners import (METHODS, LinearStats, _inverse_lower, _inverse_upper_factor, _prune_block, add_hessian,
+                               float_sparse, magnitude, sparsegpt, wanda)
 
 
 def problem(out: int, inp: int, tokens: int = 4096, seed: int = 0, rank: int | None = None):
@@ -57,10 +57,12 @@ def test_hessian_statistics_match_float64_sum():
     x = torch.cat([b.reshape(-1, 12) for b in batches]).double()
     assert stats.tokens == 19
     torch.testing.assert_close(stats.H.double(), x.T @ x, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.sq_norm, (x**2).sum(0))
+    torch.testing.assert_close(stats.sq_norm, (x**2).sum(0))  # the Hessian's diagonal
     plain = LinearStats(12, "cpu")
-    plain.add_batch(batches[0])
-    assert plain.H is None and plain.tokens == 14
+    for b in batches:
+        plain.add_batch(b)
+    assert plain.H is None and plain.tokens == 19
+    torch.testing.assert_close(plain.sq_norm, (x**2).sum(0))  # accumulated on its own
 
 
 @pytest.mark.parametrize("blocks", [1, 3, 4, 7])
@@ -89,6 +91,17 @@ def test_sparsegpt_factor_is_the_upper_cholesky_of_the_inverse():
     assert torch.equal(u, torch.triu(u))
     torch.testing.assert_close(u.double(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
     assert _inverse_upper_factor(h - 2 * float(h.diagonal().max()) * torch.eye(60)) is None  # indefinite
+
+
+@pytest.mark.parametrize("n", [1, 128, 129, 300, 517])
+def test_triangular_inverse_by_halves_matches_lapack(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3 * n, n, generator=g)
+    low = torch.linalg.cholesky(x.T @ x + torch.eye(n))
+    inv = _inverse_lower(low)
+    want = torch.linalg.solve_triangular(low.double(), torch.eye(n, dtype=torch.float64), upper=False)
+    assert inv.dtype == torch.float32 and torch.equal(inv, torch.tril(inv))  # the upper part exactly 0
+    torch.testing.assert_close(inv.double(), want, rtol=0, atol=1e-6 * float(want.abs().max()))
 
 
 def test_registry_flags():

@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 CHOLESKY_TRIES = 6  # damping grows x10 per failed try: up to 1e5 times the method's own damping
 HESSIAN_BLOCKS = 4  # row bands of the X^T X accumulation (see add_hessian)
+TRIANGULAR_LEAF = 128  # _inverse_lower hands blocks this small to LAPACK (128 and 256 timed alike)
 OBS_SUB_BLOCK = 16  # columns of SparseGPT's rank-1 updates between two GEMM updates of the rest of a block
 
 
@@ -31,11 +32,17 @@ class LinearStats:
 
     def __init__(self, in_features: int, device, hessian: bool = False):
         self.tokens = 0
-        self.sq_norm = torch.zeros(in_features, dtype=torch.float64, device=device)  # sum_t x_tj^2
         # fp32 sum of x^T x: [in, in]; None when the method does not need it (it costs in^2 memory).
         # add_batch fills only the upper triangle (see add_hessian); `H` mirrors it when read.
         self._h = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
         self._symmetric = True
+        # sum_t x_tj^2, fp32 per batch and fp64 across batches; with a Hessian its diagonal holds these sums
+        self._sq_norm = None if hessian else torch.zeros(in_features, dtype=torch.float64, device=device)
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """The squared norm of every input column [in] (fp64): ||X_j||^2."""
+        return self._sq_norm if self._h is None else self._h.diagonal().double()
 
     @property
     def H(self) -> torch.Tensor | None:
@@ -51,8 +58,9 @@ class LinearStats:
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])  # [tokens, in]
         self.tokens += x.shape[0]
-        self.sq_norm += x.float().square().sum(0).double()  # fp32 per batch, fp64 across batches
-        if self._h is not None:
+        if self._h is None:
+            self._sq_norm += x.float().square().sum(0).double()
+        else:  # the squared norms come with the Hessian's diagonal: no pass of their own
             add_hessian(self._h, x.to(device=self._h.device, dtype=torch.float32))
             self._symmetric = False
 
@@ -256,9 +264,25 @@ def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
     chol = _cholesky(h.flip(0, 1))
     if chol is None:
         return None
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+    u = _inverse_lower(chol).flip(0, 1)
     return u if _all_finite(u) else None
+
+
+def _inverse_lower(low: torch.Tensor) -> torch.Tensor:
+    """L^-1 of a lower triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]].
+
+    LAPACK's triangular solve against the identity does n^3 flops (n^3 / 3 are needed) at a fraction of GEMM
+    speed; the halves spend ~2n^3 / 3 in GEMMs: 22 against 55 ms for n = 1536 on 2 cores, the same accuracy.
+    """
+    n = low.shape[0]
+    if n <= TRIANGULAR_LEAF:
+        return torch.linalg.solve_triangular(low, torch.eye(n, dtype=low.dtype, device=low.device), upper=False)
+    half = n // 2
+    a_inv, c_inv = _inverse_lower(low[:half, :half]), _inverse_lower(low[half:, half:])
+    inv = torch.zeros_like(low)
+    inv[:half, :half], inv[half:, half:] = a_inv, c_inv
+    inv[half:, :half].addmm_(c_inv, low[half:, :half] @ a_inv, beta=0, alpha=-1)
+    return inv
 
 
 def _obs_score(w1: torch.Tensor, d1: torch.Tensor, dead1: torch.Tensor) -> torch.Tensor:
