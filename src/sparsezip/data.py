@@ -109,7 +109,8 @@ def encode_long(tokenizer: Tokenizer, text: str) -> list[int]:
     pieces = cut(text, threads * PIECES_PER_THREAD) if cuts_safely(tokenizer) else [text]
     if len(pieces) == 1:
         return tokenizer.encode(text).ids
-    encodings = tokenizer.encode_batch(pieces, add_special_tokens=False)
+    # the _fast variant skips the character offsets, which nothing here reads: ~40% less time
+    encodings = tokenizer.encode_batch_fast(pieces, add_special_tokens=False)
     return tokenizer.post_process(Encoding.merge(encodings, growing_offsets=True)).ids
 
 
