@@ -34,12 +34,16 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
     hidden = [torch.randn(3, 12, args.hidden_size, generator=g), torch.randn(1, 7, args.hidden_size, generator=g)]
     seen = []
     out = LayerPass(args, "cpu", needs_hessian=False)(layer, hidden, lambda name, *_: seen.append(name))
-    assert seen == ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    stages = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    assert seen == stages
     for x, y in zip(hidden, out):
         pos = torch.arange(x.shape[1])
         with torch.no_grad():
             want = layer(x, *rope_cos_sin(args, pos, x.dtype), attention_mask(args, pos, x.shape[1]))
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    seen.clear()
+    assert LayerPass(args, "cpu", needs_hessian=False)(layer, hidden, lambda name, *_: seen.append(name), last=True) == []
+    assert seen == stages  # the final layer's linears are all still calibrated
 
 
 @pytest.mark.parametrize("window", [None, 5])

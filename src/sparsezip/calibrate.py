@@ -97,8 +97,10 @@ class LayerPass:
         return cos, sin, attention_mask(self.args, pos, h.shape[1])
 
     @torch.no_grad()
-    def __call__(self, layer: DecoderLayer, hidden: list[torch.Tensor], on_linear: PruneHook) -> list[torch.Tensor]:
-        """hidden: batches [B, L, hidden] -> the layer's output batches; `on_linear` may prune in place."""
+    def __call__(self, layer: DecoderLayer, hidden: list[torch.Tensor], on_linear: PruneHook,
+                 last: bool = False) -> list[torch.Tensor]:
+        """hidden: batches [B, L, hidden] -> the layer's output batches; `on_linear` may prune in place.
+        `last`: the model's final layer, whose output nothing reads: no down_proj forward, and [] returned."""
         attn, mlp = layer.self_attn, layer.mlp
 
         def attend(h: torch.Tensor) -> torch.Tensor:
@@ -117,6 +119,8 @@ class LayerPass:
         act = self.apply(lambda h: mlp.activate(mlp.gate_up_proj(h)), normed)
         del normed
         on_linear("mlp.down_proj", mlp.down_proj, self.stats(mlp.down_proj, act))
+        if last:
+            return []
         return self.apply(lambda r, a: mlp.down_proj(a).add_(r), resid, act)
 
 
@@ -161,7 +165,7 @@ def prune_layer(args: ModelArgs, index: int, layer: DecoderLayer, hidden: list[t
         for linear_name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
             on_linear(linear_name, layer.get_submodule(linear_name), None)
         return pruned, hidden
-    return pruned, run(layer, hidden, on_linear)
+    return pruned, run(layer, hidden, on_linear, last=index == args.num_layers - 1)
 
 
 def trim_if_grown(low: int | None) -> int:
@@ -195,7 +199,7 @@ def owl_outlier_ratios(args: ModelArgs, reader: TensorReader, hidden: list[torch
         def record(_name: str, linear: nn.Linear, stats: LinearStats) -> None:
             scores.append((linear.weight.abs() * stats.sq_norm.sqrt().to(linear.weight)[None, :]).flatten())
 
-        hidden = run(layer, hidden, record)
+        hidden = run(layer, hidden, record, last=i == args.num_layers - 1)
         flat = torch.cat(scores)
         ratios.append(float((flat > threshold * flat.mean()).float().mean()))
     return ratios
