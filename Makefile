@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test bench bench-prune bench-prune-speed bench-run bench-codec clean
+.PHONY: demo test test-quick bench bench-prune bench-prune-speed bench-run bench-codec clean
 
-$(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucodec.c src/sparsezip/kernels/_cpugemv.c src/sparsezip/kernels/_cpuprune.c
+NATIVE := $(wildcard src/sparsezip/kernels/cpu/native/*.c src/sparsezip/kernels/cpu/native/*.h)
+
+$(STAMP): requirements.txt pyproject.toml setup.py $(NATIVE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
@@ -19,8 +21,8 @@ $(STAMP): requirements.txt pyproject.toml setup.py src/sparsezip/kernels/_cpucod
 # TP=3 parts, generate from the parts under torchrun, and compare perplexity dense vs compressed.
 demo: $(STAMP)
 	@set -e; \
-	model=$$($(BIN)/sparsezip -q demo-model); \
-	austen=$$($(BIN)/python -c "from sparsezip.assets import austen_dir; print(austen_dir())"); \
+	model=$$($(BIN)/python -m sparsezip_demo -q model); \
+	austen=$$($(BIN)/python -m sparsezip_demo -q austen); \
 	echo "== 1/4 sparsify $$model (float_sparse + L2 rounding, 50%)"; \
 	$(BIN)/sparsezip sparsify --model_path $$model --save_path $(OUT)/w16a16s --overwrite \
 	  --method float_sparse --sparsity 0.5 --calib $$austen/emma.txt --calib_samples 16 --calib_seqlen 256; \
@@ -38,13 +40,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The quick loop: everything but the end-to-end runs marked slow (real models, torchrun, large files).
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 # Benchmarks write BENCHMARKS.md (the machine, the command and the date are recorded in it).
 bench: bench-prune bench-run bench-codec
 
 bench-prune: $(STAMP)
 	$(BIN)/python bench/prune.py --out BENCHMARKS.md
 
-# Only Wanda and SparseGPT at 50%: pruning time against issue 3's 60 s target (run it on a quiet machine).
+# Only Wanda and SparseGPT at 50%: their pruning time on the reference protocol (run it on a quiet machine).
 bench-prune-speed: $(STAMP)
 	$(BIN)/python bench/prune.py --speed --repeat 2 --out BENCHMARKS.md
 

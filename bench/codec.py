@@ -39,9 +39,10 @@ sys.path.insert(0, str(REPO / "src"))
 from measure import write_section  # noqa: E402
 from prune import CALIB, cpu_name  # noqa: E402
 from sparsezip import codec  # noqa: E402
-from sparsezip.assets import austen_files, demo_model_dir, minilm_weights  # noqa: E402
-from sparsezip.kernels import cpu, cpu_linear  # noqa: E402
+from sparsezip.kernels import cpu  # noqa: E402
+from sparsezip.kernels.cpu import gemv as cpu_linear  # noqa: E402
 from sparsezip.rounding import l2_round  # noqa: E402
+from sparsezip_demo.assets import austen_files, demo_model_dir, minilm_weights  # noqa: E402
 
 DEMO_FLAGS = ["--method", "float_sparse", "--rounding", "l2", "--sparsity", "0.4"]
 DEMO_META = {"method": "float_sparse", "rounding": "l2", "sparsity": 0.4}
@@ -134,7 +135,7 @@ def runners() -> list[Runner]:
     out = [sparsezip_runner("bitmap-v1 (numpy)", "bitmap-v1", None)]
     if cpu.available():
         native_v1 = sparsezip_runner("bitmap-v1 (native decode)", "bitmap-v1", None,
-                                     decoder=lambda e: cpu.decode(e.weight, e.index, e.info))
+                                     decoder=lambda e: codec.decode_into(e, torch.empty(e.shape, dtype=torch.float16)))
         native_v1.timed_encode = False
         out.append(native_v1)
     out.append(sparsezip_runner("huff-v2 (numpy)", "huff-v2", "numpy"))
@@ -180,7 +181,7 @@ def decode_into_rates(weights: list[torch.Tensor]) -> dict[str, float]:
     rates = {}
     for dtype in (torch.float16, torch.float32):
         outs = [torch.empty(w.shape, dtype=dtype) for w in weights]
-        seconds, _, _ = best_pass(lambda: [cpu.decode_into(e.weight, e.index, e.info, o, check_crc=False)
+        seconds, _, _ = best_pass(lambda: [codec.decode_into(e, o, check_crc=False)
                                            for e, o in zip(encoded, outs)])
         rates[str(dtype).removeprefix("torch.")] = mb / seconds
     return rates
@@ -214,9 +215,9 @@ def linear_rows(weights: list[torch.Tensor]) -> list[tuple]:
             "dense": per_call_us(lambda: F.linear(x, dense)),
             "gemv": per_call_us(lambda: cpu_linear.mixed_linear(x, w)),
             "sparse": per_call_us(lambda: cpu_linear.sparse_linear(x, sparse)),
-            "v2": per_call_us(lambda: cpu.linear(x, v2.weight, v2.index, v2.info, check_crc=False)),
-            "v1": per_call_us(lambda: cpu.linear(x, v1.weight, v1.index, v1.info, check_crc=False)),
-            "dec": per_call_us(lambda: F.linear(x, cpu.decode_into(v2.weight, v2.index, v2.info, scratch,
+            "v2": per_call_us(lambda: codec.linear(x, v2, check_crc=False)),
+            "v1": per_call_us(lambda: codec.linear(x, v1, check_crc=False)),
+            "dec": per_call_us(lambda: F.linear(x, codec.decode_into(v2, scratch,
                                                                     check_crc=False)))}))
     return rows
 
@@ -232,7 +233,7 @@ def model_sweep(weights: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
                                              cpu_linear.sparse_linear, lambda m: m.nbytes),
         "huff-v2 tiles (--weights compressed)": (
             [codec.encode(w, "huff-v2") for w in weights],
-            lambda x, e: cpu.linear(x, e.weight, e.index, e.info, check_crc=False),
+            lambda x, e: codec.linear(x, e, check_crc=False),
             lambda e: e.weight.numel() + e.index.numel()),
     }
     out = {}
@@ -309,7 +310,7 @@ def report(results: dict, bounds: dict, into: dict, linears: list, sweep: dict, 
         "## Lossless codecs on pruned fp16 weights", "",
         f"Machine: {cpu_name()} ({platform.machine()}), {psutil.cpu_count(logical=True)} logical CPUs, "
         f"Python {platform.python_version()}, no GPU; native codec: {cpu.threads()} threads, "
-        f"expand variant {cpu.simd()}.  ",
+        f"kernel level {cpu.features()['level']}.  ",
         "Command: `make bench-codec` (`python bench/codec.py`).  ",
         f"Date: {datetime.date.today().isoformat()}; run took {seconds:.0f} s; 1-minute load average "
         f"{load[0]:.2f} at the start and {load[1]:.2f} at the end: the 2 cores were shared with other jobs, so "
@@ -345,8 +346,8 @@ def report(results: dict, bounds: dict, into: dict, linears: list, sweep: dict, 
                   "y = x W^T for one fp32 activation row, median µs per call over 200 calls, the same matrix each "
                   f"time (so it sits in cache: the worst case for reading fewer bytes). dense fp32 = torch F.linear "
                   f"({torch.get_num_threads()} torch threads); dense fp16 = our GEMV on the fp16 weight (`--weights "
-                  "dense`); sparse = `kernels.cpu_linear.sparse_linear` on the sparse layout (`--weights sparse`); "
-                  "fused = `kernels.cpu.linear`, straight from the codec tiles (`--weights compressed`); "
+                  "dense`); sparse = `kernels.cpu.gemv.sparse_linear` on the sparse layout (`--weights sparse`); "
+                  "fused = `codec.linear`, straight from the codec tiles (`--weights compressed`); "
                   "decode_into + F.linear = decode into a preallocated fp32 buffer, then the dense call.", "",
                   "| W shape [out, in] | dense fp32 µs | dense fp16 µs | sparse µs | sparse / dense fp32 "
                   "| fused huff-v2 µs | fused bitmap-v1 µs | decode_into + F.linear µs |",
@@ -400,7 +401,7 @@ def main() -> None:
             into[data] = decode_into_rates(weights)
         layout_bits[data] = sparse_layout_bits(weights)
     demo = sets["demo float_sparse 40% + L2 rounding"]
-    native = cpu.available() and cpu_linear.available()
+    native = cpu.available()
     linears = linear_rows(demo) if native else []
     for row in linears:
         print("linear", row, flush=True)

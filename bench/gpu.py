@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton kernels (sparsezip.kernels.triton_codec) on Qwen3-32B linear shapes.
+"""GPU benchmark of the Triton kernels (sparsezip.kernels.triton.codec) on Qwen3-32B linear shapes.
 
 For every linear of a Qwen3-32B layer (hidden 5120, intermediate 25600, 64 query / 8 key-value heads of
 128) as one tensor-parallel rank holds it at TP 1, 2 and 4 (qkv_proj and gate_up_proj split by output
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, device: str = "cuda") -> str:
     """Measure every configuration; return the markdown table. (device="cpu" only for a dry run of
     this script under TRITON_INTERPRET=1, with the timer and shapes replaced.)"""
     from sparsezip import codec
-    from sparsezip.kernels import triton_codec as tk
+    from sparsezip.kernels.triton import codec as tk
 
     name = torch.cuda.get_device_name() if device == "cuda" else device
     peak = peak_tbps(name)
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace, device: str = "cuda") -> str:
                 for codec_name in args.codec:
                     t0 = time.perf_counter()
                     enc = codec.encode(w.cpu(), codec_name)
-                    dw = tk.prepare(enc.weight, enc.index, enc.info, device, verify=not args.no_verify)
+                    dw = tk.prepare(enc, device, verify=not args.no_verify)
                     setup_s = time.perf_counter() - t0
                     assert torch.equal(tk.decode(dw).view(torch.int16), w.view(torch.int16)), "decode mismatch"
                     bits = 8 * dw.nbytes / w.numel()

@@ -26,8 +26,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from measure import run_measured, write_section  # noqa: E402
-from sparsezip.assets import austen_files, demo_model_dir  # noqa: E402
-from sparsezip.compress import DEFAULT_CODEC  # noqa: E402
+from sparsezip.codec import DEFAULT_CODEC  # noqa: E402
+from sparsezip_demo.assets import austen_files, demo_model_dir  # noqa: E402
 from sparsezip.report import inspect_folder  # noqa: E402
 
 CALIB = ["emma", "mansfieldpark", "persuasion", "sensesensibility", "northangerabbey"]

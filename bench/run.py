@@ -64,7 +64,7 @@ def make_large_model(folder: Path, demo: Path, layers: int) -> Path:
 
 def prepare(work: Path, large_layers: int) -> dict[str, dict[str, Path]]:
     """{model label: {"dense": folder, "packed": W16A16SC folder}}, built once and cached under `work`."""
-    from sparsezip.assets import demo_model_dir
+    from sparsezip_demo.assets import demo_model_dir
 
     demo = demo_model_dir()
     models = {"SmolLM2-135M (demo)": demo}
@@ -171,14 +171,14 @@ def machine() -> str:
 
 
 def report(results: dict, args, seconds: float) -> str:
-    from sparsezip.kernels import cpu_linear
+    from sparsezip.kernels import cpu
 
     lines = [
         "## Generation speed and memory on CPU (`make bench-run`)", "",
         f"Machine: {machine()}.  ",
         f"Command: `make bench-run` (`python bench/run.py --large_layers {args.large_layers} --prompt_len "
         f"{args.prompt_len} --new_tokens {args.new_tokens}`), {seconds / 60:.0f} min.  ",
-        f"Date: {datetime.date.today().isoformat()}. Native fp16 GEMV: {'yes' if cpu_linear.available() else 'no'}.",
+        f"Date: {datetime.date.today().isoformat()}. Native fp16 GEMV: {'yes' if cpu.available() else 'no'}.",
         "",
         "Prompt of random token ids; greedy decode; decode tokens/s counts every row of the batch. transformers runs "
         "in fp32 (its fastest CPU mode here) with its own KV cache, on the dense folder; sparsezip on the dense folder "

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-AUSTEN = REPO.parent / "shared" / "data" / "austen"
 VOCAB = 320
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -18,12 +17,11 @@ CHAT_TEMPLATE = (
 
 
 def sample_text() -> str:
-    path = AUSTEN / "persuasion.txt"
-    if path.is_file():
-        return path.read_text(encoding="utf-8")[:200_000]
-    words = "the quick brown fox jumps over a lazy dog and then runs far away to see the sea".split()
-    g = torch.Generator().manual_seed(0)
-    return " ".join(words[i] for i in torch.randint(len(words), (40_000,), generator=g).tolist())
+    """200k characters of Persuasion; a missing corpus is an error (austen_dir says where it looked), never a
+    silent substitute that would change what the tests measure."""
+    from sparsezip_demo.assets import austen_dir
+
+    return (austen_dir() / "persuasion.txt").read_text(encoding="utf-8")[:200_000]
 
 
 def save_tokenizer(folder: Path) -> None:
@@ -101,3 +99,72 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text(sample_text(), encoding="utf-8")
     return path
+
+
+def kernel_levels() -> list[str]:
+    """Every native kernel level this machine can run (scalar up to the best detected one)."""
+    from sparsezip.kernels import cpu
+
+    if not cpu.available():
+        return []
+    return list(cpu.LEVELS[: cpu.LEVELS.index(cpu.features()["detected"]) + 1])
+
+
+@pytest.fixture(params=kernel_levels() or [pytest.param("none", marks=pytest.mark.skip(reason="no C extension"))])
+def kernel_level(request):
+    """Run the test with the native kernels capped at each level in turn, so every fallback path is exercised."""
+    from sparsezip.kernels import cpu
+
+    with cpu.capped_level(request.param):
+        yield request.param
+
+
+@pytest.fixture(scope="session")
+def interpreted_triton():
+    """kernels/triton/codec.py with its kernels built for the Triton interpreter (numpy on the CPU), loaded under a
+    private module name: TRITON_INTERPRET is read when a kernel is decorated, so it is set only while this copy is
+    imported and the shared module, and every other test, never see it."""
+    import importlib.util
+    import os
+    import sys
+    from unittest import mock
+
+    pytest.importorskip("triton")
+    import sparsezip.kernels.triton as package
+
+    name = "sparsezip.kernels.triton._codec_interpreted"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(package.__file__).with_name("codec.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
+            spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def sparsezip_cli():
+    """Run `python -m sparsezip -q ...` as a real process (under torchrun with nproc > 1); returns the result."""
+    import os
+    import subprocess
+    import sys
+
+    def run(*argv: str, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+        launcher = [sys.executable, "-m", "sparsezip"] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+            "-m", "sparsezip"]
+        return subprocess.run([*launcher, "-q", *argv], capture_output=True, text=True, env=env, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def sparsezip_ok():
+    """Assert that a finished CLI process succeeded (its stderr tail otherwise) and return it."""
+
+    def check(result):
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    return check

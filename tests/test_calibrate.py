@@ -9,14 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsezip.calibrate import (SAMPLES_PER_BATCH, LayerPass, embed_samples, load_layer, owl_allocation,
-                                 read_layer, sparsify)
-from sparsezip.checkpoint import TensorReader, safetensors_files
+from sparsezip.calibrate import SAMPLES_PER_BATCH, LayerPass, embed_samples, load_layer, owl_allocation, read_layer
+from sparsezip.checkpoint import TensorReader
 from sparsezip.cli import main
-from sparsezip.config import ModelArgs, read_json
+from sparsezip.config import ModelArgs, OwlConfig, SparsifyConfig, read_json
+from sparsezip.formats import weight_files as safetensors_files
 from sparsezip.data import calibration_samples
 from sparsezip.model import attention_mask, causal_attention_in_chunks, rope_cos_sin
 from sparsezip.runtime import load_model
+from sparsezip.sparsify import sparsify
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -78,8 +79,8 @@ def test_owl_allocation_keeps_the_mean_and_gives_outlier_layers_less_sparsity():
 
 @pytest.mark.parametrize("rounding", ["none", "l2"])
 def test_float_sparse_zeroes_exactly_the_ratio_over_each_matrix(tiny_dir, text_file, tmp_path, rounding):
-    out = sparsify(tiny_dir("llama"), tmp_path / "s", method="float_sparse", sparsity=0.4, calib=[text_file],
-                   calib_samples=8, calib_seqlen=64, rounding=rounding)
+    out = sparsify(tiny_dir("llama"), tmp_path / "s", SparsifyConfig(
+        method="float_sparse", sparsity=0.4, calib=[text_file], calib_samples=8, calib_seqlen=64, rounding=rounding))
     assert read_json(out / "quant_model_description.json")["metadata"]["rounding"] == rounding
     for name, w in linears(out).items():
         bits = w.view(torch.int16)
@@ -94,8 +95,8 @@ def test_float_sparse_zeroes_exactly_the_ratio_over_each_matrix(tiny_dir, text_f
 
 
 def test_sparsegpt_with_qkv_bias_prunes_every_row_exactly(tiny_dir, text_file, tmp_path):
-    out = sparsify(tiny_dir("qwen2"), tmp_path / "s", method="sparsegpt", sparsity=0.5, calib=[text_file],
-                   calib_samples=8, calib_seqlen=64)
+    out = sparsify(tiny_dir("qwen2"), tmp_path / "s", SparsifyConfig(
+        method="sparsegpt", sparsity=0.5, calib=[text_file], calib_samples=8, calib_seqlen=64))
     for name, w in linears(out).items():
         assert ((w.view(torch.int16) == 0).sum(1) == w.shape[1] // 2).all(), name
     model = load_model(out)
@@ -106,8 +107,8 @@ def test_sparsegpt_with_qkv_bias_prunes_every_row_exactly(tiny_dir, text_file, t
 
 def test_owl_records_layer_ratios_that_the_weights_follow(tiny_dir, text_file, tmp_path):
     folder = tiny_dir("llama")
-    out = sparsify(folder, tmp_path / "s", method="wanda", sparsity=0.5, calib=[text_file], calib_samples=8,
-                   calib_seqlen=64, owl=True, owl_lambda=0.1)
+    out = sparsify(folder, tmp_path / "s", SparsifyConfig(method="wanda", sparsity=0.5, calib=[text_file],
+                                                          calib_samples=8, calib_seqlen=64, owl=OwlConfig(lam=0.1)))
     owl = read_json(out / "quant_model_description.json")["metadata"]["owl"]
     layer_ratio = owl["layer_sparsity"]
     assert len(layer_ratio) == ModelArgs.from_dir(folder).num_layers
@@ -128,7 +129,7 @@ def test_jsonl_calibration_gives_one_sample_per_record(tiny_dir, tmp_path, caplo
     samples = calibration_samples(AutoTokenizer.from_pretrained(tiny_dir("llama")), [path], seqlen=48)
     assert len(samples) == 3 and len(samples[0]) == 48 and len(samples[1]) < 48
     with caplog.at_level(logging.WARNING, logger="sparsezip"):
-        out = sparsify(tiny_dir("llama"), tmp_path / "s", method="wanda", calib=[path], calib_seqlen=48)
+        out = sparsify(tiny_dir("llama"), tmp_path / "s", SparsifyConfig(method="wanda", calib=[path], calib_seqlen=48))
     meta = read_json(out / "quant_model_description.json")["metadata"]
     assert meta["calibration_samples"] == 3 and meta["calibration_tokens"] == sum(len(s) for s in samples)
     assert "at least 2048" in caplog.text
@@ -136,8 +137,8 @@ def test_jsonl_calibration_gives_one_sample_per_record(tiny_dir, tmp_path, caplo
 
 def test_sharded_output_loads_like_a_single_file(tiny_dir, text_file, tmp_path):
     folder = tiny_dir("llama")
-    one = sparsify(folder, tmp_path / "one", method="magnitude")
-    many = sparsify(folder, tmp_path / "many", method="magnitude", part_file_size=40e3 / 2**30)
+    one = sparsify(folder, tmp_path / "one", SparsifyConfig(method="magnitude"))
+    many = sparsify(folder, tmp_path / "many", SparsifyConfig(method="magnitude", part_file_size=40e3 / 2**30))
     index = read_json(many / "quant_model_weights.safetensors.index.json")
     assert len(set(index["weight_map"].values())) > 2 and len(safetensors_files(many)) > 2
     tokens = torch.randint(0, 320, (1, 16))

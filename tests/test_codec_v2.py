@@ -1,4 +1,4 @@
-"""Tests for codec huff-v2 (sparsezip.codec.HuffCodec) and its native CPU path (sparsezip.kernels.cpu).
+"""Tests for codec huff-v2 (sparsezip.codec.huff_v2) and its native CPU path (sparsezip.codec.native).
 
 Expected values come from the input (round trips), from byte strings written by hand from the format in
 codec.py's docstring, or from the numpy reference (for the native path); never from the code under test alone.
@@ -16,15 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sparsezip.codec import (
-    EncodedWeight,
-    canonical_codes,
-    decode,
-    decode_tile,
-    encode,
-    get_codec,
-    huffman_lengths,
-)
+from sparsezip.codec import EncodedWeight, decode, decode_into, decode_tile, encode, get_codec, linear
+from sparsezip.codec.huff_table import canonical_codes, huffman_lengths
 from sparsezip.errors import SparsezipError
 from sparsezip.kernels import cpu
 
@@ -286,7 +279,7 @@ def test_native_encode_matches_reference_byte_for_byte(bits):
 def test_native_decodes_bitmap_v1(shape):
     bits = random_bits(13, shape)
     enc = encode(as_half(bits), codec="bitmap-v1")
-    np.testing.assert_array_equal(bits_of(cpu.decode(enc.weight, enc.index, enc.info)), bits)
+    np.testing.assert_array_equal(bits_of(decode_into(enc, torch.empty(shape, dtype=torch.float16))), bits)
 
 
 @pytest.mark.parametrize("codec", ["bitmap-v1", "huff-v2"])
@@ -296,7 +289,7 @@ def test_decode_into_preallocated(codec, dtype):
     enc = encode(as_half(bits), codec=codec)
     out = torch.full((300, 200), 7.0, dtype=dtype)
     ptr = out.data_ptr()
-    assert cpu.decode_into(enc.weight, enc.index, enc.info, out) is out
+    assert decode_into(enc, out) is out
     assert out.data_ptr() == ptr
     expected = as_half(bits).to(dtype)
     nan = torch.isnan(expected)
@@ -319,7 +312,7 @@ def test_decode_into_preallocated(codec, dtype):
 def test_decode_into_rejects_bad_out(out, match):
     enc = encode(as_half(random_bits(15, (4, 3))), codec="huff-v2")
     with pytest.raises(SparsezipError, match=match):
-        cpu.decode_into(enc.weight, enc.index, enc.info, out)
+        decode_into(enc, out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -539,10 +532,10 @@ def test_fused_linear_matches_dense(codec_name, shape):
     enc = encode(w, codec=codec_name)
     x = torch.randn(shape[1], generator=torch.Generator().manual_seed(1))
     expected = torch.nn.functional.linear(x.double(), w.double()).float()
-    y = cpu.linear(x, enc.weight, enc.index, enc.info)
+    y = linear(x, enc)
     assert y.shape == (shape[0],) and y.dtype == torch.float32
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
     bias = torch.randn(shape[0])
-    torch.testing.assert_close(cpu.linear(x[None], enc.weight, enc.index, enc.info, bias=bias), (expected + bias)[None])
+    torch.testing.assert_close(linear(x[None], enc, bias=bias), (expected + bias)[None])
     with pytest.raises(SparsezipError, match="float32"):
-        cpu.linear(x.half(), enc.weight, enc.index, enc.info)
+        linear(x.half(), enc)

@@ -23,11 +23,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sparsezip.calibrate import sparsify
-from sparsezip.checkpoint import COMPRESSED_FILE, DESCRIPTION, SPARSE_STEM
 from sparsezip.cli import main
 from sparsezip.compress import compress
-from sparsezip.config import read_json, write_json
+from sparsezip.config import SparsifyConfig, read_json, write_json
+from sparsezip.formats import COMPRESSED_FILE, DESCRIPTION_FILE, SPARSE_STEM
+from sparsezip.sparsify import sparsify
 
 REPO = Path(__file__).resolve().parents[1]
 SPARSE_FILE = f"{SPARSE_STEM}.safetensors"
@@ -47,8 +47,8 @@ def pipe(tiny_dir, text_file, tmp_path_factory) -> Pipeline:
     """One tiny llama (4 heads / 2 KV heads) taken through the whole pipeline, built once per module."""
     root = tmp_path_factory.mktemp("errors-pipe")
     dense = tiny_dir("llama")
-    sparse = sparsify(dense, root / "s", method="wanda", sparsity=0.5, calib=[text_file], calib_samples=4,
-                      calib_seqlen=64)
+    sparse = sparsify(dense, root / "s", SparsifyConfig(method="wanda", sparsity=0.5, calib=[text_file],
+                                                        calib_samples=4, calib_seqlen=64))
     compress(sparse, root / "c1", tp=1)
     compress(sparse, root / "c2", tp=2)
     return Pipeline(dense, sparse, root / "c1", root / "c2")
@@ -274,7 +274,7 @@ SPARSE_EDITS = {
 def test_sparse_description_that_disagrees_with_the_weights(capsys, command, edit, pipe, text_file, tmp_path):
     change, name = SPARSE_EDITS[edit]
     folder = clone(pipe.sparse, tmp_path / "s")
-    edit_json(folder / DESCRIPTION, change)
+    edit_json(folder / DESCRIPTION_FILE, change)
     line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
     assert "disagrees with the weights" in line and name in line
 
@@ -292,7 +292,7 @@ PART_EDITS = {
 def test_part_description_that_disagrees_with_the_weights(capsys, command, edit, pipe, text_file, tmp_path):
     change, expected = PART_EDITS[edit]
     folder = clone(pipe.packed, tmp_path / "c")
-    edit_json(folder / "part0-of-1" / DESCRIPTION, change)
+    edit_json(folder / "part0-of-1" / DESCRIPTION_FILE, change)
     line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], watch=(folder,))
     assert expected in line
 
@@ -314,7 +314,7 @@ def test_existing_output_is_refused_unless_overwrite(capsys, command, pipe, text
     succeeds(capsys, argv + ["--overwrite"])
     assert not (out / "keep.txt").exists()
     assert (out / "config.json").is_file()
-    assert (out / (DESCRIPTION if command == "sparsify" else "part0-of-1")).exists()
+    assert (out / (DESCRIPTION_FILE if command == "sparsify" else "part0-of-1")).exists()
     assert leftovers(tmp_path) == []
 
 
@@ -391,10 +391,18 @@ def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_pat
     assert expected in line
 
 
-def test_quant_type_other_than_w16a16s(capsys, pipe, tmp_path):
+def test_quant_type_other_than_w16a16s(capsys, pipe, tmp_path, text_file):
     out = tmp_path / "q"
-    line = refused(capsys, ["quant", "--model_path", pipe.dense, "--save_path", out, "--quant_type", "w8a8"], out=out)
+    line = refused(capsys, ["quant", "--model_path", pipe.dense, "--save_path", out, "--quant_type", "w8a8",
+                            "--calib", text_file], out=out)
     assert "w8a8" in line and "w16a16s" in line
+
+
+def test_quant_needs_calibration_text(capsys, pipe, tmp_path):
+    out = tmp_path / "q"
+    line = refused(capsys, ["quant", "--model_path", pipe.dense, "--save_path", out, "--quant_type", "w16a16s"],
+                   out=out)
+    assert "--calib" in line
 
 
 # ----------------------------------------------------------------------------- a real process

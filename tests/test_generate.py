@@ -14,10 +14,11 @@ from sparsezip.compress import compress
 from sparsezip.errors import SparsezipError
 from sparsezip.generate import (SamplingParams, Sampler, TextStream, chat_ids, generate_batch, prompt_ids,
                                 stop_ids, truncate)
-from sparsezip.runtime import CompressedLinear, SparseLinear, load_model, weight_bytes
+from sparsezip.layouts.compressed import CompressedLinear
+from sparsezip.layouts.sparse import SparseLinear
+from sparsezip.runtime import load_model, weight_bytes
 from sparsezip.tp import Dist
 
-from test_pipeline import sparsezip_cli, sparsezip_ok
 
 GREEDY = SamplingParams(max_new_tokens=10)
 
@@ -163,10 +164,11 @@ def test_context_overflow_is_a_clear_error(llama):
 @pytest.fixture(scope="module")
 def packed(tiny_dir, tmp_path_factory):
     """A 50%-sparse tiny Qwen2 (q/k/v bias) compressed at TP 1."""
-    from sparsezip.calibrate import sparsify
+    from sparsezip.config import SparsifyConfig
+    from sparsezip.sparsify import sparsify
 
     root = tmp_path_factory.mktemp("packed")
-    sparse = sparsify(tiny_dir("qwen2"), root / "s", method="magnitude", sparsity=0.5)
+    sparse = sparsify(tiny_dir("qwen2"), root / "s", SparsifyConfig(method="magnitude", sparsity=0.5))
     compress(sparse, root / "c", tp=1)
     return sparse, root / "c"
 
@@ -185,10 +187,10 @@ def test_compressed_mode_gives_identical_logits_and_holds_less(packed):
     assert answers[0] == answers[1]
     compressed = [m for m in lean.modules() if isinstance(m, CompressedLinear)]
     fp16_bytes = 2 * sum(m.in_features * m.out_features for m in compressed)
-    assert sum(m.stored_bytes() for m in compressed) < 0.6 * fp16_bytes
-    scratch = compressed[0].scratch.buffer
-    assert all(m.scratch is compressed[0].scratch for m in compressed)  # one buffer shared by every linear
-    assert scratch.numel() == max(m.in_features * m.out_features for m in compressed)
+    assert sum(m.resident_bytes() for m in compressed) < 0.6 * fp16_bytes
+    scratch = compressed[0].scratch
+    assert all(m.scratch is scratch for m in compressed)  # one buffer shared by every linear
+    assert scratch.buffer.numel() == max(m.in_features * m.out_features for m in compressed)
     assert weight_bytes(lean) < weight_bytes(dense)
 
 
@@ -235,7 +237,8 @@ def test_chat_keeps_history_resets_and_exits(tiny_dir):
     assert "(new conversation)" in out.getvalue() and next(lines) == "never read"
 
 
-def test_run_cli_batches_streams_and_refuses_bad_flags(tiny_dir):
+@pytest.mark.slow
+def test_run_cli_batches_streams_and_refuses_bad_flags(tiny_dir, sparsezip_cli, sparsezip_ok):
     folder = str(tiny_dir("llama"))
     result = sparsezip_ok(sparsezip_cli("run", "--model_path", folder, "--input_texts", "It is", "Emma was", "Yes",
                                         "--max_output_length", "6", "--max_batch_size", "2", "--no_chat_template"))
@@ -252,22 +255,19 @@ def test_run_cli_batches_streams_and_refuses_bad_flags(tiny_dir):
         assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
 
 
-def test_fused_triton_linear_computes_the_decoded_linear(packed):
+def test_fused_triton_linear_computes_the_decoded_linear(packed, interpreted_triton):
     """The CUDA path of --weights compressed, run under the Triton interpreter on CPU at tiny shapes."""
-    pytest.importorskip("triton")
-    from test_triton import _interpreted_copy
+    from sparsezip import codec
+    from sparsezip.formats import PartReader
+    from sparsezip.layouts.triton_fused import FusedCompressedLinear
 
-    from sparsezip.runtime import FusedCompressedLinear, read_part
-
-    kernels = _interpreted_copy()
     _, folder = packed
-    state = read_part(folder / "part0-of-1", keep_compressed=True)
+    part = PartReader(folder / "part0-of-1")
     name = "model.layers.0.self_attn.qkv_proj"
-    stored, bias = state[name + ".weight"], state[name + ".bias"]
-    fused = FusedCompressedLinear(kernels, kernels.prepare(stored.weight, stored.index, stored.info, "cpu"),
-                                  torch.nn.Parameter(bias.half(), requires_grad=False))
+    stored, bias = part.read_linear(name), part.read_float(name + ".bias")
+    fused = FusedCompressedLinear(interpreted_triton, interpreted_triton.prepare(stored, "cpu"), bias.half())
     x = torch.randn(3, fused.in_features, generator=torch.Generator().manual_seed(6)).half()
-    weight = read_part(folder / "part0-of-1")[name + ".weight"]
+    weight = codec.decode(stored.weight, stored.index, stored.info)
     want = x.double() @ weight.double().T + bias.double()
     torch.testing.assert_close(fused(x).double(), want, rtol=2e-3, atol=2e-3)
-    assert fused.stored_bytes() < 2 * weight.numel()
+    assert fused.resident_bytes() < 2 * weight.numel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsezip.kernels import cpu_prune
+from sparsezip.kernels.cpu import prune as cpu_prune
 from sparsezip.masks import keep_largest_per_matrix
 
 
@@ -22,7 +22,7 @@ def value_cases() -> list[torch.Tensor]:
     ]
 
 
-@pytest.mark.skipif(cpu_prune._native is None, reason="native pruning kernels not built")
+@pytest.mark.skipif(cpu_prune.native is None, reason="native pruning kernels not built")
 @pytest.mark.parametrize("case", range(len(value_cases())))
 def test_native_kth_smallest_is_kthvalue(case):
     values = value_cases()[case]

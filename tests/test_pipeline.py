@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from sparsezip.calibrate import sparsify
-from sparsezip.checkpoint import COMPRESSED_FILE, DESCRIPTION, SPARSE_STEM, described_tensors
 from sparsezip.compress import compress
-from sparsezip.config import ModelArgs, read_json
+from sparsezip.config import ModelArgs, SparsifyConfig, read_json
 from sparsezip.data import eval_windows
 from sparsezip.evaluate import perplexity
+from sparsezip.formats import COMPRESSED_FILE, DESCRIPTION_FILE, SPARSE_STEM, Description
 from sparsezip.generate import SamplingParams, generate_batch
 from sparsezip.runtime import load_model
+from sparsezip.sparsify import sparsify
 
-REPO = Path(__file__).resolve().parents[1]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -33,8 +29,8 @@ def pipeline(tiny_dir, text_file, tmp_path_factory):
         if family not in built:
             root = tmp_path_factory.mktemp(f"pipe-{family}")
             dense = tiny_dir(family)
-            sparse = sparsify(dense, root / "s", method="wanda", sparsity=0.5, calib=[text_file],
-                              calib_samples=8, calib_seqlen=64)
+            sparse = sparsify(dense, root / "s", SparsifyConfig(method="wanda", sparsity=0.5, calib=[text_file],
+                                                                calib_samples=8, calib_seqlen=64))
             packed = {tp: root / f"c{tp}" for tp in (1, 2)}
             for tp, out in packed.items():
                 compress(sparse, out, tp=tp, verify=True)
@@ -52,11 +48,11 @@ def safetensors_keys(path: Path) -> set[str]:
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_w16a16s_folder_follows_the_format(pipeline, family):
     dense, sparse, _ = pipeline(family)
-    desc = read_json(sparse / DESCRIPTION)
+    desc = read_json(sparse / DESCRIPTION_FILE)
     assert desc["model_quant_type"] == "W16A16S" and desc["version"] == "1.0.0"
     assert desc["metadata"]["method"] == "wanda" and desc["metadata"]["calibration_tokens"] == 8 * 64
     stored = safetensors_keys(sparse / f"{SPARSE_STEM}.safetensors")
-    assert set(described_tensors(desc)) == stored
+    assert set(Description.from_json(desc, sparse).tensors) == stored
     with safe_open(str(dense / "model.safetensors"), "pt") as f:
         assert stored == set(f.keys())  # every source tensor is kept, under its Hugging Face name
     for name in stored:
@@ -95,10 +91,10 @@ def test_parts_have_fused_widths_and_matching_keys(pipeline, family, tp):
     assert parts == [f"part{r}-of-{tp}" for r in range(tp)]
     for r in range(tp):
         part = packed[tp] / f"part{r}-of-{tp}"
-        desc = read_json(part / DESCRIPTION)
+        desc = read_json(part / DESCRIPTION_FILE)
         assert desc["model_quant_type"] == "W16A16SC" and desc["metadata"]["tp_size"] == tp
         assert desc["metadata"]["rank"] == r and desc["metadata"]["codec"] == "huff-v2"  # the default codec
-        assert set(described_tensors(desc)) == safetensors_keys(part / COMPRESSED_FILE)
+        assert set(Description.from_json(desc, part).tensors) == safetensors_keys(part / COMPRESSED_FILE)
         with safe_open(str(part / COMPRESSED_FILE), "pt") as f:
             for layer in range(args.num_layers):
                 for linear, outdim in expected_outdim.items():
@@ -132,15 +128,9 @@ def test_compressed_model_gives_identical_logits_tokens_and_perplexity(pipeline,
     assert perplexity(a, windows, show_progress=False) == perplexity(b, windows, show_progress=False)
 
 
-def sparsezip_cli(*argv: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    launcher = [sys.executable, "-m", "sparsezip"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-        "-m", "sparsezip"]
-    return subprocess.run([*launcher, "-q", *argv], capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_tensor_parallel_run_and_eval_match_between_sparse_and_compressed(pipeline, text_file):
+@pytest.mark.slow
+def test_tensor_parallel_run_and_eval_match_between_sparse_and_compressed(pipeline, text_file, sparsezip_cli,
+                                                                         sparsezip_ok):
     _, sparse, packed = pipeline("qwen3")
     outputs = {}
     for name, folder in (("sparse", sparse), ("packed", packed[2])):
@@ -160,12 +150,8 @@ def test_tensor_parallel_run_and_eval_match_between_sparse_and_compressed(pipeli
     assert [line for line in lean.stdout.splitlines() if line.startswith("Answer[0]")] == outputs["sparse"][:1]
 
 
-def sparsezip_ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def test_torchrun_compress_writes_the_same_parts_as_one_process(pipeline, tmp_path):
+@pytest.mark.slow
+def test_torchrun_compress_writes_the_same_parts_as_one_process(pipeline, tmp_path, sparsezip_cli, sparsezip_ok):
     _, sparse, packed = pipeline("llama")
     sparsezip_ok(sparsezip_cli("compress", "--model_path", str(sparse), "--save_directory", str(tmp_path / "c"),
                              nproc=2))

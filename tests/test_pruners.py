@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsezip.errors import SparsezipError
-from sparsezip.kernels import cpu_prune
+from sparsezip.kernels.cpu import prune as cpu_prune
 from sparsezip.pruners import (METHODS, LinearStats, _inverse_lower, _inverse_upper_factor, _prune_block, add_hessian,
                                float_sparse, magnitude, sparsegpt, wanda)
 
@@ -265,18 +265,18 @@ def obs_block_problem(b: int, rows: int, seed: int):
     return torch.randn(b, rows, generator=g), _inverse_upper_factor(h), dead
 
 
-@pytest.mark.skipif(cpu_prune._native is None, reason="native OBS kernel not built")
+@pytest.mark.skipif(cpu_prune.native is None, reason="native OBS kernel not built")
 @pytest.mark.parametrize("b, rows, k, pattern, threads", [
     (128, 64, 64, None, 1), (128, 130, 51, None, 2), (128, 7, 0, None, 2), (96, 200, 96, None, 2),
     (128, 2100, 51, None, 2), (128, 70, 0, (2, 4), 1), (128, 2051, 0, (2, 4), 2), (126, 65, 0, (3, 6), 2),
     (128, 9, 0, (1, 8), 1)])
-def test_native_obs_block_matches_torch_loop(b, rows, k, pattern, threads, monkeypatch):
+def test_native_obs_block_matches_torch_loop(b, rows, k, pattern, threads, monkeypatch, kernel_level):
     """The C loop (row chunks of 64; threads from 1024 rows each) makes the same masks as the torch loop and the same
     updates up to fp32 summation order; rows not a multiple of the chunk, and the N:M groups, included."""
     w1, h1, dead = obs_block_problem(b, rows, seed=b + rows)
     want_w = w1.clone()
     want_err = _prune_block(want_w, h1, dead, k, pattern)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(cpu_prune, "threads", lambda: threads)
     got_w = w1.clone()
     got_err = cpu_prune.obs_block(got_w, h1, dead, k, pattern)
     assert torch.equal(got_w == 0, want_w == 0)
@@ -294,7 +294,7 @@ def test_sparsegpt_torch_loop_matches_native(pattern, monkeypatch):
     """Without the extension (or off the CPU) sparsegpt takes the torch loop, with the same result."""
     w, x, stats = problem(40, 300, seed=13)
     native = sparsegpt(w, stats, 0.5, pattern)
-    monkeypatch.setattr(cpu_prune, "_native", None)
+    monkeypatch.setattr(cpu_prune, "native", None)
     torch_loop = sparsegpt(w, stats, 0.5, pattern)
     assert torch.equal(native == 0, torch_loop == 0)
     assert float((native - torch_loop).norm() / torch_loop.norm()) < 1e-5

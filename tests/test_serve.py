@@ -388,6 +388,7 @@ def test_a_busy_port_is_a_one_line_error():
             listen("127.0.0.1", taken.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_tensor_parallel_server_answers_like_one_process(launched, reference):
     srv = wait_ready(launched[2])
     try:

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from sparsezip.assets import austen_files, demo_model_dir
+from sparsezip_demo.assets import austen_files, demo_model_dir
 from sparsezip.data import SAFE_CUT, cut, encode_long, load_tokenizer, plain_tokenizer, tokenize
 
 EDGE_CASES = [

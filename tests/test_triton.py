@@ -1,8 +1,8 @@
-"""Tests for the Triton kernels (sparsezip.kernels.triton_codec) against the reference codec.
+"""Tests for the Triton kernels (sparsezip.kernels.triton.codec) against the reference codec.
 
 Without a CUDA GPU the kernels run under the Triton interpreter (numpy on the CPU). TRITON_INTERPRET
-is read when a kernel is decorated, so the fixture loads a private copy of the module with the variable
-set only while it is imported: the shared sparsezip.kernels.triton_codec, and every other test module
+is read when a kernel is decorated, so a fixture (conftest.py) loads a private copy of the module with the
+variable set only while it is imported: the shared sparsezip.kernels.triton.codec, and every other test module
 in this pytest process, never see it. With a GPU (and TRITON_INTERPRET unset) the real kernels run.
 
 Expected values come from sparsezip.codec.decode and torch, never from the code under test.
@@ -10,13 +10,10 @@ Expected values come from sparsezip.codec.decode and torch, never from the code 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
-import sys
 import zlib
 from types import ModuleType
-from unittest import mock
 
 import pytest
 import torch
@@ -31,30 +28,14 @@ SHAPES = [(1, 1), (130, 200), (256, 384)]
 SPECIAL = [0x8000, 0x0001, 0x83FF, 0x7C00, 0xFC00, 0x7E01, 0xFFFF, 0x0400]  # -0, subnormals, inf, NaNs
 
 
-def _interpreted_copy() -> ModuleType:
-    """triton_codec with kernels built for the interpreter, under a private module name."""
-    import sparsezip.kernels
-
-    name = "sparsezip.kernels._triton_codec_interpreted"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(os.path.dirname(sparsezip.kernels.__file__), "triton_codec.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
-        spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def kit() -> tuple[ModuleType, str]:
+def kit(interpreted_triton) -> tuple[ModuleType, str]:
     """(kernel module, device the tensors go to)."""
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        from sparsezip.kernels import triton_codec
+        from sparsezip.kernels.triton import codec as triton_codec
 
         return triton_codec, "cuda"
-    return _interpreted_copy(), "cpu"
+    return interpreted_triton, "cpu"
 
 
 def pruned(n: int, k: int, seed: int, density: float = 0.5, special: bool = False) -> torch.Tensor:
@@ -86,7 +67,7 @@ def assert_linear_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> No
 def prepared(kit: tuple[ModuleType, str], w: torch.Tensor, name: str = "bitmap-v1"):  # noqa: ANN201
     tk, device = kit
     enc = codec.encode(w, name)
-    return tk.prepare(enc.weight, enc.index, enc.info, device), enc
+    return tk.prepare(enc, device), enc
 
 
 def e5m2(w: torch.Tensor, keep_every: int = 40) -> torch.Tensor:
@@ -252,7 +233,7 @@ def test_prepare_rejects_corrupt_input(kit, case):
     enc = codec.encode(pruned(130, 203, seed=9))
     (weight, index, info), message = _corruptions(enc)[case]
     with pytest.raises(SparsezipError, match=message):
-        tk.prepare(weight, index, info, device)
+        tk.prepare(codec.EncodedWeight(weight, index, info), device)
 
 
 def _huff_corruptions() -> tuple[codec.EncodedWeight, dict[str, tuple[torch.Tensor, str]]]:
@@ -287,13 +268,13 @@ def test_prepare_rejects_corrupt_huff_streams(kit, case):
     enc, cases = _huff_corruptions()
     weight, message = cases[case]
     with pytest.raises(SparsezipError, match=message):
-        tk.prepare(weight, enc.index, enc.info, device)
+        tk.prepare(codec.EncodedWeight(weight, enc.index, enc.info), device)
     if case == "sign padding":  # only the reference decoder sees this; without it the values are still right
-        dw = tk.prepare(weight, enc.index, enc.info, device, verify=False)
+        dw = tk.prepare(codec.EncodedWeight(weight, enc.index, enc.info), device, verify=False)
         assert bit_equal(tk.decode(dw), codec.decode(enc.weight, enc.index, enc.info))
     else:  # structure: checked even without verify
         with pytest.raises(SparsezipError, match=message):
-            tk.prepare(weight, enc.index, enc.info, device, verify=False)
+            tk.prepare(codec.EncodedWeight(weight, enc.index, enc.info), device, verify=False)
 
 
 def test_prepare_accepts_what_the_reference_accepts(kit):
@@ -318,7 +299,7 @@ def test_kernels_compile_for_h100(codec_id):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    from sparsezip.kernels import triton_codec
+    from sparsezip.kernels.triton import codec as triton_codec
 
     for kernel, consts in [
         (triton_codec._decode_kernel, {"BN": 16, "TC": 1, "CODEC": codec_id}),
@@ -333,7 +314,7 @@ def test_kernels_compile_for_h100(codec_id):
 def test_availability_is_per_module(kit):
     tk, device = kit
     assert tk.available(device)
-    from sparsezip.kernels import triton_codec
+    from sparsezip.kernels.triton import codec as triton_codec
 
     # The shared module was never switched to the interpreter by these tests.
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

@@ -1,7 +1,8 @@
-"""The three folder kinds (dense Hugging Face, W16A16S, W16A16SC): detection, lazy reads, safe writes.
+"""Safetensors I/O that every step shares: lazy per-tensor reads, streaming sharded writes, atomic output folders.
 
-Reads are per tensor (safetensors memory-maps), so a step holds one layer at a time. Every output
-folder is written into a temporary sibling and renamed into place only when complete.
+Reads are per tensor, so a step holds one layer at a time. Every output folder is written into a temporary
+sibling and renamed into place only when complete. What the folders hold and how their files are named is
+formats.py's business.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -21,85 +21,14 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from .config import read_json, write_json
+from .config import write_json
 from .errors import SparsezipError
 
 log = logging.getLogger("sparsezip")
 
-HF, W16A16S, W16A16SC = "dense", "W16A16S", "W16A16SC"
-FORMAT_VERSION = "1.0.0"
-DESCRIPTION = "quant_model_description.json"
-SPARSE_STEM = "quant_model_weights"
-COMPRESSED_FILE = "quant_model_weight_w16a16sc.safetensors"
-# Files other than weights that inference needs; copied as they are when present.
-SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
-)
-PART_DIR = re.compile(r"^part(\d+)-of-(\d+)$")
-
-
-def check_model_dir(model_dir: Path) -> Path:
-    model_dir = Path(model_dir)
-    if not model_dir.exists():
-        raise SparsezipError(f"model path {model_dir} does not exist")
-    if not model_dir.is_dir():
-        raise SparsezipError(f"model path {model_dir} is not a folder")
-    if not (model_dir / "config.json").is_file():
-        raise SparsezipError(f"{model_dir} has no config.json; point --model_path at a Hugging Face model folder")
-    return model_dir
-
-
-def part_dirs(model_dir: Path) -> list[Path]:
-    """The part{r}-of-{N} folders of a W16A16SC model, in rank order; checks that they are complete."""
-    found = {}
-    for p in Path(model_dir).iterdir():
-        m = PART_DIR.match(p.name)
-        if m and p.is_dir():
-            found[(int(m[1]), int(m[2]))] = p
-    if not found:
-        return []
-    sizes = {n for _, n in found}
-    if len(sizes) != 1:
-        raise SparsezipError(f"{model_dir} mixes part folders of different TP sizes {sorted(sizes)}")
-    n = sizes.pop()
-    missing = [f"part{r}-of-{n}" for r in range(n) if (r, n) not in found]
-    if missing:
-        raise SparsezipError(f"{model_dir} is missing {', '.join(missing)}")
-    return [found[(r, n)] for r in range(n)]
-
-
-def detect_kind(model_dir: Path) -> str:
-    """Which of the three folder kinds this is, judged by its files."""
-    model_dir = check_model_dir(model_dir)
-    if part_dirs(model_dir):
-        return W16A16SC
-    if (model_dir / DESCRIPTION).is_file():
-        kind = read_json(model_dir / DESCRIPTION).get("model_quant_type")
-        if kind != W16A16S:
-            raise SparsezipError(f"{model_dir / DESCRIPTION} says model_quant_type {kind!r}; expected W16A16S")
-        return W16A16S
-    return HF
-
-
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """Weight files of a dense or W16A16S folder, following a sharded index when there is one."""
-    indexes = sorted(model_dir.glob("*.safetensors.index.json"))
-    if indexes:
-        weight_map = read_json(indexes[0]).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise SparsezipError(f"{indexes[0]} has no weight_map")
-        return [model_dir / f for f in sorted(set(weight_map.values()))]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise SparsezipError(f"{model_dir} has no .safetensors weights (only safetensors checkpoints are supported)")
-    return files
-
-
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
           "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def read_safetensors_header(path: Path) -> tuple[int, dict[str, dict]]:
@@ -182,61 +111,6 @@ def to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def description_weight_files(folder: Path, kind: str) -> list[Path]:
-    """The safetensors files a description speaks for: a part's one file, or a W16A16S folder's shards."""
-    return [folder / COMPRESSED_FILE] if kind == W16A16SC else safetensors_files(folder)
-
-
-def read_description(folder: Path, expected_kind: str) -> dict:
-    """A folder's description, checked against the tensors its weight files actually hold.
-
-    run, compress and inspect all read descriptions through here, so a description that names a
-    tensor the weights lack, misses one they hold, or gives a wrong outdim is refused everywhere
-    alike instead of being trusted by whichever reader forgot to check.
-    """
-    desc = read_json(folder / DESCRIPTION)
-    if desc.get("model_quant_type") != expected_kind:
-        raise SparsezipError(f"{folder / DESCRIPTION} is not a {expected_kind} description")
-    reader = TensorReader(description_weight_files(folder, expected_kind))
-    check_description_matches(desc, reader.names(), folder)
-    if expected_kind == W16A16SC:
-        check_outdims(desc, reader, folder)
-    return desc
-
-
-def described_tensors(desc: dict) -> dict[str, str]:
-    """Tensor entries of a description: everything but the header keys and outdim integers."""
-    return {k: v for k, v in desc.items()
-            if k not in ("model_quant_type", "version", "metadata") and not k.endswith(".outdim")}
-
-
-def check_description_matches(desc: dict, names: list[str], where: Path) -> None:
-    described = set(described_tensors(desc))
-    stored = set(names)
-    if described != stored:
-        extra, missing = sorted(described - stored)[:3], sorted(stored - described)[:3]
-        raise SparsezipError(
-            f"{where / DESCRIPTION} disagrees with the weights: described but not stored {extra}, "
-            f"stored but not described {missing}"
-        )
-
-
-def check_outdims(desc: dict, reader: TensorReader, folder: Path) -> None:
-    """Every compressed `<p>.weight` needs an integer `<p>.weight.outdim` equal to the rows `<p>.info` stores.
-
-    The 1-D stream cannot tell its shape, so a wrong outdim would otherwise build a wrongly sized model.
-    """
-    for name, kind in described_tensors(desc).items():
-        if kind != W16A16SC or not name.endswith(".weight"):
-            continue
-        outdim = desc.get(name + ".outdim")
-        info = reader.get(name[: -len(".weight")] + ".info").flatten().tolist()
-        stored = info[3] if len(info) == 5 else None
-        if type(outdim) is not int or outdim != stored:
-            raise SparsezipError(f"{folder / DESCRIPTION}: {name}.outdim is {outdim!r} but the stored .info "
-                                 f"says {stored} output rows")
-
-
 class ShardedWriter:
     """Writes tensors as they are produced into safetensors files of at most `max_bytes` each.
 
@@ -310,21 +184,6 @@ def merge_safetensors(chunks: list[Path], out: Path) -> dict[str, int]:
                 shutil.copyfileobj(src, f, 16 * 2**20)
             chunk.unlink()
     return sizes
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
-def write_fp16_config(src: Path, dst: Path) -> None:
-    """config.json saying float16 under both spellings (transformers 5 writes `dtype`, older readers
-    read `torch_dtype`), so a bf16 or fp32 source's dtype does not contradict the fp16 weights."""
-    config = read_json(src / "config.json")
-    config["torch_dtype"] = config["dtype"] = "float16"
-    config.pop("quantization_config", None)
-    write_json(dst / "config.json", config)
 
 
 def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path, ...]) -> Path:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from . import WEIGHT_MODES, __version__
+from . import __version__, layouts
 from .errors import SparsezipError
 
 log = logging.getLogger("sparsezip")
@@ -49,30 +49,35 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1.0)")
     flag(p, "--stop", nargs="+", default=None, help="stop before any of these strings")
     flag(p, "--seed", type=int, default=0, help="sampling seed (default: 0)")
-    flag(p, "--weights", choices=WEIGHT_MODES, default="dense",
-         help="how linear weights are held: dense = fp16, decoded once at load (fastest prefill); sparse = "
-         "W16A16S/W16A16SC on CPU: bitmap + nonzero values (1 byte each after L2 rounding), expanded inside each "
-         "product (~half the memory of dense, ~0.7x its decode speed); compressed = "
-         "W16A16SC: the stored codec bytes, decoded on the fly (least memory, slowest) (default: dense)")
+    flag(p, "--weights", choices=layouts.names(), default="dense",
+         help=f"how the pruned linears are held in memory: {layouts.help_text()} (default: dense)")
     add_device(p)
 
 
-def cmd_sparsify(ns: argparse.Namespace) -> None:
-    from .calibrate import sparsify
+def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
+    from .config import OwlConfig, SparsifyConfig
     from .runtime import pick_device
 
-    sparsify(model_path=ns.model_path, save_path=ns.save_path, method=ns.method, sparsity=ns.sparsity,
-             pattern=ns.pattern, calib=ns.calib, calib_samples=ns.calib_samples, calib_seqlen=ns.calib_seqlen,
-             device=pick_device(ns.device), part_file_size=ns.part_file_size, overwrite=ns.overwrite, seed=ns.seed,
-             rounding=ns.rounding, owl=ns.owl, owl_threshold=ns.owl_threshold, owl_lambda=ns.owl_lambda)
+    settings = dict(calib=tuple(ns.calib or ()), device=pick_device(ns.device))
+    for name in ("method", "sparsity", "pattern", "rounding", "calib_samples", "calib_seqlen", "seed",
+                 "part_file_size"):
+        if hasattr(ns, name):
+            settings[name] = getattr(ns, name)
+    if getattr(ns, "owl", False):
+        settings["owl"] = OwlConfig(ns.owl_threshold, ns.owl_lambda)
+    return SparsifyConfig(**(settings | fixed))
+
+
+def cmd_sparsify(ns: argparse.Namespace) -> None:
+    from .sparsify import sparsify
+
+    sparsify(ns.model_path, ns.save_path, sparsify_config(ns), overwrite=ns.overwrite)
     print(f"saved W16A16S model to {ns.save_path}")
 
 
 def cmd_quant(ns: argparse.Namespace) -> None:
     """The original's `quant --quant_type w16a16s`: float_sparse at ratio 0.4 with L2 rounding."""
-    from .assets import austen_files
-    from .calibrate import sparsify
-    from .runtime import pick_device
+    from .sparsify import sparsify
 
     if ns.quant_type.lower() != "w16a16s":
         raise SparsezipError(f"--quant_type {ns.quant_type} is not supported; only w16a16s")
@@ -82,50 +87,47 @@ def cmd_quant(ns: argparse.Namespace) -> None:
         actual = ModelArgs.from_dir(ns.model_path).model_type
         if ns.model_type.lower().split("-")[0].rstrip("0123456789.") not in actual:
             raise SparsezipError(f"--model_type {ns.model_type} does not match config.json's model_type {actual}")
-    calib = ns.calib or austen_files(QUANT_DEFAULT_CALIB)
-    if not ns.calib:
-        log.info("no --calib given: calibrating on %s", ", ".join(p.name for p in calib))
-    sparsify(model_path=ns.model_path, save_path=ns.save_path, method="float_sparse", sparsity=0.4, calib=calib,
-             device=pick_device(ns.device), overwrite=ns.overwrite)
+    sparsify(ns.model_path, ns.save_path, sparsify_config(ns, method="float_sparse", sparsity=0.4),
+             overwrite=ns.overwrite)
     print(f"saved W16A16S model to {ns.save_path}")
 
 
-# calibration books of the reference protocol (DESIGN §5), used when `quant` gets no --calib
-QUANT_DEFAULT_CALIB = ["emma", "mansfieldpark", "persuasion", "sensesensibility", "northangerabbey"]
-
-
 def cmd_compress(ns: argparse.Namespace) -> None:
-    from .compress import compress, compress_distributed
-    from .tp import init_dist
+    from .compress import compress
+    from .tp import process_group
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist = init_dist("cpu")
-        compress_distributed(model_path=ns.model_path, save_directory=ns.save_directory, dist=dist, tp=ns.tp,
-                             workers=ns.workers, verify=ns.verify, codec_name=ns.codec, overwrite=ns.overwrite)
-    else:
-        tp = 1 if ns.tp is None else ns.tp  # not `ns.tp or 1`: --tp 0 must be refused, not read as 1
-        compress(model_path=ns.model_path, save_directory=ns.save_directory, tp=tp, workers=ns.workers,
-                 verify=ns.verify, codec_name=ns.codec, overwrite=ns.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"saved W16A16SC model to {ns.save_directory}")
+    with process_group("cpu") as dist:
+        compress(ns.model_path, ns.save_directory, tp=ns.tp, workers=ns.workers, verify=ns.verify,
+                 codec_name=ns.codec, overwrite=ns.overwrite, dist=dist)
+        if dist.is_main:
+            print(f"saved W16A16SC model to {ns.save_directory}")
 
 
-def load_for_inference(ns: argparse.Namespace):
-    """(model, tokenizer, dist, device) for run, chat, serve and eval, on every folder kind."""
+def load_for_inference(ns: argparse.Namespace, dist):
+    """(model, tokenizer, device) for run, chat, serve and eval, on every folder kind."""
     from transformers import AutoTokenizer
 
-    from .checkpoint import check_model_dir
+    from .formats import check_model_dir
     from .runtime import load_model, pick_device
-    from .tp import init_dist
 
-    device = pick_device(ns.device)
     check_model_dir(Path(ns.model_path))
-    dist = init_dist(device)
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = dist.device(pick_device(ns.device))
     model = load_model(Path(ns.model_path), device=device, dist=dist, weights=getattr(ns, "weights", "dense"))
     tokenizer = AutoTokenizer.from_pretrained(ns.model_path)
-    return model, tokenizer, dist, device
+    return model, tokenizer, device
+
+
+def inference(command):
+    """Run an inference command inside torchrun's process group (a no-op in one process), left on every path."""
+
+    def run(ns: argparse.Namespace) -> None:
+        from .runtime import pick_device
+        from .tp import process_group
+
+        with process_group(pick_device(ns.device)) as dist:
+            command(ns, dist)
+
+    return run
 
 
 def sampling_params(ns: argparse.Namespace, max_new_tokens: int):
@@ -138,11 +140,12 @@ def sampling_params(ns: argparse.Namespace, max_new_tokens: int):
     return params
 
 
-def cmd_run(ns: argparse.Namespace) -> None:
+@inference
+def cmd_run(ns: argparse.Namespace, dist) -> None:
     from .generate import generate_batch, peak_memory_mb, prompt_ids, stop_ids
 
     params = sampling_params(ns, ns.max_output_length)
-    model, tokenizer, dist, device = load_for_inference(ns)
+    model, tokenizer, device = load_for_inference(ns, dist)
     prompts = [prompt_ids(tokenizer, text, use_chat_template=not ns.no_chat_template) for text in ns.input_texts]
     stream = dist.is_main and ns.stream and len(prompts) == 1
     on_text = (lambda _, text: print(text, end="", flush=True)) if stream else None
@@ -163,32 +166,35 @@ def cmd_run(ns: argparse.Namespace) -> None:
     print(f"Peak memory: {peak_memory_mb(device):.0f} MiB ({device})")
 
 
-def cmd_chat(ns: argparse.Namespace) -> None:
+@inference
+def cmd_chat(ns: argparse.Namespace, dist) -> None:
     from .chat import chat_loop
 
     params = sampling_params(ns, ns.max_new_tokens)
-    model, tokenizer, dist, _ = load_for_inference(ns)
+    model, tokenizer, _ = load_for_inference(ns, dist)
     chat_loop(model, tokenizer, params, dist, ns.model_path, system=ns.system)
 
 
-def cmd_serve(ns: argparse.Namespace) -> None:
+@inference
+def cmd_serve(ns: argparse.Namespace, dist) -> None:
     from .serve import serve
 
     defaults = sampling_params(ns, ns.max_new_tokens)
-    model, tokenizer, dist, _ = load_for_inference(ns)
+    model, tokenizer, _ = load_for_inference(ns, dist)
     serve(model, tokenizer, dist, ns.model_path, host=ns.host, port=ns.port, defaults=defaults,
           model_name=ns.model_name or Path(ns.model_path).name, max_batch_size=ns.max_batch_size)
 
 
-def cmd_eval(ns: argparse.Namespace) -> None:
+@inference
+def cmd_eval(ns: argparse.Namespace, dist) -> None:
     from .data import eval_windows
     from .evaluate import perplexity
 
-    model, tokenizer, dist, _ = load_for_inference(ns)
+    model, tokenizer, _ = load_for_inference(ns, dist)
     windows = eval_windows(tokenizer, ns.data, ns.seqlen, ns.max_windows)
     ppl = perplexity(model, windows, ns.batch_size, show_progress=dist.is_main)
     if dist.is_main:
-        from .checkpoint import detect_kind
+        from .formats import detect_kind
 
         print(f"perplexity: {ppl:.4f} ({len(windows)} windows of {ns.seqlen} tokens; "
               f"{detect_kind(ns.model_path)} folder {ns.model_path})")
@@ -201,10 +207,17 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
     print(format_report(kind, rows, per_tensor=not ns.summary))
 
 
-def cmd_demo_model(ns: argparse.Namespace) -> None:
-    from .assets import demo_model_dir
+def cmd_info(ns: argparse.Namespace) -> None:
+    """Which native kernels this machine runs, and why."""
+    from .kernels import cpu
 
-    print(demo_model_dir())
+    found = cpu.features()
+    flags = ", ".join(name for name, on in found["flags"].items() if on) or "none"
+    print(f"sparsezip {__version__}")
+    print(f"native CPU kernels: level {found['level']} (best for this CPU and OS: {found['detected']}; "
+          f"cap with ${cpu.ISA_ENV}=scalar|avx2|avx512)")
+    print(f"CPU features enabled: {flags}")
+    print(f"kernel threads: {cpu.threads()}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(p, "--save_path", required=True, type=Path)
     flag(p, "--quant_type", required=True, help="w16a16s")
     flag(p, "--model_type", default=None, help="e.g. Qwen3-32B; checked against config.json")
-    flag(p, "--calib", nargs="+", type=Path, help="calibration files (default: the Austen reference books)")
+    flag(p, "--calib", nargs="+", type=Path, required=True, help=".txt or .jsonl calibration files")
     flag(p, "--overwrite", action="store_true", help="replace an existing output folder")
     add_device(p)
     p.set_defaults(func=cmd_quant)
@@ -297,14 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     flag(p, "--summary", action="store_true", help="totals only")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo-model", help="fetch the offline demo model (SmolLM2-135M) and print its folder")
-    p.set_defaults(func=cmd_demo_model)
+    p = sub.add_parser("info", help="the native kernels and CPU features this machine runs")
+    p.set_defaults(func=cmd_info)
     return parser
 
 
 def setup_logging(quiet: bool) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    from .tp import Dist
+
+    level = logging.WARNING if quiet or not Dist.from_env().is_main else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "torch"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -322,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error(e)
         return 2
-    setup_logging(ns.quiet)
     try:
+        setup_logging(ns.quiet)
         ns.func(ns)
     except (SparsezipError, OSError, MemoryError) as e:
         print_error(e)
@@ -331,18 +345,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsezip: interrupted", file=sys.stderr)
         return 130
-    leave_process_group()
     return 0
-
-
-def leave_process_group() -> None:
-    """After a successful torchrun command, leave the process group while the interpreter is whole: left to
-    the interpreter's exit, gloo's worker threads are sometimes torn down mid-flight and the process aborts
-    with "terminate called without an active exception" (pytorch/pytorch#190489). Not after a failure: the
-    other ranks may be inside a collective, and waiting for them would hang."""
-    if "torch.distributed" not in sys.modules:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

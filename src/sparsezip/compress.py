@@ -1,8 +1,9 @@
-"""`compress`: split a W16A16S checkpoint for tensor parallelism and encode every rank's linears.
+"""`compress`: split a W16A16S folder for tensor parallelism and encode every rank's pruned linears.
 
-Each rank first takes its shard through the TP table (the same one the loader uses), then
-encodes its fused linears tile by tile. In one process `--tp N` builds all N parts; under
-torchrun every process builds its own part and rank 0 publishes the folder.
+Each rank's tensors come from the same TP table the loader uses (tp.py), so a part holds exactly the
+per-rank fused tensors our model expects. The codec runs tile by tile. In one process `tp` parts are built
+one after another; under torchrun every process builds its own part and rank 0 publishes the folder once
+every rank succeeded.
 """
 
 from __future__ import annotations
@@ -14,20 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import __version__, codec
-from .checkpoint import (COMPRESSED_FILE, DESCRIPTION, FORMAT_VERSION, W16A16S, W16A16SC, TensorReader,
-                         check_output_path, copy_side_files,
-                         detect_kind, new_temp_dir, publish, read_description, safetensors_files, to_fp16,
-                         write_fp16_config)
-from .config import ModelArgs, write_json
+from .checkpoint import TensorReader, check_output_path, new_temp_dir, publish, to_fp16
+from .config import ModelArgs
 from .errors import SparsezipError
+from .formats import (Description, FolderKind, copy_side_files, detect_kind, linear_prefix, part_dir_name,
+                      part_metadata, read_description, weight_files, write_fp16_config, write_part)
 from .tp import Dist, SplitRule, all_rules, check_tp_size, shard
 
 log = logging.getLogger("sparsezip")
-DEFAULT_CODEC = "huff-v2"
 
 
 @dataclass(frozen=True)
@@ -37,22 +35,22 @@ class Source:
     path: Path
     args: ModelArgs
     reader: TensorReader
-    description: dict
+    description: Description
 
     @classmethod
-    def open(cls, path: Path) -> "Source":
+    def open(cls, path: Path) -> Source:
         path = Path(path)
-        if detect_kind(path) != W16A16S:
+        if detect_kind(path) != FolderKind.W16A16S:
             raise SparsezipError(f"{path} is not a W16A16S folder (run `sparsezip sparsify` first)")
-        reader = TensorReader(safetensors_files(path))
-        description = read_description(path, W16A16S)  # also checks it against the weights
+        reader = TensorReader(weight_files(path))
+        description = read_description(path, FolderKind.W16A16S)  # also checks it against the weights
         return cls(path, ModelArgs.from_dir(path), reader, description)
 
     def read(self, name: str) -> torch.Tensor:
         return to_fp16(name, self.reader.get(name))
 
     def is_sparse(self, rule: SplitRule) -> bool:
-        return rule.compressed and any(self.description.get(s) == W16A16S for s in rule.sources)
+        return rule.compressed and any(self.description.is_sparse(s) for s in rule.sources)
 
 
 @dataclass
@@ -61,53 +59,40 @@ class PartStats:
     packed_bytes: int = 0  # .weight + .index + .info bytes of the same
     weights: int = 0
 
-    def add(self, other: "PartStats") -> None:
+    def add(self, other: PartStats) -> None:
         self.dense_bytes += other.dense_bytes
         self.packed_bytes += other.packed_bytes
         self.weights += other.weights
 
 
 def encode_rule(src: Source, rule: SplitRule, rank: int, tp: int, codec_name: str,
-                verify: bool) -> tuple[dict[str, torch.Tensor], dict, PartStats]:
-    """One per-rank tensor: FLOAT as is, or a sparse linear as .weight/.index/.info."""
+                verify: bool) -> tuple[str, torch.Tensor | codec.EncodedWeight, PartStats]:
+    """One per-rank entry: (tensor name, FLOAT tensor) or (linear prefix, its encoded weight)."""
     tensor = shard(rule, src.read, rank, tp)
     if not src.is_sparse(rule):
-        return {rule.target: tensor}, {rule.target: "FLOAT"}, PartStats()
+        return rule.target, tensor, PartStats()
     enc = codec.encode(tensor, codec_name)
     if verify:
         decoded = codec.decode(enc.weight, enc.index, enc.info)
         if not torch.equal(decoded.view(torch.int16), tensor.view(torch.int16)):
             raise SparsezipError(f"--verify: {rule.target} of rank {rank} did not decode bit for bit")
-    prefix = rule.target[: -len(".weight")]
-    tensors = {prefix + ".weight": enc.weight, prefix + ".index": enc.index, prefix + ".info": enc.info}
-    desc = {name: W16A16SC for name in tensors} | {prefix + ".weight.outdim": int(tensor.shape[0])}
-    packed = sum(t.numel() * t.element_size() for t in tensors.values())
-    return tensors, desc, PartStats(tensor.numel() * 2, packed, tensor.numel())
+    return linear_prefix(rule.target), enc, PartStats(tensor.numel() * 2, enc.nbytes, tensor.numel())
 
 
-def write_part(src: Source, rank: int, tp: int, out: Path, codec_name: str, workers: int, verify: bool,
+def build_part(src: Source, rank: int, tp: int, out: Path, codec_name: str, workers: int, verify: bool,
                show_progress: bool = True) -> PartStats:
-    """Build part{rank}-of-{tp}/ inside `out`."""
-    chosen = codec.get_codec(codec_name)
+    """Write part{rank}-of-{tp}/ inside `out`."""
     rules = list(all_rules(src.args))
-    tensors, stats = {}, PartStats()
-    description = {
-        "model_quant_type": W16A16SC, "version": FORMAT_VERSION,
-        "metadata": {"tp_size": tp, "rank": rank, "codec": chosen.name, "codec_version": chosen.version,
-                     "codec_id": chosen.codec_id, "tool": f"sparsezip {__version__}",
-                     "sparsify": src.description.get("metadata", {})},
-    }
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # numpy releases the GIL in the heavy encode steps
+    entries, stats = {}, PartStats()
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # numpy and the native coder release the GIL
         jobs = pool.map(lambda r: encode_rule(src, r, rank, tp, codec_name, verify), rules)
-        for part_tensors, part_desc, part_stats in tqdm(jobs, total=len(rules), desc=f"compress rank {rank}/{tp}",
-                                                        unit="tensor", disable=not show_progress):
-            tensors.update(part_tensors)
-            description.update(part_desc)
+        for name, value, part_stats in tqdm(jobs, total=len(rules), desc=f"compress rank {rank}/{tp}",
+                                            unit="tensor", disable=not show_progress):
+            entries[name] = value
             stats.add(part_stats)
-    part = out / f"part{rank}-of-{tp}"
-    part.mkdir()
-    save_file(tensors, str(part / COMPRESSED_FILE))
-    write_json(part / DESCRIPTION, description)
+    metadata = part_metadata(tp, rank, codec.get_codec(codec_name), f"sparsezip {__version__}",
+                             src.description.metadata)
+    write_part(out / part_dir_name(rank, tp), entries, metadata)
     return stats
 
 
@@ -123,18 +108,23 @@ def log_summary(stats: PartStats) -> None:
                  8 * stats.packed_bytes / stats.weights)
 
 
-def compress(model_path: Path, save_directory: Path, tp: int = 1, workers: int = 1, verify: bool = False,
-             codec_name: str = DEFAULT_CODEC, overwrite: bool = False) -> PartStats:
-    """All parts in this process, published atomically."""
-    src = Source.open(model_path)
-    check_tp_size(src.args, tp)
-    codec.get_codec(codec_name)
+def compress(model_path: Path, save_directory: Path, tp: int | None = None, workers: int = 1,
+             verify: bool = False, codec_name: str = codec.DEFAULT_CODEC, overwrite: bool = False,
+             dist: Dist = Dist()) -> PartStats:
+    """Compress a W16A16S folder into W16A16SC parts for TP size `tp` (default: 1, or the torchrun world size),
+    published atomically. Under torchrun (`dist` from tp.process_group) each process builds its own part."""
+    if dist.size > 1:
+        if tp not in (None, dist.size):
+            raise SparsezipError(f"--tp {tp} disagrees with the {dist.size} torchrun processes; drop --tp")
+        return compress_ranks(model_path, save_directory, dist, workers, verify, codec_name, overwrite)
+    tp = 1 if tp is None else tp
+    src = open_source(model_path, tp, codec_name)
     out = check_output_path(save_directory, overwrite, (src.path,))
     tmp = new_temp_dir(out)
     total = PartStats()
     try:
         for rank in range(tp):
-            total.add(write_part(src, rank, tp, tmp, codec_name, workers, verify))
+            total.add(build_part(src, rank, tp, tmp, codec_name, workers, verify))
         write_root_files(src, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -144,20 +134,23 @@ def compress(model_path: Path, save_directory: Path, tp: int = 1, workers: int =
     return total
 
 
-def compress_distributed(model_path: Path, save_directory: Path, dist: Dist, tp: int | None = None,
-                         workers: int = 1, verify: bool = False, codec_name: str = DEFAULT_CODEC,
-                         overwrite: bool = False) -> PartStats:
+def open_source(model_path: Path, tp: int, codec_name: str) -> Source:
+    """The validated input, refusing a TP size or codec that cannot work before any encoding."""
+    src = Source.open(model_path)
+    check_tp_size(src.args, tp)
+    codec.get_codec(codec_name)
+    return src
+
+
+def compress_ranks(model_path: Path, save_directory: Path, dist: Dist, workers: int, verify: bool, codec_name: str,
+                   overwrite: bool) -> PartStats:
     """Under torchrun: each rank writes its own part; rank 0 publishes once every rank succeeded."""
     import torch.distributed as tdist
 
-    if tp not in (None, dist.size):
-        raise SparsezipError(f"--tp {tp} disagrees with the {dist.size} torchrun processes; drop --tp")
     tmp_holder: list = [None]
     error: BaseException | None = None
     try:
-        src = Source.open(model_path)
-        check_tp_size(src.args, dist.size)
-        codec.get_codec(codec_name)
+        src = open_source(model_path, dist.size, codec_name)
         if dist.is_main:
             out = check_output_path(save_directory, overwrite, (src.path,))
             tmp_holder = [str(new_temp_dir(out))]
@@ -167,7 +160,7 @@ def compress_distributed(model_path: Path, save_directory: Path, dist: Dist, tp:
     stats = PartStats()
     if error is None and tmp_holder[0] is not None:
         try:
-            stats = write_part(src, dist.rank, dist.size, Path(tmp_holder[0]), codec_name, workers, verify,
+            stats = build_part(src, dist.rank, dist.size, Path(tmp_holder[0]), codec_name, workers, verify,
                                show_progress=dist.is_main)
         except BaseException as e:
             error = e

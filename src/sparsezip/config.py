@@ -139,3 +139,77 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+@dataclass(frozen=True)
+class OwlConfig:
+    """OWL (Yin et al. 2024): layers with more activation outliers get less sparsity."""
+
+    threshold: float = 5.0  # an outlier's Wanda score exceeds threshold x its layer's mean
+    lam: float = 0.08  # largest deviation of a layer's sparsity from the target
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """How sparsify prunes: validated once (`checked`), carried through calibration and the pruners, and
+    recorded in the output folder's description (`metadata`), so a folder tells how it was made."""
+
+    method: str = "float_sparse"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"  # or N:M such as 2:4
+    rounding: str | None = None  # "l2" or "none"; None = the method's default (l2 for float_sparse)
+    calib: tuple[Path, ...] = ()
+    calib_samples: int = 32
+    calib_seqlen: int = 512
+    seed: int = 0
+    owl: OwlConfig | None = None
+    device: str = "cpu"
+    part_file_size: float = 5.0  # GB per output safetensors shard
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calib", tuple(Path(c) for c in self.calib))  # lists are welcome too
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        from .masks import parse_pattern
+
+        return parse_pattern(self.pattern)
+
+    @property
+    def rounding_mode(self) -> str:
+        return self.rounding or ("l2" if self.method == "float_sparse" else "none")
+
+    def checked(self, args: ModelArgs) -> SparsifyConfig:
+        """Refuse impossible settings before any calibration work, so a typo costs a second, not a run."""
+        from .pruners import get_method
+
+        method = get_method(self.method)
+        if not 0.0 <= self.sparsity < 1.0:  # also refuses NaN
+            raise SparsezipError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        nm = self.nm
+        widths = sorted({args.hidden_size, args.q_size, args.intermediate_size})  # inputs of the 7 pruned linears
+        if nm is not None and any(width % nm[1] for width in widths):
+            raise SparsezipError(f"--pattern {nm[0]}:{nm[1]} needs input widths divisible by {nm[1]}, "
+                                 f"but this model's pruned linears have {', '.join(map(str, widths))}")
+        if self.calib_samples < 1:
+            raise SparsezipError(f"--calib_samples must be at least 1, got {self.calib_samples}")
+        if self.calib_seqlen < 2:
+            raise SparsezipError(f"--calib_seqlen must be at least 2 tokens, got {self.calib_seqlen}")
+        if self.rounding_mode not in ("l2", "none"):
+            raise SparsezipError(f"--rounding must be l2 or none, got {self.rounding!r}")
+        if self.owl is not None and (nm is not None or not method.calibrated):
+            raise SparsezipError("--owl allocates unstructured sparsity from activations: it needs a calibrated "
+                                 "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
+        if method.calibrated and not self.calib:
+            raise SparsezipError(f"method {self.method} needs calibration text: pass --calib FILE")
+        return self
+
+    def metadata(self, tokens: int, samples: int, layer_sparsity: list[float], provenance: dict) -> dict:
+        """The description's record of this run; `provenance` says from what, with which tool, when."""
+        record = {"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern,
+                  "rounding": self.rounding_mode, "calibration_tokens": tokens, "calibration_samples": samples,
+                  "calibration_files": [Path(c).name for c in self.calib], **provenance}
+        if self.owl is not None:
+            record["owl"] = {"threshold_m": self.owl.threshold, "lambda": self.owl.lam,
+                             "layer_sparsity": [round(x, 6) for x in layer_sparsity]}
+        return record

@@ -59,7 +59,7 @@ def read_text_file(path: Path) -> str:
 
 def load_tokenizer(model_dir: Path):
     """The tokenizer for calibration text: a `tokenizers.Tokenizer` read from tokenizer.json when that gives exactly
-    the ids of transformers' AutoTokenizer (importing transformers alone costs ~4 s), else AutoTokenizer itself."""
+    the ids of transformers' AutoTokenizer (importing transformers alone costs seconds), else AutoTokenizer itself."""
     tokenizer = plain_tokenizer(Path(model_dir))
     if tokenizer is None:
         from transformers import AutoTokenizer

@@ -223,9 +223,8 @@ def take_tokens(tokens: list[int], streams: list[TextStream], finish: list[str],
 @contextmanager
 def torch_ops_on_one_thread(device: torch.device) -> Iterator[None]:
     """Run torch's own ops on one CPU thread while decoding. A decode step's torch ops (norms, attention over a
-    few queries, sampling) are tiny, and waking a sleeping OpenMP team for each costs more than the op: measured
-    on the 1B-shaped benchmark model, 294 -> 179 ms per step. The matrix products run in the native kernels,
-    which keep their own threads (kernels/cpu_linear.py)."""
+    few queries, sampling) are tiny, and waking a sleeping OpenMP team for each costs more than the op. The matrix
+    products run in the native kernels, which keep their own threads (kernels/cpu)."""
     if device.type != "cpu":
         yield
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .errors import SparsezipError
-from .kernels.cpu_prune import kth_smallest
+from .kernels.cpu.prune import kth_smallest
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:

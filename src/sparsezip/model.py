@@ -12,16 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs, rope_inv_freq
-from .kernels.cpu_linear import mixed_linear
+from .kernels.cpu.gemv import mixed_linear
+from .layouts.dense import DenseLinear  # the loader swaps the pruned linears for the chosen layout
 from .tp import Dist, all_gather_last, all_reduce
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose weight may stay fp16 under fp32 activations (the loader keeps fp16 matrices as stored
-    on CPU: a decode step then reads half the bytes)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return mixed_linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -129,8 +122,8 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.dist = dist
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * args.head_dim
-        self.qkv_proj = Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
-        self.o_proj = Linear(self.n_heads * args.head_dim, args.hidden_size, bias=False)
+        self.qkv_proj = DenseLinear(args.hidden_size, qkv_out, bias=args.qkv_bias)
+        self.o_proj = DenseLinear(self.n_heads * args.head_dim, args.hidden_size, bias=False)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
@@ -173,8 +166,8 @@ class MLP(nn.Module):
         super().__init__()
         self.width = args.intermediate_size // dist.size
         self.dist = dist
-        self.gate_up_proj = Linear(args.hidden_size, 2 * self.width, bias=False)
-        self.down_proj = Linear(self.width, args.hidden_size, bias=False)
+        self.gate_up_proj = DenseLinear(args.hidden_size, 2 * self.width, bias=False)
+        self.down_proj = DenseLinear(self.width, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.down_proj(self.activate(self.gate_up_proj(x))), self.dist)
@@ -216,7 +209,7 @@ class Transformer(nn.Module):
         self.dist = dist
         self.model = Backbone(args, dist)
         if not args.tie_word_embeddings:
-            self.lm_head = Linear(args.hidden_size, args.vocab_size // dist.size, bias=False)
+            self.lm_head = DenseLinear(args.hidden_size, args.vocab_size // dist.size, bias=False)
 
     @property
     def head_weight(self) -> torch.Tensor:

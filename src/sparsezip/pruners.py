@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import torch
 
 from .errors import SparsezipError
-from .kernels import cpu_prune
+from .kernels.cpu import prune as cpu_prune
 from .masks import apply_mask, make_mask
 
 log = logging.getLogger("sparsezip")
@@ -69,8 +69,7 @@ def add_hessian(h: torch.Tensor, x: torch.Tensor, blocks: int = HESSIAN_BLOCKS) 
     """h += x^T x on and above the diagonal only: x [tokens, in], h [in, in].
 
     X^T X is symmetric, so each band of rows [lo, hi) computes only the columns from lo on: with 4 bands that
-    is 10 of 16 blocks, 62.5% of a full product (measured ~25-30% faster on 2 cores for in = 576 and 1536;
-    more bands make the products too small). Every entry is still one fp32 dot product over the batch.
+    is 10 of 16 blocks, 62.5% of a full product (more bands make the products too small). Every entry is still one fp32 dot product over the batch.
     """
     n = h.shape[0]
     edges = [n * i // blocks for i in range(blocks + 1)]
@@ -117,7 +116,7 @@ def _hessian(stats: LinearStats | None, method: str, device) -> torch.Tensor:
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """No inf or NaN in t, read from its sum: 20x cheaper than isfinite(t).all() on a 1536^2 matrix. A sum of
+    """No inf or NaN in t, read from its sum: one reduction instead of isfinite's boolean copy of t. A sum of
     finite entries overflows only when they approach 1e38 / numel, which for a Hessian or its factors means they
     are unusable anyway, so counting that as non-finite is right."""
     return bool(torch.isfinite(t.sum()))
@@ -152,8 +151,8 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, 
 
     All maths in fp32 on w's device, the inverse included: after the normalisation diag(Hn) = 1, the
     damping and rho = 1 put every eigenvalue of the inverted matrix at >= 1.1 while the largest is at most
-    ~1.1 * in + 1, so it is well conditioned and an fp64 inverse buys nothing: it costs in^2 * 8 bytes, is slow
-    on most GPUs, and torch's CPU fp64 cholesky_inverse took 10 s against 0.24 s in fp32 for in = 1536.
+    ~1.1 * in + 1, so it is well conditioned and an fp64 inverse buys nothing: it costs in^2 * 8 bytes and is
+    slow on most GPUs and on torch's CPU path.
     The ADMM loop is 20 [in, in] x [in, out] matmuls plus 15 whole-matrix k-th value selections.
     """
     h = _hessian(stats, "float_sparse", w.device)  # [in, in]; may be stats.H itself: never modified
@@ -240,7 +239,7 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
 
 def _prune_block(w1: torch.Tensor, h1: torch.Tensor, dead1: torch.Tensor, prune_k: int,
                  pattern: tuple[int, int] | None) -> torch.Tensor:
-    """One lazy block in torch (any device; kernels.cpu_prune.obs_block is the CPU fast path with the same rules):
+    """One lazy block in torch (any device; kernels.cpu.prune.obs_block is the CPU fast path with the same rules):
     w1 [b, rows] (transposed columns of W) is pruned and masked in place; returns the errors [b, rows]."""
     prune1 = torch.zeros_like(w1, dtype=torch.bool)  # True: prune
     if pattern is None and prune_k:
@@ -258,8 +257,8 @@ def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
 
     With J the order-reversing permutation and J H J = L L^T: H^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J), and
     J L^-1 J is upper triangular with a positive diagonal, so it is that (unique) factor. One Cholesky and one
-    triangular inverse instead of Cholesky, cholesky_inverse and a second Cholesky: torch's CPU
-    cholesky_inverse alone took ~1 s for in = 1536 against ~0.2 s for this whole function.
+    triangular inverse instead of Cholesky, cholesky_inverse and a second Cholesky (torch's CPU cholesky_inverse
+    alone costs several times this whole function).
     """
     chol = _cholesky(h.flip(0, 1))
     if chol is None:
@@ -272,7 +271,7 @@ def _inverse_lower(low: torch.Tensor) -> torch.Tensor:
     """L^-1 of a lower triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]].
 
     LAPACK's triangular solve against the identity does n^3 flops (n^3 / 3 are needed) at a fraction of GEMM
-    speed; the halves spend ~2n^3 / 3 in GEMMs: 22 against 55 ms for n = 1536 on 2 cores, the same accuracy.
+    speed; the halves spend ~2n^3 / 3 in GEMMs, with the same accuracy.
     """
     n = low.shape[0]
     if n <= TRIANGULAR_LEAF:

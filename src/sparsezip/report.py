@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (COMPRESSED_FILE, W16A16S, W16A16SC, TensorReader, described_tensors, detect_kind,
-                         part_dirs, read_description, safetensors_files)
-from .runtime import decode_linear, read_stored
+from .checkpoint import TensorReader
+from .formats import FLOAT, WEIGHT, FolderKind, PartReader, detect_kind, part_dirs, read_description, weight_files
+from .layouts.base import LinearSource
 
 
 @dataclass(frozen=True)
@@ -38,43 +38,39 @@ def count_zeros(t: torch.Tensor) -> int:
     return int(((t == 0) & ~t.signbit()).sum())
 
 
-def dense_rows(folder: Path, kind: str) -> list[Row]:
-    reader = TensorReader(safetensors_files(folder))
-    desc = described_tensors(read_description(folder, W16A16S)) if kind == W16A16S else {}
+def dense_rows(folder: Path, kind: FolderKind) -> list[Row]:
+    reader = TensorReader(weight_files(folder))
+    desc = read_description(folder, kind).tensors if kind == FolderKind.W16A16S else {}
     rows = []
     for name in reader.names():
         t = reader.get(name)
-        rows.append(Row(name, desc.get(name, kind), tuple(t.shape), nbytes(t), count_zeros(t)))
+        rows.append(Row(name, desc.get(name, str(kind)), tuple(t.shape), nbytes(t), count_zeros(t)))
     return rows
 
 
-def part_rows(part: Path) -> list[Row]:
-    desc = read_description(part, W16A16SC)
-    reader = TensorReader([part / COMPRESSED_FILE])
+def part_rows(part_dir: Path) -> list[Row]:
+    part = PartReader(part_dir)
     rows = []
-    for name, kind in described_tensors(desc).items():
-        if name.endswith((".index", ".info")):
+    for name, is_linear in part.contents():
+        if not is_linear:
+            t = part.read_float(name)
+            rows.append(Row(f"{part_dir.name}/{name}", FLOAT, tuple(t.shape), nbytes(t), count_zeros(t)))
             continue
-        prefix = f"{part.name}/{name}"
-        if kind == "FLOAT":
-            t = reader.get(name)
-            rows.append(Row(prefix, kind, tuple(t.shape), nbytes(t), count_zeros(t)))
-            continue
-        base = name[: -len(".weight")]
-        stored = sum(nbytes(reader.get(base + suffix)) for suffix in (".weight", ".index", ".info"))
-        w = decode_linear(read_stored(reader, name), name, part / COMPRESSED_FILE)
-        rows.append(Row(prefix, kind, tuple(w.shape), stored, count_zeros(w)))
+        source = LinearSource(name, part.file, stored=part.read_linear(name))
+        w = source.weight()  # a checked decode: a damaged tensor is named
+        rows.append(Row(f"{part_dir.name}/{name}{WEIGHT}", str(FolderKind.W16A16SC), tuple(w.shape),
+                        source.stored.nbytes, count_zeros(w)))
     return rows
 
 
-def inspect_folder(folder: Path) -> tuple[str, list[Row]]:
+def inspect_folder(folder: Path) -> tuple[FolderKind, list[Row]]:
     kind = detect_kind(Path(folder))
-    if kind == W16A16SC:
+    if kind == FolderKind.W16A16SC:
         return kind, [row for part in part_dirs(Path(folder)) for row in part_rows(part)]
     return kind, dense_rows(Path(folder), kind)
 
 
-def format_report(kind: str, rows: list[Row], per_tensor: bool = True) -> str:
+def format_report(kind: FolderKind, rows: list[Row], per_tensor: bool = True) -> str:
     lines = []
     if per_tensor:
         lines.append(f"{'tensor':64} {'type':9} {'shape':>14} {'bytes':>11} {'sparsity':>8} {'bits/w':>6}")
@@ -84,7 +80,7 @@ def format_report(kind: str, rows: list[Row], per_tensor: bool = True) -> str:
                          f"{r.zeros / max(r.numel, 1):>8.1%} {r.bits_per_weight:>6.2f}")
     total = sum(r.stored_bytes for r in rows)
     lines.append(f"folder kind: {kind}; {len(rows)} tensors; {total / 1e6:.2f} MB of weights")
-    sparse = [r for r in rows if r.kind in (W16A16S, W16A16SC)]
+    sparse = [r for r in rows if r.kind in (FolderKind.W16A16S, FolderKind.W16A16SC)]
     if sparse:
         n = sum(r.numel for r in sparse)
         stored = sum(r.stored_bytes for r in sparse)

@@ -9,6 +9,7 @@ rows of a rank are whole heads (GQA-aware); the same holds for gate and up.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -106,39 +107,63 @@ def shard(rule: SplitRule, read: Callable[[str], torch.Tensor], rank: int, tp: i
     return torch.cat([p.chunk(tp, dim=rule.dim)[rank] for p in pieces], dim=rule.dim).contiguous()
 
 
-def unfuse(rule: SplitRule, fused: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Split an unsharded (tp=1) fused tensor back into its Hugging Face sources."""
+def source_rows(rule: SplitRule, args: ModelArgs) -> list[tuple[str, slice]]:
+    """Where each Hugging Face source sits inside an unsharded (tp=1) fused tensor: (name, slice of `rule.dim`)."""
     if len(rule.sources) == 1:
-        return {rule.sources[0]: fused}
+        return [(rule.sources[0], slice(None))]
     sizes = [args.q_size, args.kv_size, args.kv_size] if "qkv" in rule.target else [args.intermediate_size] * 2
-    return dict(zip(rule.sources, fused.split(sizes, dim=rule.dim)))
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    return [(name, slice(end - size, end)) for name, size, end in zip(rule.sources, sizes, ends)]
 
 
 @dataclass(frozen=True)
 class Dist:
-    """Where this process sits in a tensor-parallel group (rank 0 of 1 when not distributed)."""
+    """Where this process sits in a tensor-parallel group (rank 0 of 1 when not launched by torchrun)."""
 
     rank: int = 0
     size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        """This process's place as torchrun's WORLD_SIZE, RANK and LOCAL_RANK say: the only reader of them."""
+        try:
+            size, rank, local = (int(os.environ.get(k, d)) for k, d in
+                                 (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
+        except ValueError:
+            raise SparsezipError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
+        return cls(rank, size, local)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def device(self, device: str) -> str:
+        """The device this rank computes on: its own GPU under torchrun on CUDA."""
+        return f"cuda:{self.local_rank}" if device.startswith("cuda") and self.size > 1 else device
 
-def init_dist(device: str) -> Dist:
-    """Join the torchrun process group when launched by torchrun: gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
+
+@contextmanager
+def process_group(device: str) -> Iterator[Dist]:
+    """Join torchrun's process group for the block (gloo on CPU, nccl on CUDA) and leave it on every exit path:
+    left to the interpreter's exit, gloo's threads are sometimes torn down mid-flight and the process aborts
+    ("terminate called without an active exception")."""
+    dist_info = Dist.from_env()
+    if dist_info.size == 1:
+        yield dist_info
+        return
     import torch.distributed as dist
 
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dist_info.local_rank)
         dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size())
+    try:
+        yield Dist(dist.get_rank(), dist.get_world_size(), dist_info.local_rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_reduce(x: torch.Tensor, dist_info: Dist) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Optional fast paths for compressed weights (Triton on GPU, native CPU), chosen by availability.
+"""Native kernels, split by target: `cpu/` (one C extension with run-time ISA dispatch) and `triton/` (GPU).
 
-Every kernel here is checked against the reference decoder in sparsezip.codec. Kernel modules are
-imported lazily by their users, so a missing optional dependency (e.g. triton) never breaks import.
+Every kernel is checked against a reference (the numpy codec, torch). Kernel modules are imported lazily by their
+users, so a missing optional piece (the C extension, triton) never breaks import.
 """

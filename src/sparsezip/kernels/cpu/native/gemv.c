@@ -6,145 +6,24 @@
  * same (fp16-exact) weights up to summation order.
  *
  * gemv_f16(w, x, y, n, k, m, threads): w uint16 [n, k] (fp16 bit patterns), x float32 [m, k],
- * y float32 [m, n] (written). Rows of W are split over `threads` POSIX threads.
+ * y float32 [m, n] (written). Rows of W are split over `threads` threads of the shared pool.
  *
- * Summation order (kept equal to the fused compressed linear of _cpucodec.c, so that a W16A16SC model
- * gives bit-identical results whether its weights are decoded at load or multiplied from the tiles):
- * each 128-column tile of a row is summed on its own (8 SIMD lanes over its whole groups of 8 columns,
- * lanes added pairwise, then its last cols % 8 products one by one), and the tile sums are added to 0
- * left to right. Zero weights take part as exact zeros, as absent entries do there.
+ * Summation order: spz.h's, which the product straight from codec tiles (codec.c) follows too, so that a W16A16SC
+ * model gives bit-identical results whether its weights are decoded at load or multiplied from the tiles.
  *
  * sparse_gemv / sparse_unpack do the same for a weight held in the runtime's sparse layout (built by
- * cpu_linear.pack_sparse; see SparseWeight there): per row, a bitmap of the nonzero entries and their values
+ * kernels/cpu/gemv.py's pack_sparse; see SparseWeight there): per row, a bitmap of the nonzero entries and their values
  * in order -- either as fp16 bit patterns, or, when nearly every low byte is 0 (L2-rounded, E5M2-valued
  * weights), as their high bytes plus a per-row list of the exceptions' low bytes. The kernel expands 8 columns
  * at a time in registers (pshufb by the bitmap byte) and then runs exactly the dense kernel's arithmetic, so
  * both give bit-identical results on the same weights while the sparse one reads 3-4x fewer bytes.
- *
- * Threads come from one persistent pool (started on first use): a fresh pthread per call costs ~30 us,
- * as much as a whole small product.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "spz.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define HAVE_X86 1
-#endif
-
-#define MAX_THREADS 64
+#define TILE SPZ_TILE
 #define CHUNK (32 * TILE) /* columns the sparse kernel expands at once: 8 KiB of fp16, in L1 */
-#define SPIN_ROUNDS 4000 /* ~100 us of pause before an idle worker sleeps: decode steps call back to back */
-#define TILE 128 /* the codec's tile width: the unit of the summation order above */
 #define X_BLOCK 8 /* activation rows handled per pass over a weight row: 8 accumulators fit in registers */
 
-
-/* ------------------------------------------------------------------ persistent thread pool */
-
-typedef void (*PartFn)(void *ctx, int part, int parts);
-
-typedef struct {
-    pthread_mutex_t dispatch; /* one job at a time (several Python threads may call in without the GIL) */
-    pthread_mutex_t mu;       /* guards sleeping on `wake` */
-    pthread_cond_t wake;
-    int workers;              /* started worker threads; worker i runs part i (the caller runs part 0) */
-    uint64_t generation;      /* bumped per job (atomic) */
-    PartFn fn;
-    void *ctx;
-    int parts;
-    int pending; /* workers that have not finished the current job (atomic) */
-} Pool;
-
-static Pool POOL = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, NULL, NULL, 0, 0};
-
-static inline void cpu_relax(void) {
-#ifdef HAVE_X86
-    _mm_pause();
-#endif
-}
-
-/* A worker's start: its part number and the last generation before it existed (it must run the next one). */
-typedef struct {
-    int id;
-    uint64_t seen;
-} WorkerStart;
-
-static void *pool_worker(void *arg) {
-    WorkerStart start = *(WorkerStart *)arg;
-    free(arg);
-    int id = start.id;
-    uint64_t seen = start.seen;
-    for (;;) {
-        uint64_t g;
-        int spins = 0;
-        while ((g = __atomic_load_n(&POOL.generation, __ATOMIC_ACQUIRE)) == seen) {
-            if (++spins < SPIN_ROUNDS) {
-                cpu_relax();
-                continue;
-            }
-            pthread_mutex_lock(&POOL.mu);
-            while ((g = __atomic_load_n(&POOL.generation, __ATOMIC_ACQUIRE)) == seen)
-                pthread_cond_wait(&POOL.wake, &POOL.mu);
-            pthread_mutex_unlock(&POOL.mu);
-            break;
-        }
-        seen = g;
-        if (id < POOL.parts) POOL.fn(POOL.ctx, id, POOL.parts);
-        __atomic_fetch_sub(&POOL.pending, 1, __ATOMIC_RELEASE);
-    }
-    return NULL;
-}
-
-/* A forked child has none of the parent's workers: start again from an empty pool. */
-static void pool_after_fork(void) {
-    pthread_mutex_init(&POOL.dispatch, NULL);
-    pthread_mutex_init(&POOL.mu, NULL);
-    pthread_cond_init(&POOL.wake, NULL);
-    POOL.workers = 0;
-    POOL.pending = 0;
-}
-
-/* fn(ctx, part, parts) for part in 0..parts-1, in parallel; returns when all are done. Call without the GIL. */
-static void run_parts(PartFn fn, void *ctx, int parts) {
-    if (parts > MAX_THREADS) parts = MAX_THREADS;
-    if (parts <= 1) {
-        fn(ctx, 0, 1);
-        return;
-    }
-    pthread_mutex_lock(&POOL.dispatch);
-    while (POOL.workers < parts - 1) {
-        pthread_t id;
-        WorkerStart *start = malloc(sizeof *start);
-        if (!start) break;
-        *start = (WorkerStart){POOL.workers + 1, POOL.generation}; /* generation changes only under `dispatch` */
-        if (pthread_create(&id, NULL, pool_worker, start) != 0) {
-            free(start);
-            break;
-        }
-        pthread_detach(id);
-        POOL.workers++;
-    }
-    if (parts > POOL.workers + 1) parts = POOL.workers + 1; /* could not start more threads */
-    POOL.fn = fn;
-    POOL.ctx = ctx;
-    POOL.parts = parts;
-    __atomic_store_n(&POOL.pending, POOL.workers, __ATOMIC_RELAXED);
-    pthread_mutex_lock(&POOL.mu);
-    __atomic_fetch_add(&POOL.generation, 1, __ATOMIC_RELEASE);
-    pthread_cond_broadcast(&POOL.wake);
-    pthread_mutex_unlock(&POOL.mu);
-    fn(ctx, 0, parts);
-    for (int spins = 0; __atomic_load_n(&POOL.pending, __ATOMIC_ACQUIRE); spins++) {
-        if (spins < SPIN_ROUNDS) cpu_relax();
-        else sched_yield();
-    }
-    pthread_mutex_unlock(&POOL.dispatch);
-}
 
 typedef struct {
     const uint16_t *w;
@@ -153,36 +32,9 @@ typedef struct {
     int64_t n, k, m;
 } Job;
 
-static float half_to_float(uint16_t h) {
-    /* portable IEEE binary16 -> binary32, subnormals and inf/NaN included */
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            int e = -1;
-            do { man <<= 1; e++; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7F800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+static inline float dot_tail(const uint16_t *w, const float *x, int64_t begin, int64_t end) {
+    return spz_dot_scalar(w + begin, x + begin, end - begin);
 }
-
-/* Products w[c] * x[c] for c in [begin, end), added one by one to 0. Never contracted into FMAs
- * (-ffp-contract=off), like the fused kernel's scalar path. */
-static float dot_tail(const uint16_t *w, const float *x, int64_t begin, int64_t end) {
-    float sum = 0.0f;
-    for (int64_t c = begin; c < end; c++) sum += half_to_float(w[c]) * x[c];
-    return sum;
-}
-
-static int64_t part_begin(int64_t n, int part, int parts) { return n * part / parts; }
 
 static int64_t tile_cols(int64_t k, int64_t c0) { return k - c0 < TILE ? k - c0 : TILE; }
 
@@ -205,14 +57,7 @@ static void rows_portable(const Job *j, int64_t row_begin, int64_t row_end) {
     }
 }
 
-#ifdef HAVE_X86
-__attribute__((target("avx2,fma,f16c,popcnt"))) static float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
+#ifdef SPZ_X86
 /* The AVX2 kernel's tile: total[b] += one tile's sum for nb <= X_BLOCK activation rows x + b * k. Always
  * inlined with a constant nb, so the accumulators live in registers and the inner loop is fully unrolled. */
 __attribute__((target("avx2,fma,f16c,popcnt"), always_inline)) static inline void tile_sums_avx2(
@@ -225,7 +70,7 @@ __attribute__((target("avx2,fma,f16c,popcnt"), always_inline)) static inline voi
         for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * k + c), acc[b]);
     }
     for (int b = 0; b < nb; b++) {
-        float tile = hsum(acc[b]);
+        float tile = spz_hsum8(acc[b]);
         if (full < cols) tile += dot_tail(w, x + b * k, full, cols);
         total[b] += tile;
     }
@@ -261,20 +106,12 @@ __attribute__((target("avx2,fma,f16c,popcnt"))) static void rows_avx2(const Job 
 }
 #endif
 
-static int use_avx2(void) {
-#ifdef HAVE_X86
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-           __builtin_cpu_supports("popcnt");
-#else
-    return 0;
-#endif
-}
+static int use_avx2(void) { return spz_level() >= SPZ_AVX2; }
 
 static void dense_part(void *ctx, int part, int parts) {
     const Job *j = (const Job *)ctx;
-    int64_t begin = part_begin(j->n, part, parts), end = part_begin(j->n, part + 1, parts);
-#ifdef HAVE_X86
+    int64_t begin = spz_part_begin(j->n, part, parts), end = spz_part_begin(j->n, part + 1, parts);
+#ifdef SPZ_X86
     if (use_avx2()) {
         rows_avx2(j, begin, end);
         return;
@@ -285,11 +122,11 @@ static void dense_part(void *ctx, int part, int parts) {
 
 static int clamp_threads(int threads, int64_t n) {
     if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > SPZ_MAX_THREADS) threads = SPZ_MAX_THREADS;
     return threads > n ? (int)n : threads;
 }
 
-static PyObject *py_gemv_f16(PyObject *self, PyObject *args) {
+PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args) {
     Py_buffer w, x, y;
     long long n, k, m;
     int threads;
@@ -302,7 +139,7 @@ static PyObject *py_gemv_f16(PyObject *self, PyObject *args) {
     Job job = {w.buf, x.buf, y.buf, n, k, m};
     threads = clamp_threads(threads, n);
     Py_BEGIN_ALLOW_THREADS
-    run_parts(dense_part, &job, threads);
+    spz_run_parts(dense_part, &job, threads);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -338,12 +175,6 @@ typedef struct {
     const int32_t *ec, *ee;
     const uint8_t *el;
 } Cursor;
-
-static uint8_t POP8[256];
-
-static void init_tables(void) {
-    for (int m = 0; m < 256; m++) POP8[m] = (uint8_t)__builtin_popcount((unsigned)m);
-}
 
 static Cursor row_cursor(const SparseJob *j, int64_t r) {
     const int64_t v0 = j->row_start[r], e0 = j->row_exc[r];
@@ -391,27 +222,7 @@ static void unpack_rows_portable(const SparseJob *j, int64_t row_begin, int64_t 
     }
 }
 
-#ifdef HAVE_X86
-/* pshufb masks that expand the next POP8[m] values into the lanes whose bit is set in m (0 elsewhere):
- * SHUF16 for u16 values; SHUF8 for u8 high bytes, which land in the upper byte of each u16 lane. */
-static uint8_t SHUF16[256][16] __attribute__((aligned(16)));
-static uint8_t SHUF8[256][16] __attribute__((aligned(16)));
-static uint8_t LOW_LANE[8][16] __attribute__((aligned(16))); /* 0xFF in the low byte of u16 lane i */
-
-static void init_shuffles(void) {
-    for (int m = 0; m < 256; m++) {
-        for (int j = 0, p = 0; j < 8; j++) {
-            int set = m >> j & 1;
-            SHUF16[m][2 * j] = set ? (uint8_t)(2 * p) : 0x80;
-            SHUF16[m][2 * j + 1] = set ? (uint8_t)(2 * p + 1) : 0x80;
-            SHUF8[m][2 * j] = 0x80;
-            SHUF8[m][2 * j + 1] = set ? (uint8_t)p : 0x80;
-            p += set;
-        }
-    }
-    for (int i = 0; i < 8; i++) LOW_LANE[i][2 * i] = 0xFF;
-}
-
+#ifdef SPZ_X86
 /* patch_exceptions for buffers just written 16 bytes at a time: each patch reads, ORs and writes back the whole
  * 16-byte group, so the later 16-byte loads forward from a store of their own size instead of stalling on a
  * 2-byte store (which cost ~35 cycles per exception). Groups past the last whole one are patched bytewise. */
@@ -423,7 +234,7 @@ __attribute__((target("avx2,fma,f16c,popcnt"), always_inline)) static inline voi
     for (; c->ec < c->ee && *c->ec < c0 + full; c->ec++, c->el++) {
         const int64_t at = *c->ec - c0;
         __m128i *group = (__m128i *)(buf + (at & ~(int64_t)7));
-        __m128i low = _mm_and_si128(_mm_set1_epi8((char)*c->el), _mm_load_si128((const __m128i *)LOW_LANE[at & 7]));
+        __m128i low = _mm_and_si128(_mm_set1_epi8((char)*c->el), _mm_load_si128((const __m128i *)spz_low_lane[at & 7]));
         _mm_storeu_si128(group, _mm_or_si128(_mm_loadu_si128(group), low));
     }
     patch_exceptions(c, c0, cols, buf);
@@ -434,9 +245,9 @@ __attribute__((target("avx2,fma,f16c,popcnt"), always_inline)) static inline voi
                                                                                             uint16_t *buf,
                                                                                             const int e5m2) {
     __m128i v = e5m2 ? _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(c->v8 + c->p)),
-                                        _mm_load_si128((const __m128i *)SHUF8[m]))
+                                        _mm_load_si128((const __m128i *)spz_expand8hi[m]))
                      : _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(c->v16 + c->p)),
-                                        _mm_load_si128((const __m128i *)SHUF16[m]));
+                                        _mm_load_si128((const __m128i *)spz_expand16[m]));
     _mm_storeu_si128((__m128i *)buf, v);
     c->p += __builtin_popcount(m);
 }
@@ -503,8 +314,8 @@ __attribute__((target("avx2,fma,f16c,popcnt"))) static void unpack_rows_avx2(con
 
 static void sparse_part(void *ctx, int part, int parts) {
     const SparseJob *j = (const SparseJob *)ctx;
-    int64_t begin = part_begin(j->n, part, parts), end = part_begin(j->n, part + 1, parts);
-#ifdef HAVE_X86
+    int64_t begin = spz_part_begin(j->n, part, parts), end = spz_part_begin(j->n, part + 1, parts);
+#ifdef SPZ_X86
     if (use_avx2()) {
         if (j->out) unpack_rows_avx2(j, begin, end);
         else sparse_rows_avx2(j, begin, end);
@@ -518,7 +329,7 @@ static void sparse_part(void *ctx, int part, int parts) {
 #define VALUE_PAD 16 /* bytes readable past the last value: expand8 loads 16 bytes at a time */
 
 /* O(1) consistency checks of the layout's arrays against n, k; the arrays themselves are built by
- * cpu_linear.pack_sparse and held read-only, so their contents are trusted. */
+ * gemv.py's pack_sparse and held read-only, so their contents are trusted. */
 static int check_sparse(const SparseJob *j, const Py_buffer *bitmap, const Py_buffer *values, const Py_buffer *row_start,
                         const Py_buffer *exc_col, const Py_buffer *exc_low, const Py_buffer *row_exc) {
     if (j->n < 1 || j->k < 1 || j->k > INT32_MAX || bitmap->len != j->n * j->kb ||
@@ -564,7 +375,7 @@ static PyObject *sparse_call(PyObject *args, int unpack) {
     }
     threads = clamp_threads(threads, n);
     Py_BEGIN_ALLOW_THREADS
-    run_parts(sparse_part, &job, threads);
+    spz_run_parts(sparse_part, &job, threads);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -575,31 +386,12 @@ done:
     return result;
 }
 
-static PyObject *py_sparse_gemv(PyObject *self, PyObject *args) { return sparse_call(args, 0); }
-
-static PyObject *py_sparse_unpack(PyObject *self, PyObject *args) { return sparse_call(args, 1); }
-
-static PyObject *py_simd(PyObject *self, PyObject *args) {
-    return PyUnicode_FromString(use_avx2() ? "avx2+fma+f16c+popcnt" : "portable");
+PyObject *spz_py_sparse_gemv(PyObject *self, PyObject *args) {
+    (void)self;
+    return sparse_call(args, 0);
 }
 
-static PyMethodDef METHODS[] = {
-    {"gemv_f16", py_gemv_f16, METH_VARARGS, "gemv_f16(w, x, y, n, k, m, threads): y[m,n] = x[m,k] . w[n,k]^T"},
-    {"sparse_gemv", py_sparse_gemv, METH_VARARGS,
-     "sparse_gemv(bitmap, values, row_start, exc_col, exc_low, row_exc, e5m2, x, y, n, k, m, threads)"},
-    {"sparse_unpack", py_sparse_unpack, METH_VARARGS,
-     "sparse_unpack(bitmap, values, row_start, exc_col, exc_low, row_exc, e5m2, out, n, k, threads)"},
-    {"simd", py_simd, METH_NOARGS, "which kernel variant this CPU runs"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_cpugemv", NULL, -1, METHODS};
-
-PyMODINIT_FUNC PyInit__cpugemv(void) {
-    init_tables();
-#ifdef HAVE_X86
-    init_shuffles();
-#endif
-    pthread_atfork(NULL, NULL, pool_after_fork);
-    return PyModule_Create(&MODULE);
+PyObject *spz_py_sparse_unpack(PyObject *self, PyObject *args) {
+    (void)self;
+    return sparse_call(args, 1);
 }

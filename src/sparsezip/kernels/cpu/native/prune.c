@@ -2,8 +2,8 @@
  * value of a score array (float_sparse's whole-matrix mask, 15 times per linear).
  *
  * Why: the loop is sequential in the columns (each pruned column's error moves every later column), so in
- * torch it is a few small ops per column: ~150k columns for the demo model, ~10 s of Python and dispatch
- * overhead. Every output row is independent of the others, though, so here each thread takes a range of rows,
+ * torch it is a few small ops per column, and a model has hundreds of thousands of columns: Python and dispatch
+ * overhead dominate. Every output row is independent of the others, though, so here each thread takes a range of rows,
  * copies CHUNK of them at a time into an L1-sized buffer and runs the whole block on it.
  *
  * obs_block(w, h, dead, err, b, rows, prune_k, n, m, threads):
@@ -17,22 +17,18 @@
  * Saliency is w^2 / U_jj^2 as in the torch path (pruners._obs_score); ties go to the lower column index.
  * The padding rows of a last, partial chunk are zeros: selected and updated like the others, never written back.
  * Results equal the torch path's up to fp32 summation order (it updates 16 columns by rank-1 steps and the
- * rest of the block by a GEMM).
+ * rest of the block by a GEMM). The AVX2 variant updates by fused multiply-adds, the portable one by a product
+ * and a difference.
  *
  * kth_smallest(values, k): the k-th smallest (1-based) of a float32 array, exactly torch.kthvalue's value, by
- * three histogram passes over the values' bits (11, 11 and 10 bits) instead of a quickselect on a copy: ~5x faster
- * on a 576 x 1536 matrix. NaN ranks above +inf.
+ * three histogram passes over the values' bits (11, 11 and 10 bits) instead of a quickselect on a copy: three
+ * streaming reads and no copy. NaN ranks above +inf.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
+#include "spz.h"
 
 #define MAX_B 256     /* block width limit (SparseGPT uses 128) */
 #define CHUNK 64      /* rows processed together: 128 columns x 64 rows x 4 bytes = 32 KiB, one L1 */
-#define MAX_THREADS 64
-#define ROWS_PER_THREAD 1024 /* below this a thread's start costs more than it saves (measured on 2 cores) */
+#define ROWS_PER_THREAD 1024 /* below this, waking a thread costs more than its share of the rows saves */
 
 typedef struct {
     float *w, *err;
@@ -40,13 +36,9 @@ typedef struct {
     const uint8_t *dead;
     int64_t b, rows;
     int prune_k, n, m;
-    int avx2; /* this CPU has AVX2 and FMA */
+    int avx2; /* the kernel level allows AVX2 and FMA */
 } Job;
 
-typedef struct {
-    const Job *job;
-    int64_t row_begin, row_end;
-} Part;
 
 #define LANES 8      /* rows handled together by the selection loops: one AVX2 vector of int32 */
 #define FEW_COLS 32  /* up to this many columns (N:M groups) ranking by pairs is cheaper than the bisection */
@@ -116,7 +108,8 @@ static inline __attribute__((always_inline)) void saliency_keys(const Job *J, co
 
 /* One chunk of rows: buf [b][CHUNK] holds their weights, transposed as in the block. Compiled twice (below):
  * for AVX2+FMA and portable, chosen at run time. */
-static inline __attribute__((always_inline)) void obs_chunk_body(const Job *J, float *buf, float *ebuf, uint8_t *prune, int32_t *key) {
+static inline __attribute__((always_inline)) void obs_chunk_body(const Job *J, float *buf, float *ebuf, uint8_t *prune, int32_t *key,
+                                                                 const int fused) {
     const int64_t b = J->b;
     const float *h = J->h;
     memset(prune, 0, (size_t)(b * CHUNK));
@@ -136,26 +129,29 @@ static inline __attribute__((always_inline)) void obs_chunk_body(const Job *J, f
         for (int64_t k = j + 1; k < b; k++) {
             const float hk = h[j * b + k];
             float *wk = buf + k * CHUNK;
-            for (int r = 0; r < CHUNK; r++) wk[r] -= hk * e[r];
+            if (fused)
+                for (int r = 0; r < CHUNK; r++) wk[r] = __builtin_fmaf(-hk, e[r], wk[r]);
+            else
+                for (int r = 0; r < CHUNK; r++) wk[r] -= hk * e[r];
         }
         for (int r = 0; r < CHUNK; r++)
             if (pj[r]) wj[r] = 0.0f;
     }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef SPZ_X86
 __attribute__((target("avx2,fma"))) static void obs_chunk_avx2(const Job *J, float *buf, float *ebuf, uint8_t *prune,
                                                                 int32_t *key) {
-    obs_chunk_body(J, buf, ebuf, prune, key);
+    obs_chunk_body(J, buf, ebuf, prune, key, 1);
 }
 #endif
 
 static void obs_chunk_portable(const Job *J, float *buf, float *ebuf, uint8_t *prune, int32_t *key) {
-    obs_chunk_body(J, buf, ebuf, prune, key);
+    obs_chunk_body(J, buf, ebuf, prune, key, 0);
 }
 
 static void obs_chunk(const Job *J, float *buf, float *ebuf, uint8_t *prune, int32_t *key) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef SPZ_X86
     if (J->avx2) {
         obs_chunk_avx2(J, buf, ebuf, prune, key);
         return;
@@ -164,14 +160,18 @@ static void obs_chunk(const Job *J, float *buf, float *ebuf, uint8_t *prune, int
     obs_chunk_portable(J, buf, ebuf, prune, key);
 }
 
-static void *run_part(void *arg) {
-    const Part *p = arg;
-    const Job *J = p->job;
+/* Pool part: a range of whole chunks of rows. */
+static void obs_part(void *arg, int part, int parts) {
+    const Job *J = arg;
+    const int64_t chunks = (J->rows + CHUNK - 1) / CHUNK;
+    const int64_t row_begin = spz_part_begin(chunks, part, parts) * CHUNK;
+    int64_t row_end = spz_part_begin(chunks, part + 1, parts) * CHUNK;
+    if (row_end > J->rows) row_end = J->rows;
     float buf[MAX_B * CHUNK], ebuf[MAX_B * CHUNK]; /* 3 x 64 KiB: within any thread's stack */
     int32_t key[MAX_B * CHUNK] __attribute__((aligned(32)));
     uint8_t prune[MAX_B * CHUNK];
-    for (int64_t r0 = p->row_begin; r0 < p->row_end; r0 += CHUNK) {
-        int cnt = (int)(p->row_end - r0 < CHUNK ? p->row_end - r0 : CHUNK);
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += CHUNK) {
+        int cnt = (int)(row_end - r0 < CHUNK ? row_end - r0 : CHUNK);
         for (int64_t j = 0; j < J->b; j++) {  /* copy in; the padding rows are zeros and stay unused */
             memcpy(buf + j * CHUNK, J->w + j * J->rows + r0, (size_t)cnt * 4);
             memset(buf + j * CHUNK + cnt, 0, (size_t)(CHUNK - cnt) * 4);
@@ -182,19 +182,10 @@ static void *run_part(void *arg) {
             memcpy(J->err + j * J->rows + r0, ebuf + j * CHUNK, (size_t)cnt * 4);
         }
     }
-    return NULL;
 }
 
-static int has_avx2_fma(void) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return 0;
-#endif
-}
-
-static PyObject *py_obs_block(PyObject *self, PyObject *args) {
+PyObject *spz_py_obs_block(PyObject *self, PyObject *args) {
+    (void)self;
     Py_buffer w, h, dead, err;
     long long b, rows;
     int prune_k, n, m, threads;
@@ -206,23 +197,11 @@ static PyObject *py_obs_block(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "obs_block: buffer sizes or pattern do not match b, rows");
         goto done;
     }
-    Job job = {w.buf, err.buf, h.buf, dead.buf, b, rows, prune_k, n, m, has_avx2_fma()};
-    int64_t chunks = (rows + CHUNK - 1) / CHUNK;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    Job job = {w.buf, err.buf, h.buf, dead.buf, b, rows, prune_k, n, m, spz_level() >= SPZ_AVX2};
     if (threads > rows / ROWS_PER_THREAD) threads = (int)(rows / ROWS_PER_THREAD);
     if (threads < 1) threads = 1;
-    Part parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    for (int t = 0; t < threads; t++)  /* whole chunks per thread */
-        parts[t] = (Part){&job, chunks * t / threads * CHUNK, chunks * (t + 1) / threads * CHUNK};
-    parts[threads - 1].row_end = rows;
     Py_BEGIN_ALLOW_THREADS
-    int started = 1;
-    for (; started < threads; started++)
-        if (pthread_create(&ids[started], NULL, run_part, &parts[started])) break;
-    run_part(&parts[0]);
-    for (int t = started; t < threads; t++) run_part(&parts[t]);  /* a thread that did not start: do it here */
-    for (int t = 1; t < started; t++) pthread_join(ids[t], NULL);
+    spz_run_parts(obs_part, &job, threads);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -269,7 +248,8 @@ static void histogram(const float *v, int64_t n, int shift, int width, uint32_t 
     for (uint32_t b = 0; b < bins; b++) hist[b] = part[b] + part[bins + b] + part[2 * bins + b] + part[3 * bins + b];
 }
 
-static PyObject *py_kth_smallest(PyObject *self, PyObject *args) {
+PyObject *spz_py_kth_smallest(PyObject *self, PyObject *args) {
+    (void)self;
     Py_buffer v;
     long long k;
     if (!PyArg_ParseTuple(args, "y*L", &v, &k)) return NULL;
@@ -291,14 +271,3 @@ static PyObject *py_kth_smallest(PyObject *self, PyObject *args) {
     PyBuffer_Release(&v);
     return PyFloat_FromDouble((double)key_float(prefix));
 }
-
-static PyMethodDef METHODS[] = {
-    {"obs_block", py_obs_block, METH_VARARGS,
-     "obs_block(w, h, dead, err, b, rows, prune_k, n, m, threads): SparseGPT's OBS loop over one block"},
-    {"kth_smallest", py_kth_smallest, METH_VARARGS, "kth_smallest(values, k): the k-th smallest float32 (1-based)"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_cpuprune", NULL, -1, METHODS};
-
-PyMODINIT_FUNC PyInit__cpuprune(void) { return PyModule_Create(&MODULE); }

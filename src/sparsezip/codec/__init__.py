@@ -1,0 +1,93 @@
+"""Lossless tile codecs for pruned fp16 linear weights: the public API.
+
+`stream` is the layer every coder shares (header, CRC, `.info`, `.index`, tiling); `registry` keys the coders
+by the id each stream stores; `bitmap_v1` and `huff_v2` are the coders; `native` is their path through the CPU
+extension. Encode and decode work on whole matrices with array ops (no Python loop over tiles, rows or
+elements). Everything else in sparsezip reaches the codec kernels through the functions here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SparsezipError
+from . import bitmap_v1, huff_v2, native  # noqa: F401  (importing a coder registers it)
+from .registry import CODECS, Codec, register_codec
+from .stream import HEADER_SIZE, TILE, EncodedWeight, describe, n_tiles, parse_info
+
+DEFAULT_CODEC = "huff-v2"
+
+__all__ = ["CODECS", "DEFAULT_CODEC", "HEADER_SIZE", "TILE", "Codec", "EncodedWeight", "codec_for_id", "decode",
+           "decode_into", "decode_tile", "encode", "get_codec", "linear", "n_tiles", "register_codec"]
+
+
+def get_codec(name: str) -> Codec:
+    """A coder by its name, e.g. "bitmap-v1"."""
+    return CODECS.get(name)
+
+
+def codec_for_id(codec_id: int) -> Codec:
+    """A coder by the numeric id stored in info[4] and in the stream header."""
+    return CODECS.for_id(codec_id)
+
+
+def encode(weight: torch.Tensor, codec: str = "bitmap-v1") -> EncodedWeight:
+    """Compress a 2-D float16 weight [n, k] with the named coder."""
+    return get_codec(codec).encode(weight)
+
+
+def decode(weight: torch.Tensor, index: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    """Decompress a stored weight to CPU float16 [n, k]; the coder is chosen by info[4]."""
+    enc = EncodedWeight(weight, index, info)
+    return _coder_of(enc).decode(enc)
+
+
+def decode_tile(weight: torch.Tensor, index: torch.Tensor, info: torch.Tensor, tile: int) -> torch.Tensor:
+    """Decompress tile number `tile` only (seeks through the index) to float16 [rows_t, cols_t].
+
+    The payload CRC is not checked here (that would read the whole stream, defeating random
+    access); the tile's own bitmap/offset consistency is. Use decode() for a verified read.
+    """
+    enc = EncodedWeight(weight, index, info)
+    return _coder_of(enc).decode_tile(enc, tile)
+
+
+def decode_into(enc: EncodedWeight, out: torch.Tensor, check_crc: bool = True) -> torch.Tensor:
+    """Decode into the preallocated CPU tensor `out` [n, k] (float16 or float32, contiguous) without allocating
+    the matrix when the native kernels serve the coder; returns `out`.
+
+    The whole stream is validated as in decode(); check_crc=False skips only the CRC (for a hot path whose
+    stream was verified once already).
+    """
+    coder = _coder_of(enc)
+    opened = coder.open(enc, check_crc=check_crc)
+    native.check_out(out, opened.n, opened.k)
+    if native.supports(opened.codec_id):
+        return native.decode_into(opened, out)
+    return out.copy_(coder.decode(enc))
+
+
+def linear(x: torch.Tensor, enc: EncodedWeight, bias: torch.Tensor | None = None,
+           check_crc: bool = True) -> torch.Tensor:
+    """Batch-1 y = x W^T (+ bias) straight from the compressed tiles, W never materialised.
+
+    x: float32 [k] or [1, k] on CPU; returns float32 [n] or [1, n]. Each tile row's dot product runs in fp32 in
+    the kernels' shared summation order (results may differ from F.linear in the last bits). Without the
+    extension, or for a coder it lacks, it decodes and calls F.linear.
+    """
+    coder = _coder_of(enc)
+    opened = coder.open(enc, check_crc=check_crc)
+    n, k = opened.n, opened.k
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or \
+            tuple(x.shape) not in ((k,), (1, k)):
+        raise SparsezipError(f"x must be a CPU float32 tensor of shape [{k}] or [1, {k}], got {describe(x)}")
+    if not native.supports(opened.codec_id):
+        weight = decode_into(enc, torch.empty((n, k), dtype=torch.float32), check_crc=False)
+        return F.linear(x, weight, bias)
+    y = native.linear(opened, x.reshape(1, k)).view(*x.shape[:-1], n)
+    return y if bias is None else y.add_(bias)
+
+
+def _coder_of(enc: EncodedWeight) -> Codec:
+    return codec_for_id(parse_info(enc.info)[2])

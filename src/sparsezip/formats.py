@@ -1,0 +1,304 @@
+"""The folder kinds (dense Hugging Face, W16A16S, W16A16SC) and every name stored in them.
+
+This is the only module that spells a file name, a stored tensor suffix (`.weight`, `.index`, `.info`,
+`.weight.outdim`) or a description key; compress, the runtime, sparsify and inspect read and write folders
+through the functions here. A description is always checked against the weights it describes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import TensorReader
+from .codec import EncodedWeight
+from .config import read_json, write_json
+from .errors import SparsezipError
+
+
+class FolderKind(str, Enum):
+    DENSE = "dense"
+    W16A16S = "W16A16S"
+    W16A16SC = "W16A16SC"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FORMAT_VERSION = "1.0.0"
+FLOAT = "FLOAT"  # description value of a tensor stored as it is (embeddings, norms, lm_head)
+DESCRIPTION_FILE = "quant_model_description.json"
+SPARSE_STEM = "quant_model_weights"  # W16A16S weights: <stem>.safetensors, or shards + <stem>.safetensors.index.json
+COMPRESSED_FILE = "quant_model_weight_w16a16sc.safetensors"  # one per W16A16SC part
+HEADER_KEYS = ("model_quant_type", "version", "metadata")
+# Files other than weights that inference needs; copied as they are when present.
+SIDE_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+)
+PART_DIR = re.compile(r"^part(\d+)-of-(\d+)$")
+WEIGHT, INDEX, INFO, OUTDIM = ".weight", ".index", ".info", ".weight.outdim"
+
+
+def part_dir_name(rank: int, tp: int) -> str:
+    return f"part{rank}-of-{tp}"
+
+
+def linear_prefix(weight_name: str) -> str:
+    """`model.layers.0.mlp.down_proj.weight` -> `model.layers.0.mlp.down_proj`."""
+    if not weight_name.endswith(WEIGHT):
+        raise SparsezipError(f"{weight_name} is not a linear weight name")
+    return weight_name[: -len(WEIGHT)]
+
+
+# ---------------------------------------------------------------------------- folders
+
+
+def check_model_dir(model_dir: Path) -> Path:
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise SparsezipError(f"model path {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise SparsezipError(f"model path {model_dir} is not a folder")
+    if not (model_dir / "config.json").is_file():
+        raise SparsezipError(f"{model_dir} has no config.json; point --model_path at a Hugging Face model folder")
+    return model_dir
+
+
+def part_dirs(model_dir: Path) -> list[Path]:
+    """The part{r}-of-{N} folders of a W16A16SC model, in rank order; checks that they are complete."""
+    found = {}
+    for p in Path(model_dir).iterdir():
+        m = PART_DIR.match(p.name)
+        if m and p.is_dir():
+            found[(int(m[1]), int(m[2]))] = p
+    if not found:
+        return []
+    sizes = {n for _, n in found}
+    if len(sizes) != 1:
+        raise SparsezipError(f"{model_dir} mixes part folders of different TP sizes {sorted(sizes)}")
+    n = sizes.pop()
+    missing = [part_dir_name(r, n) for r in range(n) if (r, n) not in found]
+    if missing:
+        raise SparsezipError(f"{model_dir} is missing {', '.join(missing)}")
+    return [found[(r, n)] for r in range(n)]
+
+
+def detect_kind(model_dir: Path) -> FolderKind:
+    """Which of the three folder kinds this is, judged by its files."""
+    model_dir = check_model_dir(model_dir)
+    if part_dirs(model_dir):
+        return FolderKind.W16A16SC
+    if (model_dir / DESCRIPTION_FILE).is_file():
+        kind = read_json(model_dir / DESCRIPTION_FILE).get("model_quant_type")
+        if kind != FolderKind.W16A16S:
+            raise SparsezipError(f"{model_dir / DESCRIPTION_FILE} says model_quant_type {kind!r}; expected W16A16S")
+        return FolderKind.W16A16S
+    return FolderKind.DENSE
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """Weight files of a dense or W16A16S folder, following a sharded index when there is one."""
+    indexes = sorted(model_dir.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise SparsezipError(f"{indexes[0]} has no weight_map")
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SparsezipError(f"{model_dir} has no .safetensors weights (only safetensors checkpoints are supported)")
+    return files
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def write_fp16_config(src: Path, dst: Path) -> None:
+    """config.json saying float16 under both spellings (transformers 5 writes `dtype`, older readers
+    read `torch_dtype`), so a bf16 or fp32 source's dtype does not contradict the fp16 weights."""
+    config = read_json(src / "config.json")
+    config["torch_dtype"] = config["dtype"] = "float16"
+    config.pop("quantization_config", None)
+    write_json(dst / "config.json", config)
+
+
+# ---------------------------------------------------------------------------- descriptions
+
+
+@dataclass
+class Description:
+    """A quant_model_description.json: the folder kind, how it was made, and the kind of every stored tensor
+    (plus, in W16A16SC, the output rows of every compressed linear), in file order."""
+
+    kind: FolderKind
+    metadata: dict = field(default_factory=dict)
+    entries: dict[str, str | int] = field(default_factory=dict)  # tensor kinds and `.weight.outdim` integers
+    version: str = FORMAT_VERSION
+
+    def add(self, name: str, kind: str) -> None:
+        self.entries[name] = kind
+
+    def add_linear(self, prefix: str, outdim: int) -> None:
+        """A codec-stored linear: its three tensors and its output rows."""
+        for suffix in (WEIGHT, INDEX, INFO):
+            self.entries[prefix + suffix] = FolderKind.W16A16SC.value
+        self.entries[prefix + OUTDIM] = outdim
+
+    @property
+    def tensors(self) -> dict[str, str]:
+        """Stored tensor name -> FLOAT | W16A16S | W16A16SC."""
+        return {k: v for k, v in self.entries.items() if not k.endswith(OUTDIM)}
+
+    def outdim(self, prefix: str) -> object:
+        return self.entries.get(prefix + OUTDIM)
+
+    def to_json(self) -> dict:
+        return {"model_quant_type": self.kind.value, "version": self.version, "metadata": self.metadata,
+                **self.entries}
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> Description:
+        try:
+            kind = FolderKind(data.get("model_quant_type"))
+        except ValueError:
+            raise SparsezipError(f"{where} has unknown model_quant_type {data.get('model_quant_type')!r}") from None
+        metadata = data.get("metadata", {})
+        entries = {k: v for k, v in data.items() if k not in HEADER_KEYS}
+        return cls(kind, metadata if isinstance(metadata, dict) else {}, entries,
+                   str(data.get("version", FORMAT_VERSION)))
+
+    def compressed_linears(self) -> list[str]:
+        """Prefixes `<p>` of the codec-stored linears (`<p>.weight`, `<p>.index`, `<p>.info`)."""
+        return [linear_prefix(name) for name, kind in self.tensors.items()
+                if kind == FolderKind.W16A16SC and name.endswith(WEIGHT)]
+
+    def float_tensors(self) -> list[str]:
+        return [name for name, kind in self.tensors.items() if kind == FLOAT]
+
+    def is_sparse(self, name: str) -> bool:
+        """Whether a W16A16S tensor was pruned (described W16A16S rather than FLOAT)."""
+        return self.entries.get(name) == FolderKind.W16A16S
+
+    def check_values(self, where: Path) -> None:
+        allowed = {FLOAT, FolderKind.W16A16S.value if self.kind == FolderKind.W16A16S else FolderKind.W16A16SC.value}
+        for name, kind in self.tensors.items():
+            if kind not in allowed:
+                raise SparsezipError(f"{where}: unknown tensor type {kind!r} for {name} in the description")
+
+
+def description_weight_files(folder: Path, kind: FolderKind) -> list[Path]:
+    """The safetensors files a description speaks for: a part's one file, or a W16A16S folder's shards."""
+    return [folder / COMPRESSED_FILE] if kind == FolderKind.W16A16SC else weight_files(folder)
+
+
+def read_description(folder: Path, expected_kind: FolderKind) -> Description:
+    """A folder's description, checked against the tensors its weight files actually hold.
+
+    Every reader goes through here, so a description that names a tensor the weights lack, misses one they hold,
+    or gives a wrong outdim is refused everywhere alike instead of being trusted by whichever reader forgot to check.
+    """
+    where = folder / DESCRIPTION_FILE
+    desc = Description.from_json(read_json(where), where)
+    if desc.kind != expected_kind:
+        raise SparsezipError(f"{where} is not a {expected_kind} description")
+    desc.check_values(where)
+    reader = TensorReader(description_weight_files(folder, expected_kind))
+    check_description_matches(desc, reader.names(), where)
+    if expected_kind == FolderKind.W16A16SC:
+        check_outdims(desc, reader, where)
+    return desc
+
+
+def write_description(folder: Path, desc: Description) -> None:
+    write_json(folder / DESCRIPTION_FILE, desc.to_json())
+
+
+def check_description_matches(desc: Description, names: list[str], where: Path) -> None:
+    described, stored = set(desc.tensors), set(names)
+    if described != stored:
+        extra, missing = sorted(described - stored)[:3], sorted(stored - described)[:3]
+        raise SparsezipError(f"{where} disagrees with the weights: described but not stored {extra}, "
+                             f"stored but not described {missing}")
+
+
+def check_outdims(desc: Description, reader: TensorReader, where: Path) -> None:
+    """Every compressed `<p>.weight` needs an integer `<p>.weight.outdim` equal to the rows `<p>.info` stores.
+
+    The 1-D stream cannot tell its shape, so a wrong outdim would otherwise build a wrongly sized model.
+    """
+    for prefix in desc.compressed_linears():
+        outdim = desc.outdim(prefix)
+        info = reader.get(prefix + INFO).flatten().tolist()
+        stored = info[3] if len(info) == 5 else None
+        if type(outdim) is not int or outdim != stored:
+            raise SparsezipError(f"{where}: {prefix}{OUTDIM} is {outdim!r} but the stored .info says {stored} "
+                                 "output rows")
+
+
+# ---------------------------------------------------------------------------- W16A16SC parts
+
+
+class PartReader:
+    """One W16A16SC part folder, its description checked: FLOAT tensors and codec-stored linears by name."""
+
+    def __init__(self, part_dir: Path):
+        self.path = Path(part_dir)
+        self.file = self.path / COMPRESSED_FILE
+        self.description = read_description(self.path, FolderKind.W16A16SC)
+        self.reader = TensorReader([self.file])
+
+    def float_names(self) -> list[str]:
+        return self.description.float_tensors()
+
+    def linear_prefixes(self) -> list[str]:
+        return self.description.compressed_linears()
+
+    def contents(self) -> list[tuple[str, bool]]:
+        """(FLOAT tensor name, False) or (compressed linear prefix, True) for all the part stores, in file order."""
+        linears = set(self.linear_prefixes())
+        found = []
+        for name, kind in self.description.tensors.items():
+            if kind == FLOAT:
+                found.append((name, False))
+            elif name.endswith(WEIGHT) and linear_prefix(name) in linears:
+                found.append((linear_prefix(name), True))
+        return found
+
+    def read_float(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def read_linear(self, prefix: str) -> EncodedWeight:
+        """The stored `<p>.weight`, `<p>.index` and `<p>.info` of one compressed linear."""
+        return EncodedWeight(*(self.reader.get(prefix + suffix) for suffix in (WEIGHT, INDEX, INFO)))
+
+
+def part_metadata(tp: int, rank: int, coder, tool: str, sparsify: dict) -> dict:
+    """How a part was made: its place in the TP group, the codec (name, version, id) and the W16A16S metadata."""
+    return {"tp_size": tp, "rank": rank, "codec": coder.name, "codec_version": coder.version,
+            "codec_id": coder.codec_id, "tool": tool, "sparsify": sparsify}
+
+
+def write_part(part_dir: Path, entries: dict[str, torch.Tensor | EncodedWeight], metadata: dict) -> None:
+    """A part folder from its entries in order: FLOAT tensors by name, compressed linears by prefix."""
+    part_dir.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    desc = Description(FolderKind.W16A16SC, metadata)
+    for name, value in entries.items():
+        if isinstance(value, EncodedWeight):
+            tensors.update(zip((name + WEIGHT, name + INDEX, name + INFO), (value.weight, value.index, value.info)))
+            desc.add_linear(name, value.shape[0])
+        else:
+            tensors[name] = value
+            desc.add(name, FLOAT)
+    save_file(tensors, str(part_dir / COMPRESSED_FILE))
+    write_description(part_dir, desc)

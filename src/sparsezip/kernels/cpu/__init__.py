@@ -1,0 +1,83 @@
+"""The native CPU kernels: one C extension (`_native`, built from native/*.c by setup.py) with one CPU-feature
+detection, one thread pool and one summation order (native/spz.h).
+
+`native` is the loaded extension, or None when it was not built (no C compiler): every caller then takes its
+numpy/torch path. The kernel level (scalar, avx2, avx512) is the best this CPU and OS support; the environment
+variable SPARSEZIP_ISA caps it, e.g. SPARSEZIP_ISA=scalar to run the portable fallbacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from ...errors import SparsezipError
+
+log = logging.getLogger("sparsezip")
+ISA_ENV = "SPARSEZIP_ISA"
+LEVELS = ("scalar", "avx2", "avx512")
+
+try:  # loaded once; the handle never changes afterwards
+    from . import _native as native
+except ImportError as exc:  # not built (no compiler) or built for another Python
+    native = None
+    log.debug("native CPU kernels not available (%s); using the numpy/torch paths", exc)
+
+
+def _apply_isa_cap() -> None:
+    cap = os.environ.get(ISA_ENV, "").strip().lower()
+    if not cap or native is None:
+        return
+    if cap not in LEVELS:
+        raise SparsezipError(f"{ISA_ENV}={cap!r} is not a kernel level; use one of {', '.join(LEVELS)}")
+    native.set_level(cap)
+
+
+_apply_isa_cap()
+
+
+def available() -> bool:
+    """True when the C extension is loaded."""
+    return native is not None
+
+
+def require() -> None:
+    if native is None:
+        raise SparsezipError("the native CPU kernels are not built; reinstall with `pip install -e .` on a machine "
+                             "with a C compiler, or use the numpy backend")
+
+
+def features() -> dict:
+    """{'level': the kernel level in use, 'detected': the best this CPU supports, 'flags': {feature: bool}}."""
+    if native is None:
+        return {"level": "none (extension not built)", "detected": "none", "flags": {}}
+    return native.features()
+
+
+@contextmanager
+def capped_level(level: str) -> Iterator[None]:
+    """Run the kernels at most at `level` inside the block (tests use it to exercise every fallback)."""
+    require()
+    previous = native.set_level(level)
+    try:
+        yield
+    finally:
+        native.set_level(previous)
+
+
+@functools.cache  # asked on every kernel call: one environment read and syscall per process is enough
+def threads() -> int:
+    """Threads for the kernels: OMP_NUM_THREADS when set (torchrun sets 1 per process), else the CPUs this process
+    may run on. Not torch.get_num_threads(): decode steps run torch's own small ops on one thread."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def threads_for(multiply_adds: int) -> int:
+    # handing work to the pool's other threads costs a few us: below ~64k multiply-adds one thread finishes first
+    return threads() if multiply_adds >= 2**16 else 1

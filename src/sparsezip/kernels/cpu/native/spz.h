@@ -1,0 +1,118 @@
+/* The native core shared by every CPU kernel of sparsezip (one extension, sparsezip.kernels.cpu._native):
+ * one CPU-feature detection that picks the kernel level at run time, one persistent thread pool, the lookup
+ * tables of the bitmap kernels, and the summation order that every kernel which must agree bit for bit follows.
+ *
+ * Kernels are compiled for several levels in one binary (function target attributes, never -march=native) and
+ * choose by spz_level() on every call, so one build runs on any x86-64 CPU and tests can force the fallbacks.
+ */
+#ifndef SPZ_H
+#define SPZ_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPZ_X86 1
+#endif
+
+#define SPZ_TILE 128        /* the codec's tile edge: the unit of the summation order below */
+#define SPZ_MAX_THREADS 64
+
+/* ------------------------------------------------------------------ CPU features (features.c) */
+
+/* Kernel levels, each a superset of the one before. AVX2 means AVX2 + FMA + F16C + POPCNT + BMI2 (and SSSE3),
+ * all enabled by the OS; AVX512 adds AVX-512 F/BW/VL/VBMI2 with the OS saving the ZMM state. */
+enum { SPZ_SCALAR = 0, SPZ_AVX2 = 1, SPZ_AVX512 = 2, SPZ_LEVELS = 3 };
+
+void spz_features_init(void);
+int spz_level(void);                    /* the level kernels use now: the best detected, capped by spz_set_level */
+int spz_detected_level(void);           /* the best level this CPU and OS support */
+int spz_set_level(int level);           /* cap the level (tests force fallbacks); returns the previous cap */
+const char *spz_level_name(int level);
+PyObject *spz_features_dict(void);      /* every feature flag, for `sparsezip info` */
+
+/* ------------------------------------------------------------------ thread pool (pool.c) */
+
+/* fn(ctx, part, parts) for part in 0..parts-1 on the pool's persistent threads, the caller running part 0;
+ * returns when all are done. Call without the GIL. */
+typedef void (*SpzPartFn)(void *ctx, int part, int parts);
+void spz_run_parts(SpzPartFn fn, void *ctx, int parts);
+void spz_pool_init(void);
+/* This thread's scratch buffer of at least `bytes` (kept between calls, freed when the thread ends); NULL when
+ * out of memory. */
+void *spz_scratch(size_t bytes);
+static inline int64_t spz_part_begin(int64_t n, int part, int parts) { return n * part / parts; }
+
+/* ------------------------------------------------------------------ tables (tables.c) */
+
+extern uint8_t spz_pop8[256];                /* bits set in a byte */
+extern uint8_t spz_expand16[256][16];        /* pshufb: the next popcount(m) u16 values into the lanes set in m */
+extern uint8_t spz_expand8hi[256][16];       /* pshufb: the next u8 values into the high byte of those lanes */
+extern uint8_t spz_compact16[256][16];       /* pshufb: the u16 lanes set in m, packed to the front */
+extern uint8_t spz_low_lane[8][16];          /* 0xFF in the low byte of u16 lane i */
+extern uint16_t spz_sign16[256][8];          /* 0x8000 in u16 lane j when bit j of the byte is set */
+void spz_tables_init(void);
+
+/* ------------------------------------------------------------------ fp16 and the shared summation order */
+
+/* IEEE binary16 -> binary32 bits, subnormals and inf/NaN payloads included. */
+static inline uint32_t spz_half_bits(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return sign | 0x7F800000u | man << 13;
+    if (exp) return sign | (exp + 112) << 23 | man << 13;
+    if (!man) return sign;
+    exp = 113; /* subnormal: normalise */
+    while (!(man & 0x400)) {
+        man <<= 1;
+        exp--;
+    }
+    return sign | exp << 23 | (man & 0x3FF) << 13;
+}
+
+static inline float spz_half(uint16_t h) {
+    uint32_t bits = spz_half_bits(h);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* THE SUMMATION ORDER. Every kernel whose results must agree bit for bit -- the dense fp16 GEMV, the sparse
+ * layout's GEMV and the product straight from codec tiles -- computes a dot product of a weight row with x as:
+ *   the sum, left to right starting from 0, of its 128-column tile sums; and a tile sum is
+ *   SCALAR: its products added one by one, from 0, in column order;
+ *   AVX2:   8 fp32 lanes, lane j accumulating (by fma, from 0) the products of the tile's columns 8g + j over its
+ *           whole groups of 8, the lanes added by spz_hsum8; then the tile's last cols % 8 products added one by
+ *           one to their own sum from 0, which is added to the lanes' sum.
+ * Absent (pruned) entries take part as exact zeros where a kernel works on 8-column groups. The file is built
+ * with -ffp-contract=off so that no compiler contracts the scalar steps into FMAs on its own. */
+static inline float spz_dot_scalar(const uint16_t *w, const float *x, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t c = 0; c < n; c++) sum += spz_half(w[c]) * x[c];
+    return sum;
+}
+
+#ifdef SPZ_X86
+__attribute__((target("avx2,fma,f16c"))) static inline float spz_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* ------------------------------------------------------------------ Python entry points (module.c lists them) */
+
+PyObject *spz_py_v2_histogram(PyObject *self, PyObject *args);
+PyObject *spz_py_v2_encode(PyObject *self, PyObject *args);
+PyObject *spz_py_decode(PyObject *self, PyObject *args);
+PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args);
+PyObject *spz_py_sparse_gemv(PyObject *self, PyObject *args);
+PyObject *spz_py_sparse_unpack(PyObject *self, PyObject *args);
+PyObject *spz_py_obs_block(PyObject *self, PyObject *args);
+PyObject *spz_py_kth_smallest(PyObject *self, PyObject *args);
+
+#endif

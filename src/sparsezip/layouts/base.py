@@ -1,0 +1,101 @@
+"""The interface every weight layout implements, and what a loader hands it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import codec
+from ..errors import SparsezipError
+from ..formats import FolderKind
+
+
+@dataclass
+class LinearSource:
+    """What a folder holds for one pruned linear of this rank: its fp16 weight [n, k], or its codec stream."""
+
+    name: str  # the linear's prefix, e.g. model.layers.0.mlp.down_proj
+    where: Path  # the file it comes from, for error messages
+    dense: torch.Tensor | None = None
+    stored: codec.EncodedWeight | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.dense.shape) if self.dense is not None else self.stored.shape
+
+    def weight(self) -> torch.Tensor:
+        """The fp16 weight: as read, or decoded with every check (CRC included)."""
+        if self.dense is not None:
+            return self.dense
+        try:
+            return codec.decode(self.stored.weight, self.stored.index, self.stored.info)
+        except SparsezipError as e:  # name the damaged part and tensor
+            raise SparsezipError(f"{self.where}: {self.name}.weight: {e}") from None
+
+
+class Scratch:
+    """One fp16 buffer shared by all linears of a model that need a decoded weight for a moment, so resident
+    weight memory stays the layouts' own bytes plus the largest single matrix. Allocated on first use."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.numel = 0
+        self.buffer: torch.Tensor | None = None
+
+    def reserve(self, numel: int) -> None:
+        self.numel = max(self.numel, numel)
+
+    def view(self, shape: tuple[int, int]) -> torch.Tensor:
+        if self.buffer is None or self.buffer.numel() < self.numel:
+            self.buffer = torch.empty(self.numel, dtype=torch.float16, device=self.device)
+        return self.buffer[: shape[0] * shape[1]].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.numel
+
+
+@dataclass
+class LayoutContext:
+    """What the layouts of one loaded model share."""
+
+    device: str
+    dtype: torch.dtype  # the compute dtype of the activations
+    scratch: Scratch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scratch = Scratch(self.device)
+
+
+class WeightLayout(nn.Module):
+    """A linear layer whose weight is held in one layout. Subclasses set the class attributes and implement
+    `build`, `forward` and `resident_bytes`; every layout computes what nn.Linear computes on the same weight."""
+
+    folder_kinds: ClassVar[tuple[FolderKind, ...]]  # the folder kinds it loads from
+    needs_stream: ClassVar[bool] = False  # builds from the codec stream, not from the fp16 weight
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def supports(cls, device: str, dtype: torch.dtype) -> bool:
+        """Whether it runs on this device (cpu, cuda[:i]) with activations of this dtype."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, source: LinearSource, bias: torch.Tensor | None, ctx: LayoutContext) -> WeightLayout:
+        raise NotImplementedError
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds for its weight and bias (not the shared scratch)."""
+        raise NotImplementedError
+
+    def uses_scratch(self) -> Scratch | None:
+        return None
+
+    @staticmethod
+    def bias_bytes(bias: torch.Tensor | None) -> int:
+        return 0 if bias is None else bias.numel() * bias.element_size()

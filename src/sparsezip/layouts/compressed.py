@@ -1,0 +1,53 @@
+"""Layout "compressed": the stored codec stream itself (after one checked decode at load, so a damaged file
+fails then, not in the middle of a reply), decoded on the data path of every forward: straight from the tiles
+for one CPU row, else into the model's shared scratch buffer. Same numbers as the dense layout."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import codec
+from ..kernels.cpu.gemv import mixed_linear
+from ..formats import FolderKind
+from .base import LayoutContext, LinearSource, Scratch, WeightLayout
+
+
+class CompressedLinear(WeightLayout):
+    folder_kinds = (FolderKind.W16A16SC,)
+    needs_stream = True
+
+    def __init__(self, stored: codec.EncodedWeight, bias: torch.Tensor | None, scratch: Scratch):
+        super().__init__()
+        self.out_features, self.in_features = stored.shape
+        self.stored = stored  # plain tensors, not buffers: they are not part of the state dict
+        self.bias = bias
+        self.scratch = scratch
+
+    @classmethod
+    def supports(cls, device: str, dtype: torch.dtype) -> bool:
+        return True
+
+    @classmethod
+    def build(cls, source: LinearSource, bias: torch.Tensor | None, ctx: LayoutContext) -> CompressedLinear:
+        source.weight()  # one full checked decode
+        ctx.scratch.reserve(source.shape[0] * source.shape[1])
+        return cls(source.stored, bias, ctx.scratch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.dtype == torch.float32 and x.device.type == "cpu":
+            # one row (a batch-1 decode step): multiply straight from the tiles, no scratch write at all
+            y = codec.linear(x.reshape(1, -1), self.stored, self.bias, check_crc=False)
+            return y.view(*x.shape[:-1], self.out_features)
+        return mixed_linear(x, self.decoded(), self.bias)
+
+    def decoded(self) -> torch.Tensor:
+        out = self.scratch.view((self.out_features, self.in_features))
+        if out.device.type == "cpu":  # the stream was CRC-checked once at load; skip that here
+            return codec.decode_into(self.stored, out, check_crc=False)
+        return out.copy_(codec.decode(self.stored.weight, self.stored.index, self.stored.info))
+
+    def resident_bytes(self) -> int:
+        return self.stored.nbytes + self.bias_bytes(self.bias)
+
+    def uses_scratch(self) -> Scratch:
+        return self.scratch

@@ -1,0 +1,150 @@
+"""`sparsify`: prune a dense checkpoint layer by layer with calibration text, into a W16A16S folder.
+
+Only one layer's weights are in memory at once, and finished tensors are written as they are produced, so
+memory grows with one layer plus the calibration activations, not with the model. A layer keeps one
+representation throughout, the model's own (q/k/v and gate/up fused): each Hugging Face matrix is a row range
+of its fused weight (tp.source_rows), pruned in place, so later stages see exactly the fp16 weights that are
+saved, and written out under its own name.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__
+from .calibrate import LayerPass, embed_samples, load_layer, owl_allocation, owl_outlier_ratios, read_layer
+from .checkpoint import ShardedWriter, TensorReader, atomic_output_dir, check_output_path, release_freed_memory, to_fp16
+from .config import ModelArgs, SparsifyConfig
+from .data import calibration_samples, load_tokenizer
+from .errors import SparsezipError
+from .formats import (FLOAT, SPARSE_STEM, Description, FolderKind, copy_side_files, detect_kind, weight_files,
+                      write_description, write_fp16_config)
+from .pruners import LinearStats, Method, get_method
+from .rounding import l2_round
+from .tp import SplitRule, global_rules, layer_rules, source_rows
+
+log = logging.getLogger("sparsezip")
+TRIM_GROWTH = 1.5  # hand freed heap memory back once the resident size grew this much over its low (trim_if_grown)
+STAGES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, config: SparsifyConfig,
+                 method: Method, sparsity: float, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Prune each Hugging Face matrix inside a fused linear, in place; returns {HF name: fp16 weight}.
+
+    Row-local methods prune the fused matrix in one call (identical per row, fewer passes); the others rank
+    over each matrix, so q, k and v (gate and up) are pruned one by one.
+    """
+    weight = linear.weight.data  # fp32 [out, in]
+    rows = source_rows(rule, args)
+    if method.row_local:
+        fused = method.prune(weight, stats, sparsity, config.nm).to(torch.float16)
+        parts = {name: fused[sl] for name, sl in rows}
+    else:
+        parts = {name: method.prune(weight[sl], stats, sparsity, config.nm).to(torch.float16) for name, sl in rows}
+    if config.rounding_mode == "l2":  # "the 2% of the matrix" is counted per Hugging Face matrix
+        norm = stats.sq_norm.sqrt() if stats is not None else torch.ones(weight.shape[1], device=weight.device)
+        parts = {name: l2_round(w.contiguous(), norm) for name, w in parts.items()}
+    for name, sl in rows:
+        weight[sl] = parts[name]
+    return {name: w.contiguous().clone() for name, w in parts.items()}
+
+
+def prune_layer(args: ModelArgs, index: int, layer: nn.Module, hidden: list[torch.Tensor], run: LayerPass | None,
+                config: SparsifyConfig, method: Method,
+                sparsity: float) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Prune the 7 linears of one layer; returns their HF-named fp16 weights and the layer's pruned output."""
+    rules = {r.target: r for r in layer_rules(args, index)}
+    pruned: dict[str, torch.Tensor] = {}
+
+    def on_linear(stage: str, linear: nn.Linear, stats: LinearStats | None) -> None:
+        rule = rules[f"model.layers.{index}.{stage}.weight"]
+        pruned.update(prune_linear(linear, rule, stats, config, method, sparsity, args))
+
+    if run is None:  # uncalibrated (magnitude): no activations to propagate
+        for stage in STAGES:
+            on_linear(stage, layer.get_submodule(stage), None)
+        return pruned, hidden
+    return pruned, run(layer, hidden, on_linear, last=index == args.num_layers - 1)
+
+
+def unpruned_tensors(args: ModelArgs, index: int, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer's norms and biases under their Hugging Face names, saved unchanged."""
+    return {name: fused[rule.target][sl].clone() for rule in layer_rules(args, index) if not rule.compressed
+            for name, sl in source_rows(rule, args)}
+
+
+def trim_if_grown(low: int | None) -> int:
+    """Hand freed heap memory back to the OS (release_freed_memory) when the resident size after a layer is
+    TRIM_GROWTH times its lowest so far; returns the new low. glibc keeps freed memory for reuse, which is fine as
+    long as it does not creep, and trimming after every layer costs the page faults of taking the memory back."""
+    rss = psutil.Process().memory_info().rss
+    if low is not None and rss > TRIM_GROWTH * low:
+        release_freed_memory()
+        rss = psutil.Process().memory_info().rss
+    return rss if low is None else min(low, rss)
+
+
+def calibration_batches(model_path: Path, reader: TensorReader, config: SparsifyConfig) -> tuple[list, int, int]:
+    """(embedded calibration batches, tokens, samples) for a calibrated method."""
+    samples = calibration_samples(load_tokenizer(model_path), list(config.calib), config.calib_samples,
+                                  config.calib_seqlen, config.seed)
+    tokens = sum(len(s) for s in samples)
+    if tokens < 2048:
+        log.warning("only %d calibration tokens; at least 2048 are recommended (the inverse can fail)", tokens)
+    return embed_samples(reader, samples), tokens, len(samples)
+
+
+def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = SparsifyConfig(),
+             overwrite: bool = False) -> Path:
+    """Prune the 7 linears of every decoder layer of a dense checkpoint and save a W16A16S folder."""
+    model_path, save_path = Path(model_path), Path(save_path)
+    if detect_kind(model_path) != FolderKind.DENSE:
+        raise SparsezipError(f"{model_path} is already sparse; sparsify takes a dense Hugging Face folder")
+    check_output_path(save_path, overwrite, (model_path,))  # fail now, not after calibration
+    args = ModelArgs.from_dir(model_path)
+    config = config.checked(args)
+    method = get_method(config.method)
+    reader = TensorReader(weight_files(model_path))
+    hidden, tokens, n_samples = [], 0, 0
+    if method.calibrated:
+        hidden, tokens, n_samples = calibration_batches(model_path, reader, config)
+    layer_sparsity = [config.sparsity] * args.num_layers
+    if config.owl is not None:
+        ratios = owl_outlier_ratios(args, reader, hidden, config.device, config.owl.threshold)
+        layer_sparsity = owl_allocation(ratios, config.sparsity, config.owl.lam)
+    run = LayerPass(args, config.device, method.needs_hessian) if method.calibrated else None
+    with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
+        writer = ShardedWriter(tmp, SPARSE_STEM, int(config.part_file_size * 2**30))
+        description = Description(FolderKind.W16A16S)
+        low_rss = None
+        for i in tqdm(range(args.num_layers), desc=f"sparsify {config.method}", unit="layer"):
+            fused = read_layer(args, reader, i)
+            layer = load_layer(args, fused, i, config.device)
+            unpruned = unpruned_tensors(args, i, fused)
+            del fused  # the fp32 layer holds the weights now; keep peak memory at one copy
+            pruned, hidden = prune_layer(args, i, layer, hidden, run, config, method, layer_sparsity[i])
+            for tensors, kind in ((pruned, FolderKind.W16A16S.value), (unpruned, FLOAT)):
+                for name, t in tensors.items():
+                    writer.add(name, t.cpu())
+                    description.add(name, kind)
+            del layer, pruned, unpruned
+            low_rss = trim_if_grown(low_rss)
+        for rule in global_rules(args):
+            writer.add(rule.target, to_fp16(rule.target, reader.get(rule.target)))
+            description.add(rule.target, FLOAT)
+        writer.close()
+        provenance = {"source": model_path.resolve().name, "tool": f"sparsezip {__version__}",
+                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        description.metadata = config.metadata(tokens, n_samples, layer_sparsity, provenance)
+        write_description(tmp, description)
+        write_fp16_config(model_path, tmp)
+        copy_side_files(model_path, tmp)
+    return save_path
