@@ -83,7 +83,8 @@ static void tile_part(void *arg, int part, int parts) {
     }
 }
 
-/* Run fn over tiles 0..count-1 on up to `threads` threads of the pool (the calling thread is one of them).
+/* Run fn over tiles 0..count-1 on up to `threads` threads of the pool (the calling thread is one of them), with
+ * the GIL released.
  * Small jobs run on fewer threads: waking one costs more than decoding a few tiles. */
 static void parallel_tiles(TileFn fn, void *ctx, ErrState *err, int64_t count, int threads, int64_t elements,
                            size_t scratch_bytes) {
@@ -91,7 +92,7 @@ static void parallel_tiles(TileFn fn, void *ctx, ErrState *err, int64_t count, i
     int64_t by_work = elements / (1 << 17) + 1;
     if (threads > count) threads = (int)count;
     if (threads > by_work) threads = (int)by_work;
-    spz_run_parts(tile_part, &job, threads < 1 ? 1 : threads);
+    spz_run_parts_nogil(tile_part, &job, threads);
 }
 
 /* ------------------------------------------------------------------ geometry */
@@ -783,8 +784,8 @@ PyObject *spz_py_v2_histogram(PyObject *self, PyObject *args) {
     HistCtx ctx = {(const uint16_t *)bits.buf, n, k, hist};
     ErrState err;
     err_init(&err);
-    Py_BEGIN_ALLOW_THREADS parallel_tiles(hist_tile, &ctx, &err, tiles, threads, n * k, 16);
-    Py_END_ALLOW_THREADS int64_t total[TABLE_SIZE] = {0};
+    parallel_tiles(hist_tile, &ctx, &err, tiles, threads, n * k, 16);
+    int64_t total[TABLE_SIZE] = {0};
     for (int64_t t = 0; t < tiles; t++)
         for (int s = 0; s < TABLE_SIZE; s++) total[s] += hist[t][s];
     free(hist);
@@ -831,8 +832,8 @@ PyObject *spz_py_v2_encode(PyObject *self, PyObject *args) {
     ErrState err;
     err_init(&err);
     size_t scratch = 2 * (TILE * TILE + READ_PAD);
-    Py_BEGIN_ALLOW_THREADS parallel_tiles(enc_size_tile, &ctx, &err, tiles, threads, n * k, scratch);
-    Py_END_ALLOW_THREADS int64_t total = TABLE_SIZE;
+    parallel_tiles(enc_size_tile, &ctx, &err, tiles, threads, n * k, scratch);
+    int64_t total = TABLE_SIZE;
     for (int64_t t = 0; t < tiles; t++) {
         offsets[t] = total;
         total += sizes[t];
@@ -844,8 +845,8 @@ PyObject *spz_py_v2_encode(PyObject *self, PyObject *args) {
     memcpy(dst, ctx.lengths, TABLE_SIZE);
     ctx.dst = dst;
     ctx.offsets = offsets;
-    Py_BEGIN_ALLOW_THREADS parallel_tiles(enc_write_tile, &ctx, &err, tiles, threads, n * k, scratch);
-    Py_END_ALLOW_THREADS if (err.failed) {
+    parallel_tiles(enc_write_tile, &ctx, &err, tiles, threads, n * k, scratch);
+    if (err.failed) {
         PyErr_SetString(PyExc_ValueError, err.msg);
         goto done;
     }
@@ -925,8 +926,8 @@ PyObject *spz_py_decode(PyObject *self, PyObject *args) {
     }
     size_t scratch = 2 * (TILE * TILE + READ_PAD) + MAX_TILE_BYTES + OVERRUN;
     TileFn fn = codec_id == 2 ? v2_decode_one : v1_decode_one;
-    Py_BEGIN_ALLOW_THREADS parallel_tiles(fn, ctx, &ctx->err, tiles, threads, n * k, scratch);
-    Py_END_ALLOW_THREADS if (ctx->err.failed) {
+    parallel_tiles(fn, ctx, &ctx->err, tiles, threads, n * k, scratch);
+    if (ctx->err.failed) {
         PyErr_SetString(PyExc_ValueError, ctx->err.msg);
         goto done;
     }

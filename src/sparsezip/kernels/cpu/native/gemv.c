@@ -138,9 +138,7 @@ PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args) {
     }
     Job job = {w.buf, x.buf, y.buf, n, k, m};
     threads = clamp_threads(threads, n);
-    Py_BEGIN_ALLOW_THREADS
-    spz_run_parts(dense_part, &job, threads);
-    Py_END_ALLOW_THREADS
+    spz_run_parts_nogil(dense_part, &job, threads);
     result = Py_None;
     Py_INCREF(result);
 done:
@@ -374,9 +372,7 @@ static PyObject *sparse_call(PyObject *args, int unpack) {
         goto done;
     }
     threads = clamp_threads(threads, n);
-    Py_BEGIN_ALLOW_THREADS
-    spz_run_parts(sparse_part, &job, threads);
-    Py_END_ALLOW_THREADS
+    spz_run_parts_nogil(sparse_part, &job, threads);
     result = Py_None;
     Py_INCREF(result);
 done:

@@ -104,6 +104,12 @@ void spz_run_parts(SpzPartFn fn, void *ctx, int parts) {
     pthread_mutex_unlock(&POOL.dispatch);
 }
 
+void spz_run_parts_nogil(SpzPartFn fn, void *ctx, int parts) {
+    Py_BEGIN_ALLOW_THREADS
+    spz_run_parts(fn, ctx, parts < 1 ? 1 : parts);
+    Py_END_ALLOW_THREADS
+}
+
 /* ------------------------------------------------------------------ per-thread scratch */
 
 typedef struct {

@@ -199,10 +199,7 @@ PyObject *spz_py_obs_block(PyObject *self, PyObject *args) {
     }
     Job job = {w.buf, err.buf, h.buf, dead.buf, b, rows, prune_k, n, m, spz_level() >= SPZ_AVX2};
     if (threads > rows / ROWS_PER_THREAD) threads = (int)(rows / ROWS_PER_THREAD);
-    if (threads < 1) threads = 1;
-    Py_BEGIN_ALLOW_THREADS
-    spz_run_parts(obs_part, &job, threads);
-    Py_END_ALLOW_THREADS
+    spz_run_parts_nogil(obs_part, &job, threads);
     result = Py_None;
     Py_INCREF(result);
 done:

@@ -41,6 +41,7 @@ PyObject *spz_features_dict(void);      /* every feature flag, for `sparsezip in
  * returns when all are done. Call without the GIL. */
 typedef void (*SpzPartFn)(void *ctx, int part, int parts);
 void spz_run_parts(SpzPartFn fn, void *ctx, int parts);
+void spz_run_parts_nogil(SpzPartFn fn, void *ctx, int parts); /* the same from a Python entry point */
 void spz_pool_init(void);
 /* This thread's scratch buffer of at least `bytes` (kept between calls, freed when the thread ends); NULL when
  * out of memory. */
