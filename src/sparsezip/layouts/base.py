@@ -38,25 +38,22 @@ class LinearSource:
 
 
 class Scratch:
-    """One fp16 buffer shared by all linears of a model that need a decoded weight for a moment, so resident
-    weight memory stays the layouts' own bytes plus the largest single matrix. Allocated on first use."""
+    """One buffer shared by all linears of a model that need a decoded weight for a moment, so resident weight
+    memory stays the layouts' own bytes plus the largest single matrix. Allocated on first use."""
 
     def __init__(self, device: str):
         self.device = device
-        self.numel = 0
-        self.buffer: torch.Tensor | None = None
+        self.nbytes = 0
+        self.buffer: torch.Tensor | None = None  # uint8
 
-    def reserve(self, numel: int) -> None:
-        self.numel = max(self.numel, numel)
+    def reserve(self, numel: int, dtype: torch.dtype) -> None:
+        self.nbytes = max(self.nbytes, numel * dtype.itemsize)
 
-    def view(self, shape: tuple[int, int]) -> torch.Tensor:
-        if self.buffer is None or self.buffer.numel() < self.numel:
-            self.buffer = torch.empty(self.numel, dtype=torch.float16, device=self.device)
-        return self.buffer[: shape[0] * shape[1]].view(shape)
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.numel
+    def view(self, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The first rows x cols elements of the buffer as `dtype` [rows, cols]."""
+        if self.buffer is None or self.buffer.numel() < self.nbytes:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        return self.buffer[: shape[0] * shape[1] * dtype.itemsize].view(dtype).view(shape)
 
 
 @dataclass

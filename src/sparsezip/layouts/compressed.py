@@ -5,9 +5,10 @@ for one CPU row, else into the model's shared scratch buffer. Same numbers as th
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import codec
-from ..kernels.cpu.gemv import mixed_linear
+from ..kernels.cpu.gemv import gemv_max_rows, mixed_linear
 from ..formats import FolderKind
 from .base import LayoutContext, LinearSource, Scratch, WeightLayout
 
@@ -30,7 +31,7 @@ class CompressedLinear(WeightLayout):
     @classmethod
     def build(cls, source: LinearSource, bias: torch.Tensor | None, ctx: LayoutContext) -> CompressedLinear:
         source.weight()  # one full checked decode
-        ctx.scratch.reserve(source.shape[0] * source.shape[1])
+        ctx.scratch.reserve(source.shape[0] * source.shape[1], ctx.dtype)
         return cls(source.stored, bias, ctx.scratch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +39,14 @@ class CompressedLinear(WeightLayout):
             # one row (a batch-1 decode step): multiply straight from the tiles, no scratch write at all
             y = codec.linear(x.reshape(1, -1), self.stored, self.bias, check_crc=False)
             return y.view(*x.shape[:-1], self.out_features)
-        return mixed_linear(x, self.decoded(), self.bias)
+        n, k = self.out_features, self.in_features
+        if x.device.type == "cpu" and x.numel() // k <= gemv_max_rows(n * k):  # the dense layout's native GEMV
+            return mixed_linear(x, self.decoded(torch.float16), self.bias)
+        return F.linear(x, self.decoded(x.dtype), self.bias)
 
-    def decoded(self) -> torch.Tensor:
-        out = self.scratch.view((self.out_features, self.in_features))
+    def decoded(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in the scratch buffer as `dtype` (decoded straight to fp32 for a CPU matmul of many rows)."""
+        out = self.scratch.view((self.out_features, self.in_features), dtype)
         if out.device.type == "cpu":  # the stream was CRC-checked once at load; skip that here
             return codec.decode_into(self.stored, out, check_crc=False)
         return out.copy_(codec.decode(self.stored.weight, self.stored.index, self.stored.info))

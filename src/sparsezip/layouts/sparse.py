@@ -1,6 +1,7 @@
 """Layout "sparse": a pruned fp16 matrix as a bitmap plus its nonzero values (one byte each for E5M2-valued,
 L2-rounded weights; see kernels/cpu/gemv.py's SparseWeight), expanded in registers inside each product. Inputs
-of many rows unpack the weight into the model's shared scratch buffer first. Same numbers as the dense layout."""
+of many rows unpack the weight as fp32 into the model's shared scratch buffer for torch's matmul. Same numbers as
+the dense layout."""
 
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ class SparseLinear(WeightLayout):
     @classmethod
     def build(cls, source: LinearSource, bias: torch.Tensor | None, ctx: LayoutContext) -> SparseLinear:
         sparse = pack_sparse(source.weight())
-        ctx.scratch.reserve(sparse.shape[0] * sparse.shape[1])
+        ctx.scratch.reserve(sparse.shape[0] * sparse.shape[1], torch.float32)
         return cls(sparse, bias, ctx.scratch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.sparse.shape
-        return sparse_linear(x, self.sparse, self.bias, lambda: self.scratch.view((n, k)))
+        return sparse_linear(x, self.sparse, self.bias, lambda: self.scratch.view((n, k), torch.float32))
 
     def resident_bytes(self) -> int:
         return self.sparse.nbytes + self.bias_bytes(self.bias)

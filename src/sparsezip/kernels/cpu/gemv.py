@@ -51,77 +51,89 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y
 
 
-VALUE_PAD = 16  # bytes readable past the last value (the kernel loads 16 at a time); as in _cpugemv.c
+VALUE_PAD = 16  # bytes readable past the last value (a group's values are loaded 16 at a time); native/gemv.c's
+PACK_VALUES = 2**22  # matrix entries per block of rows while packing: bounds the temporaries
 
 
 @dataclass(frozen=True, eq=False)
 class SparseWeight:
-    """An fp16 matrix [n, k] as the bitmap of its nonzero entries (bit patterns != 0) and their values.
-
-    Row r's values are values[row_start[r]:row_start[r+1]], in column order. With `e5m2` (chosen when under a
-    third of the values have a nonzero low byte, as after L2 rounding) `values` holds only their high bytes, and
-    the low bytes that are not 0 sit in exc_low, at column exc_col, for row r's exceptions row_exc[r]:row_exc[r+1].
-    A runtime layout built by pack_sparse, not a file format; the arrays are read-only.
+    """An fp16 matrix [n, k] as the bitmap of its nonzero entries (bit patterns != 0) and their values, in groups
+    of 8 columns: a group whose values all have a low byte of 0 (E5M2 values, as after L2 rounding) stores one
+    byte per value (the high byte), any other group two (the fp16 pattern), as its bit in `flags` says.
+    Row r's values are values[row_start[r]:row_start[r+1]], group by group, in column order. A runtime layout
+    built by pack_sparse (the byte layout is native/gemv.c's), not a file format; the arrays are read-only.
     """
 
     shape: tuple[int, int]
-    bitmap: np.ndarray  # uint8 [n, ceil(k / 8)], LSB first
-    values: np.ndarray  # uint8 high bytes (e5m2) or uint16 bit patterns, [nnz] + VALUE_PAD bytes of padding
+    bitmap: np.ndarray  # uint8 [n, kb], kb = ceil(k / 8), LSB first
+    flags: np.ndarray  # uint8 [n, ceil(kb / 8)]: bit g of a row = group g stores 2-byte values
+    values: np.ndarray  # uint8 [row_start[n] + VALUE_PAD]
     row_start: np.ndarray  # int64 [n + 1]
-    exc_col: np.ndarray  # int32 [E], increasing within each row
-    exc_low: np.ndarray  # uint8 [E]
-    row_exc: np.ndarray  # int64 [n + 1]
-    e5m2: bool
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.bitmap, self.values, self.row_start, self.exc_col, self.exc_low,
-                                      self.row_exc))
+        return sum(a.nbytes for a in self.arrays())
 
-    def arrays(self) -> tuple:
-        return self.bitmap, self.values, self.row_start, self.exc_col, self.exc_low, self.row_exc, self.e5m2
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.bitmap, self.flags, self.values, self.row_start
 
 
 def pack_sparse(weight: torch.Tensor) -> SparseWeight:
-    """The sparse layout of a CPU fp16 matrix (vectorised numpy, no loop over rows or elements)."""
+    """The sparse layout of a CPU fp16 matrix (vectorised numpy, a loop over blocks of rows only)."""
     if weight.dtype != torch.float16 or weight.dim() != 2 or weight.device.type != "cpu":
         raise ValueError(f"pack_sparse takes a 2-D CPU float16 tensor, got {weight.dtype} {list(weight.shape)}")
     n, k = weight.shape
     bits = weight.contiguous().view(torch.int16).numpy().view(np.uint16)
-    present = bits != 0
-    row_start = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.count_nonzero(present, axis=1), out=row_start[1:])
-    values = bits[present]  # row-major: row by row, columns in order
-    low = (values & 0xFF).astype(np.uint8)
-    exceptions = np.flatnonzero(low)
-    e5m2 = 3 * exceptions.size < values.size
-    if e5m2:
-        stored = np.concatenate([(values >> 8).astype(np.uint8), np.zeros(VALUE_PAD, np.uint8)])
-        exc_col = np.nonzero(present)[1][exceptions].astype(np.int32)
-        exc_low, row_exc = low[exceptions], np.searchsorted(exceptions, row_start).astype(np.int64)
-    else:
-        stored = np.concatenate([values, np.zeros(VALUE_PAD // 2, np.uint16)])
-        exc_col, exc_low, row_exc = np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(n + 1, np.int64)
-    bitmap = np.packbits(present, axis=1, bitorder="little")
-    arrays = (bitmap, stored, row_start, exc_col, exc_low, row_exc)
+    kb = -(-k // 8)
+    bitmap = np.empty((n, kb), np.uint8)
+    flags = np.empty((n, -(-kb // 8)), np.uint8)
+    row_bytes = np.empty(n, np.int64)
+    streams = []
+    step = max(1, PACK_VALUES // k)
+    for r0 in range(0, n, step):  # bounds the per-entry temporaries to one block of rows
+        block = bits[r0:r0 + step]
+        present = block != 0
+        wide = np.zeros((len(block), 8 * kb), bool)  # [rows, columns padded to whole groups]
+        wide[:, :k] = present & ((block & 0xFF) != 0)
+        wide_groups = wide.reshape(len(block), kb, 8).any(2)  # [rows, kb]
+        bitmap[r0:r0 + step] = np.packbits(present, axis=1, bitorder="little")
+        flags[r0:r0 + step] = np.packbits(wide_groups, axis=1, bitorder="little")
+        wide_value = np.repeat(wide_groups, 8, axis=1)[:, :k][present]  # per value in row-major order
+        width = 1 + wide_value.astype(np.int64)
+        offset = np.concatenate([[0], np.cumsum(width)[:-1]])
+        stream = np.zeros(int(width.sum()), np.uint8)
+        values = block[present]
+        stream[offset + wide_value] = values >> 8  # the high byte: first of one, second of two (little-endian)
+        stream[offset[wide_value]] = values[wide_value] & 0xFF
+        row_bytes[r0:r0 + step] = (present * (1 + np.repeat(wide_groups, 8, axis=1)[:, :k])).sum(1)
+        streams.append(stream)
+    row_start = np.concatenate([[0], np.cumsum(row_bytes)]).astype(np.int64)
+    arrays = (bitmap, flags, np.concatenate(streams + [np.zeros(VALUE_PAD, np.uint8)]), row_start)
     for a in arrays:
         a.flags.writeable = False
-    return SparseWeight((n, k), *arrays, bool(e5m2))
+    return SparseWeight((n, k), *arrays)
 
 
 def unpack_sparse(sparse: SparseWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense fp16 matrix of a SparseWeight, written into `out` ([n, k] fp16, contiguous) when given."""
+    """The dense matrix of a SparseWeight into `out` ([n, k] contiguous, fp16 or fp32; a new fp16 one if None)."""
     n, k = sparse.shape
     out = torch.empty(n, k, dtype=torch.float16) if out is None else out
+    if out.dtype not in (torch.float16, torch.float32) or tuple(out.shape) != (n, k) or not out.is_contiguous():
+        raise ValueError(f"unpack_sparse writes a contiguous fp16/fp32 [{n}, {k}] tensor, got {out.dtype} "
+                         f"{list(out.shape)}")
+    f32 = out.dtype == torch.float32
     if native is not None:
-        native.sparse_unpack(*sparse.arrays(), out.view(torch.int16).numpy(), n, k, threads_for(n * k // 4))
+        native.sparse_unpack(*sparse.arrays(), out.view(torch.int32 if f32 else torch.int16).numpy(), n, k, f32,
+                             threads_for(n * k // 4))
         return out
     present = np.unpackbits(sparse.bitmap, axis=1, count=k, bitorder="little").astype(bool)
-    nnz = int(sparse.row_start[-1])
-    values = sparse.values[:nnz].astype(np.uint16) << 8 if sparse.e5m2 else sparse.values[:nnz]
+    wide_groups = np.unpackbits(sparse.flags, axis=1, count=sparse.bitmap.shape[1], bitorder="little").astype(bool)
+    wide_value = np.repeat(wide_groups, 8, axis=1)[:, :k][present]
+    offset = np.concatenate([[0], np.cumsum(1 + wide_value.astype(np.int64))[:-1]])
+    values = sparse.values[offset + wide_value].astype(np.uint16) << 8
+    values[wide_value] |= sparse.values[offset[wide_value]]
     dense = np.zeros((n, k), dtype=np.uint16)
     dense[present] = values
-    dense[np.repeat(np.arange(n), np.diff(sparse.row_exc)), sparse.exc_col] |= sparse.exc_low
     out.copy_(torch.from_numpy(dense.view(np.int16)).view(torch.float16))
     return out
 
@@ -130,14 +142,14 @@ def sparse_linear(x: torch.Tensor, sparse: SparseWeight, bias: torch.Tensor | No
                   scratch: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """x [..., k] fp32 @ W^T (+ bias) from the sparse layout, bit-identical to mixed_linear on the dense W.
 
-    Few rows multiply straight from the layout; more rows unpack W into `scratch()` (an fp16 [n, k] buffer) or a
-    fresh one, then take mixed_linear's path.
+    Few rows multiply straight from the layout; more rows unpack W as fp32 into `scratch()` (an fp32 [n, k]
+    buffer) or a fresh one, then call torch's matmul, as mixed_linear does with its own fp32 copy.
     """
     n, k = sparse.shape
     rows = x.numel() // k
     if native is None or rows > gemv_max_rows(n * k) or x.dtype != torch.float32:
-        dense = unpack_sparse(sparse, None if scratch is None else scratch())
-        return mixed_linear(x, dense, bias)
+        dense = scratch() if scratch is not None else torch.empty(n, k, dtype=torch.float32)
+        return F.linear(x, unpack_sparse(sparse, dense).to(x.dtype), bias)
     y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
     native.sparse_gemv(*sparse.arrays(), x.contiguous().numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
     if bias is not None:

@@ -40,6 +40,8 @@ static PyMethodDef METHODS[] = {
     {"obs_block", spz_py_obs_block, METH_VARARGS,
      "obs_block(w, h, dead, err, b, rows, prune_k, n, m, threads): SparseGPT's OBS loop over one block"},
     {"kth_smallest", spz_py_kth_smallest, METH_VARARGS, "kth_smallest(values, k): the k-th smallest float32 (1-based)"},
+    {"read_sum", spz_py_read_sum, METH_VARARGS,
+     "read_sum(buffer, threads) -> checksum: one pass reading the buffer (timed, the memory read bandwidth)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -3,9 +3,8 @@
 
 uint8_t spz_pop8[256];
 uint8_t spz_expand16[256][16] __attribute__((aligned(16)));
-uint8_t spz_expand8hi[256][16] __attribute__((aligned(16)));
+uint8_t spz_expand_sparse[512][16] __attribute__((aligned(16)));
 uint8_t spz_compact16[256][16] __attribute__((aligned(16)));
-uint8_t spz_low_lane[8][16] __attribute__((aligned(16)));
 uint16_t spz_sign16[256][8];
 
 void spz_tables_init(void) {
@@ -16,8 +15,10 @@ void spz_tables_init(void) {
             int set = m >> j & 1;
             spz_expand16[m][2 * j] = set ? (uint8_t)(2 * p) : 0x80;
             spz_expand16[m][2 * j + 1] = set ? (uint8_t)(2 * p + 1) : 0x80;
-            spz_expand8hi[m][2 * j] = 0x80;
-            spz_expand8hi[m][2 * j + 1] = set ? (uint8_t)p : 0x80;
+            spz_expand_sparse[m][2 * j] = 0x80; /* narrow: the value byte is the high byte, the low byte 0 */
+            spz_expand_sparse[m][2 * j + 1] = set ? (uint8_t)p : 0x80;
+            spz_expand_sparse[256 + m][2 * j] = spz_expand16[m][2 * j];
+            spz_expand_sparse[256 + m][2 * j + 1] = spz_expand16[m][2 * j + 1];
             if (set) {
                 spz_compact16[m][2 * p] = (uint8_t)(2 * j);
                 spz_compact16[m][2 * p + 1] = (uint8_t)(2 * j + 1);
@@ -26,5 +27,4 @@ void spz_tables_init(void) {
             p += set;
         }
     }
-    for (int i = 0; i < 8; i++) spz_low_lane[i][2 * i] = 0xFF;
 }
