@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,7 @@ def read_build_record(venv: Path = PEERS_VENV) -> dict:
 def setup_peers(venv: Path = PEERS_VENV, log: Path | None = None) -> dict:
     """Create the peers venv if missing and install llama-cpp-python built from source with CMAKE_ARGS.
 
-    A separate venv keeps llama-cpp-python (and its numpy pin) away from the project's pinned environment.
+    A separate venv keeps llama-cpp-python and its dependencies out of the project's pinned environment.
     Skips the build when the recorded version and flags match. Returns the build record.
     """
     record = read_build_record(venv)
@@ -330,6 +329,7 @@ def export_gguf(hf_folder: Path, out: Path, qtype: str, f16: Path | None = None,
         raise PeerError(f"qtype {qtype!r} is not one of {', '.join(QTYPES)}")
     if not hf_folder.is_dir():
         raise PeerError(f"{hf_folder} is not a folder")
+    read_config(hf_folder)  # refuse bad input before creating anything
     if out.exists() and not overwrite:
         raise PeerError(f"{out} already exists (use --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -504,26 +504,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="llama.cpp (llama-cpp-python, own venv .venv-peers) as a peer for the generation benchmark, "
                     "on the same fp16 weights.",
         epilog="examples:\n"
-               "  python3 bench/llamacpp.py --setup                       # ~10-15 min build on 2 cores, once\n"
+               "  python3 bench/llamacpp.py --setup                       # once: builds llama.cpp (tens of minutes on 2 cores)\n"
                "  .venv/bin/python bench/llamacpp.py export ~/.cache/sparsezip/smollm2-135m-instruct-fp16 out/gguf\n"
+               "  .venv/bin/python bench/llamacpp.py check ~/.cache/sparsezip/smollm2-135m-instruct-fp16 out/gguf/f16.gguf\n"
                "  .venv/bin/python bench/llamacpp.py speed out/gguf/q8_0.gguf --threads 2 --new 128 --repeats 3\n"
                "export needs the gguf package (the project venv and the peers venv both have it).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", action="store_true",
                    help=f"create {PEERS_VENV.name} if missing and build llama-cpp-python=={LLAMA_CPP_PYTHON} from "
                         "source for a portable AVX2 CPU (log in the venv's build.log); prints the build record")
-    sub = p.add_subparsers(dest="command", metavar="{export,speed}")
+    sub = p.add_subparsers(dest="command", metavar="{export,check,speed}")
     e = sub.add_parser("export", help="HF fp16 folder (dense or W16A16S) -> OUT_DIR/{f16,q8_0,q4_0}.gguf")
     e.add_argument("hf_folder", type=Path, metavar="HF_FOLDER", help="llama or qwen2 fp16 folder with config.json")
     e.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="where f16.gguf, q8_0.gguf and q4_0.gguf go")
     e.add_argument("--overwrite", action="store_true", help="replace existing .gguf files")
+    c = sub.add_parser("check", help="greedy tokens of llama.cpp on GGUF vs transformers (fp32) on HF_FOLDER "
+                                     "(needs torch: run with .venv/bin/python)")
+    c.add_argument("hf_folder", type=Path, metavar="HF_FOLDER")
+    c.add_argument("gguf", type=Path, metavar="GGUF")
+    c.add_argument("--new", type=int, default=32, help="greedy tokens to compare (default 32)")
+    c.add_argument("--prompt_len", type=int, default=20, help="length of the default fixed random prompt")
+    c.add_argument("--prompt_ids", help="explicit prompt token ids, e.g. '1,2,3' (overrides)")
     s = sub.add_parser("speed", help="decode/prefill tokens/s and peak RSS of llama.cpp on a GGUF, as JSON")
     s.add_argument("gguf", type=Path, metavar="GGUF")
     s.add_argument("--threads", type=int, default=1, help="n_threads = n_threads_batch (default 1)")
     s.add_argument("--new", type=int, default=128, help="new tokens per sequence (default 128)")
     s.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement; median reported")
     s.add_argument("--prompt_len", type=int, default=32, help="length of the default fixed random prompt")
-    s.add_argument("--prompt_ids", type=parse_ids, help="explicit prompt token ids, e.g. '1,2,3' (overrides)")
+    s.add_argument("--prompt_ids", help="explicit prompt token ids, e.g. '1,2,3' (overrides)")
     s.add_argument("--no_batch8", action="store_true", help="skip the batch-8 decode measurement")
     return p
 
@@ -540,8 +548,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise PeerError("export needs the gguf package: run it with .venv/bin/python or "
                                 ".venv-peers/bin/python") from None
             print(json.dumps(export_all(args.hf_folder, args.out_dir, overwrite=args.overwrite), indent=1))
+        elif args.command == "check":
+            try:
+                import torch  # noqa: F401
+                import transformers  # noqa: F401
+            except ImportError:
+                raise PeerError("check needs torch and transformers: run it with .venv/bin/python") from None
+            ids = parse_ids(args.prompt_ids) if args.prompt_ids else default_prompt(args.prompt_len)
+            print(json.dumps(check_tokens(args.hf_folder, args.gguf, ids, args.new)))
         elif args.command == "speed":
-            ids = args.prompt_ids or default_prompt(args.prompt_len)
+            ids = parse_ids(args.prompt_ids) if args.prompt_ids else default_prompt(args.prompt_len)
             print(json.dumps(decode_speed(args.gguf, ids, args.new, args.threads, args.repeats,
                                           batch8=not args.no_batch8), indent=1))
         elif not args.setup:

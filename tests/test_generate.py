@@ -277,3 +277,24 @@ def test_fused_triton_linear_computes_the_decoded_linear(packed, interpreted_tri
     want = x.double() @ weight.double().T + bias.double()
     torch.testing.assert_close(fused(x).double(), want, rtol=2e-3, atol=2e-3)
     assert fused.resident_bytes() < 2 * weight.numel()
+
+
+@pytest.mark.parametrize("which, layout", [("dense", "DenseLinear"), ("W16A16S", "SparseLinear"),
+                                           ("W16A16SC", "SparseLinear")])
+def test_auto_layout_picks_the_fastest_that_serves_the_folder(packed, tiny_dir, which, layout, caplog):
+    folder = {"dense": tiny_dir("qwen2"), "W16A16S": packed[0], "W16A16SC": packed[1]}[which]
+    with caplog.at_level("INFO", logger="sparsezip"):
+        model = load_model(folder, weights="auto")
+    pruned = [type(m).__name__ for name, m in model.named_modules() if name.endswith(("qkv_proj", "down_proj"))]
+    assert pruned and set(pruned) == {layout}
+    assert any(r.message.startswith(f"weights: {layout.removesuffix('Linear').lower()} (") for r in caplog.records)
+
+
+def test_auto_layout_takes_the_smallest_when_memory_is_short(packed, monkeypatch):
+    import sparsezip.runtime as runtime
+
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 1)  # nothing fits: the fewest bytes win
+    model = load_model(packed[1], weights="auto")
+    assert any(isinstance(m, CompressedLinear) for m in model.modules())
+    model = load_model(packed[0], weights="auto")  # W16A16S: the sparse layout is its smallest
+    assert any(isinstance(m, SparseLinear) for m in model.modules())

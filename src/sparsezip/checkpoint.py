@@ -79,6 +79,13 @@ class TensorReader:
     def names(self) -> list[str]:
         return list(self.where)
 
+    def nbytes(self, name: str) -> int:
+        """A tensor's stored size, from the header."""
+        if name not in self.where:
+            raise SparsezipError(f"tensor {name} is missing from the checkpoint")
+        begin, stop = self.headers[self.where[name]][1][name]["data_offsets"]
+        return stop - begin
+
     def get(self, name: str) -> torch.Tensor:
         """A fresh tensor read with one positioned read (no memory map kept)."""
         if name not in self.where:

@@ -49,8 +49,8 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (default: 1.0)")
     flag(p, "--stop", nargs="+", default=None, help="stop before any of these strings")
     flag(p, "--seed", type=int, default=0, help="sampling seed (default: 0)")
-    flag(p, "--weights", choices=layouts.names(), default="dense",
-         help=f"how the pruned linears are held in memory: {layouts.help_text()} (default: dense)")
+    flag(p, "--weights", choices=layouts.names(), default=layouts.AUTO,
+         help=f"how the pruned linears are held in memory: {layouts.help_text()} (default: {layouts.AUTO})")
     add_device(p)
 
 
@@ -112,7 +112,7 @@ def load_for_inference(ns: argparse.Namespace, dist):
 
     check_model_dir(Path(ns.model_path))
     device = dist.device(pick_device(ns.device))
-    model = load_model(Path(ns.model_path), device=device, dist=dist, weights=getattr(ns, "weights", "dense"))
+    model = load_model(Path(ns.model_path), device=device, dist=dist, weights=getattr(ns, "weights", layouts.AUTO))
     tokenizer = AutoTokenizer.from_pretrained(ns.model_path)
     return model, tokenizer, device
 

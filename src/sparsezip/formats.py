@@ -274,6 +274,14 @@ class PartReader:
                 found.append((linear_prefix(name), True))
         return found
 
+    def linear_bytes(self, prefix: str) -> int:
+        """Stored bytes of a compressed linear's three tensors, from the file header (nothing is read)."""
+        return sum(self.reader.nbytes(prefix + suffix) for suffix in (WEIGHT, INDEX, INFO))
+
+    def linear_numel(self, prefix: str) -> int:
+        info = self.reader.get(prefix + INFO).tolist()  # [tile_k, tile_n, in, out, codec id], checked on decode
+        return int(info[2]) * int(info[3]) if len(info) == 5 else 0
+
     def read_float(self, name: str) -> torch.Tensor:
         return self.reader.get(name)
 

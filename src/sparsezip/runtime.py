@@ -21,7 +21,7 @@ from .checkpoint import TensorReader, release_freed_memory
 from .config import ModelArgs
 from .errors import SparsezipError
 from .formats import FolderKind, PartReader, detect_kind, linear_prefix, part_dirs, read_description, weight_files
-from .layouts.base import LayoutContext, LinearSource, WeightLayout
+from .layouts.base import FolderFacts, LayoutContext, LinearSource, WeightLayout
 from .layouts.dense import DenseLinear, held_dtype
 from .model import Transformer
 from .tp import Dist, all_rules, check_tp_size, shard
@@ -62,15 +62,20 @@ def rank_weights_from_dense(model_dir: Path, kind: FolderKind, args: ModelArgs, 
     return RankWeights(state={rule.target: shard(rule, reader.get, dist.rank, dist.size) for rule in all_rules(args)})
 
 
-def rank_weights_from_part(model_dir: Path, dist: Dist) -> RankWeights:
-    """This rank's part of a W16A16SC folder: FLOAT tensors as stored, linears as their codec streams."""
+def rank_part(model_dir: Path, dist: Dist) -> Path:
+    """This rank's part folder of a W16A16SC model, which must have been compressed for this many processes."""
     parts = part_dirs(model_dir)
     if len(parts) != dist.size:
         raise SparsezipError(
             f"{model_dir} was compressed for TP={len(parts)} but this run has {dist.size} process(es); "
             f"launch with: torchrun --nproc_per_node {len(parts)} -m sparsezip ..."
         )
-    part = PartReader(parts[dist.rank])
+    return parts[dist.rank]
+
+
+def rank_weights_from_part(model_dir: Path, dist: Dist) -> RankWeights:
+    """This rank's part of a W16A16SC folder: FLOAT tensors as stored, linears as their codec streams."""
+    part = PartReader(rank_part(model_dir, dist))
     return RankWeights({prefix: LinearSource(prefix, part.file, stored=part.read_linear(prefix))
                         for prefix in part.linear_prefixes()},
                        {name: part.read_float(name) for name in part.float_names()})
@@ -87,6 +92,62 @@ def separate_linears(weights: RankWeights, args: ModelArgs, where: Path) -> None
     missing = sorted(pruned - set(weights.linears))
     if missing:
         raise SparsezipError(f"{where} lacks tensor {missing[0]}.weight")
+
+
+def serving_class(name: str, kind: FolderKind, device: str, dtype: torch.dtype) -> type[WeightLayout] | None:
+    """The class of layout `name` that serves this folder kind, device and compute dtype, if any."""
+    candidates = layouts.classes(name)
+    if kind not in candidates[0].folder_kinds:
+        return None
+    return next((cls for cls in candidates if cls.supports(device, dtype)), None)
+
+
+def folder_facts(model_dir: Path, kind: FolderKind, dist: Dist) -> FolderFacts:
+    """Sparsity, rounding and stored bits of a folder's pruned linears, from descriptions and file headers only."""
+    if kind == FolderKind.DENSE:
+        return FolderFacts(kind)
+    if kind == FolderKind.W16A16S:
+        made = read_description(model_dir, kind).metadata
+        return FolderFacts(kind, float(made.get("sparsity", 0.0)), made.get("rounding") == "l2")
+    part = PartReader(rank_part(model_dir, dist))
+    made = part.description.metadata.get("sparsify", {})
+    stored = sum(part.linear_bytes(prefix) for prefix in part.linear_prefixes())
+    weights = sum(part.linear_numel(prefix) for prefix in part.linear_prefixes())
+    return FolderFacts(kind, float(made.get("sparsity", 0.0)), made.get("rounding") == "l2",
+                       8 * stored / max(weights, 1))
+
+
+def free_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def auto_layout(model_dir: Path, kind: FolderKind, args: ModelArgs, device: str, dtype: torch.dtype,
+                dist: Dist) -> str:
+    """The fastest layout that serves this folder on this device and fits in its free memory, said in a log line."""
+    facts = folder_facts(model_dir, kind, dist)
+    pruned, other = weight_counts(args, dist.size)
+    free = free_memory(device)
+    options = []
+    for name in layouts.auto_order(torch.device(device).type):
+        cls = serving_class(name, kind, device, dtype)
+        if cls is not None:
+            options.append((name, int(pruned * cls.estimated_bits(facts) / 8 + 2 * other)))
+    name, need = next(((n, b) for n, b in options if b <= 0.9 * free), min(options, key=lambda o: o[1]))
+    log.info("weights: %s (the fastest layout for a %s folder on %s that fits: about %.2f GB of weights, %.1f GB "
+             "free; --weights chooses another)", name, kind, device, need / 1e9, free / 1e9)
+    return name
+
+
+def weight_counts(args: ModelArgs, tp: int) -> tuple[int, int]:
+    """(weights of one rank's pruned linears, of its other matrices: embedding and lm_head)."""
+    per_layer = (args.q_size + 2 * args.kv_size) * args.hidden_size + args.q_size * args.hidden_size + \
+        3 * args.intermediate_size * args.hidden_size
+    tables = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
+    return args.num_layers * per_layer // tp, tables // tp
 
 
 def choose_layout(name: str, kind: FolderKind, device: str, dtype: torch.dtype) -> type[WeightLayout]:
@@ -134,11 +195,13 @@ def build_linears(model: Transformer, weights: RankWeights, layout: type[WeightL
 def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None,
                dist: Dist = Dist(), weights: str = "dense") -> Transformer:
     """Build our model for this rank from a dense, W16A16S or W16A16SC folder, its pruned linears held in the
-    weight layout named `weights` (see layouts.LAYOUTS)."""
+    weight layout named `weights` (see layouts.LAYOUTS; "auto" picks one)."""
     model_dir = Path(model_dir)
     kind = detect_kind(model_dir)
     args = ModelArgs.from_dir(model_dir)
     dtype = dtype or default_dtype(device)
+    if weights == layouts.AUTO:
+        weights = auto_layout(model_dir, kind, args, device, dtype, dist)
     layout = choose_layout(weights, kind, device, dtype)
     if kind == FolderKind.W16A16SC:
         rank = rank_weights_from_part(model_dir, dist)

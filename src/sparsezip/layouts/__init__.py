@@ -18,24 +18,35 @@ class LayoutSpec:
     name: str  # the --weights value
     summary: str  # one sentence for --help
     classes: tuple[str, ...]  # "module:Class" in this package, best first; the first that serves the device wins
+    auto_rank: dict[str, int]  # `auto` tries the layouts in this order per device type (BENCHMARKS.md's speeds)
 
 
 LAYOUTS = (
     LayoutSpec("dense", "fp16 matrices, decoded once at load (any folder; fastest prefill)",
-               ("dense:DenseLinear",)),
+               ("dense:DenseLinear",), {"cpu": 2, "cuda": 1}),
     LayoutSpec("sparse", "bitmap + nonzero values (one byte each after L2 rounding), expanded inside each product "
-               "(W16A16S/W16A16SC on CPU; about half the memory of dense)", ("sparse:SparseLinear",)),
+               "(W16A16S/W16A16SC on CPU; about half the memory of dense)", ("sparse:SparseLinear",),
+               {"cpu": 0}),
     LayoutSpec("compressed", "the stored codec bytes, decoded on the fly (W16A16SC; least memory; fused Triton "
-               "kernels on CUDA)", ("triton_fused:FusedCompressedLinear", "compressed:CompressedLinear")),
+               "kernels on CUDA)", ("triton_fused:FusedCompressedLinear", "compressed:CompressedLinear"),
+               {"cpu": 1, "cuda": 0}),
 )
+AUTO = "auto"  # the fastest layout that fits in memory for the folder and the machine
 
 
 def names() -> tuple[str, ...]:
-    return tuple(spec.name for spec in LAYOUTS)
+    return (AUTO,) + tuple(spec.name for spec in LAYOUTS)
 
 
 def help_text() -> str:
-    return "; ".join(f"{spec.name} = {spec.summary}" for spec in LAYOUTS)
+    return "; ".join([f"{AUTO} = the fastest of these that serves the folder and fits in memory"] +
+                     [f"{spec.name} = {spec.summary}" for spec in LAYOUTS])
+
+
+def auto_order(device_type: str) -> list[str]:
+    """The layouts `auto` considers on a device type, fastest first."""
+    ranked = [spec for spec in LAYOUTS if device_type in spec.auto_rank]
+    return [spec.name for spec in sorted(ranked, key=lambda spec: spec.auto_rank[device_type])]
 
 
 def spec_named(name: str) -> LayoutSpec:

@@ -56,6 +56,16 @@ class Scratch:
         return self.buffer[: shape[0] * shape[1] * dtype.itemsize].view(dtype).view(shape)
 
 
+@dataclass(frozen=True)
+class FolderFacts:
+    """What `auto` knows about a folder's pruned linears before loading them, to estimate each layout's bytes."""
+
+    kind: FolderKind
+    sparsity: float = 0.0  # the fraction of pruned weights that are zero
+    l2_rounded: bool = False  # values are E5M2 (low byte 0) but for about 2% kept exact
+    stored_bits: float | None = None  # bits per weight of the codec streams (W16A16SC)
+
+
 @dataclass
 class LayoutContext:
     """What the layouts of one loaded model share."""
@@ -88,6 +98,11 @@ class WeightLayout(nn.Module):
 
     def resident_bytes(self) -> int:
         """Bytes this layer holds for its weight and bias (not the shared scratch)."""
+        raise NotImplementedError
+
+    @classmethod
+    def estimated_bits(cls, facts: FolderFacts) -> float:
+        """About how many bits per weight this layout would hold for a folder with these facts."""
         raise NotImplementedError
 
     def uses_scratch(self) -> Scratch | None:

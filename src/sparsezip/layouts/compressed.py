@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .. import codec
 from ..kernels.cpu.gemv import gemv_max_rows, mixed_linear
 from ..formats import FolderKind
-from .base import LayoutContext, LinearSource, Scratch, WeightLayout
+from .base import FolderFacts, LayoutContext, LinearSource, Scratch, WeightLayout
 
 
 class CompressedLinear(WeightLayout):
@@ -33,6 +33,10 @@ class CompressedLinear(WeightLayout):
         source.weight()  # one full checked decode
         ctx.scratch.reserve(source.shape[0] * source.shape[1], ctx.dtype)
         return cls(source.stored, bias, ctx.scratch)
+
+    @classmethod
+    def estimated_bits(cls, facts: FolderFacts) -> float:
+        return facts.stored_bits or 16.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features and x.dtype == torch.float32 and x.device.type == "cpu":

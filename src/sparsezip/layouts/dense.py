@@ -8,7 +8,7 @@ from torch import nn
 
 from ..kernels.cpu.gemv import mixed_linear
 from ..formats import FolderKind
-from .base import LayoutContext, LinearSource, WeightLayout
+from .base import FolderFacts, LayoutContext, LinearSource, WeightLayout
 
 ALL_KINDS = tuple(FolderKind)
 
@@ -42,6 +42,10 @@ class DenseLinear(nn.Linear, WeightLayout):
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)
         return layer
+
+    @classmethod
+    def estimated_bits(cls, facts: FolderFacts) -> float:
+        return 16.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mixed_linear(x, self.weight, self.bias)

@@ -9,7 +9,7 @@ import torch
 
 from ..kernels.cpu.gemv import SparseWeight, pack_sparse, sparse_linear
 from ..formats import FolderKind
-from .base import LayoutContext, LinearSource, Scratch, WeightLayout
+from .base import FolderFacts, LayoutContext, LinearSource, Scratch, WeightLayout
 
 
 class SparseLinear(WeightLayout):
@@ -31,6 +31,12 @@ class SparseLinear(WeightLayout):
         sparse = pack_sparse(source.weight())
         ctx.scratch.reserve(sparse.shape[0] * sparse.shape[1], torch.float32)
         return cls(sparse, bias, ctx.scratch)
+
+    @classmethod
+    def estimated_bits(cls, facts: FolderFacts) -> float:
+        """A bitmap bit, 1 byte per value after L2 rounding (plus the groups that keep 2) or 2 bytes otherwise."""
+        density = 1.0 - facts.sparsity
+        return 1.0 + density * (9.5 if facts.l2_rounded else 16.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.sparse.shape

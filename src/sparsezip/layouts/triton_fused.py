@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import FolderKind
-from .base import LayoutContext, LinearSource, WeightLayout
+from .base import FolderFacts, LayoutContext, LinearSource, WeightLayout
 
 
 def triton_kernels(device: str):
@@ -40,6 +40,10 @@ class FusedCompressedLinear(WeightLayout):
         source.weight()  # one full checked decode, so prepare need not verify again
         kernels = triton_kernels(ctx.device)
         return cls(kernels, kernels.prepare(source.stored, ctx.device, verify=False), bias)
+
+    @classmethod
+    def estimated_bits(cls, facts: FolderFacts) -> float:
+        return facts.stored_bits or 16.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.kernels.linear(x, self.device_weight)
