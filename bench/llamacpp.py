@@ -383,6 +383,24 @@ def check_f16(hf_folder: Path, f16: Path) -> int:
     return compared
 
 
+def transformers_model(folder: Path):
+    """The folder's model in transformers, fp32. A W16A16S folder's quant_model_weights* files hold Hugging Face
+    names but not a file name transformers looks for, so those are loaded into a model built from config.json."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = weight_files(folder)
+    if all(f.name.startswith("model") for f in files):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for f in files for k, v in read_safetensors(f).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise PeerError(f"{folder}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()
+
 def check_tokens(hf_folder: Path, gguf: Path, prompt_ids: list[int], new_tokens: int = 32,
                  venv: Path = PEERS_VENV) -> dict:
     """Greedy tokens of llama.cpp on `gguf` against transformers (fp32) on `hf_folder`, same prompt ids.
@@ -391,7 +409,7 @@ def check_tokens(hf_folder: Path, gguf: Path, prompt_ids: list[int], new_tokens:
     from transformers import AutoModelForCausalLM
 
     theirs = generate(gguf, prompt_ids, new_tokens, threads=os.cpu_count() or 1, warmup=0, venv=venv)
-    model = AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32).eval()
+    model = transformers_model(Path(hf_folder))
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -498,6 +516,13 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
+def to_json(obj) -> str:
+    """Indented JSON with each list of numbers on one line (token lists stay readable)."""
+    import re
+
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s+([-0-9.e,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python bench/llamacpp.py",
@@ -530,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1, help="n_threads = n_threads_batch (default 1)")
     s.add_argument("--new", type=int, default=128, help="new tokens per sequence (default 128)")
     s.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement; median reported")
-    s.add_argument("--prompt_len", type=int, default=32, help="length of the default fixed random prompt")
+    s.add_argument("--prompt_len", type=int, default=128,
+                   help="length of the default fixed random prompt (default 128, as bench/run.py)")
     s.add_argument("--prompt_ids", help="explicit prompt token ids, e.g. '1,2,3' (overrides)")
     s.add_argument("--no_batch8", action="store_true", help="skip the batch-8 decode measurement")
     return p
@@ -540,14 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.setup:
-            print(json.dumps(setup_peers(), indent=1))
+            print(to_json(setup_peers()))
         if args.command == "export":
             try:
                 import gguf  # noqa: F401
             except ImportError:
                 raise PeerError("export needs the gguf package: run it with .venv/bin/python or "
                                 ".venv-peers/bin/python") from None
-            print(json.dumps(export_all(args.hf_folder, args.out_dir, overwrite=args.overwrite), indent=1))
+            print(to_json(export_all(args.hf_folder, args.out_dir, overwrite=args.overwrite)))
         elif args.command == "check":
             try:
                 import torch  # noqa: F401
@@ -555,11 +581,11 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 raise PeerError("check needs torch and transformers: run it with .venv/bin/python") from None
             ids = parse_ids(args.prompt_ids) if args.prompt_ids else default_prompt(args.prompt_len)
-            print(json.dumps(check_tokens(args.hf_folder, args.gguf, ids, args.new)))
+            print(to_json(check_tokens(args.hf_folder, args.gguf, ids, args.new)))
         elif args.command == "speed":
             ids = parse_ids(args.prompt_ids) if args.prompt_ids else default_prompt(args.prompt_len)
-            print(json.dumps(decode_speed(args.gguf, ids, args.new, args.threads, args.repeats,
-                                          batch8=not args.no_batch8), indent=1))
+            print(to_json(decode_speed(args.gguf, ids, args.new, args.threads, args.repeats,
+                                       batch8=not args.no_batch8)))
         elif not args.setup:
             build_parser().print_help()
     except (PeerError, subprocess.TimeoutExpired) as err:

@@ -270,10 +270,12 @@ def test_fused_triton_linear_computes_the_decoded_linear(packed, interpreted_tri
     _, folder = packed
     part = PartReader(folder / "part0-of-1")
     name = "model.layers.0.self_attn.qkv_proj"
-    stored, bias = part.read_linear(name), part.read_float(name + ".bias")
+    packed_qkv = part.read_linear(name)
+    weight = codec.decode(packed_qkv.weight, packed_qkv.index, packed_qkv.info)
+    bias = part.read_float(name + ".bias")
+    stored = codec.encode(weight, "huff-v2")  # a codec with a Triton kernel
     fused = FusedCompressedLinear(interpreted_triton, interpreted_triton.prepare(stored, "cpu"), bias.half())
     x = torch.randn(3, fused.in_features, generator=torch.Generator().manual_seed(6)).half()
-    weight = codec.decode(stored.weight, stored.index, stored.info)
     want = x.double() @ weight.double().T + bias.double()
     torch.testing.assert_close(fused(x).double(), want, rtol=2e-3, atol=2e-3)
     assert fused.resident_bytes() < 2 * weight.numel()

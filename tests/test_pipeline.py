@@ -93,7 +93,7 @@ def test_parts_have_fused_widths_and_matching_keys(pipeline, family, tp):
         part = packed[tp] / f"part{r}-of-{tp}"
         desc = read_json(part / DESCRIPTION_FILE)
         assert desc["model_quant_type"] == "W16A16SC" and desc["metadata"]["tp_size"] == tp
-        assert desc["metadata"]["rank"] == r and desc["metadata"]["codec"] == "huff-v2"  # the default codec
+        assert desc["metadata"]["rank"] == r and desc["metadata"]["codec"] == "nibble-v3"  # the default codec
         assert set(Description.from_json(desc, part).tensors) == safetensors_keys(part / COMPRESSED_FILE)
         with safe_open(str(part / COMPRESSED_FILE), "pt") as f:
             for layer in range(args.num_layers):
@@ -101,7 +101,7 @@ def test_parts_have_fused_widths_and_matching_keys(pipeline, family, tp):
                     prefix = f"model.layers.{layer}.{linear}"
                     assert desc[prefix + ".weight.outdim"] == outdim
                     info = f.get_tensor(prefix + ".info").tolist()
-                    assert info == [128, 128, expected_in[linear], outdim, 2]  # huff-v2, the default
+                    assert info == [128, 128, expected_in[linear], outdim, 3]  # nibble-v3, the default
                     n_tiles = -(-outdim // 128) * -(-expected_in[linear] // 128)
                     assert f.get_tensor(prefix + ".index").numel() == 8 * n_tiles
                     assert desc[prefix + ".weight"] == desc[prefix + ".index"] == desc[prefix + ".info"] == "W16A16SC"

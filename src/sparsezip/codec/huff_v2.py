@@ -54,12 +54,13 @@ from .huff_table import V2_MAX_CODE, V2_TABLE_SIZE, canonical_codes, huffman_len
 from .registry import Codec, register_codec
 from .stream import (HEADER_SIZE, ROW_BYTES, TILE, EncodedWeight, Grid, excl_cumsum, join, pack, scatter_tiles,
                      split, to_tiles, weight_bits)
+from .values import (MODE_E5M2, MODE_FULL, check_bitmap_padding, low_bytes, low_bytes_length, pack_segments,
+                     unpack_lows, unpack_segments)
 
 V2_GROUP_ROWS = 8  # rows per Huffman substream
 _V2_GROUPS = TILE // V2_GROUP_ROWS  # substreams of a full tile (16)
 _V2_MAX_HEADER = 4 + 2 * _V2_GROUPS  # tile header bytes of a full tile (36)
 _V2_MAX_SUB = (V2_GROUP_ROWS * TILE * V2_MAX_CODE + 7) // 8  # longest possible substream (1536 bytes)
-_V2_MODE_FULL, _V2_MODE_E5M2 = 0, 1
 
 
 @dataclass(frozen=True)
@@ -83,26 +84,6 @@ class _V2Geometry:
     def group_mask(self) -> np.ndarray:
         """bool [T, 16]: which of a padded tile's 16 row groups exist (are stored)."""
         return np.arange(_V2_GROUPS)[None, :] < self.groups[:, None]
-
-
-def _pack_segments(flags: np.ndarray, counts: np.ndarray, bitorder: str) -> np.ndarray:
-    """Pack bool flags into bytes, each segment of counts[i] flags starting on a fresh byte."""
-    nbytes = (counts + 7) // 8
-    shift = np.repeat(8 * excl_cumsum(nbytes)[:-1] - excl_cumsum(counts)[:-1], counts)
-    bits = np.zeros(8 * int(nbytes.sum()), dtype=bool)
-    bits[np.arange(len(flags)) + shift] = flags
-    return np.packbits(bits, bitorder=bitorder)
-
-
-def _unpack_segments(data: np.ndarray, counts: np.ndarray, what: str) -> np.ndarray:
-    """Inverse of _pack_segments (LSB-first); the padding bits of each segment must be 0."""
-    nbytes = (counts + 7) // 8
-    bits = np.unpackbits(data, bitorder="little").view(bool)
-    start = np.repeat(8 * excl_cumsum(nbytes)[:-1], 8 * nbytes)
-    keep = np.arange(len(bits)) - start < np.repeat(counts, 8 * nbytes)
-    if bits[~keep].any():
-        raise SparsezipError(f"huff-v2 stream is corrupted: nonzero padding bits in the {what}")
-    return bits[keep]
 
 
 @register_codec
@@ -164,8 +145,8 @@ class HuffCodec(Codec):
         stored = geo.group_mask()
         substreams, sub_bytes[stored] = self._huffman_pack(sym, group_cnt[stored], lengths)
 
-        signs = _pack_segments(values >= 0x8000, nnz, "little")
-        low_parts, low_lens, mode, n_exc = self._low_bytes((values & 0xFF).astype(np.uint8), nnz)
+        signs = pack_segments(values >= 0x8000, nnz, "little")
+        low_parts, low_lens, mode, n_exc = low_bytes((values & 0xFF).astype(np.uint8), nnz)
 
         head = np.zeros((grid.count, _V2_MAX_HEADER // 2), dtype="<u2")  # [T, 18]
         head[:, 0] = mode  # u8 mode, u8 reserved = 0
@@ -200,25 +181,6 @@ class HuffCodec(Codec):
             has = vlen > j
             stream[start[has] + j] = (vcode[has] >> (vlen[has] - 1 - j)) & 1
         return np.packbits(stream, bitorder="big"), sub_bytes
-
-    @staticmethod
-    def _low_bytes(low: np.ndarray, nnz: np.ndarray):
-        """Per tile: the raw low bytes (mode 0) or an exception list (mode 1), whichever is smaller.
-
-        Returns ([raw lows, exception positions as bytes, exception lows], their lengths [T] x 3,
-        mode [T], exceptions per tile [T] (0 for mode 0 tiles)).
-        """
-        bounds = excl_cumsum(nnz)
-        is_exc = low != 0
-        exc = excl_cumsum(is_exc)[bounds[1:]] - excl_cumsum(is_exc)[bounds[:-1]]  # [T]
-        mode = np.where(3 * exc < nnz, _V2_MODE_E5M2, _V2_MODE_FULL)
-        e5m2_value = np.repeat(mode == _V2_MODE_E5M2, nnz)  # [N]
-        raw = low[~e5m2_value]
-        listed = e5m2_value & is_exc
-        pos = (np.arange(len(low)) - np.repeat(bounds[:-1], nnz))[listed].astype("<u2")
-        n_exc = np.where(mode == _V2_MODE_E5M2, exc, 0)
-        lens = [np.where(mode == _V2_MODE_FULL, nnz, 0), 2 * n_exc, n_exc]
-        return [raw, pos.view(np.uint8), low[listed]], lens, mode, n_exc
 
     # ------------------------------------------------------------ decode (numpy reference)
 
@@ -266,12 +228,12 @@ class HuffCodec(Codec):
         row_ok = np.arange(TILE)[None, :, None] < geo.rows[:, None, None]
         byte_ok = np.arange(ROW_BYTES)[None, None, :] < ((geo.cols + 7) // 8)[:, None, None]
         bitmap[row_ok & byte_ok] = bm_bytes
-        self._check_bitmap_padding(bitmap, geo.cols)
+        check_bitmap_padding(bitmap, geo.cols)
         group_cnt = np.bitwise_count(bitmap).reshape(len(which), _V2_GROUPS, -1).sum(-1, dtype=np.int64)
         nnz = group_cnt.sum(1)
 
         check_tile_fields(which, mode, reserved, n_exc, nnz, sub_len, group_cnt)
-        lows_len = np.where(mode == _V2_MODE_FULL, nnz, 3 * n_exc)
+        lows_len = low_bytes_length(mode, n_exc, nnz)
         seg = np.stack([(nnz + 7) // 8, sub_len.sum(1), lows_len], 1)
         mismatch = seg.sum(1) != sizes - fixed
         if mismatch.any():
@@ -282,25 +244,13 @@ class HuffCodec(Codec):
             )
         sign_bytes, subs, lows = split(rest, seg)
 
-        signs = _unpack_segments(sign_bytes, nnz, "sign bits")
+        signs = unpack_segments(sign_bytes, nnz, "sign bits", "huff-v2")
         stored = np.arange(_V2_GROUPS)[None, :] < geo.groups[:, None]
         sym = self._huffman_unpack(subs, group_cnt[stored], sub_len[stored], sym_of, len_of)
-        low = self._unpack_lows(lows, mode, n_exc, nnz, which)
+        low = unpack_lows(lows, mode, n_exc, nnz, which, "huff-v2")
         values = (signs.astype(np.uint16) << 15) | (sym.astype(np.uint16) << 8) | low
         present = np.unpackbits(bitmap, axis=-1, bitorder="little").view(bool)  # [T, 128, 128]
         return present, values
-
-    @staticmethod
-    def _check_bitmap_padding(bitmap: np.ndarray, cols: np.ndarray) -> None:
-        """Bits past a tile's last column must be 0. bitmap uint8 [T, 128, 16], cols [T]."""
-        col = np.arange(TILE)
-        pad = (col[None, :] >= cols[:, None]).reshape(len(cols), ROW_BYTES, 8)  # [T, 16, 8]
-        pad_mask = np.packbits(pad, axis=-1, bitorder="little")[:, :, 0]  # [T, 16]
-        if (bitmap & pad_mask[:, None, :]).any():
-            raise SparsezipError(
-                "bitmap marks entries outside the matrix; the weight stream is corrupted "
-                "or info has the wrong shape"
-            )
 
     @staticmethod
     def _huffman_unpack(subs, counts, sub_len, sym_of, len_of) -> np.ndarray:
@@ -338,37 +288,13 @@ class HuffCodec(Codec):
             raise SparsezipError("huff-v2 stream is corrupted: nonzero padding bits after a substream")
         return out
 
-    @staticmethod
-    def _unpack_lows(lows, mode, n_exc, nnz, which) -> np.ndarray:
-        """Low bytes of all values (uint16 [N]) from raw bytes or exception lists."""
-        is_list = mode == _V2_MODE_E5M2
-        listed = np.where(is_list, n_exc, 0)
-        raw, pos_bytes, exc_low = split(lows, np.stack([np.where(is_list, 0, nnz), 2 * listed, listed], 1))
-        low = np.zeros(int(nnz.sum()), dtype=np.uint16)
-        low[np.repeat(~is_list, nnz)] = raw
-        if len(exc_low):
-            pos = pos_bytes.view("<u2").astype(np.int64)
-            tile = np.repeat(np.arange(len(nnz)), listed)
-            bad = pos >= nnz[tile]
-            same_tile = tile[1:] == tile[:-1]
-            bad[1:] |= same_tile & (pos[1:] <= pos[:-1])
-            bad |= exc_low == 0
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise SparsezipError(
-                    f"huff-v2 stream is corrupted: tile {which[tile[i]]} has an invalid exception list "
-                    "(positions must increase and be below the tile's value count, bytes nonzero)"
-                )
-            low[excl_cumsum(nnz)[:-1][tile] + pos] = exc_low
-        return low
-
 
 def check_tile_fields(which, mode, reserved, n_exc, nnz, sub_len, group_cnt) -> None:
     """Header fields that can be checked before touching the tile's payload."""
     checks = [
-        (mode > _V2_MODE_E5M2, "has unknown low-byte mode {}", mode),
+        (mode > MODE_E5M2, "has unknown low-byte mode {}", mode),
         (reserved != 0, "has nonzero reserved byte {}", reserved),
-        ((mode == _V2_MODE_FULL) & (n_exc != 0), "is in raw mode but lists {} exceptions", n_exc),
+        ((mode == MODE_FULL) & (n_exc != 0), "is in raw mode but lists {} exceptions", n_exc),
         (n_exc > nnz, "lists {} exceptions, more than its values", n_exc),
         (((sub_len == 0) != (group_cnt == 0)).any(1), "has a substream length that disagrees with its bitmap",
          None),

@@ -12,7 +12,7 @@ from ..kernels import cpu
 from .huff_table import huffman_lengths
 from .stream import OpenStream
 
-NATIVE_CODEC_IDS = (1, 2)  # bitmap-v1 decode, huff-v2 encode and decode
+NATIVE_CODEC_IDS = (1, 2, 3)  # bitmap-v1 and nibble-v3 decode, huff-v2 encode and decode
 _OUT_KIND = {torch.float16: 0, torch.float32: 1}
 _LINEAR = 2  # the extension's output kind for the product straight from the tiles
 
@@ -43,9 +43,24 @@ def encode_v2(bits: np.ndarray, prefix: int) -> tuple[np.ndarray, np.ndarray]:
     cpu.require()
     bits = np.ascontiguousarray(bits, dtype=np.uint16)
     n, k = bits.shape
-    counts = np.frombuffer(cpu.native.v2_histogram(bits, n, k, cpu.threads()), dtype=np.int64)
-    lengths = huffman_lengths(counts)
+    lengths = huffman_lengths(symbol_counts(bits))
     stream, index = cpu.native.v2_encode(bits, n, k, lengths.tobytes(), prefix, cpu.threads())
+    return np.frombuffer(stream, dtype=np.uint8), np.frombuffer(index, dtype="<i8").copy()
+
+
+def symbol_counts(bits: np.ndarray) -> np.ndarray:
+    """How often each 7-bit symbol (bits >> 8 & 0x7F) occurs among the present values of uint16 [n, k], int64 [128]."""
+    cpu.require()
+    bits = np.ascontiguousarray(bits, dtype=np.uint16)
+    return np.frombuffer(cpu.native.v2_histogram(bits, *bits.shape, cpu.threads()), dtype=np.int64)
+
+
+def encode_v3(bits: np.ndarray, codebook: np.ndarray, prefix: int) -> tuple[np.ndarray, np.ndarray]:
+    """nibble-v3 encode of uint16 [n, k] bit patterns with the given 16-byte codebook, as encode_v2."""
+    cpu.require()
+    bits = np.ascontiguousarray(bits, dtype=np.uint16)
+    n, k = bits.shape
+    stream, index = cpu.native.v3_encode(bits, n, k, codebook.tobytes(), prefix, cpu.threads())
     return np.frombuffer(stream, dtype=np.uint8), np.frombuffer(index, dtype="<i8").copy()
 
 

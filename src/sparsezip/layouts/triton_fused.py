@@ -7,6 +7,7 @@ import torch
 
 from ..formats import FolderKind
 from .base import FolderFacts, LayoutContext, LinearSource, WeightLayout
+from .compressed import CompressedLinear
 
 
 def triton_kernels(device: str):
@@ -36,9 +37,12 @@ class FusedCompressedLinear(WeightLayout):
         return triton_kernels(device) is not None
 
     @classmethod
-    def build(cls, source: LinearSource, bias: torch.Tensor | None, ctx: LayoutContext) -> FusedCompressedLinear:
-        source.weight()  # one full checked decode, so prepare need not verify again
+    def build(cls, source: LinearSource, bias: torch.Tensor | None, ctx: LayoutContext) -> WeightLayout:
+        """The fused layer, or the reference-decode one for a codec without a Triton kernel."""
         kernels = triton_kernels(ctx.device)
+        if int(source.stored.info[4]) not in kernels.KERNEL_CODECS:
+            return CompressedLinear.build(source, bias, ctx)
+        source.weight()  # one full checked decode, so prepare need not verify again
         return cls(kernels, kernels.prepare(source.stored, ctx.device, verify=False), bias)
 
     @classmethod

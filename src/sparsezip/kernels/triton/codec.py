@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ...codec.stream import describe
 from ...errors import SparsezipError
-from .device_weight import BITMAP, HUFF, TILE, DeviceWeight, prepare  # noqa: F401  (prepare: the module's API)
+from .device_weight import BITMAP, HUFF, KERNEL_CODECS, TILE, DeviceWeight, prepare  # noqa: F401  (the API)
 
 try:
     import triton

@@ -29,6 +29,8 @@ static PyMethodDef METHODS[] = {
     {"v2_histogram", spz_py_v2_histogram, METH_VARARGS, "v2_histogram(bits, n, k, threads) -> 128 int64 counts"},
     {"v2_encode", spz_py_v2_encode, METH_VARARGS,
      "v2_encode(bits, n, k, lengths, prefix, threads) -> (bytearray prefix+payload, int64 offsets bytes)"},
+    {"v3_encode", spz_py_v3_encode, METH_VARARGS,
+     "v3_encode(bits, n, k, codebook, prefix, threads) -> (bytearray prefix+payload, int64 offsets bytes)"},
     {"decode", spz_py_decode, METH_VARARGS,
      "decode(codec_id, payload, offsets, n, k, out, out_kind, threads[, x]): out_kind 0 fp16 [n, k], 1 fp32 "
      "[n, k], 2 fused linear (out = fp32 y [n] = W x for fp32 x [k])"},

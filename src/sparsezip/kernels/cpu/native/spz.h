@@ -110,6 +110,7 @@ __attribute__((target("avx2,fma,f16c"))) static inline float spz_hsum8(__m256 v)
 
 PyObject *spz_py_v2_histogram(PyObject *self, PyObject *args);
 PyObject *spz_py_v2_encode(PyObject *self, PyObject *args);
+PyObject *spz_py_v3_encode(PyObject *self, PyObject *args);
 PyObject *spz_py_decode(PyObject *self, PyObject *args);
 PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args);
 PyObject *spz_py_sparse_gemv(PyObject *self, PyObject *args);

@@ -1,0 +1,249 @@
+/* nibble-v3 (decode): a 4-bit code per value through the matrix's 16-byte codebook, 16 values per table shuffle.
+ * The byte format is documented in sparsezip/codec/nibble_v3.py, whose numpy code is the source of truth; the
+ * tests check this file against it.
+ */
+#include <stdlib.h>
+
+#include "codec.h"
+
+#define BOOK_SIZE 16
+#define ESCAPE 15      /* the code of a value whose symbol follows in the escape bytes */
+#define UNUSED 0xFF    /* codebook byte of a code no value uses (and of the escape code) */
+#define V3_HEADER 6    /* mode, reserved, n_exceptions, n_escapes */
+
+int codec_v3_prepare(DecCtx *c) {
+    const uint8_t *book = c->payload;
+    for (int code = 0; code < ESCAPE; code++)
+        if (book[code] > 127 && book[code] != UNUSED) {
+            PyErr_Format(PyExc_ValueError, "nibble-v3 codebook is corrupted: code %d has symbol %d (symbols are "
+                         "0..127)", code, book[code]);
+            return -1;
+        }
+    if (book[ESCAPE] != UNUSED) {
+        PyErr_Format(PyExc_ValueError, "nibble-v3 codebook is corrupted: the escape code's byte is %d, not 255",
+                     book[ESCAPE]);
+        return -1;
+    }
+    memcpy(c->book, book, BOOK_SIZE);
+    return 0;
+}
+
+/* The symbol of value i (code `code`), escapes taken in order; -1 for a code the codebook does not hold or an
+ * escape past the tile's count or out of range. */
+static inline int symbol_of(const uint8_t *book, int code, const uint8_t *esc, int n_esc, int *e) {
+    if (code != ESCAPE) return book[code] == UNUSED ? -1 : book[code];
+    if (*e >= n_esc || esc[*e] > 127) return -1;
+    return esc[(*e)++];
+}
+
+/* vals[i] = symbol << 8 for values [from, nnz), one by one. */
+static int symbols_scalar(const uint8_t *book, const uint8_t *codes, int from, int nnz, const uint8_t *esc,
+                          int n_esc, int *e, uint16_t *vals) {
+    for (int i = from; i < nnz; i++) {
+        int sym = symbol_of(book, codes[i >> 1] >> ((i & 1) * 4) & 15, esc, n_esc, e);
+        if (sym < 0) return -1;
+        vals[i] = (uint16_t)(sym << 8);
+    }
+    return 0;
+}
+
+#ifdef SPZ_X86
+/* 16 values per step: 8 code bytes become 16 codes, one pshufb through the codebook gives their symbols; a lane
+ * that comes out as UNUSED (an escape, or an invalid code) takes the one-by-one path. */
+__attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, const uint8_t *codes, int nnz,
+                                                         const uint8_t *esc, int n_esc, int *e, uint16_t *vals) {
+    const __m128i table = _mm_loadu_si128((const __m128i *)book), low = _mm_set1_epi8(0x0F);
+    const __m128i unused = _mm_set1_epi8((char)UNUSED), zero = _mm_setzero_si128();
+    int i = 0;
+    for (; i + 16 <= nnz; i += 16) {
+        __m128i bytes = _mm_loadl_epi64((const __m128i *)(codes + i / 2));
+        __m128i code = _mm_unpacklo_epi8(_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low));
+        __m128i sym = _mm_shuffle_epi8(table, code);
+        if (_mm_movemask_epi8(_mm_cmpeq_epi8(sym, unused))) {
+            if (symbols_scalar(book, codes, i, i + 16, esc, n_esc, e, vals)) return -1;
+            continue;
+        }
+        _mm_storeu_si128((__m128i *)(vals + i), _mm_unpacklo_epi8(zero, sym));
+        _mm_storeu_si128((__m128i *)(vals + i + 8), _mm_unpackhi_epi8(zero, sym));
+    }
+    return symbols_scalar(book, codes, i, nnz, esc, n_esc, e, vals);
+}
+#endif
+
+int codec_v3_decode_one(void *ctx, int64_t t, void *scratch) {
+    DecCtx *c = (DecCtx *)ctx;
+    Geom g = geom_of(c->n, c->k, t);
+    int64_t start = c->offsets[t], size = tile_end(c, t) - start;
+    if (size < V3_HEADER + g.bitmap)
+        return codec_tile_error(&c->err, t,
+                                "index offsets do not match the stream: tile %lld spans %lld bytes, less than its "
+                                "%d-byte header and %d-byte bitmap",
+                                (long long)t, (long long)size, V3_HEADER, g.bitmap);
+    const uint8_t *p = c->payload + start, *bm = p + V3_HEADER;
+    const int mode = p[0], reserved = p[1], nexc = rd16(p + 2), n_esc = rd16(p + 4);
+    int gcnt[GROUPS], row_cnt[TILE];
+    const int nnz = codec_scan_bitmap(c, t, &g, bm, row_cnt, gcnt);
+    if (nnz < 0) return -1;
+    if (mode > 1 || reserved || (mode == 0 && nexc) || nexc > nnz || n_esc > nnz)
+        return codec_tile_error(&c->err, t,
+                                "nibble-v3 stream is corrupted: tile %lld has an invalid header (mode %d, reserved %d, "
+                                "%d exceptions and %d escapes for %d values)",
+                                (long long)t, mode, reserved, nexc, n_esc, nnz);
+    const int sign_bytes = (nnz + 7) / 8, code_bytes = (nnz + 1) / 2;
+    const int64_t expect = V3_HEADER + g.bitmap + sign_bytes + code_bytes + n_esc + (mode ? 3 * (int64_t)nexc : nnz);
+    if (expect != size)
+        return codec_tile_error(&c->err, t,
+                                "index offsets do not match the stream: tile %lld spans %lld bytes but its fields "
+                                "imply %lld", (long long)t, (long long)size, (long long)expect);
+    const uint8_t *signs = bm + g.bitmap, *codes = signs + sign_bytes, *esc = codes + code_bytes,
+                  *lows = esc + n_esc;
+    if ((nnz & 1) && codes[nnz >> 1] >> 4)
+        return codec_tile_error(&c->err, t, "nibble-v3 stream is corrupted: nonzero padding nibble after the codes of "
+                                "tile %lld", (long long)t);
+    uint16_t *vals = (uint16_t *)scratch;
+    int e = 0, failed;
+#ifdef SPZ_X86
+    if (c->simd) failed = symbols_avx2(c->book, codes, nnz, esc, n_esc, &e, vals);
+    else
+#endif
+        failed = symbols_scalar(c->book, codes, 0, nnz, esc, n_esc, &e, vals);
+    if (failed || e != n_esc)
+        return codec_tile_error(&c->err, t,
+                                "nibble-v3 stream is corrupted: tile %lld holds a code the codebook lacks, an escape "
+                                "byte that is no symbol, or an escape count that disagrees with its codes",
+                                (long long)t);
+    if (codec_signs_and_lows(c, t, "nibble-v3", vals, nnz, signs, mode, nexc, lows)) return -1;
+    codec_finish_tile(c, t, &g, bm, row_cnt, vals);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ encode */
+
+typedef struct {
+    const uint16_t *bits;
+    int64_t n, k;
+    const uint8_t *book;
+    uint8_t code_of[128]; /* symbol -> code (ESCAPE when the codebook lacks it) */
+    CompactFn compact;
+    int64_t *sizes;         /* pass 1 output: bytes of each tile */
+    const int64_t *offsets; /* pass 2 input: where each tile starts in `dst` */
+    uint8_t *dst;
+} Encoder;
+
+/* The tile's present values (row-major) into vals and its bitmap into bm (scratch when NULL); returns nnz. */
+static int gather(const Encoder *c, const Geom *g, uint16_t *vals, uint8_t *bm) {
+    uint8_t row[TILE / 8];
+    int nnz = 0;
+    for (int r = 0; r < g->rows; r++)
+        nnz += c->compact(c->bits + (g->r0 + r) * c->k + g->c0, g->cols, vals + nnz, bm ? bm + r * g->row_bytes : row);
+    return nnz;
+}
+
+static void count(const Encoder *c, const uint16_t *vals, int nnz, int *n_esc, int *n_exc) {
+    *n_esc = *n_exc = 0;
+    for (int i = 0; i < nnz; i++) {
+        *n_esc += c->code_of[vals[i] >> 8 & 0x7F] == ESCAPE;
+        *n_exc += (vals[i] & 0xFF) != 0;
+    }
+}
+
+static int size_tile(void *ctx, int64_t t, void *scratch) {
+    Encoder *c = (Encoder *)ctx;
+    Geom g = geom_of(c->n, c->k, t);
+    uint16_t *vals = (uint16_t *)scratch;
+    int nnz = gather(c, &g, vals, NULL), n_esc, n_exc;
+    count(c, vals, nnz, &n_esc, &n_exc);
+    int lows = 3 * n_exc < nnz ? 3 * n_exc : nnz;
+    c->sizes[t] = V3_HEADER + g.bitmap + (nnz + 7) / 8 + (nnz + 1) / 2 + n_esc + lows;
+    return 0;
+}
+
+static int write_tile(void *ctx, int64_t t, void *scratch) {
+    Encoder *c = (Encoder *)ctx;
+    Geom g = geom_of(c->n, c->k, t);
+    uint16_t *vals = (uint16_t *)scratch;
+    uint8_t *o = c->dst + c->offsets[t];
+    int nnz = gather(c, &g, vals, o + V3_HEADER), n_esc, n_exc;
+    count(c, vals, nnz, &n_esc, &n_exc);
+    const int e5m2 = 3 * n_exc < nnz;
+    uint8_t *signs = o + V3_HEADER + g.bitmap, *codes = signs + (nnz + 7) / 8, *esc = codes + (nnz + 1) / 2;
+    uint8_t *lows = esc + n_esc;
+    memset(signs, 0, (size_t)((nnz + 7) / 8 + (nnz + 1) / 2));
+    for (int i = 0, e = 0, x = 0; i < nnz; i++) {
+        const unsigned sym = vals[i] >> 8 & 0x7F, code = c->code_of[sym], low = vals[i] & 0xFF;
+        signs[i >> 3] |= (uint8_t)((vals[i] >> 15) << (i & 7));
+        codes[i >> 1] |= (uint8_t)(code << ((i & 1) * 4));
+        if (code == ESCAPE) esc[e++] = (uint8_t)sym;
+        if (!e5m2) {
+            lows[i] = (uint8_t)low;
+        } else if (low) { /* positions (u16) of the nonzero low bytes, then those bytes */
+            wr16(lows + 2 * x, (unsigned)i);
+            lows[2 * n_exc + x++] = (uint8_t)low;
+        }
+    }
+    o[0] = (uint8_t)e5m2;
+    o[1] = 0;
+    wr16(o + 2, e5m2 ? (unsigned)n_exc : 0);
+    wr16(o + 4, (unsigned)n_esc);
+    return 0;
+}
+
+/* v3_encode(bits, n, k, book, prefix, threads) -> (bytearray: prefix zero bytes + payload, offsets bytes) */
+PyObject *spz_py_v3_encode(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer bits, book;
+    long long n, k;
+    Py_ssize_t prefix;
+    int threads;
+    if (!PyArg_ParseTuple(args, "y*LLy*ni", &bits, &n, &k, &book, &prefix, &threads)) return NULL;
+    PyObject *stream = NULL, *index = NULL, *result = NULL;
+    int64_t *sizes = NULL, *offsets = NULL;
+    if (codec_check_shape(n, k)) goto done;
+    if (bits.len != n * k * 2 || book.len != BOOK_SIZE || prefix < 0) {
+        PyErr_SetString(PyExc_ValueError, "v3_encode: bad buffer sizes");
+        goto done;
+    }
+    Encoder enc = {.bits = bits.buf, .n = n, .k = k, .book = book.buf, .compact = codec_compact_fn()};
+    memset(enc.code_of, ESCAPE, sizeof enc.code_of);
+    for (int code = 0; code < ESCAPE; code++)
+        if (enc.book[code] < 128) enc.code_of[enc.book[code]] = (uint8_t)code;
+    int64_t tiles = tile_count(n, k);
+    sizes = malloc((size_t)tiles * sizeof *sizes);
+    offsets = malloc((size_t)tiles * sizeof *offsets);
+    if (!sizes || !offsets) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    enc.sizes = sizes;
+    ErrState err;
+    codec_err_init(&err);
+    const size_t scratch = 2 * (TILE * TILE + READ_PAD);
+    codec_parallel_tiles(size_tile, &enc, &err, tiles, threads, n * k, scratch);
+    int64_t total = BOOK_SIZE;
+    for (int64_t t = 0; t < tiles; t++) {
+        offsets[t] = total;
+        total += sizes[t];
+    }
+    stream = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(prefix + total));
+    if (!stream) goto done;
+    uint8_t *dst = (uint8_t *)PyByteArray_AS_STRING(stream) + prefix;
+    memset(dst - prefix, 0, (size_t)prefix);
+    memcpy(dst, enc.book, BOOK_SIZE);
+    enc.dst = dst;
+    enc.offsets = offsets;
+    codec_parallel_tiles(write_tile, &enc, &err, tiles, threads, n * k, scratch);
+    if (err.failed) {
+        PyErr_SetString(PyExc_ValueError, err.msg);
+        goto done;
+    }
+    index = PyBytes_FromStringAndSize((const char *)offsets, (Py_ssize_t)(tiles * 8));
+    if (index) result = PyTuple_Pack(2, stream, index);
+done:
+    Py_XDECREF(stream);
+    Py_XDECREF(index);
+    free(sizes);
+    free(offsets);
+    PyBuffer_Release(&bits);
+    PyBuffer_Release(&book);
+    return result;
+}
