@@ -6,6 +6,11 @@ Three jobs, each a function and a CLI subcommand:
            q4_0.gguf through llama.cpp's own quantizer
   speed    batch-1 (and batch-8) greedy decode tokens/s, prefill tokens/s and peak RSS of llama.cpp on a GGUF,
            one fresh process per measurement
+plus `check`: llama.cpp's greedy tokens on a GGUF against transformers on the folder it came from.
+
+This module needs only the standard library to import; export needs gguf and numpy (either venv has them),
+check needs torch and transformers (the project venv). Everything llama.cpp runs in the peers venv, in a
+subprocess (llamacpp_worker.py).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ PEERS_VENV = REPO / ".venv-peers"
 WORKER = Path(__file__).resolve().with_name("llamacpp_worker.py")
 
 LLAMA_CPP_PYTHON = "0.3.36"  # vendors llama.cpp commit 0c1e570
-PEER_PACKAGES = ("gguf==0.19.0", "numpy==2.4.6")  # the project venv's versions
+# the project venv's versions; tokenizers lets export name the pre-tokenizer the way llama.cpp's converter does
+PEER_PACKAGES = ("gguf==0.19.0", "numpy==2.4.6", "tokenizers==0.23.3")
 # A fixed AVX2-level x86-64 build: no -march=native (GGML_NATIVE=OFF) and nothing above AVX2, so the binary runs
 # on every VM of ours, including those that list AVX-512/AMX in CPUID but trap on them. Runtime dispatch
 # (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS) is not used: llama-cpp-python's CMakeLists installs only a target
@@ -75,10 +81,10 @@ def setup_peers(venv: Path = PEERS_VENV, log: Path | None = None) -> dict:
     with open(log, "w") as out:
         steps = [
             [*pip, "install", "--upgrade", "pip"],
-            [*pip, "install", *PEER_PACKAGES],
-            # --no-cache-dir: a wheel cached from an earlier build with other flags must not be reused
-            [*pip, "install", "-v", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-             f"llama-cpp-python=={LLAMA_CPP_PYTHON}"],
+            # one resolve, so the pins hold; --force-reinstall rebuilds an installed copy built with other flags,
+            # --no-cache-dir keeps pip from reusing a wheel it cached from such a build
+            [*pip, "install", "-v", "--force-reinstall", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON}", *PEER_PACKAGES],
         ]
         for cmd in steps:
             out.write(f"$ {' '.join(cmd)}\n")
@@ -371,6 +377,9 @@ def check_f16(hf_folder: Path, f16: Path) -> int:
         t = stored.pop(gguf_tensor_name(name), None)
         if t is None:
             raise PeerError(f"{f16} has no tensor for {name}")
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if shape != tuple(want.shape):
+            raise PeerError(f"{f16}: {t.name} has shape {shape}, {name} {tuple(want.shape)}")
         got = np.asarray(t.data).reshape(want.shape)
         if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             order = llama_permute(np.arange(want.shape[0]), heads if "q_proj" in name else kv_heads)
@@ -401,12 +410,12 @@ def transformers_model(folder: Path):
     model.tie_weights()
     return model.eval()
 
+
 def check_tokens(hf_folder: Path, gguf: Path, prompt_ids: list[int], new_tokens: int = 32,
                  venv: Path = PEERS_VENV) -> dict:
     """Greedy tokens of llama.cpp on `gguf` against transformers (fp32) on `hf_folder`, same prompt ids.
     Needs torch and transformers (the project venv); transformers runs in this process."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     theirs = generate(gguf, prompt_ids, new_tokens, threads=os.cpu_count() or 1, warmup=0, venv=venv)
     model = transformers_model(Path(hf_folder))
@@ -444,7 +453,7 @@ def export_all(hf_folder: Path, out_dir: Path, venv: Path = PEERS_VENV, overwrit
 
 
 def generate(gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int = 1, rows: int = 1,
-             warmup: int = 4, venv: Path = PEERS_VENV) -> dict:
+             warmup: int = 4, venv: Path = PEERS_VENV, timeout: float = 1800) -> dict:
     """One fresh llama.cpp process: load `gguf` without mmap, warm up, prefill `prompt_ids` in `rows`
     sequences and greedy-decode `new_tokens` tokens each. Returns tokens, timings and memory."""
     gguf = Path(gguf)
@@ -456,7 +465,7 @@ def generate(gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int = 
         raise PeerError("new_tokens must be >= 2, threads and rows >= 1")
     spec = {"gguf": str(gguf.resolve()), "prompt": prompt_ids, "new_tokens": new_tokens, "threads": threads,
             "rows": rows, "warmup": warmup}
-    return run_worker(venv, ["run", json.dumps(spec)])
+    return run_worker(venv, ["run", json.dumps(spec)], timeout=timeout)
 
 
 def summarise(runs: list[dict], key: str) -> dict:
@@ -471,7 +480,9 @@ def decode_speed(gguf: Path, prompt_ids: list[int], new_tokens: int, threads: in
     decode_tok_s: llama.cpp's own perf counters over the new_tokens - 1 single-token llama_decode calls after
     the prefill (the first new token comes from the prefill, as in bench/run.py); decode_wall_tok_s: wall time
     around that loop, including the Python argmax of each step. Batch 8: 8 copies of the prompt in 8 KV
-    streams, tokens/s counts all rows. Weights are read into memory at load (no mmap)."""
+    streams (kv_unified off), tokens/s counts all rows. Weights are read into memory at load (no mmap), so
+    peak RSS includes them. Otherwise llama.cpp's context defaults: F16 KV cache, flash attention "auto"
+    (on for CPU), Q4_0 repacked at load for AVX2 (GGML_CPU_REPACK), a warm-up generation of 4 tokens first."""
     if repeats < 1:
         raise PeerError("repeats must be >= 1")
     one = [generate(gguf, prompt_ids, new_tokens, threads, 1, venv=venv) for _ in range(repeats)]
@@ -529,11 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="llama.cpp (llama-cpp-python, own venv .venv-peers) as a peer for the generation benchmark, "
                     "on the same fp16 weights.",
         epilog="examples:\n"
-               "  python3 bench/llamacpp.py --setup                       # once: builds llama.cpp (tens of minutes on 2 cores)\n"
-               "  .venv/bin/python bench/llamacpp.py export ~/.cache/sparsezip/smollm2-135m-instruct-fp16 out/gguf\n"
-               "  .venv/bin/python bench/llamacpp.py check ~/.cache/sparsezip/smollm2-135m-instruct-fp16 out/gguf/f16.gguf\n"
+               "  python3 bench/llamacpp.py --setup     # once; builds llama.cpp (tens of minutes on 2 cores)\n"
+               "  M=~/.cache/sparsezip/smollm2-135m-instruct-fp16\n"
+               "  .venv/bin/python bench/llamacpp.py export $M out/gguf   # f16.gguf, q8_0.gguf, q4_0.gguf\n"
+               "  .venv/bin/python bench/llamacpp.py check $M out/gguf/f16.gguf\n"
                "  .venv/bin/python bench/llamacpp.py speed out/gguf/q8_0.gguf --threads 2 --new 128 --repeats 3\n"
-               "export needs the gguf package (the project venv and the peers venv both have it).",
+               "export needs gguf + numpy (both venvs have them); check needs torch + transformers (.venv).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", action="store_true",
                    help=f"create {PEERS_VENV.name} if missing and build llama-cpp-python=={LLAMA_CPP_PYTHON} from "

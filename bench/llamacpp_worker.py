@@ -134,6 +134,8 @@ def run(spec_json: str) -> dict:
     prompt, new = spec["prompt"], spec["new_tokens"]
     n_ctx_seq = len(prompt) + new + 16
     s = Session(spec["gguf"], spec["threads"], spec["rows"], n_ctx_seq, len(prompt))
+    if max(prompt) >= s.n_vocab:
+        raise SystemExit(f"prompt token id {max(prompt)} is not below the model's vocabulary size {s.n_vocab}")
     if spec.get("warmup"):
         s.generate(prompt, spec["warmup"])  # first-call allocations and page faults are not what we measure
     result = s.generate(prompt, new)
