@@ -215,9 +215,10 @@ def test_sparse_mode_gives_identical_logits_and_tokens(packed, which):
     tok = AutoTokenizer.from_pretrained(folder)
     answers = [generate_batch(m, tok, [tokens[0, :9].tolist()], GREEDY, set())[0].tokens for m in (dense, lean)]
     assert answers[0] == answers[1]
-    # 50% magnitude without L2 rounding: a bitmap bit and two value bytes per kept weight, 9/16 of fp16
+    # 50% magnitude without L2 rounding: two value bytes per kept weight and a 2-byte code per 8 weights, 10/16 of
+    # fp16, plus 12 bytes of row and tile offsets per row (1.5 bits per weight in these 64-column rows) and biases
     fp16_bytes = 2 * sum(m.in_features * m.out_features for m in sparse)
-    assert sum(m.resident_bytes() for m in sparse) < 0.66 * fp16_bytes  # + flags, row offsets, biases
+    assert sum(m.resident_bytes() for m in sparse) < 0.75 * fp16_bytes
     pruned_dense = sum(m.resident_bytes() for name, m in dense.named_modules() if "layers" in name and
                        isinstance(m, torch.nn.Linear))
     assert weight_bytes(lean) == weight_bytes(dense) - pruned_dense + sum(m.resident_bytes() for m in sparse) + \

@@ -136,6 +136,9 @@ def test_sparse_layout_round_trips_and_picks_its_value_width(shape, e5m2, monkey
     w = pruned(shape, seed=shape[0] * 7 + shape[1], e5m2=e5m2)
     sparse = gemv.pack_sparse(w)
     assert int(sparse.row_start[-1]) == expected_stream_bytes(w)
+    for r in range(0, shape[0], 7):  # each tile's values start where the row's earlier columns' values end
+        starts = [0] + [expected_stream_bytes(w[r:r + 1, :c0]) for c0 in range(gemv.TILE, shape[1], gemv.TILE)]
+        assert sparse.tile_start[r].tolist() == starts
     nnz = int((w.view(torch.int16) != 0).sum())
     if nnz:  # E5M2 values take about a byte each, others two
         assert (int(sparse.row_start[-1]) < 1.4 * nnz) if e5m2 else (int(sparse.row_start[-1]) > 1.9 * nnz)
@@ -196,10 +199,16 @@ def test_sparse_kernel_refuses_inconsistent_arrays():
     arrays = list(sparse.arrays())
     x, y = torch.randn(1, 16), torch.empty(1, 8)
     with pytest.raises(ValueError, match="sparse layout"):
-        cpu.native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 9, 16, 1, 1)  # n disagrees with the bitmap
-    arrays[2] = arrays[2][:4]  # values cut short
+        cpu.native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 9, 16, 1, 1)  # n disagrees with the codes
+    arrays[1] = arrays[1][:4]  # values cut short
     with pytest.raises(ValueError, match="too short"):
         cpu.native.sparse_gemv(*arrays, x.numpy(), y.numpy(), 8, 16, 1, 1)
+
+
+def test_the_tile_of_the_summation_order_is_one_number():
+    assert gemv.TILE == codec.TILE
+    if cpu.available():
+        assert cpu.native.TILE == gemv.TILE
 
 
 def test_pack_sparse_refuses_what_it_cannot_hold():

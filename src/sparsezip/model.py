@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs, rope_inv_freq
+from .kernels.cpu import decode
 from .kernels.cpu.gemv import mixed_linear
 from .layouts.dense import DenseLinear  # the loader swaps the pruned linears for the chosen layout
 from .tp import Dist, all_gather_last, all_reduce
@@ -24,6 +25,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decode.fits(x, self.weight, rows=x.numel() // x.shape[-1]):
+            return decode.rms_norm(x, self.weight, self.eps)
         # normalise in fp32 like the reference implementation, then scale in the input dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -147,6 +150,12 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        cache = self.kv_cache
+        if (cache is not None and pos is not None and T <= SMALL_QUERY
+                and decode.fits(qkv, cos, cache.k, rows=B * T)):
+            if hasattr(self, "q_norm"):
+                qkv = torch.cat([q.flatten(2), k.flatten(2), v], dim=-1)
+            return decode.attend(qkv, cos, sin, cache.k, cache.v, pos, mask, self.n_heads)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, head_dim]
         k = apply_rope(k.transpose(1, 2), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -174,6 +183,8 @@ class MLP(nn.Module):
 
     def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
         """Fused gate/up projections [..., 2 * width] -> down_proj's input [..., width]."""
+        if decode.fits(gate_up, rows=gate_up.numel() // gate_up.shape[-1]):
+            return decode.silu_mul(gate_up)
         gate, up = gate_up.split(self.width, dim=-1)
         return F.silu(gate).mul_(up)  # in place into silu's fresh output: one activation-sized buffer less
 

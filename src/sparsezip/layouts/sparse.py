@@ -1,4 +1,4 @@
-"""Layout "sparse": a pruned fp16 matrix as a bitmap plus its nonzero values (one byte each for E5M2-valued,
+"""Layout "sparse": a pruned fp16 matrix as a bitmap (in per-group codes) plus its nonzero values (one byte each for E5M2-valued,
 L2-rounded weights; see kernels/cpu/gemv.py's SparseWeight), expanded in registers inside each product. Inputs
 of many rows unpack the weight as fp32 into the model's shared scratch buffer for torch's matmul. Same numbers as
 the dense layout."""
@@ -34,9 +34,10 @@ class SparseLinear(WeightLayout):
 
     @classmethod
     def estimated_bits(cls, facts: FolderFacts) -> float:
-        """A bitmap bit, 1 byte per value after L2 rounding (plus the groups that keep 2) or 2 bytes otherwise."""
+        """A 2-byte code per 8 weights and a 4-byte tile offset per 128, then 1 byte per value after L2 rounding (plus
+        the groups that keep 2) or 2 bytes otherwise."""
         density = 1.0 - facts.sparsity
-        return 1.0 + density * (9.5 if facts.l2_rounded else 16.0)
+        return 2.0 + 0.25 + density * (9.5 if facts.l2_rounded else 16.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.sparse.shape

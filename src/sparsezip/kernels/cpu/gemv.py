@@ -52,6 +52,7 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 VALUE_PAD = 16  # bytes readable past the last value (a group's values are loaded 16 at a time); native/gemv.c's
+TILE = 128  # the summation order's unit: native/spz.h's SPZ_TILE, the codec's tile edge (a test holds all three equal)
 PACK_VALUES = 2**22  # matrix entries per block of rows while packing: bounds the temporaries
 
 
@@ -59,23 +60,31 @@ PACK_VALUES = 2**22  # matrix entries per block of rows while packing: bounds th
 class SparseWeight:
     """An fp16 matrix [n, k] as the bitmap of its nonzero entries (bit patterns != 0) and their values, in groups
     of 8 columns: a group whose values all have a low byte of 0 (E5M2 values, as after L2 rounding) stores one
-    byte per value (the high byte), any other group two (the fp16 pattern), as its bit in `flags` says.
+    byte per value (the high byte), any other ("wide") group two (the fp16 pattern). Each group's code holds its
+    bitmap byte and, in bit 8, whether it is wide: one load gives the kernel everything it needs.
     Row r's values are values[row_start[r]:row_start[r+1]], group by group, in column order. A runtime layout
     built by pack_sparse (the byte layout is native/gemv.c's), not a file format; the arrays are read-only.
     """
 
     shape: tuple[int, int]
-    bitmap: np.ndarray  # uint8 [n, kb], kb = ceil(k / 8), LSB first
-    flags: np.ndarray  # uint8 [n, ceil(kb / 8)]: bit g of a row = group g stores 2-byte values
+    codes: np.ndarray  # uint16 [n, kb], kb = ceil(k / 8): bitmap byte (LSB = first column) | wide << 8
     values: np.ndarray  # uint8 [row_start[n] + VALUE_PAD]
     row_start: np.ndarray  # int64 [n + 1]
+    tile_start: np.ndarray  # uint32 [n, ceil(k / 128)]: where each tile's values start, from the row's start
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.bitmap, self.flags, self.values, self.row_start
+        return self.codes, self.values, self.row_start, self.tile_start
+
+
+def present_per_group(present: np.ndarray, kb: int) -> np.ndarray:
+    """Nonzero entries per group of 8 columns: [rows, k] bool -> [rows, kb] int64."""
+    padded = np.zeros((len(present), 8 * kb), bool)
+    padded[:, :present.shape[1]] = present
+    return padded.reshape(len(present), kb, 8).sum(2)
 
 
 def pack_sparse(weight: torch.Tensor) -> SparseWeight:
@@ -85,9 +94,9 @@ def pack_sparse(weight: torch.Tensor) -> SparseWeight:
     n, k = weight.shape
     bits = weight.contiguous().view(torch.int16).numpy().view(np.uint16)
     kb = -(-k // 8)
-    bitmap = np.empty((n, kb), np.uint8)
-    flags = np.empty((n, -(-kb // 8)), np.uint8)
-    row_bytes = np.empty(n, np.int64)
+    tiles = -(-k // TILE)
+    codes = np.empty((n, kb), np.uint16)
+    tile_bytes = np.empty((n, tiles), np.int64)
     streams = []
     step = max(1, PACK_VALUES // k)
     for r0 in range(0, n, step):  # bounds the per-entry temporaries to one block of rows
@@ -96,8 +105,7 @@ def pack_sparse(weight: torch.Tensor) -> SparseWeight:
         wide = np.zeros((len(block), 8 * kb), bool)  # [rows, columns padded to whole groups]
         wide[:, :k] = present & ((block & 0xFF) != 0)
         wide_groups = wide.reshape(len(block), kb, 8).any(2)  # [rows, kb]
-        bitmap[r0:r0 + step] = np.packbits(present, axis=1, bitorder="little")
-        flags[r0:r0 + step] = np.packbits(wide_groups, axis=1, bitorder="little")
+        codes[r0:r0 + step] = np.packbits(present, axis=1, bitorder="little") | wide_groups.astype(np.uint16) << 8
         wide_value = np.repeat(wide_groups, 8, axis=1)[:, :k][present]  # per value in row-major order
         width = 1 + wide_value.astype(np.int64)
         offset = np.concatenate([[0], np.cumsum(width)[:-1]])
@@ -105,10 +113,13 @@ def pack_sparse(weight: torch.Tensor) -> SparseWeight:
         values = block[present]
         stream[offset + wide_value] = values >> 8  # the high byte: first of one, second of two (little-endian)
         stream[offset[wide_value]] = values[wide_value] & 0xFF
-        row_bytes[r0:r0 + step] = (present * (1 + np.repeat(wide_groups, 8, axis=1)[:, :k])).sum(1)
+        group_bytes = np.zeros((len(block), tiles * TILE // 8), np.int64)
+        group_bytes[:, :kb] = present_per_group(present, kb) * (1 + wide_groups)
+        tile_bytes[r0:r0 + step] = group_bytes.reshape(len(block), tiles, TILE // 8).sum(2)
         streams.append(stream)
-    row_start = np.concatenate([[0], np.cumsum(row_bytes)]).astype(np.int64)
-    arrays = (bitmap, flags, np.concatenate(streams + [np.zeros(VALUE_PAD, np.uint8)]), row_start)
+    row_start = np.concatenate([[0], np.cumsum(tile_bytes.sum(1))]).astype(np.int64)
+    tile_start = (np.cumsum(tile_bytes, axis=1) - tile_bytes).astype(np.uint32)
+    arrays = (codes, np.concatenate(streams + [np.zeros(VALUE_PAD, np.uint8)]), row_start, tile_start)
     for a in arrays:
         a.flags.writeable = False
     return SparseWeight((n, k), *arrays)
@@ -126,8 +137,8 @@ def unpack_sparse(sparse: SparseWeight, out: torch.Tensor | None = None) -> torc
         native.sparse_unpack(*sparse.arrays(), out.view(torch.int32 if f32 else torch.int16).numpy(), n, k, f32,
                              threads_for(n * k // 4))
         return out
-    present = np.unpackbits(sparse.bitmap, axis=1, count=k, bitorder="little").astype(bool)
-    wide_groups = np.unpackbits(sparse.flags, axis=1, count=sparse.bitmap.shape[1], bitorder="little").astype(bool)
+    present = np.unpackbits((sparse.codes & 0xFF).astype(np.uint8), axis=1, count=k, bitorder="little").astype(bool)
+    wide_groups = (sparse.codes >> 8).astype(bool)
     wide_value = np.repeat(wide_groups, 8, axis=1)[:, :k][present]
     offset = np.concatenate([[0], np.cumsum(1 + wide_value.astype(np.int64))[:-1]])
     values = sparse.values[offset + wide_value].astype(np.uint16) << 8

@@ -4,8 +4,9 @@
  * Why: at batch 1 a decoder is bound by the bytes of weight it reads per token. Keeping W in fp16 (as stored)
  * halves those bytes against an fp32 copy, and the sparse layout reads ~6 bits per weight at 50% sparsity after
  * L2 rounding; converting and expanding in registers costs little next to the memory traffic -- as long as the
- * core is never idle waiting on one dependency chain. So one activation row is multiplied with ROWS weight rows at
- * once (independent accumulators), and several activation rows reuse each loaded or expanded weight group.
+ * core is never idle waiting on one dependency chain. So at one activation row several tiles of a weight row are
+ * multiplied at once (independent accumulators, one sequential stream), and several activation rows reuse each
+ * loaded or expanded weight group.
  *
  * Summation order: spz.h's, which the product straight from codec tiles (codec.c) follows too, so the dense and
  * sparse kernels here and the compressed layout give bit-identical results at a given kernel level.
@@ -13,19 +14,19 @@
  * gemv_f16(w, x, y, n, k, m, threads): w uint16 [n, k] (fp16 bit patterns), x float32 [m, k], y float32 [m, n].
  *
  * The sparse layout (built by kernels/cpu/gemv.py's pack_sparse, held read-only): per weight row r
- *   bitmap  uint8 [n, kb], kb = ceil(k / 8): bit j of byte g = column 8g + j is nonzero (bit pattern != 0)
- *   flags   uint8 [n, kf], kf = ceil(kb / 8): bit g = group g (columns 8g..8g+7) stores 2-byte values
+ *   codes   uint16 [n, kb], kb = ceil(k / 8): one per group of 8 columns, bit j (j < 8) = column 8g + j is nonzero
+ *           (bit pattern != 0), bit 8 = the group stores 2-byte values
  *   values  uint8 stream, row r from row_start[r]: for each group in order, its nonzero values in column order,
- *           2 bytes each (the little-endian fp16 pattern) in a flagged group, else 1 byte each (the high byte;
- *           the low byte is 0 -- an E5M2 value, what L2 rounding makes); VALUE_PAD readable bytes at the end.
- * A group of 8 columns expands with one pshufb whose control comes from a 512-entry table (flag, bitmap byte).
- * sparse_gemv(bitmap, flags, values, row_start, x, y, n, k, m, threads) and sparse_unpack(..., out, n, k, kind,
- * threads), which writes the dense matrix as fp16 (kind 0) or fp32 (kind 1) for the many-row path.
+ *           2 bytes each (the little-endian fp16 pattern) in a wide group, else 1 byte each (the high byte; the
+ *           low byte is 0 -- an E5M2 value, what L2 rounding makes); VALUE_PAD readable bytes at the end.
+ * A group expands with one pshufb whose control, like its byte count, is a table row indexed by the code.
+ * sparse_gemv(codes, values, row_start, x, y, n, k, m, threads) and sparse_unpack(..., out, n, k, out_f32,
+ * threads), which writes the dense matrix as fp16 or fp32 for the many-row path.
  */
 #include "spz.h"
 
 #define TILE SPZ_TILE
-#define ROWS 4     /* weight rows per pass at one activation row: 4 independent FMA chains */
+#define TILES 4    /* tiles of one weight row in flight at one activation row: 4 independent FMA chains */
 #define X_BLOCK 8  /* activation rows per pass over a weight row: 8 accumulators fit in registers */
 #define VALUE_PAD 16 /* bytes readable past the last value: a group's values are loaded 16 bytes at a time */
 
@@ -34,33 +35,33 @@ static int64_t tile_cols(int64_t k, int64_t c0) { return k - c0 < TILE ? k - c0 
 /* ------------------------------------------------------------------ one weight row, expanded or dense */
 
 typedef struct {
-    const uint8_t *bm;     /* the row's bitmap */
-    const uint8_t *flags;  /* the row's group flags */
+    const uint16_t *code;  /* the row's group codes */
     const uint8_t *v;      /* its next value */
 } Cursor;
 
 typedef struct {
     const uint16_t *w;   /* dense: uint16 [n, k] */
-    const uint8_t *bitmap, *flags, *values;
+    const uint16_t *codes;
+    const uint8_t *values;
+    const uint32_t *tile_start;
     const int64_t *row_start;
     const float *x;      /* [m, k] */
     float *y;            /* [m, n] */
     void *out;           /* unpack: [n, k] fp16 or fp32 */
     int out_f32;
-    int64_t n, k, m, kb, kf;
+    int64_t n, k, m, kb, tiles;
 } Job;
 
 static Cursor row_cursor(const Job *j, int64_t r) {
-    return (Cursor){j->bitmap + r * j->kb, j->flags + r * j->kf, j->values + j->row_start[r]};
+    return (Cursor){j->codes + r * j->kb, j->values + j->row_start[r]};
 }
-
-static inline int group_flag(const Cursor *c, int64_t g) { return c->flags[g >> 3] >> (g & 7) & 1; }
 
 /* Columns [c0, c0 + cols) of the row as fp16 bit patterns into buf[0 .. cols), column by column. */
 static void expand_scalar(Cursor *c, int64_t c0, int64_t cols, uint16_t *buf) {
     for (int64_t i = 0; i < cols; i++) {
         int64_t col = c0 + i;
-        int set = c->bm[col >> 3] >> (col & 7) & 1, wide = group_flag(c, col >> 3);
+        const unsigned code = c->code[col >> 3];
+        const int set = code >> (col & 7) & 1, wide = code >> 8;
         buf[i] = !set ? 0 : wide ? (uint16_t)(c->v[0] | c->v[1] << 8) : (uint16_t)(c->v[0] << 8);
         c->v += set << wide;
     }
@@ -114,106 +115,99 @@ static void unpack_rows_portable(const Job *j, int64_t row_begin, int64_t row_en
 #ifdef SPZ_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), always_inline)) static inline
 
-/* The next 8 columns (bitmap byte m) of a sparse row as 8 fp16 patterns, advancing the cursor. */
+/* The next 8 columns (group g) of a sparse row as 8 fp16 patterns, advancing the cursor. */
 AVX2 __m128i expand_group(Cursor *c, int64_t g) {
-    const unsigned m = c->bm[g], wide = (unsigned)group_flag(c, g);
+    const unsigned code = c->code[g];
     __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)c->v),
-                                 _mm_load_si128((const __m128i *)spz_expand_sparse[wide << 8 | m]));
-    c->v += spz_pop8[m] << wide;
+                                 _mm_load_si128((const __m128i *)spz_expand_sparse[code]));
+    c->v += spz_sparse_step[code];
     return v;
 }
 
-/* A tile of nr weight rows (dense when `dense`, else expanded through the cursors) against nb activation rows;
- * nr * nb accumulators, each an independent chain. total[i * nb + b] += the tile's sum for row i, x row b.
- * Always inlined with constant nr, nb and dense. */
-AVX2 void tile_avx2(const uint16_t *const *w, Cursor *c, const float *x, int64_t k, int64_t c0, int64_t cols,
-                    const int nr, const int nb, const int dense, float *total) {
+/* Tile t of row r's cursor: its values start tile_start[r, t] bytes into the row's, so the tiles of a row can be
+ * expanded side by side. */
+static Cursor tile_cursor(const Job *j, int64_t r, int64_t t) {
+    return (Cursor){j->codes + r * j->kb, j->values + j->row_start[r] + j->tile_start[r * j->tiles + t]};
+}
+
+/* nt consecutive tiles of one weight row from column c0, each `cols` columns (fewer than TILE only when nt is 1),
+ * dense from w or expanded through the tiles' cursors c[0 .. nt), against nb activation rows: nt * nb independent
+ * accumulators. total[b] += each tile's sum in column order, the shared summation order. Always inlined with
+ * constant nt, nb and dense. */
+AVX2 void tiles_avx2(const uint16_t *w, Cursor *c, const float *x, int64_t k, int64_t c0, int64_t cols,
+                     const int nt, const int nb, const int dense, float *total) {
     const int64_t full = cols & ~(int64_t)7;
-    __m256 acc[ROWS * X_BLOCK];
-    for (int a = 0; a < nr * nb; a++) acc[a] = _mm256_setzero_ps();
-    for (int64_t col = 0; col < full; col += 8) {
-        __m256 wv[ROWS];
-        for (int i = 0; i < nr; i++)
-            wv[i] = _mm256_cvtph_ps(dense ? _mm_loadu_si128((const __m128i *)(w[i] + c0 + col))
-                                          : expand_group(&c[i], (c0 + col) >> 3));
-        for (int b = 0; b < nb; b++) {
-            const __m256 xv = _mm256_loadu_ps(x + b * k + c0 + col);
-            for (int i = 0; i < nr; i++) acc[i * nb + b] = _mm256_fmadd_ps(wv[i], xv, acc[i * nb + b]);
+    __m256 acc[TILES * X_BLOCK];
+    for (int a = 0; a < nt * nb; a++) acc[a] = _mm256_setzero_ps();
+    for (int64_t col = 0; col < full; col += 8)
+        for (int i = 0; i < nt; i++) {
+            const int64_t at = c0 + i * TILE + col;
+            const __m256 wv = _mm256_cvtph_ps(dense ? _mm_loadu_si128((const __m128i *)(w + at))
+                                                    : expand_group(&c[i], at >> 3));
+            for (int b = 0; b < nb; b++) acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * k + at), acc[i * nb + b]);
         }
-    }
-    for (int i = 0; i < nr; i++) {
+    for (int i = 0; i < nt; i++) {
         uint16_t tail[8];
         const uint16_t *wt = tail;
         if (full < cols) {
-            if (dense) wt = w[i] + c0 + full;
+            if (dense) wt = w + c0 + full;
             else expand_scalar(&c[i], c0 + full, cols - full, tail);
         }
         for (int b = 0; b < nb; b++) {
             float sum = spz_hsum8(acc[i * nb + b]);
             if (full < cols) sum += spz_dot_scalar(wt, x + b * k + c0 + full, cols - full);
-            total[i * nb + b] += sum;
+            total[b] += sum;
         }
     }
 }
 
-/* Rows r0 .. r0 + nr - 1 against activation rows b0 .. b0 + nb - 1. */
-AVX2 void block_avx2(const Job *j, int64_t r0, const int nr, int64_t b0, const int nb, const int dense) {
-    const uint16_t *w[ROWS];
-    Cursor c[ROWS];
-    float total[ROWS * X_BLOCK] = {0};
-    for (int i = 0; i < nr; i++) {
-        if (dense) w[i] = j->w + (r0 + i) * j->k;
-        else c[i] = row_cursor(j, r0 + i);
+/* Weight row r against activation rows b0 .. b0 + nb - 1, several tiles of the row in flight when nb is small:
+ * the row stays one sequential stream (several rows at once would be several, which the hardware prefetcher
+ * serves worse from DRAM) and the chains stay independent. */
+AVX2 void block_avx2(const Job *j, int64_t r, int64_t b0, const int nb, const int dense) {
+    const int nt = nb >= TILES ? 1 : TILES / nb;
+    const int64_t k = j->k;
+    const uint16_t *w = dense ? j->w + r * k : NULL;
+    const float *x = j->x + b0 * k;
+    Cursor c[TILES];
+    float total[X_BLOCK] = {0};
+    int64_t c0 = 0;
+    for (; c0 + nt * TILE <= k; c0 += nt * TILE) {
+        for (int i = 0; i < nt && !dense; i++) c[i] = tile_cursor(j, r, c0 / TILE + i);
+        tiles_avx2(w, c, x, k, c0, TILE, nt, nb, dense, total);
     }
-    for (int64_t c0 = 0; c0 < j->k; c0 += TILE)
-        tile_avx2(w, c, j->x + b0 * j->k, j->k, c0, tile_cols(j->k, c0), nr, nb, dense, total);
-    for (int i = 0; i < nr; i++)
-        for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r0 + i] = total[i * nb + b];
+    for (; c0 < k; c0 += TILE) {
+        if (!dense) c[0] = tile_cursor(j, r, c0 / TILE);
+        tiles_avx2(w, c, x, k, c0, tile_cols(k, c0), 1, nb, dense, total);
+    }
+    for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = total[b];
 }
 
-/* One activation row: ROWS weight rows at a time (the last block may be shorter). */
-#define ONE_X_ROW(DENSE)                                                                      \
-    for (int64_t r = row_begin; r < row_end; r += ROWS) {                                    \
-        switch (row_end - r < ROWS ? row_end - r : ROWS) {                                   \
-            case 1: block_avx2(j, r, 1, 0, 1, DENSE); break;                                 \
-            case 2: block_avx2(j, r, 2, 0, 1, DENSE); break;                                 \
-            case 3: block_avx2(j, r, 3, 0, 1, DENSE); break;                                 \
-            default: block_avx2(j, r, ROWS, 0, 1, DENSE); break;                             \
-        }                                                                                    \
-    }
-
-/* Several activation rows: one weight row at a time, X_BLOCK activation rows per pass. */
-#define MANY_X_ROWS(DENSE)                                                                   \
-    for (int64_t r = row_begin; r < row_end; r++)                                           \
-        for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK) {                                     \
-            switch (j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK) {                             \
-                case 1: block_avx2(j, r, 1, b0, 1, DENSE); break;                            \
-                case 2: block_avx2(j, r, 1, b0, 2, DENSE); break;                            \
-                case 3: block_avx2(j, r, 1, b0, 3, DENSE); break;                            \
-                case 4: block_avx2(j, r, 1, b0, 4, DENSE); break;                            \
-                case 5: block_avx2(j, r, 1, b0, 5, DENSE); break;                            \
-                case 6: block_avx2(j, r, 1, b0, 6, DENSE); break;                            \
-                case 7: block_avx2(j, r, 1, b0, 7, DENSE); break;                            \
-                default: block_avx2(j, r, 1, b0, X_BLOCK, DENSE); break;                     \
-            }                                                                                \
+/* Every activation row against weight rows [row_begin, row_end), X_BLOCK activation rows per pass over a row. */
+AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
+    for (int64_t r = row_begin; r < row_end; r++)
+        for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK) {
+            switch (j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK) {
+                case 1: block_avx2(j, r, b0, 1, dense); break;
+                case 2: block_avx2(j, r, b0, 2, dense); break;
+                case 3: block_avx2(j, r, b0, 3, dense); break;
+                case 4: block_avx2(j, r, b0, 4, dense); break;
+                case 5: block_avx2(j, r, b0, 5, dense); break;
+                case 6: block_avx2(j, r, b0, 6, dense); break;
+                case 7: block_avx2(j, r, b0, 7, dense); break;
+                default: block_avx2(j, r, b0, X_BLOCK, dense); break;
+            }
         }
+}
 
 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void dense_rows_avx2(const Job *j, int64_t row_begin,
                                                                                 int64_t row_end) {
-    if (j->m == 1) {
-        ONE_X_ROW(1)
-    } else {
-        MANY_X_ROWS(1)
-    }
+    rows_avx2(j, row_begin, row_end, 1);
 }
 
 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void sparse_rows_avx2(const Job *j, int64_t row_begin,
                                                                                  int64_t row_end) {
-    if (j->m == 1) {
-        ONE_X_ROW(0)
-    } else {
-        MANY_X_ROWS(0)
-    }
+    rows_avx2(j, row_begin, row_end, 0);
 }
 
 /* The dense matrix of rows [row_begin, row_end): 8 columns per pshufb, converted to fp32 when asked. */
@@ -297,10 +291,10 @@ done:
 
 /* O(1) consistency checks of the layout's arrays against n, k; the arrays are built by pack_sparse and held
  * read-only, so their contents (row offsets included) are trusted. */
-static int check_sparse(const Job *j, const Py_buffer *bitmap, const Py_buffer *flags, const Py_buffer *values,
-                        const Py_buffer *row_start) {
-    if (j->n < 1 || j->k < 1 || bitmap->len != j->n * j->kb || flags->len != j->n * j->kf ||
-        row_start->len != (j->n + 1) * 8) {
+static int check_sparse(const Job *j, const Py_buffer *codes, const Py_buffer *values, const Py_buffer *row_start,
+                        const Py_buffer *tile_start) {
+    if (j->n < 1 || j->k < 1 || codes->len != j->n * j->kb * 2 || row_start->len != (j->n + 1) * 8 ||
+        tile_start->len != j->n * j->tiles * 4) {
         PyErr_SetString(PyExc_ValueError, "sparse layout: array sizes do not match the shape");
         return -1;
     }
@@ -312,8 +306,8 @@ static int check_sparse(const Job *j, const Py_buffer *bitmap, const Py_buffer *
     return 0;
 }
 
-/* sparse_gemv(bitmap, flags, values, row_start, x, y, n, k, m, threads)
- * sparse_unpack(bitmap, flags, values, row_start, out, n, k, out_f32, threads) */
+/* sparse_gemv(codes, values, row_start, tile_start, x, y, n, k, m, threads)
+ * sparse_unpack(codes, values, row_start, tile_start, out, n, k, out_f32, threads) */
 static PyObject *sparse_call(PyObject *args, int unpack) {
     Py_buffer b[4], x = {0}, y = {0};
     int threads, out_f32 = 0;
@@ -324,10 +318,9 @@ static PyObject *sparse_call(PyObject *args, int unpack) {
                                        &threads);
     if (!ok) return NULL;
     PyObject *result = NULL;
-    const int64_t kb = (k + 7) / 8;
-    Job job = {.bitmap = b[0].buf, .flags = b[1].buf, .values = b[2].buf, .row_start = b[3].buf, .x = x.buf,
+    Job job = {.codes = b[0].buf, .values = b[1].buf, .row_start = b[2].buf, .tile_start = b[3].buf, .x = x.buf,
                .y = unpack ? NULL : y.buf, .out = unpack ? y.buf : NULL, .out_f32 = out_f32, .n = n, .k = k, .m = m,
-               .kb = kb, .kf = (kb + 7) / 8};
+               .kb = (k + 7) / 8, .tiles = (k + TILE - 1) / TILE};
     if (n < 1 || k < 1 || m < 1 || k > INT32_MAX) {
         PyErr_SetString(PyExc_ValueError, "sparse layout: bad shape");
         goto done;

@@ -36,9 +36,14 @@ static PyMethodDef METHODS[] = {
      "[n, k], 2 fused linear (out = fp32 y [n] = W x for fp32 x [k])"},
     {"gemv_f16", spz_py_gemv_f16, METH_VARARGS, "gemv_f16(w, x, y, n, k, m, threads): y[m,n] = x[m,k] . w[n,k]^T"},
     {"sparse_gemv", spz_py_sparse_gemv, METH_VARARGS,
-     "sparse_gemv(bitmap, values, row_start, exc_col, exc_low, row_exc, e5m2, x, y, n, k, m, threads)"},
+     "sparse_gemv(codes, values, row_start, x, y, n, k, m, threads): y[m,n] = x[m,k] . W^T (gemv.c's layout)"},
     {"sparse_unpack", spz_py_sparse_unpack, METH_VARARGS,
-     "sparse_unpack(bitmap, values, row_start, exc_col, exc_low, row_exc, e5m2, out, n, k, threads)"},
+     "sparse_unpack(codes, values, row_start, out, n, k, out_f32, threads): W as fp16 or fp32 [n, k]"},
+    {"rms_norm", spz_py_rms_norm, METH_VARARGS, "rms_norm(x, weight, out, rows, dim, eps): fp32 RMSNorm (decode.c)"},
+    {"silu_mul", spz_py_silu_mul, METH_VARARGS, "silu_mul(gate_up, out, rows, width): silu(gate) * up (decode.c)"},
+    {"attend", spz_py_attend, METH_VARARGS,
+     "attend(qkv, cos, sin, k_cache, v_cache, pos, mask, out, batch, tokens, heads, kv_heads, head_dim, max_len, "
+     "used, rope_rows, mask_rows, threads): rotary attention of a decode step against the KV cache (decode.c)"},
     {"obs_block", spz_py_obs_block, METH_VARARGS,
      "obs_block(w, h, dead, err, b, rows, prune_k, n, m, threads): SparseGPT's OBS loop over one block"},
     {"kth_smallest", spz_py_kth_smallest, METH_VARARGS, "kth_smallest(values, k): the k-th smallest float32 (1-based)"},
@@ -54,5 +59,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     spz_features_init();
     spz_tables_init();
     spz_pool_init();
-    return PyModule_Create(&MODULE);
+    PyObject *module = PyModule_Create(&MODULE);
+    if (module && PyModule_AddIntConstant(module, "TILE", SPZ_TILE)) Py_CLEAR(module);
+    return module;
 }

@@ -52,9 +52,10 @@ static inline int64_t spz_part_begin(int64_t n, int part, int parts) { return n 
 
 extern uint8_t spz_pop8[256];                /* bits set in a byte */
 extern uint8_t spz_expand16[256][16];        /* pshufb: the next popcount(m) u16 values into the lanes set in m */
-extern uint8_t spz_expand_sparse[512][16];   /* pshufb for the sparse layout's groups: [wide << 8 | m], the
-                                                next values 1 byte each into the lanes' high byte (wide = 0) or
-                                                2 bytes each (wide = 1) */
+extern uint8_t spz_expand_sparse[512][16];   /* pshufb for the sparse layout's groups: [code = wide << 8 | m],
+                                                the next values 1 byte each into the lanes' high byte (wide = 0)
+                                                or 2 bytes each (wide = 1) */
+extern uint8_t spz_sparse_step[512];         /* bytes of values of a sparse-layout group: [code] */
 extern uint8_t spz_compact16[256][16];       /* pshufb: the u16 lanes set in m, packed to the front */
 extern uint16_t spz_sign16[256][8];          /* 0x8000 in u16 lane j when bit j of the byte is set */
 void spz_tables_init(void);
@@ -118,5 +119,8 @@ PyObject *spz_py_sparse_unpack(PyObject *self, PyObject *args);
 PyObject *spz_py_obs_block(PyObject *self, PyObject *args);
 PyObject *spz_py_kth_smallest(PyObject *self, PyObject *args);
 PyObject *spz_py_read_sum(PyObject *self, PyObject *args);
+PyObject *spz_py_rms_norm(PyObject *self, PyObject *args);
+PyObject *spz_py_silu_mul(PyObject *self, PyObject *args);
+PyObject *spz_py_attend(PyObject *self, PyObject *args);
 
 #endif
