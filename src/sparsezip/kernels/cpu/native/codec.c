@@ -195,7 +195,11 @@ int codec_scan_bitmap(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, in
                                     "bitmap marks entries outside the matrix; the weight stream is corrupted "
                                     "or info has the wrong shape");
         int cnt = 0;
-        for (int b = 0; b < g->row_bytes; b++) cnt += POP8[row[b]];
+        for (int b = 0; b < g->row_bytes; b += 8) { /* 8 bitmap bytes per popcount */
+            uint64_t word = 0;
+            memcpy(&word, row + b, g->row_bytes - b < 8 ? (size_t)(g->row_bytes - b) : 8);
+            cnt += __builtin_popcountll(word);
+        }
         row_cnt[r] = cnt;
         gcnt[r / GROUP_ROWS] += cnt;
         nnz += cnt;
@@ -203,13 +207,15 @@ int codec_scan_bitmap(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, in
     return nnz;
 }
 
-int codec_signs_and_lows(DecCtx *c, int64_t t, const char *coder, uint16_t *vals, int nnz, const uint8_t *signs,
-                         int mode, int nexc, const uint8_t *lows) {
-    const int sign_bytes = (nnz + 7) / 8;
+int codec_check_signs(DecCtx *c, int64_t t, const char *coder, int nnz, const uint8_t *signs) {
     if ((nnz & 7) && signs[nnz >> 3] >> (nnz & 7))
         return codec_tile_error(&c->err, t, "%s stream is corrupted: nonzero padding bits in the sign bits of tile %lld",
                                 coder, (long long)t);
-    for (int b = 0; b < sign_bytes; b++) { /* 8 values at a time, as two 64-bit words */
+    return 0;
+}
+
+void codec_apply_signs(uint16_t *vals, int nnz, const uint8_t *signs) {
+    for (int b = 0; b < (nnz + 7) / 8; b++) { /* 8 values at a time, as two 64-bit words */
         uint64_t s[2], v[2];
         memcpy(s, spz_sign16[signs[b]], 16);
         memcpy(v, vals + 8 * b, 16);
@@ -217,6 +223,10 @@ int codec_signs_and_lows(DecCtx *c, int64_t t, const char *coder, uint16_t *vals
         v[1] |= s[1];
         memcpy(vals + 8 * b, v, 16);
     }
+}
+
+int codec_apply_lows(DecCtx *c, int64_t t, const char *coder, uint16_t *vals, int nnz, int mode, int nexc,
+                     const uint8_t *lows) {
     if (mode == 0) {
         for (int i = 0; i < nnz; i++) vals[i] |= lows[i];
         return 0;

@@ -100,10 +100,15 @@ static inline int64_t tile_end(const DecCtx *c, int64_t t) {
  * (row_cnt[rows]) and of each group of 8 rows (gcnt[GROUPS]); returns the tile's count, or -1 after an error. */
 int codec_scan_bitmap(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, int *row_cnt, int *gcnt);
 
-/* ORs the sign bits and the low bytes (mode 0: raw, mode 1: exception list) into the tile's compact values;
- * -1 after an error (`coder` names the format in its message). */
-int codec_signs_and_lows(DecCtx *c, int64_t t, const char *coder, uint16_t *vals, int nnz, const uint8_t *signs,
-                         int mode, int nexc, const uint8_t *lows);
+/* The tile's sign bits, one per value: -1 (after an error naming `coder`) when the padding bits are not 0. */
+int codec_check_signs(DecCtx *c, int64_t t, const char *coder, int nnz, const uint8_t *signs);
+
+/* ORs the sign bits into the tile's compact values (for coders that do not apply them while decoding). */
+void codec_apply_signs(uint16_t *vals, int nnz, const uint8_t *signs);
+
+/* ORs the low bytes (mode 0: raw, mode 1: exception list) into the tile's compact values; -1 after an error. */
+int codec_apply_lows(DecCtx *c, int64_t t, const char *coder, uint16_t *vals, int nnz, int mode, int nexc,
+                     const uint8_t *lows);
 
 /* What happens to a decoded tile: written out (decode) or multiplied with x (fused linear). */
 void codec_finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, const int *row_cnt,

@@ -223,7 +223,9 @@ int codec_v2_decode_one(void *ctx, int64_t t, void *scratch) {
         if ((used & 7) && (rd[q].base[used >> 3] & (0xFF >> (used & 7))))
             return codec_tile_error(&c->err, t, "huff-v2 stream is corrupted: nonzero padding bits after a substream");
     }
-    if (codec_signs_and_lows(c, t, "huff-v2", vals, nnz, signs, mode, nexc, sub)) return -1;
+    if (codec_check_signs(c, t, "huff-v2", nnz, signs)) return -1;
+    codec_apply_signs(vals, nnz, signs);
+    if (codec_apply_lows(c, t, "huff-v2", vals, nnz, mode, nexc, sub)) return -1;
     codec_finish_tile(c, t, &g, bm, row_cnt, vals);
     return 0;
 }

@@ -36,22 +36,24 @@ static inline int symbol_of(const uint8_t *book, int code, const uint8_t *esc, i
     return esc[(*e)++];
 }
 
-/* vals[i] = symbol << 8 for values [from, nnz), one by one. */
-static int symbols_scalar(const uint8_t *book, const uint8_t *codes, int from, int nnz, const uint8_t *esc,
-                          int n_esc, int *e, uint16_t *vals) {
+/* vals[i] = sign << 15 | symbol << 8 for values [from, nnz), one by one. */
+static int symbols_scalar(const uint8_t *book, const uint8_t *codes, const uint8_t *signs, int from, int nnz,
+                          const uint8_t *esc, int n_esc, int *e, uint16_t *vals) {
     for (int i = from; i < nnz; i++) {
         int sym = symbol_of(book, codes[i >> 1] >> ((i & 1) * 4) & 15, esc, n_esc, e);
         if (sym < 0) return -1;
-        vals[i] = (uint16_t)(sym << 8);
+        vals[i] = (uint16_t)((signs[i >> 3] >> (i & 7) & 1) << 15 | sym << 8);
     }
     return 0;
 }
 
 #ifdef SPZ_X86
-/* 16 values per step: 8 code bytes become 16 codes, one pshufb through the codebook gives their symbols; a lane
- * that comes out as UNUSED (an escape, or an invalid code) takes the one-by-one path. */
-__attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, const uint8_t *codes, int nnz,
-                                                         const uint8_t *esc, int n_esc, int *e, uint16_t *vals) {
+/* 16 values per step: 8 code bytes become 16 codes, one pshufb through the codebook gives their symbols, two sign
+ * bytes their sign bits; a lane that comes out as UNUSED (an escape, or an invalid code) takes the one-by-one
+ * path. */
+__attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, const uint8_t *codes,
+                                                         const uint8_t *signs, int nnz, const uint8_t *esc, int n_esc,
+                                                         int *e, uint16_t *vals) {
     const __m128i table = _mm_loadu_si128((const __m128i *)book), low = _mm_set1_epi8(0x0F);
     const __m128i unused = _mm_set1_epi8((char)UNUSED), zero = _mm_setzero_si128();
     int i = 0;
@@ -60,13 +62,15 @@ __attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, con
         __m128i code = _mm_unpacklo_epi8(_mm_and_si128(bytes, low), _mm_and_si128(_mm_srli_epi16(bytes, 4), low));
         __m128i sym = _mm_shuffle_epi8(table, code);
         if (_mm_movemask_epi8(_mm_cmpeq_epi8(sym, unused))) {
-            if (symbols_scalar(book, codes, i, i + 16, esc, n_esc, e, vals)) return -1;
+            if (symbols_scalar(book, codes, signs, i, i + 16, esc, n_esc, e, vals)) return -1;
             continue;
         }
-        _mm_storeu_si128((__m128i *)(vals + i), _mm_unpacklo_epi8(zero, sym));
-        _mm_storeu_si128((__m128i *)(vals + i + 8), _mm_unpackhi_epi8(zero, sym));
+        const __m128i sign_lo = _mm_loadu_si128((const __m128i *)spz_sign16[signs[i / 8]]);
+        const __m128i sign_hi = _mm_loadu_si128((const __m128i *)spz_sign16[signs[i / 8 + 1]]);
+        _mm_storeu_si128((__m128i *)(vals + i), _mm_or_si128(_mm_unpacklo_epi8(zero, sym), sign_lo));
+        _mm_storeu_si128((__m128i *)(vals + i + 8), _mm_or_si128(_mm_unpackhi_epi8(zero, sym), sign_hi));
     }
-    return symbols_scalar(book, codes, i, nnz, esc, n_esc, e, vals);
+    return symbols_scalar(book, codes, signs, i, nnz, esc, n_esc, e, vals);
 }
 #endif
 
@@ -100,19 +104,20 @@ int codec_v3_decode_one(void *ctx, int64_t t, void *scratch) {
     if ((nnz & 1) && codes[nnz >> 1] >> 4)
         return codec_tile_error(&c->err, t, "nibble-v3 stream is corrupted: nonzero padding nibble after the codes of "
                                 "tile %lld", (long long)t);
+    if (codec_check_signs(c, t, "nibble-v3", nnz, signs)) return -1;
     uint16_t *vals = (uint16_t *)scratch;
     int e = 0, failed;
 #ifdef SPZ_X86
-    if (c->simd) failed = symbols_avx2(c->book, codes, nnz, esc, n_esc, &e, vals);
+    if (c->simd) failed = symbols_avx2(c->book, codes, signs, nnz, esc, n_esc, &e, vals);
     else
 #endif
-        failed = symbols_scalar(c->book, codes, 0, nnz, esc, n_esc, &e, vals);
+        failed = symbols_scalar(c->book, codes, signs, 0, nnz, esc, n_esc, &e, vals);
     if (failed || e != n_esc)
         return codec_tile_error(&c->err, t,
                                 "nibble-v3 stream is corrupted: tile %lld holds a code the codebook lacks, an escape "
                                 "byte that is no symbol, or an escape count that disagrees with its codes",
                                 (long long)t);
-    if (codec_signs_and_lows(c, t, "nibble-v3", vals, nnz, signs, mode, nexc, lows)) return -1;
+    if (codec_apply_lows(c, t, "nibble-v3", vals, nnz, mode, nexc, lows)) return -1;
     codec_finish_tile(c, t, &g, bm, row_cnt, vals);
     return 0;
 }
