@@ -1,16 +1,24 @@
-"""Generation benchmark (`make bench-run`): transformers vs sparsezip on CPU; writes a section of BENCHMARKS.md.
+"""Generation benchmark (`make bench-run`): sparsezip's weight layouts against llama.cpp and transformers on CPU,
+each figure next to its memory-bandwidth limit; writes a section of BENCHMARKS.md and docs/decode_vs_size.png.
 
-Two models: the demo model (SmolLM2-135M-Instruct) and a random model shaped like a real 1B one (hidden 2048,
-24 layers, 32 query / 4 KV heads, MLP 5632; Llama architecture, the demo tokenizer). Each is pruned to 50% by
-magnitude with L2 rounding (speed does not depend on the values, but the sparse layout's width does, and L2
-rounding is what float_sparse outputs) and compressed at TP 1. Engines, each in its own process so its resident
-memory is its own:
-  transformers  AutoModelForCausalLM in fp32 on the dense folder, its own forward with a DynamicCache (no
-                generate() overhead: the strongest baseline)
-  sparsezip     our model on the dense folder
-  W16A16SC/dense, W16A16SC/sparse, W16A16SC/compressed  our model on the compressed folder, in each weight mode
-Measured: prefill tokens/s (batch 1), decode tokens/s at batch 1 and 8 (all rows' tokens per second), and
-resident memory (RSS growth while loading; and the weights' bytes). Ratios are to transformers in the same run.
+Models: the demo model (SmolLM2-135M-Instruct), the real Qwen2.5-Coder-1.5B (`make models`), and a random model
+shaped like a 1.2B Llama (hidden 2048, 24 layers, 32 query / 4 KV heads, MLP 5632; the demo tokenizer). Each is
+pruned to 50% by magnitude, once with L2 rounding (E5M2 values, what float_sparse outputs) and once without
+(fp16 values), and compressed at TP 1 (speed does not depend on which weights are pruned, the sparse layout's
+width and the codecs' bits do).
+
+Engines, each in its own process so that its resident memory is its own:
+  llama.cpp F16 / Q8_0 / Q4_0  llama-cpp-python on GGUFs exported from the same fp16 folder (bench/llamacpp.py;
+                               F16 holds exactly the same weights), when .venv-peers exists
+  transformers fp32            its own forward with a DynamicCache (no generate() overhead)
+  dense fp16                   sparsezip on the unpruned folder
+  sparse (fp16 values)         sparsezip --weights sparse on the 50% folder without rounding
+  sparse (E5M2)                sparsezip --weights sparse on the 50% + L2 folder
+  compressed nibble-v3 / huff-v2   sparsezip --weights compressed on the 50% + L2 folder, per codec
+Measured per thread count: prefill tokens/s (batch 1), greedy decode tokens/s at batch 1 and 8 (all rows), resident
+memory. The limit of a decode step is the read bandwidth (a C loop over 512 MiB, probed here at 1 and at all
+threads) divided by the bytes a step reads: every linear as held (layout bytes), the output head, one embedding
+row and the KV cache at mid-decode.
 """
 
 from __future__ import annotations
@@ -18,28 +26,57 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
+import llamacpp  # noqa: E402
 from measure import write_section  # noqa: E402
 
-ENGINES = ["transformers", "sparsezip", "W16A16SC/dense", "W16A16SC/sparse", "W16A16SC/compressed"]
 LARGE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32,
              num_key_value_heads=4)
+MODELS = ("demo", "qwen1.5b", "random1.2b")
+PLOT = REPO / "docs" / "decode_vs_size.png"
+
+
+@dataclass(frozen=True)
+class Engine:
+    label: str
+    kind: str    # "llama.cpp", "transformers" or "sparsezip"
+    folder: str  # which prepared folder: dense, sparse_fp16, sparse_l2, packed_nibble, packed_huff, or a GGUF name
+    weights: str = "dense"  # sparsezip's --weights
+
+
+ENGINES = (
+    Engine("llama.cpp F16", "llama.cpp", "f16.gguf"),
+    Engine("llama.cpp Q8_0", "llama.cpp", "q8_0.gguf"),
+    Engine("llama.cpp Q4_0", "llama.cpp", "q4_0.gguf"),
+    Engine("transformers fp32", "transformers", "dense"),
+    Engine("sparsezip dense fp16", "sparsezip", "dense"),
+    Engine("sparse 50%, fp16 values", "sparsezip", "packed_fp16", "sparse"),
+    Engine("sparse 50% + L2 (E5M2)", "sparsezip", "packed_nibble", "sparse"),
+    Engine("compressed nibble-v3, 50% + L2", "sparsezip", "packed_nibble", "compressed"),
+    Engine("compressed huff-v2, 50% + L2", "sparsezip", "packed_huff", "compressed"),
+)
+BASELINE = "sparsezip dense fp16"
+
+
+# ------------------------------------------------------------------ preparing folders
 
 
 def sparsezip_cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "sparsezip", "-q", *args], check=True)
 
 
-def make_large_model(folder: Path, demo: Path, layers: int) -> Path:
+def make_large_model(folder: Path, demo: Path) -> Path:
     """A random Llama-architecture fp16 model of the LARGE shape, with the demo model's tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,11 +85,10 @@ def make_large_model(folder: Path, demo: Path, layers: int) -> Path:
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    config = LlamaConfig(**{**LARGE, "num_hidden_layers": layers}, vocab_size=49152, tie_word_embeddings=True,
-                         max_position_embeddings=8192, torch_dtype="float16")
+    config = LlamaConfig(**LARGE, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                         torch_dtype="float16")
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).half()  # transformers initialises N(0, 0.02): a plausible weight scale
+    model = LlamaForCausalLM(config).half()  # transformers initialises N(0, 0.02): a plausible weight scale
     model.save_pretrained(tmp)
     del model
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
@@ -62,28 +98,96 @@ def make_large_model(folder: Path, demo: Path, layers: int) -> Path:
     return folder
 
 
-def prepare(work: Path, large_layers: int) -> dict[str, dict[str, Path]]:
-    """{model label: {"dense": folder, "packed": W16A16SC folder}}, built once and cached under `work`."""
+def source_folder(model: str, work: Path) -> Path:
     from sparsezip_demo.assets import demo_model_dir
 
-    demo = demo_model_dir()
-    models = {"SmolLM2-135M (demo)": demo}
-    if large_layers:
-        models[f"random 2048x{large_layers} GQA"] = make_large_model(work / f"large{large_layers}", demo, large_layers)
-    out = {}
-    for i, (label, dense) in enumerate(models.items()):
-        sparse, packed = work / f"m{i}-sparse", work / f"m{i}-l2-packed"
-        if not packed.exists():
-            print(f"preparing {label}: magnitude 50% + L2 rounding and compress", file=sys.stderr)
-            sparsezip_cli("sparsify", "--model_path", str(dense), "--save_path", str(sparse), "--method",
-                          "magnitude", "--sparsity", "0.5", "--rounding", "l2", "--overwrite")
-            sparsezip_cli("compress", "--model_path", str(sparse), "--save_directory", str(packed), "--overwrite")
-            shutil.rmtree(sparse)
-        out[label] = {"dense": dense, "packed": packed}
-    return out
+    if model == "demo":
+        return demo_model_dir()
+    if model == "qwen1.5b":
+        from sparsezip_demo.models import fetch
+
+        return fetch("qwen2.5-coder-1.5b")
+    return make_large_model(work / "random1.2b-fp16", demo_model_dir())
 
 
-# ------------------------------------------------------------------ worker (one engine, one process)
+def prune_and_pack(dense: Path, work: Path, rounding: str, codec: str, name: str) -> Path:
+    """`dense` pruned to 50% by magnitude (with `rounding`) and compressed with `codec`, cached as work/name."""
+    packed = work / name
+    if not packed.exists():
+        pruned = work / f"{name}.pruned"
+        if not pruned.exists():
+            print(f"  magnitude 50%, rounding {rounding}: {dense.name}", file=sys.stderr, flush=True)
+            sparsezip_cli("sparsify", "--model_path", str(dense), "--save_path", str(pruned), "--method",
+                          "magnitude", "--sparsity", "0.5", "--rounding", rounding, "--overwrite")
+        print(f"  compress ({codec}): {name}", file=sys.stderr, flush=True)
+        sparsezip_cli("compress", "--model_path", str(pruned), "--save_directory", str(packed), "--codec", codec,
+                      "--overwrite")
+    return packed
+
+
+def prepare(model: str, work: Path, with_llamacpp: bool) -> dict[str, Path]:
+    """Every folder and GGUF one model's engines read, built once and cached under work/model."""
+    root = work / model
+    root.mkdir(parents=True, exist_ok=True)
+    dense = source_folder(model, work)
+    folders = {"dense": dense,
+               "packed_fp16": prune_and_pack(dense, root, "none", "nibble-v3", "packed-fp16-nibble"),
+               "packed_nibble": prune_and_pack(dense, root, "l2", "nibble-v3", "packed-l2-nibble"),
+               "packed_huff": prune_and_pack(dense, root, "l2", "huff-v2", "packed-l2-huff")}
+    for name in ("packed-fp16-nibble", "packed-l2-nibble"):
+        shutil.rmtree(root / f"{name}.pruned", ignore_errors=True)
+    if with_llamacpp:
+        gguf_dir = root / "gguf"
+        if not all((gguf_dir / f"{q}.gguf").exists() for q in llamacpp.QTYPES):
+            print(f"  GGUF F16/Q8_0/Q4_0 of {dense.name}", file=sys.stderr, flush=True)
+            llamacpp.export_all(dense, gguf_dir)
+        folders.update({f"{q}.gguf": gguf_dir / f"{q}.gguf" for q in llamacpp.QTYPES})
+    return folders
+
+
+# ------------------------------------------------------------------ bytes a decode step reads
+
+
+def kv_bytes(layers: int, kv_heads: int, head_dim: int, context: int, element: int) -> int:
+    return 2 * layers * kv_heads * head_dim * context * element
+
+
+def model_shape(folder: Path) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    return {"layers": config["num_hidden_layers"], "kv_heads": config.get("num_key_value_heads", heads),
+            "head_dim": config.get("head_dim") or config["hidden_size"] // heads, "hidden": config["hidden_size"],
+            "tied": config.get("tie_word_embeddings", False)}
+
+
+def gguf_step_bytes(path: Path, tied: bool) -> int:
+    """Bytes of a GGUF's tensors that a decode step reads: all but the token table, unless it is also the head."""
+    import gguf
+
+    tensors = gguf.GGUFReader(path).tensors
+    has_output = any(t.name == "output.weight" for t in tensors)
+    return sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight" or (tied and not has_output))
+
+
+def sparsezip_step_bytes(model) -> int:
+    """Layout bytes of every linear (the untied head included), the tied head's table, and fp32 norms."""
+    from sparsezip.layouts.base import WeightLayout
+
+    total = sum(m.resident_bytes() for m in model.modules() if isinstance(m, WeightLayout))
+    if model.args.tie_word_embeddings:
+        head = model.head_weight
+        total += head.numel() * head.element_size()
+    return total + sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
+
+
+def transformers_step_bytes(model) -> int:
+    """Every parameter but the token table (unless tied: then it is the head)."""
+    table = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is table
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not table or tied)
+
+
+# ------------------------------------------------------------------ one engine in one process
 
 
 def rss() -> int:
@@ -92,33 +196,39 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def worker(engine: str, folder: Path, prompt_len: int, new_tokens: int) -> dict:
+def worker(spec: dict) -> dict:
+    threads = spec["threads"]
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by sparsezip's kernels: set before they are asked
     import torch
 
-    torch.manual_seed(0)
-    prompt = torch.randint(100, 20000, (prompt_len,)).tolist()
+    torch.set_num_threads(threads)
+    prompt = llamacpp.default_prompt(spec["prompt_len"])
+    folder = Path(spec["folder"])
     before = rss()
-    if engine == "transformers":
+    if spec["kind"] == "transformers":
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        run = lambda batch, tokens=new_tokens: hf_generate(model, prompt, batch, tokens)
+        weights, step_bytes = transformers_step_bytes(model), transformers_step_bytes(model)
+        kv_element = 4
+        run = lambda batch, tokens=spec["new_tokens"]: hf_generate(model, prompt, batch, tokens)
     else:
         from transformers import AutoTokenizer
 
         from sparsezip.runtime import load_model, weight_bytes
 
-        model = load_model(folder, weights=engine.split("/")[1] if "/" in engine else "dense")
-        weights = weight_bytes(model)
+        model = load_model(folder, weights=spec["weights"])
+        weights, step_bytes = weight_bytes(model), sparsezip_step_bytes(model)
+        kv_element = 4  # the cache holds the compute dtype, fp32
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        run = lambda batch, tokens=new_tokens: our_generate(model, tokenizer, prompt, batch, tokens)
+        run = lambda batch, tokens=spec["new_tokens"]: our_generate(model, tokenizer, prompt, batch, tokens)
     loaded = rss() - before
     run(1, 4)  # warm-up: first-call allocations and kernel selection are not what we measure
     prefill_s, decode1 = run(1)
     _, decode8 = run(8)
-    return {"prefill": prompt_len / prefill_s, "decode1": decode1, "decode8": decode8,
-            "rss_mib": loaded / 2**20, "weights_mib": weights / 2**20}
+    return {"prefill": spec["prompt_len"] / prefill_s, "decode1": decode1, "decode8": decode8,
+            "resident_mib": loaded / 2**20, "weights_mib": weights / 2**20, "step_bytes": step_bytes,
+            "kv_element": kv_element}
 
 
 def hf_generate(model, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, float]:
@@ -147,81 +257,183 @@ def our_generate(model, tokenizer, prompt: list[int], batch: int, new_tokens: in
     return gen.prefill_s, batch * gen.decode_rate
 
 
-# ------------------------------------------------------------------ driver
+def llamacpp_measure(gguf: Path, spec: dict) -> dict:
+    """llama.cpp in fresh processes (batch 1, then batch 8). Decode tokens/s from wall time around its step loop,
+    a Python argmax per step included, as in our own loop."""
+    prompt = llamacpp.default_prompt(spec["prompt_len"])
+    one = llamacpp.generate(gguf, prompt, spec["new_tokens"], spec["threads"], 1)
+    eight = llamacpp.generate(gguf, prompt, spec["new_tokens"], spec["threads"], 8)
+    return {"prefill": one["prefill_wall_tok_s"], "decode1": one["decode_wall_tok_s"],
+            "decode8": eight["decode_wall_tok_s"], "resident_mib": one["load_rss_mib"],
+            "weights_mib": gguf.stat().st_size / 2**20, "step_bytes": gguf_step_bytes(gguf, spec["tied"]),
+            "kv_element": 2}
 
 
-def measure(engine: str, folders: dict[str, Path], args) -> dict:
-    folder = folders["dense"] if engine in ("transformers", "sparsezip") else folders["packed"]
-    cmd = [sys.executable, __file__, "--worker", engine, "--folder", str(folder), "--prompt_len",
-           str(args.prompt_len), "--new_tokens", str(args.new_tokens)]
-    print(f"  {engine} ...", file=sys.stderr, flush=True)
-    result = subprocess.run(cmd, capture_output=True, text=True)
+def measure(engine: Engine, folders: dict[str, Path], threads: int, args, tied: bool) -> dict:
+    spec = {"kind": engine.kind, "folder": str(folders[engine.folder]), "weights": engine.weights,
+            "threads": threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "tied": tied}
+    print(f"  {engine.label}, {threads} thread(s) ...", file=sys.stderr, flush=True)
+    if engine.kind == "llama.cpp":
+        return llamacpp_measure(folders[engine.folder], spec)
+    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"{engine} failed on {folder}:\n{result.stderr[-2000:]}")
+        raise SystemExit(f"{engine.label} failed on {spec['folder']}:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ bandwidth, limits, report
+
+
+def read_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second of the best of `repeats` passes of a C loop reading `mib` MiB (far beyond the caches)."""
+    import numpy as np
+
+    from sparsezip.kernels import cpu
+
+    cpu.require()
+    buffer = np.ones(mib * 2**20 // 8, np.uint64)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cpu.native.read_sum(buffer, threads)
+        best = min(best, time.perf_counter() - t0)
+    return buffer.nbytes / best
+
+
+def limits(r: dict, shape: dict, bandwidth: float, args) -> tuple[float, float]:
+    """Decode tokens/s at batch 1 and 8 if a step only read its bytes at the probed bandwidth."""
+    context = args.prompt_len + args.new_tokens // 2
+    kv = kv_bytes(shape["layers"], shape["kv_heads"], shape["head_dim"], context, r["kv_element"])
+    row = shape["hidden"] * 2
+    return bandwidth / (r["step_bytes"] + row + kv), 8 * bandwidth / (r["step_bytes"] + 8 * (row + kv))
 
 
 def machine() -> str:
     import psutil
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {psutil.cpu_count()} logical CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"Python {platform.python_version()}, no GPU")
-
-
-def report(results: dict, args, seconds: float) -> str:
     from sparsezip.kernels import cpu
 
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor())
+    return (f"{name}, {psutil.cpu_count()} logical CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+            f"native kernels at level {cpu.features()['level']}, Python {platform.python_version()}, no GPU")
+
+
+def model_table(label: str, rows: dict, shape: dict, bandwidth: dict[int, float], args) -> list[str]:
+    lines = [f"**{label}** — decode tokens/s (% of the bandwidth limit), ratio to {BASELINE} at the same threads", "",
+             "| engine | threads | MB read / token | prefill tok/s | decode b=1 | b=1 vs dense | decode b=8 "
+             "| b=8 vs dense | resident MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (name, threads), r in rows.items():
+        base = rows.get((BASELINE, threads))
+        limit1, limit8 = limits(r, shape, bandwidth[threads], args)
+        ratio = lambda key: f"{r[key] / base[key]:.2f}x" if base else "–"
+        lines.append(f"| {name} | {threads} | {r['step_bytes'] / 1e6:.0f} | {r['prefill']:.0f} | "
+                     f"{r['decode1']:.1f} ({100 * r['decode1'] / limit1:.0f}%) | {ratio('decode1')} | "
+                     f"{r['decode8']:.1f} ({100 * r['decode8'] / limit8:.0f}%) | {ratio('decode8')} | "
+                     f"{r['resident_mib']:.0f} |")
+    return lines + [""]
+
+
+def report(results: dict, shapes: dict, bandwidth: dict[int, float], args, seconds: float, notes: list[str]) -> str:
+    bw = ", ".join(f"{bandwidth[t] / 1e9:.1f} GB/s at {t} thread{'s' * (t > 1)}" for t in sorted(bandwidth))
     lines = [
-        "## Generation speed and memory on CPU (`make bench-run`)", "",
+        "## Generation speed, memory and the bandwidth limit on CPU (`make bench-run`)", "",
         f"Machine: {machine()}.  ",
-        f"Command: `make bench-run` (`python bench/run.py --large_layers {args.large_layers} --prompt_len "
-        f"{args.prompt_len} --new_tokens {args.new_tokens}`), {seconds / 60:.0f} min.  ",
-        f"Date: {datetime.date.today().isoformat()}. Native fp16 GEMV: {'yes' if cpu.available() else 'no'}.",
-        "",
-        "Prompt of random token ids; greedy decode; decode tokens/s counts every row of the batch. transformers runs "
-        "in fp32 (its fastest CPU mode here) with its own KV cache, on the dense folder; sparsezip on the dense folder "
-        "and on the magnitude-50% + L2-rounded W16A16SC folder in each weight mode (dense: fp16; sparse: bitmap + E5M2 "
-        "bytes; compressed: huff-v2 tiles). Resident = RSS growth while loading; weights "
-        "= bytes of the weights the engine holds. Ratios are to transformers, measured in the same run.", "",
+        f"Command: `make bench-run` (`python bench/run.py --models {','.join(args.models)} --threads "
+        f"{','.join(map(str, args.threads))} --prompt_len {args.prompt_len} --new_tokens {args.new_tokens}`), "
+        f"{seconds / 60:.0f} min.  ",
+        f"Date: {datetime.date.today().isoformat()}. Read bandwidth (C loop over 512 MiB): {bw}.", "",
+        "Prompt of fixed pseudo-random token ids; greedy decode; tokens/s counts every row of the batch; wall time "
+        "around each engine's own step loop (an argmax per step included). The limit = read bandwidth ÷ bytes a "
+        "step reads (every linear as held, the head, one embedding row, the KV cache at mid-decode; at batch 8 the "
+        "weights once for 8 rows). Resident = RSS growth while loading. Ratios and percentages come from this one "
+        "run; absolute figures drift with this shared machine's load.", "",
+        f"![decode tokens/s against resident weight bytes]({PLOT.relative_to(REPO)})", "",
     ]
     for label, rows in results.items():
-        base = rows["transformers"]
-        lines += [f"**{label}**", "",
-                  "| engine | prefill tok/s | decode tok/s, batch 1 | decode tok/s, batch 8 | resident MiB | weights MiB |",
-                  "|---|---|---|---|---|---|"]
-        for engine, r in rows.items():
-            ratio = lambda key: "" if engine == "transformers" else f" ({r[key] / base[key]:.2f}x)"
-            lines.append(f"| {engine} | {r['prefill']:.0f}{ratio('prefill')} | {r['decode1']:.1f}{ratio('decode1')} | "
-                         f"{r['decode8']:.1f}{ratio('decode8')} | {r['rss_mib']:.0f}{ratio('rss_mib')} | "
-                         f"{r['weights_mib']:.0f}{ratio('weights_mib')} |")
-        lines.append("")
-    return "\n".join(lines)
+        lines += model_table(label, rows, shapes[label], bandwidth, args)
+    return "\n".join(lines + notes)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, help="BENCHMARKS.md to update (section 'run'); default: print only")
-    p.add_argument("--work", type=Path, default=REPO / "out" / "bench-run", help="model cache folder")
-    p.add_argument("--large_layers", type=int, default=24, help="layers of the large random model (0 = skip it)")
+def plot(results: dict, path: Path, threads: int) -> None:
+    """Decode tokens/s at batch 1 against resident MiB, one panel per model, one point per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.8), squeeze=False)
+    for ax, (label, rows) in zip(axes[0], results.items()):
+        for (name, t), r in rows.items():
+            if t != threads:
+                continue
+            marker = "s" if name.startswith("llama.cpp") else "^" if name.startswith("transformers") else "o"
+            ax.scatter(r["resident_mib"], r["decode1"], marker=marker, s=50)
+            ax.annotate(name, (r["resident_mib"], r["decode1"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("resident MiB (weights as held)")
+        ax.set_ylabel(f"decode tokens/s, batch 1, {threads} thread(s)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Decode speed against memory: up and left is better (■ llama.cpp, ▲ transformers, ● sparsezip)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def label_of(model: str) -> str:
+    return {"demo": "SmolLM2-135M (demo)", "qwen1.5b": "Qwen2.5-Coder-1.5B",
+            "random1.2b": "random 1.2B Llama shape (2048x24, GQA 32/4)"}[model]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="BENCHMARKS.md to update (section 'run') and write the plot; "
+                                            "default: print only")
+    p.add_argument("--work", type=Path, default=REPO / "out" / "bench-run", help="cache of prepared folders")
+    p.add_argument("--models", type=lambda s: s.split(","), default=list(MODELS),
+                   help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
+    p.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")], default=[1, 2],
+                   help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--engines", type=lambda s: s.split(","), help="only engines whose label contains one of these")
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    unknown = set(args.models) - set(MODELS)
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    if args.new_tokens < 2 or args.prompt_len < 1 or not args.threads or min(args.threads) < 1:
+        p.error("--new_tokens must be >= 2, --prompt_len >= 1 and every thread count >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.folder, args.prompt_len, args.new_tokens)))
+        print(json.dumps(worker(json.loads(args.worker))))
         return
     start = time.perf_counter()
-    args.work.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for label, folders in prepare(args.work, args.large_layers).items():
-        print(label, file=sys.stderr)
-        results[label] = {engine: measure(engine, folders, args) for engine in ENGINES}
-    text = report(results, args, time.perf_counter() - start)
+    with_llamacpp = llamacpp.peer_python().exists()
+    notes = [] if with_llamacpp else ["llama.cpp rows are missing: its venv is not built "
+                                      "(`python3 bench/llamacpp.py --setup`)."]
+    engines = [e for e in ENGINES if (with_llamacpp or e.kind != "llama.cpp")
+               and (not args.engines or any(s in e.label for s in args.engines))]
+    bandwidth = {t: read_bandwidth(t) for t in sorted(set(args.threads))}
+    results, shapes = {}, {}
+    for model in args.models:
+        label = label_of(model)
+        print(label, file=sys.stderr, flush=True)
+        folders = prepare(model, args.work, with_llamacpp)
+        shapes[label] = shape = model_shape(folders["dense"])
+        results[label] = {(e.label, t): measure(e, folders, t, args, shape["tied"])
+                          for t in args.threads for e in engines}
+    text = report(results, shapes, bandwidth, args, time.perf_counter() - start, notes)
     print(text)
     if args.out:
+        plot(results, PLOT, max(args.threads))
         write_section(args.out, "run", text)
 
 
