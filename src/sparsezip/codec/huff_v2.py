@@ -46,14 +46,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
 from ..errors import SparsezipError
 from . import native
 from .huff_table import V2_MAX_CODE, V2_TABLE_SIZE, canonical_codes, huffman_lengths, v2_decode_table
-from .registry import Codec, register_codec
-from .stream import (HEADER_SIZE, ROW_BYTES, TILE, EncodedWeight, Grid, excl_cumsum, join, pack, scatter_tiles,
-                     split, to_tiles, weight_bits)
+from .registry import register_codec
+from .tiled import TiledCodec
+from .stream import HEADER_SIZE, ROW_BYTES, TILE, Grid, excl_cumsum, join, split, to_tiles
 from .values import (MODE_E5M2, MODE_FULL, check_bitmap_padding, low_bytes, low_bytes_length, pack_segments,
                      unpack_lows, unpack_segments)
 
@@ -87,7 +85,7 @@ class _V2Geometry:
 
 
 @register_codec
-class HuffCodec(Codec):
+class HuffCodec(TiledCodec):
     """huff-v2 (format in the module docstring). This class holds the numpy reference, the source of truth, and
     takes the native path (codec.native) when the extension is built, unless told `backend="numpy"`."""
 
@@ -95,34 +93,14 @@ class HuffCodec(Codec):
     version = "2.0"
     codec_id = 2
 
-    def encode(self, weight: torch.Tensor, backend: str = "auto") -> EncodedWeight:
-        bits = weight_bits(weight)
-        if native.chosen(backend, self.codec_id):
-            stream, offsets = native.encode_v2(bits, HEADER_SIZE)
-            return pack(stream, offsets, bits.shape, self.codec_id)
-        payload, offsets = self.encode_payload(bits)
-        stream = np.empty(HEADER_SIZE + len(payload), dtype=np.uint8)
-        stream[HEADER_SIZE:] = payload
-        return pack(stream, offsets, bits.shape, self.codec_id)
+    def native_stream(self, bits: np.ndarray) -> tuple[bytearray, bytes]:
+        return native.encode_v2(bits, HEADER_SIZE)
 
-    def decode(self, enc: EncodedWeight, backend: str = "auto") -> torch.Tensor:
-        opened = self.open(enc, check_crc=True)
-        if native.chosen(backend, self.codec_id):
-            return native.decode_into(opened, torch.empty((opened.n, opened.k), dtype=torch.float16))
-        grid = opened.grid
-        present, values = self._decode_tiles(opened.payload, opened.offsets, grid, np.arange(grid.count))
-        return scatter_tiles(present.reshape(*grid.shape, TILE, TILE), values, opened.n, opened.k)
+    def reference_payload(self, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.encode_payload(bits)
 
-    def decode_tile(self, enc: EncodedWeight, tile: int) -> torch.Tensor:
-        opened = self.open(enc, check_crc=False)  # the CRC would read the whole stream
-        grid = opened.grid
-        t = grid.tile_number(tile)
-        present, values = self._decode_tiles(opened.payload, opened.offsets, grid, np.array([t]))
-        tr, tc = divmod(t, grid.shape[1])
-        rows, cols = int(grid.rows[tr]), int(grid.cols[tc])
-        out = np.zeros((TILE, TILE), dtype=np.uint16)
-        out[present[0]] = values
-        return torch.from_numpy(out[:rows, :cols].copy().view(np.int16)).view(torch.float16)
+    def reference_tiles(self, payload, offsets, grid, tiles):
+        return self._decode_tiles(payload, offsets, grid, tiles)
 
     # ------------------------------------------------------------ encode (numpy reference)
 

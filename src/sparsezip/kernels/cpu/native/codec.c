@@ -334,6 +334,49 @@ void codec_finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, c
     }
 }
 
+/* ------------------------------------------------------------------ the encoders' two passes */
+
+PyObject *codec_encode_tiles(TileFn size_tile, TileFn write_tile, void *ctx, EncodeOut *out, const uint8_t *table,
+                             int64_t table_len, int64_t n, int64_t k, Py_ssize_t prefix, int threads) {
+    PyObject *stream = NULL, *index = NULL, *result = NULL;
+    const int64_t tiles = tile_count(n, k);
+    int64_t *sizes = malloc((size_t)tiles * sizeof *sizes), *offsets = malloc((size_t)tiles * sizeof *offsets);
+    if (!sizes || !offsets) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ErrState err;
+    codec_err_init(&err);
+    const size_t scratch = 2 * (TILE * TILE + READ_PAD);
+    out->sizes = sizes;
+    codec_parallel_tiles(size_tile, ctx, &err, tiles, threads, n * k, scratch);
+    int64_t total = table_len;
+    for (int64_t t = 0; t < tiles; t++) {
+        offsets[t] = total;
+        total += sizes[t];
+    }
+    stream = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(prefix + total));
+    if (!stream) goto done;
+    uint8_t *dst = (uint8_t *)PyByteArray_AS_STRING(stream) + prefix;
+    memset(dst - prefix, 0, (size_t)prefix);
+    memcpy(dst, table, (size_t)table_len);
+    out->dst = dst;
+    out->offsets = offsets;
+    codec_parallel_tiles(write_tile, ctx, &err, tiles, threads, n * k, scratch);
+    if (err.failed) {
+        PyErr_SetString(PyExc_ValueError, err.msg);
+        goto done;
+    }
+    index = PyBytes_FromStringAndSize((const char *)offsets, (Py_ssize_t)(tiles * 8));
+    if (index) result = PyTuple_Pack(2, stream, index);
+done:
+    Py_XDECREF(stream);
+    Py_XDECREF(index);
+    free(sizes);
+    free(offsets);
+    return result;
+}
+
 /* ------------------------------------------------------------------ the decode entry point */
 
 typedef struct {

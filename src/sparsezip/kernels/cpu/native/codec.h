@@ -110,6 +110,19 @@ void codec_apply_signs(uint16_t *vals, int nnz, const uint8_t *signs);
 int codec_apply_lows(DecCtx *c, int64_t t, const char *coder, uint16_t *vals, int nnz, int mode, int nexc,
                      const uint8_t *lows);
 
+/* Where an encoder's two passes meet: pass 1 (size_tile) fills sizes, pass 2 (write_tile) writes tile t at
+ * dst + offsets[t]. Each coder's encoder context holds one. */
+typedef struct {
+    int64_t *sizes;
+    const int64_t *offsets;
+    uint8_t *dst;
+} EncodeOut;
+
+/* Both passes over the tiles of an [n, k] matrix, the coder's matrix table (table_len bytes) first: returns
+ * (bytearray of `prefix` zero bytes + table + tiles, bytes of the int64 tile offsets), or NULL with an exception. */
+PyObject *codec_encode_tiles(TileFn size_tile, TileFn write_tile, void *ctx, EncodeOut *out, const uint8_t *table,
+                             int64_t table_len, int64_t n, int64_t k, Py_ssize_t prefix, int threads);
+
 /* What happens to a decoded tile: written out (decode) or multiplied with x (fused linear). */
 void codec_finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, const int *row_cnt,
                        const uint16_t *vals);

@@ -266,9 +266,7 @@ typedef struct {
     int64_t n, k;
     uint8_t lengths[HUFF_TABLE_SIZE];
     uint16_t codes[HUFF_TABLE_SIZE];
-    int64_t *sizes;         /* pass 1 output: bytes of each tile */
-    const int64_t *offsets; /* pass 2 input: where each tile starts in `dst` */
-    uint8_t *dst;
+    EncodeOut out;
     CompactFn compact;
 } EncCtx;
 
@@ -307,7 +305,7 @@ static int enc_size_tile(void *ctx, int64_t t, void *scratch) {
     }
     int exc = count_exceptions(vals, nnz);
     int lows = 3 * exc < nnz ? 3 * exc : nnz;
-    c->sizes[t] = v2_header(&g) + g.bitmap + (nnz + 7) / 8 + subs + lows;
+    c->out.sizes[t] = v2_header(&g) + g.bitmap + (nnz + 7) / 8 + subs + lows;
     return 0;
 }
 
@@ -339,7 +337,7 @@ static int enc_write_tile(void *ctx, int64_t t, void *scratch) {
     EncCtx *c = (EncCtx *)ctx;
     Geom g = geom_of(c->n, c->k, t);
     uint16_t *vals = (uint16_t *)scratch;
-    uint8_t *o = c->dst + c->offsets[t];
+    uint8_t *o = c->out.dst + c->out.offsets[t];
     int gstart[GROUPS + 1];
     int nnz = gather_tile(c, &g, vals, o + v2_header(&g), gstart);
     int exc = count_exceptions(vals, nnz);
@@ -438,8 +436,7 @@ PyObject *spz_py_v2_encode(PyObject *self, PyObject *args) {
     Py_ssize_t prefix;
     int threads;
     if (!PyArg_ParseTuple(args, "y*LLy*ni", &bits, &n, &k, &lengths, &prefix, &threads)) return NULL;
-    PyObject *stream = NULL, *index = NULL, *result = NULL;
-    int64_t *sizes = NULL, *offsets = NULL;
+    PyObject *result = NULL;
     if (codec_check_shape(n, k)) goto done;
     if (bits.len != n * k * 2 || lengths.len != HUFF_TABLE_SIZE || prefix < 0) {
         PyErr_SetString(PyExc_ValueError, "v2_encode: bad buffer sizes");
@@ -456,42 +453,9 @@ PyObject *spz_py_v2_encode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "v2_encode: invalid code lengths");
         goto done;
     }
-    int64_t tiles = tile_count(n, k);
-    sizes = malloc((size_t)tiles * sizeof *sizes);
-    offsets = malloc((size_t)tiles * sizeof *offsets);
-    if (!sizes || !offsets) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    ctx.sizes = sizes;
-    ErrState err;
-    codec_err_init(&err);
-    size_t scratch = 2 * (TILE * TILE + READ_PAD);
-    codec_parallel_tiles(enc_size_tile, &ctx, &err, tiles, threads, n * k, scratch);
-    int64_t total = HUFF_TABLE_SIZE;
-    for (int64_t t = 0; t < tiles; t++) {
-        offsets[t] = total;
-        total += sizes[t];
-    }
-    stream = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(prefix + total));
-    if (!stream) goto done;
-    uint8_t *dst = (uint8_t *)PyByteArray_AS_STRING(stream) + prefix;
-    memset(dst - prefix, 0, (size_t)prefix);
-    memcpy(dst, ctx.lengths, HUFF_TABLE_SIZE);
-    ctx.dst = dst;
-    ctx.offsets = offsets;
-    codec_parallel_tiles(enc_write_tile, &ctx, &err, tiles, threads, n * k, scratch);
-    if (err.failed) {
-        PyErr_SetString(PyExc_ValueError, err.msg);
-        goto done;
-    }
-    index = PyBytes_FromStringAndSize((const char *)offsets, (Py_ssize_t)(tiles * 8));
-    if (index) result = PyTuple_Pack(2, stream, index);
+    result = codec_encode_tiles(enc_size_tile, enc_write_tile, &ctx, &ctx.out, ctx.lengths, HUFF_TABLE_SIZE, n, k,
+                                prefix, threads);
 done:
-    Py_XDECREF(stream);
-    Py_XDECREF(index);
-    free(sizes);
-    free(offsets);
     PyBuffer_Release(&bits);
     PyBuffer_Release(&lengths);
     return result;

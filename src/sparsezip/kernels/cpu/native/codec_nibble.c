@@ -2,7 +2,6 @@
  * The byte format is documented in sparsezip/codec/nibble_v3.py, whose numpy code is the source of truth; the
  * tests check this file against it.
  */
-#include <stdlib.h>
 
 #include "codec.h"
 
@@ -130,9 +129,7 @@ typedef struct {
     const uint8_t *book;
     uint8_t code_of[128]; /* symbol -> code (ESCAPE when the codebook lacks it) */
     CompactFn compact;
-    int64_t *sizes;         /* pass 1 output: bytes of each tile */
-    const int64_t *offsets; /* pass 2 input: where each tile starts in `dst` */
-    uint8_t *dst;
+    EncodeOut out;
 } Encoder;
 
 /* The tile's present values (row-major) into vals and its bitmap into bm (scratch when NULL); returns nnz. */
@@ -159,7 +156,7 @@ static int size_tile(void *ctx, int64_t t, void *scratch) {
     int nnz = gather(c, &g, vals, NULL), n_esc, n_exc;
     count(c, vals, nnz, &n_esc, &n_exc);
     int lows = 3 * n_exc < nnz ? 3 * n_exc : nnz;
-    c->sizes[t] = V3_HEADER + g.bitmap + (nnz + 7) / 8 + (nnz + 1) / 2 + n_esc + lows;
+    c->out.sizes[t] = V3_HEADER + g.bitmap + (nnz + 7) / 8 + (nnz + 1) / 2 + n_esc + lows;
     return 0;
 }
 
@@ -167,7 +164,7 @@ static int write_tile(void *ctx, int64_t t, void *scratch) {
     Encoder *c = (Encoder *)ctx;
     Geom g = geom_of(c->n, c->k, t);
     uint16_t *vals = (uint16_t *)scratch;
-    uint8_t *o = c->dst + c->offsets[t];
+    uint8_t *o = c->out.dst + c->out.offsets[t];
     int nnz = gather(c, &g, vals, o + V3_HEADER), n_esc, n_exc;
     count(c, vals, nnz, &n_esc, &n_exc);
     const int e5m2 = 3 * n_exc < nnz;
@@ -201,8 +198,7 @@ PyObject *spz_py_v3_encode(PyObject *self, PyObject *args) {
     Py_ssize_t prefix;
     int threads;
     if (!PyArg_ParseTuple(args, "y*LLy*ni", &bits, &n, &k, &book, &prefix, &threads)) return NULL;
-    PyObject *stream = NULL, *index = NULL, *result = NULL;
-    int64_t *sizes = NULL, *offsets = NULL;
+    PyObject *result = NULL;
     if (codec_check_shape(n, k)) goto done;
     if (bits.len != n * k * 2 || book.len != BOOK_SIZE || prefix < 0) {
         PyErr_SetString(PyExc_ValueError, "v3_encode: bad buffer sizes");
@@ -212,42 +208,8 @@ PyObject *spz_py_v3_encode(PyObject *self, PyObject *args) {
     memset(enc.code_of, ESCAPE, sizeof enc.code_of);
     for (int code = 0; code < ESCAPE; code++)
         if (enc.book[code] < 128) enc.code_of[enc.book[code]] = (uint8_t)code;
-    int64_t tiles = tile_count(n, k);
-    sizes = malloc((size_t)tiles * sizeof *sizes);
-    offsets = malloc((size_t)tiles * sizeof *offsets);
-    if (!sizes || !offsets) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    enc.sizes = sizes;
-    ErrState err;
-    codec_err_init(&err);
-    const size_t scratch = 2 * (TILE * TILE + READ_PAD);
-    codec_parallel_tiles(size_tile, &enc, &err, tiles, threads, n * k, scratch);
-    int64_t total = BOOK_SIZE;
-    for (int64_t t = 0; t < tiles; t++) {
-        offsets[t] = total;
-        total += sizes[t];
-    }
-    stream = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(prefix + total));
-    if (!stream) goto done;
-    uint8_t *dst = (uint8_t *)PyByteArray_AS_STRING(stream) + prefix;
-    memset(dst - prefix, 0, (size_t)prefix);
-    memcpy(dst, enc.book, BOOK_SIZE);
-    enc.dst = dst;
-    enc.offsets = offsets;
-    codec_parallel_tiles(write_tile, &enc, &err, tiles, threads, n * k, scratch);
-    if (err.failed) {
-        PyErr_SetString(PyExc_ValueError, err.msg);
-        goto done;
-    }
-    index = PyBytes_FromStringAndSize((const char *)offsets, (Py_ssize_t)(tiles * 8));
-    if (index) result = PyTuple_Pack(2, stream, index);
+    result = codec_encode_tiles(size_tile, write_tile, &enc, &enc.out, enc.book, BOOK_SIZE, n, k, prefix, threads);
 done:
-    Py_XDECREF(stream);
-    Py_XDECREF(index);
-    free(sizes);
-    free(offsets);
     PyBuffer_Release(&bits);
     PyBuffer_Release(&book);
     return result;
