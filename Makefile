@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec clean
+.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec bench-quality clean
 
 NATIVE := $(wildcard src/sparsezip/kernels/cpu/native/*.c src/sparsezip/kernels/cpu/native/*.h)
 
@@ -49,7 +49,7 @@ models: $(STAMP)
 	$(BIN)/python -m sparsezip_demo qwen2.5-coder-1.5b
 
 # Benchmarks write BENCHMARKS.md (the machine, the command and the date are recorded in it).
-bench: bench-prune bench-run bench-codec
+bench: bench-prune bench-run bench-codec bench-quality
 
 bench-prune: $(STAMP)
 	$(BIN)/python bench/prune.py --out BENCHMARKS.md
@@ -66,6 +66,12 @@ bench-run: $(STAMP)
 # Lossless codecs (bits/weight, MB/s) on MiniLM and the demo model, against bitmap-v1 and zstd.
 bench-codec: $(STAMP)
 	$(BIN)/python bench/codec.py --out BENCHMARKS.md
+
+# Quality at size: perplexity against bits per weight on the demo model (float_sparse 30/40/50%, with and without
+# L2 rounding, in the sparse layout, nibble-v3 and huff-v2; dense fp16; llama.cpp Q8_0/Q4_0 on the same windows),
+# plotted in docs/quality_vs_bits.png. About 20 minutes on 2 cores; needs .venv-peers (bench/llamacpp.py --setup).
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py --out BENCHMARKS.md
 
 clean:
 	rm -rf out

@@ -1,11 +1,13 @@
 """llama.cpp as a side-by-side peer for the generation benchmark, on exactly the same weights.
 
-Three jobs, each a function and a CLI subcommand:
+Four jobs, each a function and a CLI subcommand:
   setup    a separate venv (.venv-peers) with llama-cpp-python built from source for a portable x86-64 CPU
   export   a Hugging Face fp16 folder (dense or W16A16S) -> f16.gguf with the same fp16 bits, then q8_0.gguf and
            q4_0.gguf through llama.cpp's own quantizer
   speed    batch-1 (and batch-8) greedy decode tokens/s, prefill tokens/s and peak RSS of llama.cpp on a GGUF,
            one fresh process per measurement
+  perplexity  llama.cpp's perplexity on given token windows (the ones `sparsezip eval` scores), for the quality
+           benchmark (bench/quality.py)
 plus `check`: llama.cpp's greedy tokens on a GGUF against transformers on the folder it came from.
 
 This module needs only the standard library to import; export needs gguf and numpy (either venv has them),
@@ -98,12 +100,13 @@ def setup_peers(venv: Path = PEERS_VENV, log: Path | None = None) -> dict:
     return record
 
 
-def run_worker(venv: Path, args: list[str], timeout: float | None = None) -> dict:
-    """Run llamacpp_worker.py in the peers venv; its last stdout line is a JSON result."""
+def run_worker(venv: Path, args: list[str], timeout: float | None = None, stdin: str | None = None) -> dict:
+    """Run llamacpp_worker.py in the peers venv; its last stdout line is a JSON result. `stdin` carries input too
+    large for the command line (argv strings are limited to 128 KiB each on Linux)."""
     if not peer_python(venv).exists():
         raise PeerError(f"no peers venv at {venv}; run `python bench/llamacpp.py --setup` first")
     proc = subprocess.run([str(peer_python(venv)), str(WORKER), *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, input=stdin)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -325,11 +328,11 @@ def tensor_order(hf: str) -> tuple:
 
 
 def export_gguf(hf_folder: Path, out: Path, qtype: str, f16: Path | None = None,
-                venv: Path = PEERS_VENV, overwrite: bool = False) -> Path:
+                venv: Path = PEERS_VENV, overwrite: bool = False, threads: int | None = None) -> Path:
     """Write `out` as a GGUF of type f16, q8_0 or q4_0 with the weights of a Hugging Face fp16 folder
     (dense or W16A16S). q8_0/q4_0 go through llama.cpp's own quantizer (llama_model_quantize, default
-    per-tensor choices) from `f16` when given, else from a temporary F16 export. The file appears
-    under its name only when complete."""
+    per-tensor choices, on `threads` threads, default all CPUs) from `f16` when given, else from a temporary
+    F16 export. The file appears under its name only when complete."""
     hf_folder, out = Path(hf_folder), Path(out)
     if qtype not in QTYPES:
         raise PeerError(f"qtype {qtype!r} is not one of {', '.join(QTYPES)}")
@@ -348,7 +351,8 @@ def export_gguf(hf_folder: Path, out: Path, qtype: str, f16: Path | None = None,
             if f16 is None:
                 made_f16 = f16 = out.with_name(f".{out.name}.f16.tmp")
                 write_f16_gguf(hf_folder, f16)
-            run_worker(venv, ["quantize", str(f16), str(tmp), str(LLAMA_FTYPES[qtype]), str(os.cpu_count() or 1)])
+            run_worker(venv, ["quantize", str(f16), str(tmp), str(LLAMA_FTYPES[qtype]),
+                              str(threads or os.cpu_count() or 1)])
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -438,6 +442,20 @@ def tensor_types(path: Path) -> dict[str, int]:
     return counts
 
 
+def linear_bits(path: Path) -> dict:
+    """Stored size of a GGUF's per-layer matrices (the 2-D `blk.*` tensors: attention and MLP projections, the
+    same matrices sparsezip prunes): bytes, elements and bits per weight, block scales included. Embedding, output
+    and norms are left out on both sides of the comparison."""
+    import gguf
+
+    matrices = [t for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    if not matrices:
+        raise PeerError(f"{path} has no 2-D blk.* tensors")
+    stored, weights = sum(int(t.n_bytes) for t in matrices), sum(int(t.n_elements) for t in matrices)
+    return {"bytes": stored, "weights": weights, "bits_per_weight": 8 * stored / weights,
+            "tensors": len(matrices)}
+
+
 def export_all(hf_folder: Path, out_dir: Path, venv: Path = PEERS_VENV, overwrite: bool = False) -> dict:
     """f16.gguf, q8_0.gguf and q4_0.gguf of one folder in out_dir; returns {file: tensor type counts}."""
     out_dir = Path(out_dir)
@@ -466,6 +484,38 @@ def generate(gguf: Path, prompt_ids: list[int], new_tokens: int, threads: int = 
     spec = {"gguf": str(gguf.resolve()), "prompt": prompt_ids, "new_tokens": new_tokens, "threads": threads,
             "rows": rows, "warmup": warmup}
     return run_worker(venv, ["run", json.dumps(spec)], timeout=timeout)
+
+
+def perplexity(gguf: Path, windows: list[list[int]], threads: int = 1, venv: Path = PEERS_VENV,
+               timeout: float = 3600) -> dict:
+    """llama.cpp's perplexity on `gguf` over token windows of equal length, each decoded alone from an empty
+    cache with logits at every position, every next token scored (as sparsezip's evaluate.perplexity, not
+    llama-perplexity, which scores only the second half of each window). The NLL is summed in float64 in
+    the worker. Returns nll, tokens, ppl = exp(nll / tokens), per-window NLL and the decode seconds."""
+    import math
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise PeerError(f"{gguf} does not exist")
+    windows = [[int(t) for t in w] for w in windows]
+    if not windows or len({len(w) for w in windows}) != 1 or len(windows[0]) < 2:
+        raise PeerError("windows must be a non-empty list of token lists of one length >= 2")
+    if threads < 1 or min(min(w) for w in windows) < 0:
+        raise PeerError("threads must be >= 1 and token ids >= 0")
+    spec = {"gguf": str(gguf.resolve()), "windows": windows, "threads": threads}
+    result = run_worker(venv, ["perplexity"], timeout=timeout, stdin=json.dumps(spec))
+    return {"gguf": str(gguf), **result, "ppl": math.exp(result["nll"] / result["tokens"])}
+
+
+def text_windows(tokenizer_folder: Path, data: list[Path], seqlen: int, max_windows: int | None) -> list[list[int]]:
+    """The token windows `sparsezip eval --data ... --seqlen ... --max_windows ...` scores (needs the project venv)."""
+    from sparsezip.data import eval_windows, load_tokenizer
+    from sparsezip.errors import SparsezipError
+
+    try:
+        return eval_windows(load_tokenizer(Path(tokenizer_folder)), list(data), seqlen, max_windows).tolist()
+    except SparsezipError as err:
+        raise PeerError(str(err)) from None
 
 
 def summarise(runs: list[dict], key: str) -> dict:
@@ -537,20 +587,23 @@ def to_json(obj) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python bench/llamacpp.py",
-        description="llama.cpp (llama-cpp-python, own venv .venv-peers) as a peer for the generation benchmark, "
-                    "on the same fp16 weights.",
+        description="llama.cpp (llama-cpp-python, own venv .venv-peers) as a peer for the generation and quality "
+                    "benchmarks, on the same fp16 weights.",
         epilog="examples:\n"
                "  python3 bench/llamacpp.py --setup     # once; builds llama.cpp (tens of minutes on 2 cores)\n"
                "  M=~/.cache/sparsezip/smollm2-135m-instruct-fp16\n"
                "  .venv/bin/python bench/llamacpp.py export $M out/gguf   # f16.gguf, q8_0.gguf, q4_0.gguf\n"
                "  .venv/bin/python bench/llamacpp.py check $M out/gguf/f16.gguf\n"
                "  .venv/bin/python bench/llamacpp.py speed out/gguf/q8_0.gguf --threads 2 --new 128 --repeats 3\n"
-               "export needs gguf + numpy (both venvs have them); check needs torch + transformers (.venv).",
+               "  .venv/bin/python bench/llamacpp.py perplexity out/gguf/q4_0.gguf --tokenizer $M \\\n"
+               "      --data $SPARSEZIP_AUSTEN/prideprejudice.txt --seqlen 256 --max_windows 16 --threads 2\n"
+               "export needs gguf + numpy (both venvs have them); check and perplexity need torch + transformers "
+               "(.venv).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", action="store_true",
                    help=f"create {PEERS_VENV.name} if missing and build llama-cpp-python=={LLAMA_CPP_PYTHON} from "
                         "source for a portable AVX2 CPU (log in the venv's build.log); prints the build record")
-    sub = p.add_subparsers(dest="command", metavar="{export,check,speed}")
+    sub = p.add_subparsers(dest="command", metavar="{export,check,speed,perplexity}")
     e = sub.add_parser("export", help="HF fp16 folder (dense or W16A16S) -> OUT_DIR/{f16,q8_0,q4_0}.gguf")
     e.add_argument("hf_folder", type=Path, metavar="HF_FOLDER", help="llama or qwen2 fp16 folder with config.json")
     e.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="where f16.gguf, q8_0.gguf and q4_0.gguf go")
@@ -571,6 +624,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length of the default fixed random prompt (default 128, as bench/run.py)")
     s.add_argument("--prompt_ids", help="explicit prompt token ids, e.g. '1,2,3' (overrides)")
     s.add_argument("--no_batch8", action="store_true", help="skip the batch-8 decode measurement")
+    q = sub.add_parser("perplexity", help="llama.cpp's perplexity on a GGUF over the windows `sparsezip eval` "
+                       "scores, and the bits/weight of its blk.* matrices, as JSON (run with .venv/bin/python)")
+    q.add_argument("gguf", type=Path, metavar="GGUF")
+    q.add_argument("--tokenizer", type=Path, required=True, metavar="HF_FOLDER",
+                   help="folder whose tokenizer makes the windows (the model the GGUF was exported from)")
+    q.add_argument("--data", type=Path, nargs="+", required=True, help=".txt files, joined with blank lines")
+    q.add_argument("--seqlen", type=int, default=1024, help="tokens per window (default 1024, as sparsezip eval)")
+    q.add_argument("--max_windows", type=int, default=None, help="use only the first K windows")
+    q.add_argument("--threads", type=int, default=1, help="n_threads = n_threads_batch (default 1)")
+    q.add_argument("--per_window", action="store_true", help="also print each window's NLL")
     return p
 
 
@@ -598,6 +661,15 @@ def main(argv: list[str] | None = None) -> int:
             ids = parse_ids(args.prompt_ids) if args.prompt_ids else default_prompt(args.prompt_len)
             print(to_json(decode_speed(args.gguf, ids, args.new, args.threads, args.repeats,
                                        batch8=not args.no_batch8)))
+        elif args.command == "perplexity":
+            try:
+                windows = text_windows(args.tokenizer, args.data, args.seqlen, args.max_windows)
+            except ImportError:
+                raise PeerError("perplexity tokenizes with sparsezip: run it with .venv/bin/python") from None
+            result = perplexity(args.gguf, windows, args.threads)
+            if not args.per_window:
+                result.pop("window_nll")
+            print(to_json({**result, "windows": len(windows), "linear": linear_bits(args.gguf)}))
         elif not args.setup:
             build_parser().print_help()
     except (PeerError, subprocess.TimeoutExpired) as err:

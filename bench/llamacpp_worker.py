@@ -4,6 +4,7 @@ Jobs (argv[1]):
   info                                  llama-cpp-python version and llama.cpp's system info (CPU features used)
   quantize IN OUT FTYPE NTHREAD         llama_model_quantize with llama.cpp's default per-tensor choices
   run JSON                              load a GGUF, prefill a prompt of token ids, greedy-decode; timings
+  perplexity                            (spec JSON on stdin) next-token NLL of token windows, each scored alone
 
 Prints one JSON line on stdout as its result; llama.cpp's own log goes to stderr.
 """
@@ -145,8 +146,46 @@ def run(spec_json: str) -> dict:
     return result
 
 
+def window_nll(logits, tokens) -> float:
+    """Summed next-token negative log-likelihood of one window, in float64: logits[i] (row i of [L, V]) predicts
+    tokens[i + 1]; the last row predicts nothing. Same sum as F.cross_entropy(reduction="sum") in evaluate.py,
+    but in float64 so that 0.1% differences between engines are not lost in the summation."""
+    import numpy as np
+
+    rows = np.asarray(logits, dtype=np.float64)[:-1]
+    targets = np.asarray(tokens[1:], dtype=np.int64)
+    top = rows.max(axis=1)
+    log_norm = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
+    return float((log_norm - rows[np.arange(len(targets)), targets]).sum())
+
+
+def perplexity() -> dict:
+    """spec on stdin (a window list is too long for argv): gguf, windows (lists of token ids, equal length),
+    threads. Each window is decoded alone from an empty cache, with logits for every position, like
+    sparsezip's evaluate.perplexity; returns total NLL and the number of scored tokens."""
+    import numpy as np
+
+    spec = json.load(sys.stdin)
+    windows = spec["windows"]
+    seqlen = len(windows[0])
+    s = Session(spec["gguf"], spec["threads"], rows=1, n_ctx_seq=seqlen, prompt_len=seqlen)
+    if max(max(w) for w in windows) >= s.n_vocab:
+        raise SystemExit(f"a token id is not below the model's vocabulary size {s.n_vocab}")
+    L, per_window = s.L, []
+    start = time.perf_counter()
+    for ids in windows:
+        L.llama_memory_clear(L.llama_get_memory(s.ctx), True)
+        s.fill([ids], 0, last_only=False)
+        if L.llama_decode(s.ctx, s.batch) != 0:
+            raise SystemExit("llama_decode failed")
+        logits = np.ctypeslib.as_array(L.llama_get_logits(s.ctx), shape=(len(ids), s.n_vocab))
+        per_window.append(window_nll(logits, ids))
+    return {"nll": sum(per_window), "tokens": sum(len(w) - 1 for w in windows), "window_nll": per_window,
+            "seqlen": seqlen, "seconds": time.perf_counter() - start, "n_ctx": L.llama_n_ctx(s.ctx)}
+
+
 def main(argv: list[str]) -> int:
-    jobs = {"info": info, "quantize": quantize, "run": run}
+    jobs = {"info": info, "quantize": quantize, "run": run, "perplexity": perplexity}
     if not argv or argv[0] not in jobs:
         print(f"usage: llamacpp_worker.py {{{','.join(jobs)}}} ...", file=sys.stderr)
         return 2
