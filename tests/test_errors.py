@@ -180,6 +180,61 @@ def test_unsupported_architecture(capsys, command, tmp_path, pipe, text_file):
     assert "gpt2" in line and "llama" in line
 
 
+DELETE = object()
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# (config.json field, bad value, what the one error line must say): every field the code reads, in type and range.
+BAD_CONFIG_FIELDS = [
+    ("num_attention_heads", DELETE, "num_attention_heads must be an integer from 1 to 4096, got missing"),
+    ("num_attention_heads", 0, "num_attention_heads must be an integer from 1 to 4096, got 0"),
+    ("num_attention_heads", -4, "got -4"),
+    ("num_attention_heads", "4", "got '4'"),
+    ("num_attention_heads", 4.0, "got 4.0"),
+    ("num_attention_heads", True, "got True"),
+    ("num_key_value_heads", 3, "num_key_value_heads must be a divisor of num_attention_heads (4), got 3"),
+    ("hidden_size", 10**9, "hidden_size must be an integer from 1 to 1048576"),
+    ("intermediate_size", "128", "intermediate_size must be an integer"),
+    ("num_hidden_layers", 0, "num_hidden_layers must be an integer from 1 to 4096, got 0"),
+    ("num_hidden_layers", -2, "num_hidden_layers must be an integer"),
+    ("vocab_size", 10**12, "vocab_size must be an integer from 1 to 16777216"),
+    ("head_dim", 15, "head_dim must be an even number"),
+    ("head_dim", 0, "head_dim must be an integer"),
+    ("rms_norm_eps", "1e-6", "rms_norm_eps must be a number above 0 and below 1.0, got '1e-6'"),
+    ("rms_norm_eps", 0, "rms_norm_eps must be a number above 0"),
+    ("rms_norm_eps", -1e-6, "rms_norm_eps must be a number above 0"),
+    ("max_position_embeddings", 0, "max_position_embeddings must be an integer"),
+    ("tie_word_embeddings", "no", "tie_word_embeddings must be true or false"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": "big"}, "rope_theta must be a number above 0"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": float("nan")}, "rope_theta must be a number above 0"),
+    ("rope_parameters", "yes", "rope_parameters must be an object"),
+    ("rope_parameters", {**LLAMA3, "low_freq_factor": None}, "rope_scaling: low_freq_factor must be a number above 0, "
+                                                             "got missing"),
+    ("rope_parameters", {**LLAMA3, "high_freq_factor": 0.5}, "rope_scaling: high_freq_factor must be above "
+                                                            "low_freq_factor"),
+    ("rope_parameters", {**LLAMA3, "original_max_position_embeddings": 64.5}, "original_max_position_embeddings"),
+    # Well-formed but disagreeing with the weights: found before any work, not mid-run.
+    ("vocab_size", 1000, "model.embed_tokens.weight has shape"),
+    ("intermediate_size", 96, "mlp.gate_proj.weight has shape [128, 64], its config.json implies [96, 64]"),
+    ("num_hidden_layers", 1, "stores decoder layer 1, but its config.json says num_hidden_layers = 1"),
+    ("num_hidden_layers", 3, "lacks tensor model.layers.2."),
+]
+
+
+@pytest.mark.parametrize("field, value, expected", BAD_CONFIG_FIELDS,
+                         ids=[f"{f}={'missing' if v is DELETE else v}" for f, v, _ in BAD_CONFIG_FIELDS])
+@pytest.mark.parametrize("command", ["sparsify", "run"])
+def test_malformed_config_field_is_one_line_naming_it(capsys, command, field, value, expected, tmp_path, pipe,
+                                                       text_file):
+    folder = clone(pipe.dense, tmp_path / "model")
+
+    def change(config: dict) -> None:
+        config.pop(field) if value is DELETE else config.update({field: value})
+
+    edit_json(folder / "config.json", change)
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+    assert expected in line and str(folder) in line, line
+
+
 # ----------------------------------------------------------------------------- 4: bf16 source (a success)
 
 
@@ -389,6 +444,36 @@ def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_pat
             "--calib_samples", "2", "--calib_seqlen", "32"]
     line = refused(capsys, argv + option, out=out)
     assert expected in line
+
+
+# (file name, bytes, what the one error line must say): calibration and evaluation text that cannot be used.
+BAD_TEXTS = [
+    ("latin1.txt", "Café au lait, s'il vous plaît. ".encode("latin-1") * 50, "is not UTF-8 text (byte 3)"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "is not UTF-8 text"),
+    ("binary.txt", b"\x7fELF\x02\x01\x01\x00" + bytes(200), "holds NUL characters"),
+    ("empty.txt", b"", "tokens, fewer than"),
+    ("digits.txt", b"1234567890", "tokens, fewer than"),
+    ("broken.jsonl", b'{"text": "a"}\n{"text": \n', "broken.jsonl:2 is not valid JSON"),
+    ("fieldless.jsonl", b'{"body": "a"}\n', "has no string field text or inputs_pretokenized"),
+    ("missing.txt", None, "does not exist"),
+]
+
+
+TEXT_CASES = [(command, *case) for command in ("sparsify", "eval") for case in BAD_TEXTS
+              if command == "sparsify" or not case[0].endswith(".jsonl")]  # eval reads plain text only
+
+
+@pytest.mark.parametrize("command, name, data, expected", TEXT_CASES, ids=[f"{c}-{n}" for c, n, _, _ in TEXT_CASES])
+def test_unusable_text_is_one_line_and_fast(capsys, command, name, data, expected, pipe, tmp_path):
+    text = tmp_path / name
+    if data is not None:
+        text.write_bytes(data)
+    out = tmp_path / "s"
+    argv = {"sparsify": ["sparsify", "--model_path", pipe.dense, "--save_path", out, "--calib", text,
+                         "--calib_samples", "2", "--calib_seqlen", "32"],
+            "eval": ["eval", "--model_path", pipe.dense, "--data", text, "--seqlen", "32"]}[command]
+    line = refused(capsys, argv, out=out)
+    assert expected in line and (name in line or "tokens" in line), line
 
 
 def test_quant_type_other_than_w16a16s(capsys, pipe, tmp_path, text_file):

@@ -86,6 +86,12 @@ class TensorReader:
         begin, stop = self.headers[self.where[name]][1][name]["data_offsets"]
         return stop - begin
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the header."""
+        if name not in self.where:
+            raise SparsezipError(f"tensor {name} is missing from the checkpoint")
+        return tuple(self.headers[self.where[name]][1][name]["shape"])
+
     def get(self, name: str) -> torch.Tensor:
         """A fresh tensor read with one positioned read (no memory map kept)."""
         if name not in self.where:

@@ -21,8 +21,9 @@ from . import __version__, codec
 from .checkpoint import TensorReader, check_output_path, new_temp_dir, publish, to_fp16
 from .config import ModelArgs
 from .errors import SparsezipError
-from .formats import (Description, FolderKind, copy_side_files, detect_kind, linear_prefix, part_dir_name,
-                      part_metadata, read_description, weight_files, write_fp16_config, write_part)
+from .formats import (Description, FolderKind, check_weights_match_config, copy_side_files, detect_kind,
+                      linear_prefix, part_dir_name, part_metadata, read_description, weight_files, write_fp16_config,
+                      write_part)
 from .tp import Dist, SplitRule, all_rules, check_tp_size, shard
 
 log = logging.getLogger("sparsezip")
@@ -44,7 +45,9 @@ class Source:
             raise SparsezipError(f"{path} is not a W16A16S folder (run `sparsezip sparsify` first)")
         reader = TensorReader(weight_files(path))
         description = read_description(path, FolderKind.W16A16S)  # also checks it against the weights
-        return cls(path, ModelArgs.from_dir(path), reader, description)
+        args = ModelArgs.from_dir(path)
+        check_weights_match_config(reader, args, path)
+        return cls(path, args, reader, description)
 
     def read(self, name: str) -> torch.Tensor:
         return to_fp16(name, self.reader.get(name))

@@ -59,8 +59,9 @@ class ModelArgs:
     sliding_window: int | None = None  # Mistral's local attention span
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> "ModelArgs":
-        """Build from a parsed config.json; unsupported families are a clear error."""
+    def from_hf(cls, config: dict[str, Any], source: str = "config.json") -> "ModelArgs":
+        """Build from a parsed config.json, checking every field the code reads (presence, type, range) first, so
+        that a bad value is one line naming `source`, the field and what was expected."""
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise SparsezipError(
@@ -68,31 +69,43 @@ class ModelArgs:
             )
         if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias", False):
             raise SparsezipError("only SiLU-gated MLPs without bias are supported")
-        heads = config["num_attention_heads"]
-        rope = _rope_parameters(config)
-        window = config.get("sliding_window") if config.get("use_sliding_window", model_type == "mistral") else None
+        field = _Fields(config, source)
+        hidden, heads = field.size("hidden_size"), field.size("num_attention_heads", high=MAX_HEADS)
+        kv_heads = field.size("num_key_value_heads", default=heads, high=MAX_HEADS)
+        if heads % kv_heads:
+            field.fail("num_key_value_heads", kv_heads, f"a divisor of num_attention_heads ({heads})")
+        if config.get("head_dim") is None and hidden % heads:
+            field.fail("num_attention_heads", heads, f"a divisor of hidden_size ({hidden}) when head_dim is not set")
+        head_dim = field.size("head_dim", default=hidden // heads)
+        if head_dim % 2:
+            field.fail("head_dim", head_dim, "an even number (rotary embeddings pair the dimensions)")
+        rope = _rope_parameters(config, field)
+        window = None
+        if config.get("use_sliding_window", model_type == "mistral"):
+            window = field.size("sliding_window", default=None, high=MAX_POSITIONS)
         return cls(
             model_type=model_type,
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
+            vocab_size=field.size("vocab_size", high=MAX_VOCAB),
+            hidden_size=hidden,
+            intermediate_size=field.size("intermediate_size"),
+            num_layers=field.size("num_hidden_layers", high=MAX_LAYERS),
             num_heads=heads,
-            num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", 10000.0)),
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=field.number("rms_norm_eps", default=1e-6, high=1.0),
+            rope_theta=field.number("rope_theta", default=10000.0, value=rope.get("rope_theta", 10000.0)),
+            max_position_embeddings=field.size("max_position_embeddings", default=4096, high=MAX_POSITIONS),
+            tie_word_embeddings=field.flag("tie_word_embeddings"),
+            qkv_bias=model_type == "qwen2" or field.flag("attention_bias"),
             qk_norm=model_type == "qwen3",
-            rope_scaling=_llama3_scaling(rope),
+            rope_scaling=_llama3_scaling(rope, field),
             sliding_window=window,
         )
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelArgs":
-        return cls.from_hf(read_json(Path(model_dir) / "config.json"))
+        path = Path(model_dir) / "config.json"
+        return cls.from_hf(read_json(path), str(path))
 
     @property
     def q_size(self) -> int:
@@ -103,23 +116,78 @@ class ModelArgs:
         return self.num_kv_heads * self.head_dim
 
 
-def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+# Upper bounds far above any real decoder: larger values are typos that would allocate terabytes.
+MAX_SIZE, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_POSITIONS = 1 << 20, 1 << 12, 1 << 12, 1 << 24, 1 << 26
+_REQUIRED = object()
+
+
+class _Fields:
+    """Typed, range-checked reads of config.json fields; a bad one raises a one-line error naming it."""
+
+    def __init__(self, config: dict[str, Any], source: str):
+        self.config, self.source = config, source
+
+    def fail(self, name: str, value: Any, expected: str) -> None:
+        shown = "missing" if value is _REQUIRED else repr(value)
+        raise SparsezipError(f"{self.source}: {name} must be {expected}, got {shown}")
+
+    def get(self, name: str, default: Any, expected: str) -> Any:
+        value = self.config.get(name)
+        if value is None:
+            if default is _REQUIRED:
+                self.fail(name, _REQUIRED, expected)
+            return default
+        return value
+
+    def size(self, name: str, default: Any = _REQUIRED, high: int = MAX_SIZE) -> Any:
+        expected = f"an integer from 1 to {high}"
+        value = self.get(name, default, expected)
+        if value is not default and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+            self.fail(name, value, expected)
+        return value
+
+    def number(self, name: str, default: float, high: float = math.inf, value: Any = None) -> float:
+        expected = f"a number above 0{'' if high == math.inf else f' and below {high}'}"
+        value = self.get(name, default, expected) if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
+            self.fail(name, value, expected)  # `not 0 < x` also refuses NaN
+        return float(value)
+
+    def flag(self, name: str) -> bool:
+        value = self.config.get(name)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            self.fail(name, value, "true or false")
+        return value
+
+
+def _rope_parameters(config: dict[str, Any], field: _Fields) -> dict[str, Any]:
     """transformers 5 nests RoPE settings in `rope_parameters`; older configs keep them flat."""
-    rope = dict(config.get("rope_scaling") or {})
-    rope.update(config.get("rope_parameters") or {})
+    rope: dict[str, Any] = {}
+    for name in ("rope_scaling", "rope_parameters"):
+        value = config.get(name) or {}
+        if not isinstance(value, dict):
+            field.fail(name, value, "an object")
+        rope.update(value)
     if "rope_theta" in config:
         rope.setdefault("rope_theta", config["rope_theta"])
     return rope
 
 
-def _llama3_scaling(rope: dict[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+def _llama3_scaling(rope: dict[str, Any], field: _Fields) -> tuple[tuple[str, Any], ...] | None:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in (None, "default"):
         return None
     if kind != "llama3":
         raise SparsezipError(f"RoPE scaling {kind!r} is not supported (only default and llama3)")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return tuple((k, rope[k]) for k in keys)
+    scaling = _Fields(rope, f"{field.source}: rope_scaling")
+    values = {k: scaling.number(k, default=_REQUIRED) for k in ("factor", "low_freq_factor", "high_freq_factor")}
+    if values["high_freq_factor"] <= values["low_freq_factor"]:
+        scaling.fail("high_freq_factor", values["high_freq_factor"],
+                     f"above low_freq_factor ({values['low_freq_factor']})")
+    values["original_max_position_embeddings"] = scaling.size("original_max_position_embeddings", high=MAX_POSITIONS)
+    return tuple(values.items())
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:

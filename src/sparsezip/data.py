@@ -33,7 +33,7 @@ PIECES_PER_THREAD = 4  # several pieces per thread even out the threads' work
 
 def read_jsonl(path: Path) -> list[str]:
     texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -52,9 +52,12 @@ def read_text_file(path: Path) -> str:
     if not path.is_file():
         raise SparsezipError(f"data file {path} does not exist")
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SparsezipError(f"{path} is not UTF-8 text") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SparsezipError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
+    if "\0" in text:  # valid UTF-8 can still be a binary file; no text holds NUL characters
+        raise SparsezipError(f"{path} holds NUL characters: a binary file, not text")
+    return text
 
 
 def load_tokenizer(model_dir: Path):
@@ -147,8 +150,6 @@ def calibration_samples(tokenizer, files: list[Path], n_samples: int = 32, seqle
     samples = []
     for f in files:
         if f.suffix == ".jsonl":
-            if not f.is_file():
-                raise SparsezipError(f"data file {f} does not exist")
             samples += [tokenize(tokenizer, t)[:seqlen] for t in read_jsonl(f)]
     if txt:
         ids = tokenize(tokenizer, "\n\n".join(read_text_file(f) for f in txt))

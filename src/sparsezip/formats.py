@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 
 from .checkpoint import TensorReader
 from .codec import EncodedWeight
-from .config import read_json, write_json
+from .config import ModelArgs, read_json, write_json
 from .errors import SparsezipError
+from .tp import source_shapes
 
 
 class FolderKind(str, Enum):
@@ -43,6 +44,7 @@ SIDE_FILES = (
     "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
 )
 PART_DIR = re.compile(r"^part(\d+)-of-(\d+)$")
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 WEIGHT, INDEX, INFO, OUTDIM = ".weight", ".index", ".info", ".weight.outdim"
 
 
@@ -246,6 +248,22 @@ def check_outdims(desc: Description, reader: TensorReader, where: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- W16A16SC parts
+
+
+def check_weights_match_config(reader: TensorReader, args: ModelArgs, where: Path) -> None:
+    """Before any work: every tensor config.json implies is stored with that shape, and no stored decoder layer
+    lies beyond num_hidden_layers (a config that disagrees with its weights would otherwise fail mid-run)."""
+    stored = set(reader.names())
+    for name, shape in source_shapes(args).items():
+        if name not in stored:
+            raise SparsezipError(f"{where} lacks tensor {name}, which its config.json implies")
+        if reader.shape(name) != shape:
+            raise SparsezipError(f"{where}: {name} has shape {list(reader.shape(name))}, "
+                                 f"its config.json implies {list(shape)}")
+    layers = [int(m.group(1)) for m in map(LAYER_NAME.match, stored) if m]
+    if layers and max(layers) >= args.num_layers:
+        raise SparsezipError(f"{where} stores decoder layer {max(layers)}, but its config.json says "
+                             f"num_hidden_layers = {args.num_layers}")
 
 
 class PartReader:

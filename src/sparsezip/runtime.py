@@ -20,7 +20,8 @@ from . import layouts
 from .checkpoint import TensorReader, release_freed_memory
 from .config import ModelArgs
 from .errors import SparsezipError
-from .formats import FolderKind, PartReader, detect_kind, linear_prefix, part_dirs, read_description, weight_files
+from .formats import (FolderKind, PartReader, check_weights_match_config, detect_kind, linear_prefix, part_dirs,
+                      read_description, weight_files)
 from .layouts.base import FolderFacts, LayoutContext, LinearSource, WeightLayout
 from .layouts.dense import DenseLinear, held_dtype
 from .model import Transformer
@@ -59,6 +60,7 @@ def rank_weights_from_dense(model_dir: Path, kind: FolderKind, args: ModelArgs, 
     if kind == FolderKind.W16A16S:
         read_description(model_dir, kind)  # refuses a description that disagrees with the weights
     reader = TensorReader(weight_files(model_dir))
+    check_weights_match_config(reader, args, model_dir)
     return RankWeights(state={rule.target: shard(rule, reader.get, dist.rank, dist.size) for rule in all_rules(args)})
 
 

@@ -24,8 +24,8 @@ from .checkpoint import ShardedWriter, TensorReader, atomic_output_dir, check_ou
 from .config import ModelArgs, SparsifyConfig
 from .data import calibration_samples, load_tokenizer
 from .errors import SparsezipError
-from .formats import (FLOAT, SPARSE_STEM, Description, FolderKind, copy_side_files, detect_kind, weight_files,
-                      write_description, write_fp16_config)
+from .formats import (FLOAT, SPARSE_STEM, Description, FolderKind, check_weights_match_config, copy_side_files,
+                      detect_kind, weight_files, write_description, write_fp16_config)
 from .pruners import LinearStats, Method, get_method
 from .rounding import l2_round
 from .tp import SplitRule, global_rules, layer_rules, source_rows
@@ -113,6 +113,7 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
     config = config.checked(args)
     method = get_method(config.method)
     reader = TensorReader(weight_files(model_path))
+    check_weights_match_config(reader, args, model_path)
     hidden, tokens, n_samples = [], 0, 0
     if method.calibrated:
         hidden, tokens, n_samples = calibration_batches(model_path, reader, config)

@@ -84,6 +84,22 @@ def all_rules(args: ModelArgs) -> Iterator[SplitRule]:
         yield from layer_rules(args, i)
 
 
+def source_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The shape config.json implies for every Hugging Face tensor the rules read, by full name."""
+    h, q, kv, mlp, vocab = args.hidden_size, args.q_size, args.kv_size, args.intermediate_size, args.vocab_size
+    by_suffix = {"q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h),
+                 "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.weight": (h, q),
+                 "q_norm.weight": (args.head_dim,), "k_norm.weight": (args.head_dim,),
+                 "gate_proj.weight": (mlp, h), "up_proj.weight": (mlp, h), "down_proj.weight": (h, mlp),
+                 "layernorm.weight": (h,), "embed_tokens.weight": (vocab, h), "model.norm.weight": (h,),
+                 "lm_head.weight": (vocab, h)}
+    shapes = {}
+    for rule in all_rules(args):
+        for name in rule.sources:
+            shapes[name] = next(shape for suffix, shape in by_suffix.items() if name.endswith(suffix))
+    return shapes
+
+
 def valid_tp_sizes(args: ModelArgs, limit: int = 64) -> list[int]:
     """TP sizes that split heads, KV heads, the MLP width and the vocabulary evenly."""
     sizes = (args.num_heads, args.num_kv_heads, args.intermediate_size, args.vocab_size)
