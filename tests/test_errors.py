@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,3 +507,76 @@ def test_real_process_prints_one_line_and_exits_non_zero(case, pipe, tmp_path):
     assert result.returncode == 1
     assert len(lines) == 1 and lines[0].startswith("sparsezip: error: "), result.stderr
     assert ("does not exist" if case == "missing-path" else "torchrun") in lines[0]
+
+
+# ----------------------------------------------------------------------------- interruption
+
+
+def sparsify_argv(pipe: Pipeline, text_file: Path, out: Path, method: str) -> list[str]:
+    return [sys.executable, "-m", "sparsezip", "-q", "sparsify", "--model_path", str(pipe.dense), "--save_path",
+            str(out), "--method", method, "--calib", str(text_file), "--calib_samples", "64", "--calib_seqlen", "64"]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def wait_for_temp_dir(process: subprocess.Popen, out: Path, timeout: float = 120) -> Path:
+    """The temporary sibling a running command writes into, as soon as it appears."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+        if found:
+            return found[0]
+        if process.poll() is not None:
+            pytest.fail(f"the command ended before writing anything: {process.stderr.read()}")
+        time.sleep(0.005)
+    process.kill()
+    pytest.fail("no temporary folder appeared")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, message", [(signal.SIGTERM, 143, "sparsezip: terminated"),
+                                                (signal.SIGINT, 130, "sparsezip: interrupted")],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_run_leaves_no_output_and_no_temporary_folder(sig, code, message, pipe, text_file, tmp_path):
+    out = tmp_path / "s"
+    process = subprocess.Popen(sparsify_argv(pipe, text_file, out, "float_sparse"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=cli_env())
+    wait_for_temp_dir(process, out)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == message, err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(pipe, text_file, tmp_path):
+    out = tmp_path / "s"
+    process = subprocess.Popen(sparsify_argv(pipe, text_file, out, "float_sparse"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=cli_env())
+    stale = wait_for_temp_dir(process, out)
+    process.kill()  # SIGKILL: nothing runs, the folder stays behind
+    process.communicate(timeout=60)
+    assert stale.is_dir() and not out.exists()
+    again = subprocess.run(sparsify_argv(pipe, text_file, out, "magnitude"), capture_output=True, text=True,
+                           env=cli_env(), timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"removed {stale}" in again.stderr and "killed" in again.stderr
+    assert out.is_dir() and leftovers(tmp_path) == []
+
+
+def test_a_running_processs_temporary_folder_is_left_alone(capsys, pipe, tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = tmp_path / f".s.tmp-{int(finished.stdout)}-abc"  # that process has ended
+    alive = tmp_path / f".s.tmp-{os.getpid()}-abc"  # this one runs
+    other = tmp_path / ".t.tmp-1-abc"  # another output's
+    for folder in (dead, alive, other):
+        folder.mkdir()
+    succeeds(capsys, ["sparsify", "--model_path", pipe.dense, "--save_path", tmp_path / "s", "--method",
+                      "magnitude"])
+    assert not dead.exists() and alive.is_dir() and other.is_dir()

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -211,10 +212,33 @@ def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path, ...]) -> P
     return out
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out: Path) -> None:
+    """Remove the temporary siblings of `out` left by runs that were killed outright (SIGKILL, power loss): their
+    names carry the pid of the process that made them, and that process is gone."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(\d+)-")
+    for path in out.parent.iterdir():
+        found = pattern.match(path.name)
+        if found and path.is_dir() and not process_alive(int(found.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s, left by an earlier run (process %s) that was killed", path, found.group(1))
+
+
 def new_temp_dir(out: Path) -> Path:
-    """A temporary sibling of `out`, so the final rename stays on one filesystem."""
+    """A temporary sibling of `out`, so the final rename stays on one filesystem; its name carries our pid, so a
+    later run can tell that it was abandoned."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temp_dirs(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the published folder is an ordinary one

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 from . import __version__, layouts
 from .errors import SparsezipError
@@ -346,6 +349,27 @@ def print_error(error: BaseException) -> None:
     print(f"sparsezip: error: {message}", file=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM as an exception, so that it unwinds like Ctrl-C: temporary folders removed, process groups left."""
+
+
+def raise_terminated(signum, frame) -> NoReturn:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block (main thread only, where Python runs signal handlers), SIGTERM raises Terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
@@ -353,12 +377,16 @@ def main(argv: list[str] | None = None) -> int:
         print_error(e)
         return 2
     try:
-        setup_logging(ns.quiet)
-        ns.func(ns)
+        with sigterm_unwinds():
+            setup_logging(ns.quiet)
+            ns.func(ns)
     except (SparsezipError, OSError, MemoryError) as e:
         print_error(e)
         return 1
     except KeyboardInterrupt:
         print("sparsezip: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("sparsezip: terminated", file=sys.stderr)
+        return 143
     return 0
