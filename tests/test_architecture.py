@@ -108,3 +108,30 @@ def test_only_formats_spells_the_stored_names(path):
                if isinstance(node, ast.Constant) and isinstance(node.value, str)
                and (node.value in FORMAT_NAMES or node.value.endswith(FORMAT_SUFFIXES))]
     assert spelled == [], f"{path.name} spells format names; use sparsezip.formats"
+
+
+def unsafe_loads(tree: ast.AST) -> list[str]:
+    """Calls that can execute code from a model folder: pickle loading, torch.load, remote code switched on."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        if name in ("torch.load", "pickle.load", "pickle.loads", "pickle.Unpickler", "torch.jit.load"):
+            found.append(name)
+        for keyword in node.keywords:
+            if keyword.arg in ("trust_remote_code", "allow_pickle", "weights_only") and \
+                    ast.unparse(keyword.value) != ("True" if keyword.arg == "weights_only" else "False"):
+                found.append(f"{name}({keyword.arg}={ast.unparse(keyword.value)})")
+    return found
+
+
+def test_the_unsafe_load_finder_finds_them():
+    code = "torch.load(f)\nAutoTokenizer.from_pretrained(d, trust_remote_code=True)\nnp.load(f, allow_pickle=True)"
+    assert unsafe_loads(ast.parse(code)) == ["torch.load", "AutoTokenizer.from_pretrained(trust_remote_code=True)",
+                                             "np.load(allow_pickle=True)"]
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_nothing_runs_code_from_a_model_folder(path):
+    assert unsafe_loads(ast.parse(path.read_text(encoding="utf-8"))) == []

@@ -173,6 +173,14 @@ def test_folder_without_config_json(capsys, command, tmp_path, pipe, text_file):
     assert "config.json" in line
 
 
+@pytest.mark.parametrize("command", ["sparsify", "run"])
+def test_pickle_only_weights_are_never_loaded(capsys, command, tmp_path, pipe, text_file):
+    folder = clone(pipe.dense, tmp_path / "model")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # any bytes: they must not be read
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+    assert "pytorch_model.bin" in line and "pickle" in line and "safetensors" in line
+
+
 @pytest.mark.parametrize("command", ["sparsify", "compress", "run", "eval"])
 def test_unsupported_architecture(capsys, command, tmp_path, pipe, text_file):
     source = {"compress": pipe.sparse, "run": pipe.packed}.get(command, pipe.dense)

@@ -44,6 +44,7 @@ SIDE_FILES = (
     "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
 )
 PART_DIR = re.compile(r"^part(\d+)-of-(\d+)$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save/pickle files: never loaded
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 WEIGHT, INDEX, INFO, OUTDIM = ".weight", ".index", ".info", ".weight.outdim"
 
@@ -115,6 +116,11 @@ def weight_files(model_dir: Path) -> list[Path]:
         return [model_dir / f for f in sorted(set(weight_map.values()))]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
+        pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise SparsezipError(f"{model_dir} holds only pickle weights ({', '.join(pickles[:3])}), which can run code "
+                                 "when loaded and are never read here; convert them to safetensors first, e.g. with "
+                                 "transformers' save_pretrained(..., safe_serialization=True) on a machine you trust")
         raise SparsezipError(f"{model_dir} has no .safetensors weights (only safetensors checkpoints are supported)")
     return files
 
