@@ -588,3 +588,29 @@ def test_a_running_processs_temporary_folder_is_left_alone(capsys, pipe, tmp_pat
     succeeds(capsys, ["sparsify", "--model_path", pipe.dense, "--save_path", tmp_path / "s", "--method",
                       "magnitude"])
     assert not dead.exists() and alive.is_dir() and other.is_dir()
+
+
+# ----------------------------------------------------------------------------- resource faults
+
+
+def run_with_file_size_limit(argv: list, limit: int) -> subprocess.CompletedProcess:
+    """The CLI in a process that cannot write files beyond `limit` bytes: every write past it fails (EFBIG), the
+    way a full disk fails writes, without filling one."""
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from sparsezip.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
+                          env=cli_env(), timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sparsify", "compress"])
+def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(command, pipe, text_file, tmp_path):
+    out = tmp_path / "out"
+    argv = commands_on(pipe.sparse if command == "compress" else pipe.dense, text_file, out)[command]
+    result = run_with_file_size_limit(["-q", *argv], limit=20_000)  # the tiny model's weights are ~100 kB
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and lines[-1].startswith("sparsezip: error: "), result.stderr
+    assert "File too large" in lines[-1], lines[-1]
+    assert not out.exists() and leftovers(tmp_path) == []

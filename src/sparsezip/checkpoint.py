@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .config import write_json
@@ -125,6 +126,14 @@ def to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with a failed write (disk full, file too large) as a one-line error."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise SparsezipError(f"could not write {path}: {e}") from None
+
+
 class ShardedWriter:
     """Writes tensors as they are produced into safetensors files of at most `max_bytes` each.
 
@@ -149,7 +158,7 @@ class ShardedWriter:
     def flush(self) -> None:
         if self.pending:
             chunk = self.folder / f".{self.stem}.chunk{len(self.chunks)}"
-            save_file(self.pending, str(chunk))
+            save_tensors(self.pending, chunk)
             self.chunks.append(chunk)
             self.pending, self.pending_bytes = {}, 0
 

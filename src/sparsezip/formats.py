@@ -14,9 +14,8 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import TensorReader
+from .checkpoint import TensorReader, save_tensors
 from .codec import EncodedWeight
 from .config import ModelArgs, read_json, write_json
 from .errors import SparsezipError
@@ -332,5 +331,5 @@ def write_part(part_dir: Path, entries: dict[str, torch.Tensor | EncodedWeight],
         else:
             tensors[name] = value
             desc.add(name, FLOAT)
-    save_file(tensors, str(part_dir / COMPRESSED_FILE))
+    save_tensors(tensors, part_dir / COMPRESSED_FILE)
     write_description(part_dir, desc)
