@@ -110,19 +110,24 @@ def source_folder(model: str, work: Path) -> Path:
     return make_large_model(work / "random1.2b-fp16", demo_model_dir())
 
 
-def prune_and_pack(dense: Path, work: Path, rounding: str, codec: str, name: str) -> Path:
-    """`dense` pruned to 50% by magnitude (with `rounding`) and compressed with `codec`, cached as work/name."""
-    packed = work / name
-    if not packed.exists():
-        pruned = work / f"{name}.pruned"
-        if not pruned.exists():
-            print(f"  magnitude 50%, rounding {rounding}: {dense.name}", file=sys.stderr, flush=True)
-            sparsezip_cli("sparsify", "--model_path", str(dense), "--save_path", str(pruned), "--method",
-                          "magnitude", "--sparsity", "0.5", "--rounding", rounding, "--overwrite")
-        print(f"  compress ({codec}): {name}", file=sys.stderr, flush=True)
-        sparsezip_cli("compress", "--model_path", str(pruned), "--save_directory", str(packed), "--codec", codec,
-                      "--overwrite")
-    return packed
+def pruned(dense: Path, work: Path, rounding: str) -> Path:
+    """`dense` pruned to 50% by magnitude with `rounding`, cached as work/magnitude50-<rounding>."""
+    folder = work / f"magnitude50-{rounding}"
+    if not folder.exists():
+        print(f"  magnitude 50%, rounding {rounding}: {dense.name}", file=sys.stderr, flush=True)
+        sparsezip_cli("sparsify", "--model_path", str(dense), "--save_path", str(folder), "--method", "magnitude",
+                      "--sparsity", "0.5", "--rounding", rounding, "--overwrite")
+    return folder
+
+
+def packed(dense: Path, work: Path, rounding: str, codec: str) -> Path:
+    """The 50% folder of `rounding` compressed with `codec`, cached as work/packed-<rounding>-<codec>."""
+    folder = work / f"packed-{rounding}-{codec}"
+    if not folder.exists():
+        print(f"  compress ({codec}): {folder.name}", file=sys.stderr, flush=True)
+        sparsezip_cli("compress", "--model_path", str(pruned(dense, work, rounding)), "--save_directory",
+                      str(folder), "--codec", codec, "--overwrite")
+    return folder
 
 
 def prepare(model: str, work: Path, with_llamacpp: bool) -> dict[str, Path]:
@@ -131,11 +136,11 @@ def prepare(model: str, work: Path, with_llamacpp: bool) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     dense = source_folder(model, work)
     folders = {"dense": dense,
-               "packed_fp16": prune_and_pack(dense, root, "none", "nibble-v3", "packed-fp16-nibble"),
-               "packed_nibble": prune_and_pack(dense, root, "l2", "nibble-v3", "packed-l2-nibble"),
-               "packed_huff": prune_and_pack(dense, root, "l2", "huff-v2", "packed-l2-huff")}
-    for name in ("packed-fp16-nibble", "packed-l2-nibble"):
-        shutil.rmtree(root / f"{name}.pruned", ignore_errors=True)
+               "packed_fp16": packed(dense, root, "none", "nibble-v3"),
+               "packed_nibble": packed(dense, root, "l2", "nibble-v3"),
+               "packed_huff": packed(dense, root, "l2", "huff-v2")}
+    for rounding in ("none", "l2"):  # every packed folder exists: the pruned ones only take disk space now
+        shutil.rmtree(root / f"magnitude50-{rounding}", ignore_errors=True)
     if with_llamacpp:
         gguf_dir = root / "gguf"
         if not all((gguf_dir / f"{q}.gguf").exists() for q in llamacpp.QTYPES):
