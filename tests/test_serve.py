@@ -28,7 +28,9 @@ from transformers import AutoTokenizer
 from sparsezip.errors import SparsezipError
 from sparsezip.generate import Generation, SamplingParams, chat_ids, generate_batch, stop_ids
 from sparsezip.runtime import load_model
-from sparsezip.serve import ApiError, Engine, Job, listen, stream_events, wait_done
+from sparsezip.cli import main
+from sparsezip.openai_api import ApiError, ServerInfo, ServerLimits
+from sparsezip.serve import Engine, Job, build_app, listen, loopback_only, stream_events, wait_done
 from sparsezip.tp import Dist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +259,8 @@ def test_sampling_with_a_seed_repeats_and_takes_the_extensions(server):
     (b'{"prompt": "Hello", "max_tokens": 0}', 400, "at least 1"),
     (b'{"prompt": "Hello", "n": 2}', 400, "n must be 1"),
     (b'{"prompt": "Hello", "model": "no-such-model"}', 404, "does not exist"),
-    (b'{"prompt": "Hello", "max_tokens": 100000}', 400, "context"),
+    (b'{"prompt": "Hello", "max_tokens": 100000}', 400, "over this server's limit of 4096"),
+    (b'{"prompt": "Hello", "max_tokens": 300}', 400, "context"),
     (json.dumps({"prompt": "word " * 400}).encode(), 400, "context"),
 ])
 def test_malformed_completion_gets_a_json_error(server, body, status, words):
@@ -388,6 +391,121 @@ def test_a_busy_port_is_a_one_line_error():
             listen("127.0.0.1", taken.getsockname()[1])
 
 
+def call_app(app, method: str, path: str, body: bytes = b"", **headers: str) -> tuple[int, dict]:
+    """(status, JSON body) of one request handed straight to the ASGI application, as uvicorn would."""
+    async def exchange() -> tuple[int, dict]:
+        sent = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "headers": [(k.replace("_", "-").lower().encode(), v.encode()) for k, v in headers.items()],
+                 "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+    return asyncio.run(exchange())
+
+
+def test_the_limits_and_the_api_key_are_enforced_before_any_work(reference):
+    limits = ServerLimits(max_tokens=16, max_queue=4, max_body_bytes=400, api_key="s3cret")
+    engine = Engine(reference.model, reference.tokenizer, Dist(), reference.eos, 8, limits.max_queue)  # not started
+    app = build_app(engine, reference.tokenizer, ServerInfo("m", SamplingParams(), 256, 0, limits))
+    key = {"authorization": "Bearer s3cret"}
+    small = json.dumps({"prompt": PROMPT, "max_tokens": 17}).encode()
+
+    def post(body: bytes, **headers: str) -> tuple[int, dict]:
+        return call_app(app, "POST", "/v1/completions", body, content_type="application/json", **headers)
+
+    assert call_app(app, "GET", "/health") == (200, {"status": "ok"})  # open to probes without a key
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+        status, answer = call_app(app, "GET", "/v1/models", **headers)
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert post(small, content_length=str(len(small)))[0] == 401
+    assert call_app(app, "GET", "/v1/models", **key)[0] == 200
+    status, answer = post(small, content_length=str(len(small)), **key)
+    assert status == 400 and "max_tokens 17 is over this server's limit of 16" in answer["error"]["message"]
+    big = json.dumps({"prompt": "word " * 100}).encode()
+    status, answer = post(big, content_length=str(len(big)), **key)
+    assert status == 413 and "limit of 400 bytes" in answer["error"]["message"]
+    assert post(small, **key)[0] == 411  # no Content-Length: the size is unknown until read
+    assert post(small, content_length="12x", **key)[0] == 413
+    assert engine.jobs.empty()  # nothing reached the model
+
+
+def test_a_full_queue_answers_429(reference):
+    engine = Engine(reference.model, reference.tokenizer, Dist(), reference.eos, 8, max_queue=2)  # not started
+    job = lambda: Job([[1, 2]], SamplingParams(max_new_tokens=2), False, None)  # noqa: E731
+    engine.submit(job())
+    engine.submit(job())
+    with pytest.raises(ApiError) as full:
+        engine.submit(job())
+    assert full.value.status == 429 and full.value.code == "rate_limit_exceeded"
+
+
+class Counting(FailingOnce):
+    """The model, counting its forward passes."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.armed, self.calls = False, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def test_a_client_that_goes_away_stops_its_generation(reference):
+    model = Counting(reference.model)
+    engine = Engine(model, reference.tokenizer, Dist(), set(), max_batch_size=8)  # no end token: 200 steps
+    params = SamplingParams(max_new_tokens=200)
+
+    async def read_two_chunks_then_leave() -> None:
+        job = Job([completion_ids(reference, PROMPT)], params, True, asyncio.get_running_loop())
+        engine.submit(job)
+        events = stream_events(job, "cmpl-1", "m", chat=False, include_usage=False)
+        await events.__anext__()
+        await events.__anext__()
+        await events.aclose()  # what the server does to the stream of a client that disconnected
+        while (await job.events.get())[0] == "text":  # the worker ends the job early
+            pass
+
+    engine.start()
+    try:
+        asyncio.run(read_two_chunks_then_leave())
+        assert model.calls < 20, model.calls  # the prompt, the two tokens read, and a step or two in flight
+        ids = completion_ids(reference, PROMPT)
+
+        async def ask() -> Generation:
+            job = Job([ids], SamplingParams(max_new_tokens=4), False, asyncio.get_running_loop())
+            engine.submit(job)
+            return (await wait_done(job))[0]
+
+        want = generate_batch(reference.model, reference.tokenizer, [ids], SamplingParams(max_new_tokens=4), set())
+        assert asyncio.run(ask()).text == want[0].text  # and it serves the next client as before
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("0.0.0.0", False), ("::", False)])
+def test_only_loopback_addresses_count_as_private(host, loopback):
+    assert loopback_only(host) is loopback
+
+
+def test_serving_to_other_machines_needs_a_key_or_an_explicit_flag(capsys, model_dir, monkeypatch):
+    monkeypatch.delenv("SPARSEZIP_API_KEY", raising=False)
+    assert main(["serve", "--model_path", str(model_dir), "--host", "0.0.0.0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--api_key" in err[0] and "--allow_unauthenticated" in err[0], err
+
+
 @pytest.mark.slow
 def test_tensor_parallel_server_answers_like_one_process(launched, reference):
     srv = wait_ready(launched[2])
@@ -409,6 +527,46 @@ def test_tensor_parallel_server_answers_like_one_process(launched, reference):
     # both ranks stop on Ctrl-C without a traceback; torchrun itself reports the signal with one of its own
     assert "sparsezip: interrupted" in log, log[-3000:]
     assert "Exception in thread" not in log and log.count("Traceback") == log.count("SignalException: Process")
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
+
+
+def test_soak_streaming_clients_some_leaving_midway(server, reference):
+    """Rounds of concurrent streaming clients, every third one disconnecting after its first piece: all others get
+    their whole answer, nothing fails, and the server's memory does not grow round after round."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [PROMPT, "Mr. Darcy said", "Anne Elliot walked", "Hello there"]
+    wants = {p: reference(completion_ids(reference, p), 24).text for p in prompts}
+
+    def client_session(i: int) -> tuple[str, str | None]:
+        stream = server.client().completions.create(model=server.model, prompt=prompts[i % 4], max_tokens=24,
+                                                    temperature=0, stream=True)
+        if i % 3 == 0:
+            next(iter(stream))
+            stream.close()  # hangs up mid-answer
+            return prompts[i % 4], None
+        return prompts[i % 4], "".join(c.choices[0].text for c in stream if c.choices)
+
+    def soak_round(clients: int) -> list[tuple[str, str | None]]:
+        with ThreadPoolExecutor(clients) as pool:
+            return list(pool.map(client_session, range(clients)))
+
+    soak_round(6)  # warm-up: first requests grow the allocator's pools
+    before = rss_mib(server.proc.pid)
+    answers = [a for _ in range(4) for a in soak_round(12)]
+    after = rss_mib(server.proc.pid)
+    finished = [(p, text) for p, text in answers if text is not None]
+    assert len(answers) == 48 and len(finished) == 32
+    assert all(text == wants[p] for p, text in finished)
+    assert after - before < 64, (before, after)
+    print(f"soak: 4 rounds x 12 streaming clients, 16 disconnected mid-stream, 32 whole answers, 0 errors; "
+          f"server RSS {before:.0f} -> {after:.0f} MiB")
+    assert http("GET", f"{server.url}/health")[0] == 200
+    assert "Traceback" not in server.log.read_text(errors="replace")
 
 
 def test_ctrl_c_stops_the_server_cleanly(server):

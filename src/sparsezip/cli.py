@@ -180,12 +180,15 @@ def cmd_chat(ns: argparse.Namespace, dist) -> None:
 
 @inference
 def cmd_serve(ns: argparse.Namespace, dist) -> None:
-    from .serve import serve
+    from .openai_api import ServerLimits
+    from .serve import check_exposure, serve
 
+    limits = ServerLimits(ns.max_tokens_limit, ns.max_queue, ns.max_body_bytes, ns.api_key).check()
+    check_exposure(ns.host, limits, ns.allow_unauthenticated)  # before minutes of model loading
     defaults = sampling_params(ns, ns.max_new_tokens)
     model, tokenizer, _ = load_for_inference(ns, dist)
     serve(model, tokenizer, dist, ns.model_path, host=ns.host, port=ns.port, defaults=defaults,
-          model_name=ns.model_name or Path(ns.model_path).name, max_batch_size=ns.max_batch_size)
+          model_name=ns.model_name or Path(ns.model_path).name, max_batch_size=ns.max_batch_size, limits=limits)
 
 
 @inference
@@ -304,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     flag(p, "--model_name", default=None, help="model id reported by /v1/models (default: the folder's name)")
     flag(p, "--max_new_tokens", type=int, default=256, help="default max_tokens of a request (default: 256)")
     flag(p, "--max_batch_size", type=int, default=8, help="requests decoded together (default: 8)")
+    flag(p, "--api_key", default=os.environ.get("SPARSEZIP_API_KEY"),
+         help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $SPARSEZIP_API_KEY, "
+              "which keeps the key out of the process list)")
+    flag(p, "--allow_unauthenticated", action="store_true",
+         help="serve on a non-loopback --host without an API key (refused otherwise)")
+    flag(p, "--max_tokens_limit", type=int, default=4096, help="largest max_tokens a request may ask (default: 4096)")
+    flag(p, "--max_queue", type=int, default=64,
+         help="requests waiting or generating at once; more are answered 429 (default: 64)")
+    flag(p, "--max_body_bytes", type=int, default=1 << 20,
+         help="largest request body; larger ones are answered 413 (default: 1048576)")
     add_generation_flags(p)
     p.set_defaults(func=cmd_serve)
 

@@ -143,8 +143,10 @@ class TextStream:
 
 @torch.no_grad()
 def generate_batch(model: Transformer, tokenizer, prompts: list[list[int]], params: SamplingParams,
-                   eos: set[int], on_text: OnText | None = None, max_batch_size: int = 8) -> list[Generation]:
-    """Generate for every prompt, `max_batch_size` prompts at a time (left-padded into one batch)."""
+                   eos: set[int], on_text: OnText | None = None, max_batch_size: int = 8,
+                   cancelled: Callable[[], bool] | None = None) -> list[Generation]:
+    """Generate for every prompt, `max_batch_size` prompts at a time (left-padded into one batch); stop early,
+    with what is there, as soon as `cancelled()` says nobody waits for the answers any more."""
     params.check()
     if max_batch_size < 1:
         raise SparsezipError(f"--max_batch_size must be at least 1, got {max_batch_size}")
@@ -154,12 +156,12 @@ def generate_batch(model: Transformer, tokenizer, prompts: list[list[int]], para
     for start in range(0, len(prompts), max_batch_size):
         chunk = prompts[start:start + max_batch_size]
         emit = None if on_text is None else (lambda i, text, base=start: on_text(base + i, text))
-        results += _generate_chunk(model, tokenizer, chunk, params, eos, emit)
+        results += _generate_chunk(model, tokenizer, chunk, params, eos, emit, cancelled)
     return results
 
 
 def _generate_chunk(model: Transformer, tokenizer, prompts: list[list[int]], params: SamplingParams,
-                    eos: set[int], on_text: OnText | None) -> list[Generation]:
+                    eos: set[int], on_text: OnText | None, cancelled: Callable[[], bool] | None) -> list[Generation]:
     device = model.model.norm.weight.device
     batch, width = len(prompts), max(map(len, prompts))
     total = width + params.max_new_tokens
@@ -185,7 +187,7 @@ def _generate_chunk(model: Transformer, tokenizer, prompts: list[list[int]], par
             for step in range(params.max_new_tokens):
                 next_ids = sampler.pick(logits)  # [B]
                 take_tokens(next_ids.tolist(), streams, finish, eos, on_text)
-                if all(finish) or step == params.max_new_tokens - 1:
+                if all(finish) or step == params.max_new_tokens - 1 or (cancelled is not None and cancelled()):
                     break
                 slot = torch.tensor([width + step], device=device)
                 logits = model(next_ids[:, None], slot, key_padding, positions=(slot - pads)[:, None])[:, -1]

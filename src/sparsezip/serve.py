@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hmac
+import ipaddress
 import json
 import logging
 import queue
@@ -17,14 +19,16 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Literal
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Literal
 
-from pydantic import BaseModel, Field
+from fastapi import Request  # at module level: FastAPI resolves handler annotations here
 
 from .errors import SparsezipError
 from .generate import Generation, SamplingParams, chat_ids, generate_batch, stop_ids
 from .model import Transformer
+from .openai_api import (ApiError, ChatRequest, CompletionRequest, ServerInfo, ServerLimits, chat_body,
+                         completion_body, message_text, sampling_for, sse, usage)
 from .tp import Dist, broadcast_object
 
 log = logging.getLogger("sparsezip")
@@ -32,6 +36,7 @@ log = logging.getLogger("sparsezip")
 # an idle rank 0 broadcasts a no-op this often, so that the other ranks' blocking receive never reaches the
 # process group's timeout (30 minutes for gloo) while nobody sends requests
 KEEPALIVE_S = 60.0
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
 
 
 # ---------------------------------------------------------------- jobs and the model's worker thread
@@ -45,6 +50,7 @@ class Job:
     stream: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # its client has gone
 
     def send(self, event: tuple) -> None:
         """Hand an event to the request's handler; called from the worker thread."""
@@ -72,9 +78,11 @@ def batchable(a: SamplingParams, b: SamplingParams) -> bool:
 class Engine:
     """The worker thread that owns the model; `submit` is safe from any thread."""
 
-    def __init__(self, model: Transformer, tokenizer, dist: Dist, eos: set[int], max_batch_size: int):
+    def __init__(self, model: Transformer, tokenizer, dist: Dist, eos: set[int], max_batch_size: int,
+                 max_queue: int = ServerLimits.max_queue):
         self.model, self.tokenizer, self.dist, self.eos = model, tokenizer, dist, eos
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.slots = threading.BoundedSemaphore(max_queue)  # one per job waiting or generating
         self.jobs: queue.Queue[Job | None] = queue.Queue()  # None asks the worker to stop
         self.thread = threading.Thread(target=self._run, name="sparsezip-model", daemon=True)
 
@@ -82,7 +90,15 @@ class Engine:
         self.thread.start()
 
     def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it with a 429 when max_queue jobs are waiting or generating already."""
+        if not self.slots.acquire(blocking=False):
+            raise ApiError(429, f"the server is busy ({self.max_queue} requests waiting or running); try again "
+                                "later", "rate_limit_exceeded")
         self.jobs.put(job)
+
+    def _finish(self, job: Job, event: tuple) -> None:
+        job.send(event)
+        self.slots.release()
 
     def close(self) -> None:
         """Finish the batch in progress, refuse the jobs still waiting, release the other ranks."""
@@ -94,7 +110,7 @@ class Engine:
         while self._collect(waiting):
             self._generate(self._take_batch(waiting))
         for job in waiting:
-            job.send(("error", 503, "the server is shutting down"))
+            self._finish(job, ("error", 503, "the server is shutting down"))
         self._tell_followers(Work("stop"))
 
     def _collect(self, waiting: list[Job]) -> bool:
@@ -139,6 +155,11 @@ class Engine:
         return batch
 
     def _generate(self, batch: list[Job]) -> None:
+        for job in [job for job in batch if job.cancelled.is_set()]:  # gone while waiting: nothing to do
+            batch.remove(job)
+            self._finish(job, ("error", 499, "the client closed the request"))
+        if not batch:
+            return
         prompts = [p for job in batch for p in job.prompts]
         owner = [(job, i) for job in batch for i in range(len(job.prompts))]  # batch row -> (job, its prompt)
 
@@ -147,19 +168,24 @@ class Engine:
             if job.stream:
                 job.send(("text", i, text))
 
+        def all_gone() -> bool:
+            return all(job.cancelled.is_set() for job in batch)
+
         params = batch[0].params
         try:
             broadcast_object(Work("generate", tuple(map(tuple, prompts)), params), self.dist)
+            # under TP every rank must run the same steps, and only rank 0 knows of the clients: no early stop
             gens = generate_batch(self.model, self.tokenizer, prompts, params, self.eos,
-                                  on_text if any(job.stream for job in batch) else None, self.max_batch_size)
+                                  on_text if any(job.stream for job in batch) else None, self.max_batch_size,
+                                  cancelled=all_gone if self.dist.size == 1 else None)
         except Exception as e:  # noqa: BLE001 - any failure becomes a 500 for these requests, never a dead worker
             log.exception("generation failed")
             for job in batch:
-                job.send(("error", 500, f"generation failed: {' '.join(str(e).split()) or type(e).__name__}"))
+                self._finish(job, ("error", 500, f"generation failed: {' '.join(str(e).split()) or type(e).__name__}"))
             return
         start = 0
         for job in batch:
-            job.send(("done", gens[start:start + len(job.prompts)]))
+            self._finish(job, ("done", gens[start:start + len(job.prompts)]))
             start += len(job.prompts)
 
 
@@ -177,138 +203,17 @@ def follow(model: Transformer, tokenizer, dist: Dist, eos: set[int], max_batch_s
                 pass
 
 
-# ---------------------------------------------------------------- request bodies (OpenAI's fields)
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class Sampling(BaseModel):
-    """Fields shared by both endpoints; those not given take the server's command-line settings."""
-
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # extension
-    repetition_penalty: float | None = None  # extension
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class CompletionRequest(Sampling):
-    prompt: str | list[str]
-    echo: bool = False
-    logprobs: int | None = None
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
-    logprobs: bool = False
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON error object."""
-
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-    @property
-    def type(self) -> str:
-        return "server_error" if self.status >= 500 else "invalid_request_error"
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    """What the request handlers need to know besides the engine."""
-
-    model_name: str
-    defaults: SamplingParams
-    context: int  # the model's context length in tokens (prompt + new tokens)
-    created: int
-
-
-def sampling_for(req, info: ServerInfo, prompts: list[list[int]], max_tokens: int | None) -> SamplingParams:
-    """The request's SamplingParams, checked against the settings' limits and the model's context."""
-    if req.model not in (None, info.model_name):
-        raise ApiError(404, f"model {req.model!r} does not exist; this server serves {info.model_name!r}",
-                       "model_not_found")
-    if req.n != 1:
-        raise ApiError(400, f"n must be 1 (this server returns one choice per prompt), got {req.n}")
-    if any(not p for p in prompts):
-        raise ApiError(400, "a prompt is empty after tokenization")
-    room = info.context - max(map(len, prompts))
-    if room < 1:
-        raise ApiError(400, f"the prompt has {max(map(len, prompts))} tokens; the model's context is "
-                            f"{info.context} tokens", "context_length_exceeded")
-    if max_tokens is None:  # the server's default, shortened to what still fits in the context
-        max_tokens = min(info.defaults.max_new_tokens, room)
-    elif max_tokens > room:
-        raise ApiError(400, f"the prompt ({info.context - room} tokens) plus max_tokens ({max_tokens}) exceed the "
-                            f"model's context of {info.context} tokens", "context_length_exceeded")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop) if req.stop is not None else None
-    given = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
-             "repetition_penalty": req.repetition_penalty, "stop": stop, "seed": req.seed}
-    params = replace(info.defaults, **{k: v for k, v in given.items() if v is not None})
-    try:
-        params.check()
-    except SparsezipError as e:
-        raise ApiError(400, str(e)) from None
-    return params
-
-
-def message_text(content) -> str:
-    return content if isinstance(content, str) else "".join(part.text for part in content)
-
-
-# ---------------------------------------------------------------- responses
-
-def usage(gens: list[Generation]) -> dict:
-    prompt, completion = sum(g.prompt_tokens for g in gens), sum(len(g.tokens) for g in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def completion_body(rid: str, model: str, gens: list[Generation]) -> dict:
-    choices = [{"index": i, "text": g.text, "logprobs": None, "finish_reason": g.finish_reason}
-               for i, g in enumerate(gens)]
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage(gens)}
-
-
-def chat_body(rid: str, model: str, gen: Generation) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "logprobs": None,
-              "finish_reason": gen.finish_reason}
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage([gen])}
-
-
-def sse(chunk: dict | str) -> str:
-    """One server-sent event."""
-    return f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
-
-
-async def wait_done(job: Job) -> list[Generation]:
-    """The job's generations, once the worker is done (text events of a streamed job are skipped)."""
+async def wait_done(job: Job, disconnected: Callable[[], Awaitable[bool]] | None = None) -> list[Generation]:
+    """The job's generations, once the worker is done (text events of a streamed job are skipped). When the client
+    `disconnected`, the job is cancelled: the worker stops generating for nobody."""
     while True:
-        event = await job.events.get()
+        try:
+            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S if disconnected else None)
+        except asyncio.TimeoutError:
+            if await disconnected():
+                job.cancelled.set()
+                raise ApiError(499, "the client closed the request") from None
+            continue
         if event[0] == "done":
             return event[1]
         if event[0] == "error":
@@ -329,31 +234,70 @@ async def stream_events(job: Job, rid: str, model: str, chat: bool, include_usag
             return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
         return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    if chat:  # OpenAI's first chat chunk announces the role
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
-    while True:
-        event = await job.events.get()
-        if event[0] == "text":
-            yield chunk([piece(event[1], event[2])])
-        elif event[0] == "error":  # the status line has gone out already: report it in the stream
-            yield sse(ApiError(event[1], event[2]).body())
-            break
-        else:
-            gens = event[1]
-            for i, g in enumerate(gens):
-                yield chunk([piece(i, None, g.finish_reason)])
-            if include_usage:
-                yield chunk([], usage=usage(gens))
-            break
-    yield sse("[DONE]")
+    try:
+        if chat:  # OpenAI's first chat chunk announces the role
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        while True:
+            event = await job.events.get()
+            if event[0] == "text":
+                yield chunk([piece(event[1], event[2])])
+            elif event[0] == "error":  # the status line has gone out already: report it in the stream
+                yield sse(ApiError(event[1], event[2]).body())
+                break
+            else:
+                gens = event[1]
+                for i, g in enumerate(gens):
+                    yield chunk([piece(i, None, g.finish_reason)])
+                if include_usage:
+                    yield chunk([], usage=usage(gens))
+                break
+        yield sse("[DONE]")
+    finally:  # also when the client disconnected and the server closed this generator mid-stream
+        job.cancelled.set()
+
+
+class Gate:
+    """ASGI middleware that refuses a request before its body is read: without the API key (401), a POST without
+    Content-Length (411), or a body over the limit (413). Answers are OpenAI's JSON error objects."""
+
+    def __init__(self, app, limits: ServerLimits):
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(refusal.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if refusal.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def refusal(self, scope) -> ApiError | None:
+        headers = dict(scope["headers"])  # ASGI gives lower-case names
+        key = self.limits.api_key
+        if key and scope["path"] != "/health" and not hmac.compare_digest(
+                headers.get(b"authorization", b""), f"Bearer {key}".encode()):
+            return ApiError(401, "a valid API key is required: send the header Authorization: Bearer <key>",
+                            "invalid_api_key")
+        if scope["method"] == "POST":
+            length = headers.get(b"content-length")
+            if length is None:
+                return ApiError(411, "send the request body with a Content-Length header")
+            if not length.isdigit() or int(length) > self.limits.max_body_bytes:
+                return ApiError(413, f"the request body is over this server's limit of "
+                                     f"{self.limits.max_body_bytes} bytes")
+        return None
 
 
 # ---------------------------------------------------------------- the application
 
 def build_app(engine: Engine, tokenizer, info: ServerInfo):
     """The FastAPI application. `tokenizer` must be used by this event loop only (the worker has its own)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -377,6 +321,10 @@ def build_app(engine: Engine, tokenizer, info: ServerInfo):
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:  # unknown path, wrong method
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:  # the trace goes to the log, never to clients
+        return JSONResponse(ApiError(500, "internal server error").body(), status_code=500)
+
     async def run(prompts: list[list[int]], params: SamplingParams, stream: bool) -> Job:
         job = Job(prompts, params, stream, asyncio.get_running_loop())
         engine.submit(job)
@@ -392,7 +340,7 @@ def build_app(engine: Engine, tokenizer, info: ServerInfo):
                                             "owned_by": "sparsezip"}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         if req.echo or req.logprobs:
             raise ApiError(400, "echo and logprobs are not supported")
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -405,10 +353,10 @@ def build_app(engine: Engine, tokenizer, info: ServerInfo):
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(job, rid, info.model_name, False, include),
                                      media_type="text/event-stream")
-        return completion_body(rid, info.model_name, await wait_done(job))
+        return completion_body(rid, info.model_name, await wait_done(job, request.is_disconnected))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         if req.logprobs:
             raise ApiError(400, "logprobs are not supported")
         # "developer" is OpenAI's newer name for "system"; chat templates know only the older one
@@ -427,9 +375,9 @@ def build_app(engine: Engine, tokenizer, info: ServerInfo):
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream_events(job, rid, info.model_name, True, include),
                                      media_type="text/event-stream")
-        return chat_body(rid, info.model_name, (await wait_done(job))[0])
+        return chat_body(rid, info.model_name, (await wait_done(job, request.is_disconnected))[0])
 
-    return app
+    return Gate(app, info.limits)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -443,9 +391,27 @@ def listen(host: str, port: int) -> socket.socket:
                              "another program uses this one") from None
 
 
+def loopback_only(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback (127.0.0.1, ::1, localhost)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:  # `listen` reports an unknown host with its own words
+        return True
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_exposure(host: str, limits: ServerLimits, allow_unauthenticated: bool) -> None:
+    """Refuse to let other machines reach a server without an API key unless the user insists."""
+    if not (limits.api_key or allow_unauthenticated or loopback_only(host)):
+        raise SparsezipError(f"--host {host} lets other machines reach this server: set --api_key (or "
+                             "$SPARSEZIP_API_KEY), or pass --allow_unauthenticated to serve without a key anyway")
+
+
 def serve(model: Transformer, tokenizer, dist: Dist, model_path, host: str = "127.0.0.1", port: int = 8000,
-          defaults: SamplingParams = SamplingParams(), model_name: str = "sparsezip", max_batch_size: int = 8) -> None:
+          defaults: SamplingParams = SamplingParams(), model_name: str = "sparsezip", max_batch_size: int = 8,
+          limits: ServerLimits = ServerLimits()) -> None:
     """Serve until Ctrl-C. Rank 0 runs the HTTP server; under torchrun the other ranks follow its worker."""
+    limits.check()
     if max_batch_size < 1:
         raise SparsezipError(f"--max_batch_size must be at least 1, got {max_batch_size}")
     eos = stop_ids(tokenizer, model_path)
@@ -459,8 +425,8 @@ def serve(model: Transformer, tokenizer, dist: Dist, model_path, host: str = "12
     except SparsezipError:
         broadcast_object(Work("stop"), dist)  # the other ranks wait for work: let them exit too
         raise
-    engine = Engine(model, tokenizer, dist, eos, max_batch_size)
-    info = ServerInfo(model_name, defaults, model.args.max_position_embeddings, int(time.time()))
+    engine = Engine(model, tokenizer, dist, eos, max_batch_size, limits.max_queue)
+    info = ServerInfo(model_name, defaults, model.args.max_position_embeddings, int(time.time()), limits)
     app = build_app(engine, copy.deepcopy(tokenizer), info)  # a Rust tokenizer must not be shared across threads
     quiet = not log.isEnabledFor(logging.INFO)
     config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet, lifespan="off",
