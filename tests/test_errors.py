@@ -385,14 +385,14 @@ def test_existing_output_is_refused_unless_overwrite(capsys, command, pipe, text
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
 @pytest.mark.parametrize("command", ["sparsify", "compress"])
-@pytest.mark.parametrize("target", ["input", "parent"])
+@pytest.mark.parametrize("target", ["input", "parent", "inside"])
 def test_output_over_the_input_is_refused_and_the_input_untouched(capsys, command, target, overwrite, pipe,
                                                                   text_file, tmp_path):
     folder = clone(pipe.sparse if command == "compress" else pipe.dense, tmp_path / "model" / "in")
     before = fingerprint(tmp_path / "model")
-    out = folder if target == "input" else folder.parent
+    out = {"input": folder, "parent": folder.parent, "inside": folder / "out"}[target]
     line = refused(capsys, commands_on(folder, text_file, out)[command] + overwrite, watch=(out,))
-    assert "would overwrite the input" in line
+    assert ("lies inside the input" if target == "inside" else "would overwrite the input") in line
     assert fingerprint(tmp_path / "model") == before
     assert leftovers(tmp_path) == []
 

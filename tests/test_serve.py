@@ -569,6 +569,32 @@ def test_soak_streaming_clients_some_leaving_midway(server, reference):
     assert "Traceback" not in server.log.read_text(errors="replace")
 
 
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (a child of the launcher with RANK=rank in its environment)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int(re.search(r"PPid:\s+(\d+)", (proc / "status").read_text())[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, TypeError):  # not a process, or gone meanwhile
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} under process {launcher}")
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_brings_the_tensor_parallel_server_down(model_dir, tmp_path):
+    srv = wait_ready(launch(model_dir, tmp_path / "tp.log", nproc=2))
+    try:
+        os.kill(rank_pid(srv.proc.pid, 1), signal.SIGKILL)
+        started = time.monotonic()
+        code = srv.proc.wait(timeout=120)  # never a hang: torchrun stops rank 0 and reports the failure
+        print(f"rank 1 killed: the server exited with {code} after {time.monotonic() - started:.1f} s")
+    finally:
+        stop_server(srv.proc)
+    assert code != 0
+
+
 def test_ctrl_c_stops_the_server_cleanly(server):
     """Last in this file: it stops the module's server."""
     assert server.client().models.list().data

@@ -216,6 +216,8 @@ def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path, ...]) -> P
         src = Path(src).resolve()
         if out == src or out in src.parents:
             raise SparsezipError(f"output {out} would overwrite the input {src}; choose another path")
+        if src in out.parents:  # the input would change under the run, and hold its own output afterwards
+            raise SparsezipError(f"output {out} lies inside the input {src}; choose a path outside it")
     if out.exists() and not overwrite:
         raise SparsezipError(f"{out} already exists; choose another path or pass --overwrite")
     return out
