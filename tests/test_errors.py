@@ -463,14 +463,16 @@ BAD_TEXTS = [
     ("binary.txt", b"\x7fELF\x02\x01\x01\x00" + bytes(200), "holds NUL characters"),
     ("empty.txt", b"", "tokens, fewer than"),
     ("digits.txt", b"1234567890", "tokens, fewer than"),
+    ("repeated.txt", b"the cat " * 2000, "distinct tokens"),
     ("broken.jsonl", b'{"text": "a"}\n{"text": \n', "broken.jsonl:2 is not valid JSON"),
     ("fieldless.jsonl", b'{"body": "a"}\n', "has no string field text or inputs_pretokenized"),
     ("missing.txt", None, "does not exist"),
 ]
 
 
+CALIBRATION_ONLY = ("repeated.txt",)  # any text can be evaluated; calibration needs varied text
 TEXT_CASES = [(command, *case) for command in ("sparsify", "eval") for case in BAD_TEXTS
-              if command == "sparsify" or not case[0].endswith(".jsonl")]  # eval reads plain text only
+              if command == "sparsify" or not (case[0].endswith(".jsonl") or case[0] in CALIBRATION_ONLY)]
 
 
 @pytest.mark.parametrize("command, name, data, expected", TEXT_CASES, ids=[f"{c}-{n}" for c, n, _, _ in TEXT_CASES])

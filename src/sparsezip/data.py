@@ -29,6 +29,9 @@ NEUTRAL_CONFIG_KEYS = {"backend", "tokenizer_class", "is_local", "local_files_on
 # ends one pre-token at the newline and starts the next at the letter, and BPE never merges across pre-tokens.
 SAFE_CUT = re.compile(r"(?<=\S\n)(?=[A-Za-z])")
 PIECES_PER_THREAD = 4  # several pieces per thread even out the threads' work
+# Calibration text with fewer distinct tokens (digits only, one repeated word) cannot stand for the inputs a model
+# sees; pruning on it runs for minutes and gives a broken model, so it is refused at once.
+MIN_DISTINCT_CALIBRATION_TOKENS = 32
 
 
 def read_jsonl(path: Path) -> list[str]:
@@ -162,6 +165,10 @@ def calibration_samples(tokenizer, files: list[Path], n_samples: int = 32, seqle
     samples = [s for s in samples if len(s) > 1]
     if not samples:
         raise SparsezipError("no calibration samples: give --calib files with text in them")
+    distinct = len(torch.unique(torch.cat(samples)))
+    if distinct < MIN_DISTINCT_CALIBRATION_TOKENS:
+        raise SparsezipError(f"the calibration samples hold only {distinct} distinct tokens (at least "
+                             f"{MIN_DISTINCT_CALIBRATION_TOKENS} needed): give varied text such as prose or code")
     return samples
 
 
