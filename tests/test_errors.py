@@ -446,6 +446,8 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--pattern", "1:3"], "1:3"),  # hidden 64, heads*head_dim 64, MLP 128: none divisible by 3
     (["--pattern", "2:256"], "2:256"),
     (["--calib_seqlen", "0"], "--calib_seqlen"),
+    (["--calib_seqlen", "100000"], "--calib_seqlen must be from 2 to the model's context of 256 tokens"),
+    (["--part_file_size", "0"], "--part_file_size must be above 0"),
     (["--calib_samples", "0"], "--calib_samples"),
 ], ids=lambda v: v if isinstance(v, str) else "=".join(v))
 def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_path):
@@ -486,6 +488,36 @@ def test_unusable_text_is_one_line_and_fast(capsys, command, name, data, expecte
             "eval": ["eval", "--model_path", pipe.dense, "--data", text, "--seqlen", "32"]}[command]
     line = refused(capsys, argv, out=out)
     assert expected in line and (name in line or "tokens" in line), line
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--seqlen", "0"], "--seqlen must be from 2 to the model's context of 256 tokens, got 0"),
+    (["--seqlen", "1"], "got 1"),
+    (["--seqlen", "100000"], "got 100000"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--max_windows", "0"], "--max_windows must be at least 1"),
+], ids=lambda v: v if isinstance(v, str) else "=".join(v))
+def test_bad_eval_options(capsys, option, expected, pipe, text_file):
+    line = refused(capsys, ["eval", "--model_path", pipe.packed, "--data", text_file, "--seqlen", "32"] + option)
+    assert expected in line
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error(capsys, port, pipe):
+    capsys.readouterr()
+    assert main(["serve", "--model_path", str(pipe.packed), "--port", port]) == 2
+    assert "a port is a number from 0 to 65535" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["sparsify", "run"])
+def test_a_damaged_tokenizer_is_one_line(capsys, command, tmp_path, pipe, text_file):
+    folder = clone(pipe.dense, tmp_path / "model")
+    (folder / "tokenizer.json").write_text("garbage{")
+    argv = commands_on(folder, text_file, tmp_path / "out")[command]
+    if command == "sparsify":
+        argv += ["--method", "wanda", "--calib", text_file, "--calib_samples", "2", "--calib_seqlen", "32"]
+    line = refused(capsys, argv, out=tmp_path / "out")
+    assert "the tokenizer files cannot be read" in line and str(folder) in line
 
 
 def test_quant_type_other_than_w16a16s(capsys, pipe, tmp_path, text_file):

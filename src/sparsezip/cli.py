@@ -40,6 +40,13 @@ def flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*names, **kwargs)
 
 
+def port_number(text: str) -> int:
+    port = int(text) if text.strip().isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, got {text!r}")
+    return port
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     flag(p, "--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -108,15 +115,14 @@ def cmd_compress(ns: argparse.Namespace) -> None:
 
 def load_for_inference(ns: argparse.Namespace, dist):
     """(model, tokenizer, device) for run, chat, serve and eval, on every folder kind."""
-    from transformers import AutoTokenizer
-
+    from .data import auto_tokenizer
     from .formats import check_model_dir
     from .runtime import load_model, pick_device
 
     check_model_dir(Path(ns.model_path))
     device = dist.device(pick_device(ns.device))
+    tokenizer = auto_tokenizer(ns.model_path)  # before the model: a damaged tokenizer should not cost a load
     model = load_model(Path(ns.model_path), device=device, dist=dist, weights=getattr(ns, "weights", layouts.AUTO))
-    tokenizer = AutoTokenizer.from_pretrained(ns.model_path)
     return model, tokenizer, device
 
 
@@ -193,9 +199,11 @@ def cmd_serve(ns: argparse.Namespace, dist) -> None:
 
 @inference
 def cmd_eval(ns: argparse.Namespace, dist) -> None:
+    from .config import ModelArgs
     from .data import eval_windows
-    from .evaluate import perplexity
+    from .evaluate import check_eval_settings, perplexity
 
+    check_eval_settings(ModelArgs.from_dir(ns.model_path), ns.seqlen, ns.batch_size, ns.max_windows)
     model, tokenizer, _ = load_for_inference(ns, dist)
     windows = eval_windows(tokenizer, ns.data, ns.seqlen, ns.max_windows)
     ppl = perplexity(model, windows, ns.batch_size, show_progress=dist.is_main)
@@ -303,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     flag(p, "--model_path", required=True, type=Path)
     flag(p, "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    flag(p, "--port", type=int, default=8000, help="port (default: 8000)")
+    flag(p, "--port", type=port_number, default=8000, help="port, 0 for any free one (default: 8000)")
     flag(p, "--model_name", default=None, help="model id reported by /v1/models (default: the folder's name)")
     flag(p, "--max_new_tokens", type=int, default=256, help="default max_tokens of a request (default: 256)")
     flag(p, "--max_batch_size", type=int, default=8, help="requests decoded together (default: 8)")

@@ -261,8 +261,11 @@ class SparsifyConfig:
                                  f"but this model's pruned linears have {', '.join(map(str, widths))}")
         if self.calib_samples < 1:
             raise SparsezipError(f"--calib_samples must be at least 1, got {self.calib_samples}")
-        if self.calib_seqlen < 2:
-            raise SparsezipError(f"--calib_seqlen must be at least 2 tokens, got {self.calib_seqlen}")
+        if not 2 <= self.calib_seqlen <= args.max_position_embeddings:
+            raise SparsezipError(f"--calib_seqlen must be from 2 to the model's context of "
+                                 f"{args.max_position_embeddings} tokens, got {self.calib_seqlen}")
+        if not self.part_file_size > 0:
+            raise SparsezipError(f"--part_file_size must be above 0 GB, got {self.part_file_size}")
         if self.rounding_mode not in ("l2", "none"):
             raise SparsezipError(f"--rounding must be l2 or none, got {self.rounding!r}")
         if self.owl is not None and (nm is not None or not method.calibrated):

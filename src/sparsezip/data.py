@@ -66,12 +66,21 @@ def read_text_file(path: Path) -> str:
 def load_tokenizer(model_dir: Path):
     """The tokenizer for calibration text: a `tokenizers.Tokenizer` read from tokenizer.json when that gives exactly
     the ids of transformers' AutoTokenizer (importing transformers alone costs seconds), else AutoTokenizer itself."""
-    tokenizer = plain_tokenizer(Path(model_dir))
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+    try:
+        tokenizer = plain_tokenizer(Path(model_dir))
+    except Exception as e:  # noqa: BLE001 - json and tokenizers raise many kinds on a damaged file
+        raise SparsezipError(f"{model_dir}: the tokenizer files cannot be read ({' '.join(str(e).split())})") from None
+    return tokenizer if tokenizer is not None else auto_tokenizer(model_dir)
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return tokenizer
+
+def auto_tokenizer(model_dir: Path):
+    """transformers' AutoTokenizer for a local folder (never remote code), a damaged file as a one-line error."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds on missing or damaged files
+        raise SparsezipError(f"{model_dir}: the tokenizer files cannot be read ({' '.join(str(e).split())})") from None
 
 
 def plain_tokenizer(model_dir: Path) -> Tokenizer | None:

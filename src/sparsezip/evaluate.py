@@ -8,7 +8,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .config import ModelArgs
+from .errors import SparsezipError
 from .model import Transformer
+
+
+def check_eval_settings(args: ModelArgs, seqlen: int, batch_size: int, max_windows: int | None) -> None:
+    """Refuse windows the model cannot score (a window predicts its tokens 2..L, within the context)."""
+    if not 2 <= seqlen <= args.max_position_embeddings:
+        raise SparsezipError(f"--seqlen must be from 2 to the model's context of {args.max_position_embeddings} "
+                             f"tokens, got {seqlen}")
+    if batch_size < 1:
+        raise SparsezipError(f"--batch_size must be at least 1, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise SparsezipError(f"--max_windows must be at least 1, got {max_windows}")
 
 
 @torch.no_grad()
