@@ -446,7 +446,6 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--pattern", "1:3"], "1:3"),  # hidden 64, heads*head_dim 64, MLP 128: none divisible by 3
     (["--pattern", "2:256"], "2:256"),
     (["--calib_seqlen", "0"], "--calib_seqlen"),
-    (["--calib_seqlen", "100000"], "--calib_seqlen must be from 2 to the model's context of 256 tokens"),
     (["--part_file_size", "0"], "--part_file_size must be above 0"),
     (["--calib_samples", "0"], "--calib_samples"),
 ], ids=lambda v: v if isinstance(v, str) else "=".join(v))
@@ -518,6 +517,15 @@ def test_a_damaged_tokenizer_is_one_line(capsys, command, tmp_path, pipe, text_f
         argv += ["--method", "wanda", "--calib", text_file, "--calib_samples", "2", "--calib_seqlen", "32"]
     line = refused(capsys, argv, out=tmp_path / "out")
     assert "the tokenizer files cannot be read" in line and str(folder) in line
+
+
+def test_calibration_windows_beyond_the_context_are_cut_to_it(capsys, caplog, pipe, text_file, tmp_path):
+    out = tmp_path / "s"
+    with caplog.at_level(logging.WARNING, logger="sparsezip"):
+        succeeds(capsys, ["sparsify", "--model_path", pipe.dense, "--save_path", out, "--method", "wanda", "--calib",
+                          text_file, "--calib_samples", "2", "--calib_seqlen", "100000"])
+    assert "cut from 100000 to the model's context of 256 tokens" in caplog.text
+    assert read_json(out / DESCRIPTION_FILE)["metadata"]["calibration_tokens"] == 2 * 256
 
 
 def test_quant_type_other_than_w16a16s(capsys, pipe, tmp_path, text_file):

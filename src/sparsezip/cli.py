@@ -115,11 +115,13 @@ def cmd_compress(ns: argparse.Namespace) -> None:
 
 def load_for_inference(ns: argparse.Namespace, dist):
     """(model, tokenizer, device) for run, chat, serve and eval, on every folder kind."""
+    from .config import ModelArgs
     from .data import auto_tokenizer
     from .formats import check_model_dir
     from .runtime import load_model, pick_device
 
     check_model_dir(Path(ns.model_path))
+    ModelArgs.from_dir(Path(ns.model_path))  # the config first: the tokenizer reads it too, with worse errors
     device = dist.device(pick_device(ns.device))
     tokenizer = auto_tokenizer(ns.model_path)  # before the model: a damaged tokenizer should not cost a load
     model = load_model(Path(ns.model_path), device=device, dist=dist, weights=getattr(ns, "weights", layouts.AUTO))

@@ -7,14 +7,17 @@ family only switches a few flags (qkv bias, per-head q/k norm), so the model cod
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import SparsezipError
+
+log = logging.getLogger("sparsezip")
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -261,9 +264,8 @@ class SparsifyConfig:
                                  f"but this model's pruned linears have {', '.join(map(str, widths))}")
         if self.calib_samples < 1:
             raise SparsezipError(f"--calib_samples must be at least 1, got {self.calib_samples}")
-        if not 2 <= self.calib_seqlen <= args.max_position_embeddings:
-            raise SparsezipError(f"--calib_seqlen must be from 2 to the model's context of "
-                                 f"{args.max_position_embeddings} tokens, got {self.calib_seqlen}")
+        if self.calib_seqlen < 2:
+            raise SparsezipError(f"--calib_seqlen must be at least 2 tokens, got {self.calib_seqlen}")
         if not self.part_file_size > 0:
             raise SparsezipError(f"--part_file_size must be above 0 GB, got {self.part_file_size}")
         if self.rounding_mode not in ("l2", "none"):
@@ -273,6 +275,10 @@ class SparsifyConfig:
                                  "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
         if method.calibrated and not self.calib:
             raise SparsezipError(f"method {self.method} needs calibration text: pass --calib FILE")
+        if method.calibrated and self.calib_seqlen > args.max_position_embeddings:
+            log.warning("calibration windows cut from %d to the model's context of %d tokens", self.calib_seqlen,
+                        args.max_position_embeddings)
+            return replace(self, calib_seqlen=args.max_position_embeddings)
         return self
 
     def metadata(self, tokens: int, samples: int, layer_sparsity: list[float], provenance: dict) -> dict:
