@@ -567,6 +567,12 @@ def sparsify_argv(pipe: Pipeline, text_file: Path, out: Path, method: str) -> li
             str(out), "--method", method, "--calib", str(text_file), "--calib_samples", "64", "--calib_seqlen", "64"]
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal. A shell starts background jobs with SIGINT ignored (make test &), and
+    Python then never installs its KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
@@ -594,7 +600,7 @@ def wait_for_temp_dir(process: subprocess.Popen, out: Path, timeout: float = 120
 def test_signal_mid_run_leaves_no_output_and_no_temporary_folder(sig, code, message, pipe, text_file, tmp_path):
     out = tmp_path / "s"
     process = subprocess.Popen(sparsify_argv(pipe, text_file, out, "float_sparse"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, env=cli_env())
+                               stderr=subprocess.PIPE, text=True, env=cli_env(), preexec_fn=default_sigint)
     wait_for_temp_dir(process, out)
     process.send_signal(sig)
     _, err = process.communicate(timeout=120)
