@@ -168,3 +168,21 @@ def sparsezip_ok():
         return result
 
     return check
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The real demo model (SmolLM2-135M-Instruct) pruned with Wanda at 50% and compressed into 1 and 3 parts:
+    (dense folder, W16A16S folder, root holding c1/ and c3/). Built once for every slow test that needs it."""
+    from sparsezip.compress import compress
+    from sparsezip.config import SparsifyConfig
+    from sparsezip.sparsify import sparsify
+    from sparsezip_demo.assets import austen_files, demo_model_dir
+
+    root = tmp_path_factory.mktemp("demo")
+    dense = demo_model_dir()
+    sparse = sparsify(dense, root / "s", SparsifyConfig(method="wanda", sparsity=0.5, calib=austen_files(["emma"]),
+                                                        calib_samples=8, calib_seqlen=256))
+    for tp in (1, 3):
+        compress(sparse, root / f"c{tp}", tp=tp, workers=2, verify=True)
+    return dense, sparse, root

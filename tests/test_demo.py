@@ -5,28 +5,13 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from sparsezip.compress import compress
-from sparsezip.config import SparsifyConfig
 from sparsezip.generate import SamplingParams, generate_batch, prompt_ids, stop_ids
 from sparsezip.report import format_report, inspect_folder
 from sparsezip.runtime import load_model
-from sparsezip.sparsify import sparsify
-from sparsezip_demo.assets import austen_files, demo_model_dir
 
 pytestmark = pytest.mark.slow  # the real demo model end to end
 
 PROMPT = "What's deep learning?"
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    dense = demo_model_dir()
-    sparse = sparsify(dense, root / "s", SparsifyConfig(method="wanda", sparsity=0.5, calib=austen_files(["emma"]),
-                                                        calib_samples=8, calib_seqlen=256))
-    for tp in (1, 3):
-        compress(sparse, root / f"c{tp}", tp=tp, workers=2, verify=True)
-    return dense, sparse, root
 
 
 def test_demo_answers_identically_from_sparse_and_compressed_folders(demo):

@@ -99,8 +99,8 @@ def build_part(src: Source, rank: int, tp: int, out: Path, codec_name: str, work
     return stats
 
 
-def write_root_files(src: Source, out: Path) -> None:
-    write_fp16_config(src.path, out)
+def write_root_files(src: Source, out: Path, tp: int) -> None:
+    write_fp16_config(src.path, out, FolderKind.W16A16SC, tp)
     copy_side_files(src.path, out)
 
 
@@ -128,7 +128,7 @@ def compress(model_path: Path, save_directory: Path, tp: int | None = None, work
     try:
         for rank in range(tp):
             total.add(build_part(src, rank, tp, tmp, codec_name, workers, verify))
-        write_root_files(src, tmp)
+        write_root_files(src, tmp, tp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,7 +171,7 @@ def compress_ranks(model_path: Path, save_directory: Path, dist: Dist, workers: 
     tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)
     if dist.is_main and tmp_holder[0] is not None:
         if ok.item():
-            write_root_files(src, Path(tmp_holder[0]))
+            write_root_files(src, Path(tmp_holder[0]), dist.size)
             publish(Path(tmp_holder[0]), Path(save_directory).resolve())
         else:
             shutil.rmtree(tmp_holder[0], ignore_errors=True)

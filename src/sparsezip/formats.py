@@ -37,6 +37,8 @@ DESCRIPTION_FILE = "quant_model_description.json"
 SPARSE_STEM = "quant_model_weights"  # W16A16S weights: <stem>.safetensors, or shards + <stem>.safetensors.index.json
 COMPRESSED_FILE = "quant_model_weight_w16a16sc.safetensors"  # one per W16A16SC part
 HEADER_KEYS = ("model_quant_type", "version", "metadata")
+QUANT_METHOD = "sparsezip"  # config.json's quantization_config.quant_method for W16A16S/W16A16SC folders
+TRANSFORMERS_WEIGHTS = "transformers_weights"  # config.json key: the weight file transformers reads
 # Files other than weights that inference needs; copied as they are when present.
 SIDE_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -130,13 +132,39 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def write_fp16_config(src: Path, dst: Path) -> None:
+def write_fp16_config(src: Path, dst: Path, kind: FolderKind = FolderKind.DENSE, tp_size: int = 1) -> None:
     """config.json saying float16 under both spellings (transformers 5 writes `dtype`, older readers
-    read `torch_dtype`), so a bf16 or fp32 source's dtype does not contradict the fp16 weights."""
+    read `torch_dtype`), so a bf16 or fp32 source's dtype does not contradict the fp16 weights. A W16A16S or
+    W16A16SC folder also names its format (`quantization_config`), so transformers and vLLM load it through
+    sparsezip's integrations. A W16A16S folder names its weight file too (`transformers_weights`): its tensors are
+    the Hugging Face ones, so even a transformers without sparsezip loads it (dense). A W16A16SC part's streams
+    mean nothing without sparsezip, which names the part file only once it is registered."""
     config = read_json(src / "config.json")
     config["torch_dtype"] = config["dtype"] = "float16"
-    config.pop("quantization_config", None)
+    for key in ("quantization_config", TRANSFORMERS_WEIGHTS):
+        config.pop(key, None)
+    if kind != FolderKind.DENSE:
+        config["quantization_config"] = quantization_entry(kind, tp_size)
+        if kind == FolderKind.W16A16S:
+            config[TRANSFORMERS_WEIGHTS] = transformers_weights_file(dst, kind, tp_size)
     write_json(dst / "config.json", config)
+
+
+def quantization_entry(kind: FolderKind, tp_size: int) -> dict:
+    """The `quantization_config` of a W16A16S/W16A16SC config.json (read by integrations/)."""
+    entry = {"quant_method": QUANT_METHOD, "format": kind.value, "version": FORMAT_VERSION}
+    if kind == FolderKind.W16A16SC:
+        entry["tp_size"] = tp_size
+    return entry
+
+
+def transformers_weights_file(folder: Path, kind: FolderKind, tp_size: int) -> str | None:
+    """The file transformers reads a folder's tensors from: the W16A16S weights (or their index), or the one
+    part of a TP 1 W16A16SC folder. None for several parts: their vocabulary rows are split per rank."""
+    if kind == FolderKind.W16A16SC:
+        return f"{part_dir_name(0, 1)}/{COMPRESSED_FILE}" if tp_size == 1 else None
+    index = f"{SPARSE_STEM}.safetensors.index.json"
+    return index if (folder / index).is_file() else f"{SPARSE_STEM}.safetensors"
 
 
 # ---------------------------------------------------------------------------- descriptions

@@ -186,12 +186,18 @@ def build_linears(model: Transformer, weights: RankWeights, layout: type[WeightL
     for prefix in tqdm(list(weights.linears), desc=f"building {layout.__name__}", unit="linear", leave=False,
                        disable=None):  # on a terminal only: a bar cut short by an error would garble its line
         source = weights.linears.pop(prefix)
-        bias = weights.state.pop(prefix + ".bias", None)
-        if bias is not None:
-            bias = bias.to(ctx.device, ctx.dtype)
-        chosen = DenseLinear if layout.needs_stream and source.stored is None else layout
-        swap_linear(model, prefix, chosen.build(source, bias, ctx))
+        swap_linear(model, prefix, build_layer(source, weights.state.pop(prefix + ".bias", None), layout, ctx))
         del source  # keeps peak memory near one decoded matrix plus the built layouts
+
+
+def build_layer(source: LinearSource, bias: torch.Tensor | None, layout: type[WeightLayout],
+                ctx: LayoutContext) -> WeightLayout:
+    """One pruned linear in `layout` (dense where the folder holds no stream for a stream layout), its bias (a FLOAT
+    tensor) in the compute dtype."""
+    if bias is not None:
+        bias = bias.to(ctx.device, ctx.dtype)
+    chosen = DenseLinear if layout.needs_stream and source.stored is None else layout
+    return chosen.build(source, bias, ctx)
 
 
 def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None,

@@ -146,6 +146,6 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         description.metadata = config.metadata(tokens, n_samples, layer_sparsity, provenance)
         write_description(tmp, description)
-        write_fp16_config(model_path, tmp)
+        write_fp16_config(model_path, tmp, FolderKind.W16A16S)
         copy_side_files(model_path, tmp)
     return save_path
