@@ -54,3 +54,25 @@ def test_apply_rope_is_the_rotate_half_formula_bit_for_bit(x_dtype, table_dtype)
         want = x * cos + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin
         got = apply_rope(x, cos, sin)
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_unshard_rebuilds_every_hugging_face_tensor_from_the_rank_pieces(tiny_dir, family, tp):
+    from sparsezip.checkpoint import TensorReader
+    from sparsezip.config import ModelArgs
+    from sparsezip.errors import SparsezipError
+    from sparsezip.formats import weight_files
+    from sparsezip.tp import all_rules, shard, source_shapes, unshard
+
+    folder = tiny_dir(family)
+    args, reader = ModelArgs.from_dir(folder), TensorReader(weight_files(folder))
+    rebuilt = {}
+    for rule in all_rules(args):
+        rebuilt.update(unshard(rule, [shard(rule, reader.get, r, tp) for r in range(tp)], source_shapes(args)))
+    assert sorted(rebuilt) == sorted(source_shapes(args))
+    for name, tensor in rebuilt.items():
+        assert torch.equal(tensor, reader.get(name)), name
+    qkv = next(r for r in all_rules(args) if r.target.endswith("qkv_proj.weight"))
+    with pytest.raises(SparsezipError, match="config.json implies"):
+        list(unshard(qkv, [shard(qkv, reader.get, 0, 2)], source_shapes(args)))  # a half piece for a whole one

@@ -123,6 +123,22 @@ def shard(rule: SplitRule, read: Callable[[str], torch.Tensor], rank: int, tp: i
     return torch.cat([p.chunk(tp, dim=rule.dim)[rank] for p in pieces], dim=rule.dim).contiguous()
 
 
+def unshard(rule: SplitRule, pieces: list[torch.Tensor],
+            shapes: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The full Hugging Face tensors of a rule from every rank's piece, in rank order (the inverse of `shard`)."""
+    if rule.dim is None:
+        yield rule.sources[0], pieces[0]
+        return
+    widths = [shapes[name][rule.dim] // len(pieces) for name in rule.sources]
+    for rank, piece in enumerate(pieces):
+        if piece.dim() <= rule.dim or piece.shape[rule.dim] != sum(widths):
+            raise SparsezipError(f"part {rank}: {rule.target} has shape {list(piece.shape)}; config.json implies "
+                                 f"{sum(widths)} along dimension {rule.dim} for {len(pieces)} parts")
+    by_rank = [piece.split(widths, dim=rule.dim) for piece in pieces]
+    for i, name in enumerate(rule.sources):
+        yield name, torch.cat([chunks[i] for chunks in by_rank], dim=rule.dim)
+
+
 def source_rows(rule: SplitRule, args: ModelArgs) -> list[tuple[str, slice]]:
     """Where each Hugging Face source sits inside an unsharded (tp=1) fused tensor: (name, slice of `rule.dim`)."""
     if len(rule.sources) == 1:
