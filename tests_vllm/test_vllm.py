@@ -142,3 +142,100 @@ def test_vllm_generates_our_tokens_from_sparse_linears(folders, reference, folde
             assert held["sparse_bytes"] < 0.75 * 2 * held["rows"] * held["cols"], name  # well under fp16's bytes
     qkv = result["workers"][0]["model.layers.0.self_attn.qkv_proj"]
     assert (qkv["rows"], qkv["cols"]) == ((576 + 2 * 192) // tp, 576)  # vLLM's per-rank split of q, k, v
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None, timeout: float = 10) -> dict:
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (the API server and its engine core), SIGKILL after a grace period;
+    then checks that no process of the group is left."""
+    import signal
+    import time
+
+    for sig, grace in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            server.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + grace  # the leader is gone: give the engine core its grace period too
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+    server.wait(timeout=30)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.pid, 0)  # nothing of the server's group is left running
+
+
+@pytest.mark.slow
+def test_vllm_openai_server_serves_a_compressed_folder(folders, reference, tmp_path):
+    """`python -m vllm.entrypoints.openai.api_server` on the W16A16SC folder answers /v1/completions with our
+    runtime's greedy tokens (`vllm serve` is broken in this vLLM build)."""
+    import time
+    import urllib.error
+
+    from sparsezip.data import auto_tokenizer
+
+    assert len(reference["tokens"]) > 1
+    folder, port = folders["SC1"], free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_OMP_THREADS_BIND=threads_bind(1),
+               TOKENIZERS_PARALLELISM="false")
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:  # a file, not a pipe: a full pipe would stall the server
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--dtype", "float32",
+             "--enforce-eager", "--max-model-len", "512", "--generation-config", "vllm", "--seed", "0",
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-6000:]
+
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, f"the vLLM server exited (rc {server.returncode}):\n{tail()}"
+            assert time.monotonic() < deadline, f"the vLLM server was not healthy in 600 s:\n{tail()}"
+            try:
+                http_json(f"{base}/health", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                time.sleep(2)
+        models = [m["id"] for m in http_json(f"{base}/v1/models")["data"]]
+        assert models == [str(folder)], models
+        try:
+            answer = http_json(f"{base}/v1/completions", {
+                "model": models[0], "prompt": reference["prompt"], "max_tokens": MAX_TOKENS, "temperature": 0,
+                "return_token_ids": True}, timeout=300)
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"/v1/completions: HTTP {error.code} {error.read()[:2000]!r}\n{tail()}")
+    finally:
+        stop_server(server)
+    choice = answer["choices"][0]
+    assert choice["prompt_token_ids"] == reference["prompt"]
+    assert without_final_eos(choice["token_ids"], reference["eos"]) == reference["tokens"]
+    expected_text = auto_tokenizer(folder).decode(reference["tokens"], skip_special_tokens=True)
+    assert choice["text"] == expected_text
+    assert answer["usage"]["completion_tokens"] == len(choice["token_ids"])
