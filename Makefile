@@ -17,21 +17,26 @@ $(STAMP): requirements.txt pyproject.toml setup.py $(NATIVE)
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# Sparsify the offline demo model (SmolLM2-135M-Instruct) with float_sparse at 50%, compress it into
-# TP=3 parts, generate from the parts under torchrun, and compare perplexity dense vs compressed.
+# Sparsify the offline demo model (SmolLM2-135M-Instruct) with the original's setting, float_sparse at 40% + L2
+# rounding, compress it into TP=3 parts, answer from the parts under torchrun next to the dense model's answer, and
+# compare perplexity dense vs compressed.
+DEMO_PROMPT := What's deep learning?
 demo: $(STAMP)
 	@set -e; \
 	model=$$($(BIN)/python -m sparsezip_demo -q model); \
 	austen=$$($(BIN)/python -m sparsezip_demo -q austen); \
-	echo "== 1/4 sparsify $$model (float_sparse + L2 rounding, 50%)"; \
+	echo "== 1/4 sparsify $$model (float_sparse + L2 rounding, 40%)"; \
 	$(BIN)/sparsezip sparsify --model_path $$model --save_path $(OUT)/w16a16s --overwrite \
-	  --method float_sparse --sparsity 0.5 --calib $$austen/emma.txt --calib_samples 16 --calib_seqlen 256; \
+	  --method float_sparse --sparsity 0.4 --calib $$austen/emma.txt --calib_samples 16 --calib_seqlen 256; \
 	echo "== 2/4 compress into $(TP) tensor-parallel parts"; \
 	$(BIN)/sparsezip compress --model_path $(OUT)/w16a16s --save_directory $(OUT)/w16a16sc --tp $(TP) --verify --overwrite; \
 	$(BIN)/sparsezip inspect --summary $(OUT)/w16a16sc; \
-	echo "== 3/4 run from the compressed parts (torchrun, $(TP) processes)"; \
+	echo "== 3/4 the same question to the dense model and to the compressed parts (torchrun, $(TP) processes)"; \
+	echo "-- dense fp16:"; \
+	$(BIN)/sparsezip -q run --model_path $$model --input_texts "$(DEMO_PROMPT)" --max_output_length 40 | grep '^Answer'; \
+	echo "-- W16A16SC, $(TP) parts:"; \
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(TP) -m sparsezip -q run \
-	  --model_path $(OUT)/w16a16sc --input_texts "What's deep learning?" --max_output_length 40; \
+	  --model_path $(OUT)/w16a16sc --input_texts "$(DEMO_PROMPT)" --max_output_length 40; \
 	echo "== 4/4 perplexity on Pride and Prejudice (4 windows of 512 tokens): dense vs compressed"; \
 	$(BIN)/sparsezip -q eval --model_path $$model --data $$austen/prideprejudice.txt --seqlen 512 --max_windows 4; \
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(TP) -m sparsezip -q eval \
