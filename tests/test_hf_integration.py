@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sparsezip  # noqa: F401  (registers quant_method "sparsezip" with transformers)
+from sparsezip.checkpoint import read_safetensors_header
 from sparsezip.compress import compress
 from sparsezip.config import SparsifyConfig
 from sparsezip.errors import SparsezipError
@@ -134,3 +137,21 @@ def test_demo_generate_in_transformers_answers_like_sparsezip_run(demo, sparsezi
         out = hf.generate(ids, max_new_tokens=16, do_sample=False)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert answer == f"Answer[0]: {text.strip()}" and len(text.split()) >= 5
+
+
+def test_damaged_folders_are_refused_before_any_weight_is_used(folders, tmp_path):
+    """A flipped byte in a codec stream fails its CRC; a truncated W16A16S file is named, never half-loaded."""
+    compressed = Path(shutil.copytree(folders["llama"][1], tmp_path / "c1"))
+    part = compressed / "part0-of-1" / "quant_model_weight_w16a16sc.safetensors"
+    start, entries = read_safetensors_header(part)
+    begin, end = next(e["data_offsets"] for name, e in entries.items() if name.endswith("qkv_proj.weight"))
+    data = bytearray(part.read_bytes())
+    data[start + (begin + end) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(SparsezipError, match="qkv_proj.weight: .*CRC mismatch"):
+        AutoModelForCausalLM.from_pretrained(compressed)
+    sparse = Path(shutil.copytree(folders["llama"][0], tmp_path / "s"))
+    weights = sparse / "quant_model_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SparsezipError, match="quant_model_weights.safetensors"):
+        AutoModelForCausalLM.from_pretrained(sparse)
