@@ -93,9 +93,9 @@ def report(rows: list[tuple[str, dict]], args, seconds: float) -> str:
         f"Machine: {machine()}. {args.threads} thread(s).",
         "",
         "Demo model (SmolLM2-135M-Instruct), Wanda 50% + L2 rounding, compressed with nibble-v3 at TP 1; the "
-        "linears of the 30 decoder layers are what sparsezip holds in its layouts, the embedding (tied to the "
-        "output head) and the norms stay as transformers holds them (fp32 on CPU). Weights = bytes the model "
-        "holds; RSS = resident memory the load added; generate = greedy decode of "
+        "linears of the 30 decoder layers are what sparsezip holds in its layouts; with sparsezip the embedding "
+        "(tied to the output head) stays fp16 as stored, converted per use; the norms are fp32. Weights = bytes the "
+        "model holds; RSS = resident memory the load added; generate = greedy decode of "
         f"{args.new_tokens} tokens at batch 1 with transformers' `generate`.",
         "",
         "| loaded as | weights MiB | vs fp32 | RSS MiB | load s | generate tok/s | vs fp32 |",

@@ -67,6 +67,8 @@ def test_transformers_model_gives_our_runtimes_logits(folders, family, which, we
     attention = hf.model.layers[0].self_attn
     assert isinstance(attention.q_proj, FusedRows) and isinstance(hf.model.layers[0].mlp.down_proj, layer_class)
     assert isinstance(attention.qkv_proj, layer_class)
+    assert hf.model.embed_tokens.weight.dtype == hf.lm_head.weight.dtype == torch.float16  # as stored, not fp32
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == hf.config.tie_word_embeddings
     ours = load_model(folder, weights="dense")
     ids = torch.tensor([[5, 77, 130, 9, 260, 41, 3, 200]])
     with torch.no_grad():
@@ -88,7 +90,8 @@ def test_generate_gives_our_tokens_and_memory_stays_sparse(folders, tiny_dir):
     fp16_bytes = sum(p.numel() * 2 for name, p in dense.named_parameters() if name.endswith("proj.weight"))
     for weights, most in (("compressed", 0.7), ("sparse", 0.8)):
         hf = AutoModelForCausalLM.from_pretrained(c1, quantization_config=SparsezipConfig(weights=weights))
-        held = sum(m.resident_bytes() for m in hf.modules() if isinstance(m, WeightLayout) and m.bias is None)
+        layers = [m for m in hf.model.layers.modules() if isinstance(m, WeightLayout) and m.bias is None]
+        held = sum(m.resident_bytes() for m in layers)
         assert 0.2 * fp16_bytes < held < most * fp16_bytes
 
 

@@ -5,7 +5,7 @@ The folder's config.json names quant_method "sparsezip" (written by `sparsify` a
 transformers reads any weight, the quantizer builds every pruned linear in one of our weight layouts, straight from
 the folder (`runtime`'s loaders, so the same checks run), and puts it inside the Hugging Face modules;
 transformers then loads only the tensors kept as they are (embeddings, norms, lm_head) from the file config.json
-or this quantizer names. Our fused q|k|v and gate|up products stay fused: `q_proj`, `k_proj` and `v_proj` each
+or this quantizer names; afterwards the embedding and lm_head go back to fp16, as stored. Our fused q|k|v and gate|up products stay fused: `q_proj`, `k_proj` and `v_proj` each
 return their rows of one product computed once per input.
 
 CPU only, one process: a W16A16SC folder of one part (`compress --tp 1`); W16A16S folders of any size.
@@ -29,7 +29,8 @@ from ..config import ModelArgs
 from ..errors import SparsezipError
 from ..formats import (FORMAT_VERSION, QUANT_METHOD, TRANSFORMERS_WEIGHTS, FolderKind, detect_kind, part_dirs,
                        transformers_weights_file)
-from ..layouts.base import LayoutContext, WeightLayout
+from ..layouts.base import LayoutContext, LinearSource, WeightLayout
+from ..layouts.dense import DenseLinear
 from ..runtime import (RankWeights, auto_layout, build_layer, choose_layout, rank_weights_from_dense,
                        rank_weights_from_part, separate_linears)
 from ..tp import LAYER_RULES, Dist, layer_rules, source_rows
@@ -149,6 +150,41 @@ def install_linears(model: nn.Module, weights: RankWeights, args: ModelArgs, lay
                 set_module(model, name.rsplit(".", 1)[0], FusedRows(product, j))
 
 
+class HalfTableEmbedding(nn.Embedding):
+    """An embedding table held in fp16 (as the folder stores it) whose rows come out in the compute dtype: the same
+    floats as transformers' fp32 table (fp16 -> fp32 is exact) in half the bytes."""
+
+    def __init__(self, table: torch.Tensor, padding_idx: int | None, compute: torch.dtype):
+        super().__init__(*table.shape, padding_idx=padding_idx, _weight=table, _freeze=True)
+        self.compute = compute
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).to(self.compute)
+
+
+def hold_tables_in_fp16(model: nn.Module, where: Path) -> None:
+    """The embedding and the output head back in fp16 under fp32 compute, as `sparsezip run` holds them; the head
+    multiplies with our dense layout's kernels (fp16 weight, fp32 activations). Left as they are when a table does
+    not hold fp16 values."""
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    compute = table.weight.dtype
+    half = table.weight.detach().to(torch.float16)
+    if compute != torch.float32 or not torch.equal(half.to(compute), table.weight):
+        return
+    embedding = HalfTableEmbedding(half, table.padding_idx, compute)
+    model.set_input_embeddings(embedding)
+    if head is None or getattr(head, "bias", None) is not None or not isinstance(head, nn.Linear):
+        return
+    tied = head.weight is table.weight
+    head_half = half if tied else head.weight.detach().to(torch.float16)
+    if not torch.equal(head_half.to(compute), head.weight):
+        return
+    layer = DenseLinear.build(LinearSource("lm_head", where, dense=head_half), None, LayoutContext(DEVICE, compute))
+    if tied:
+        layer.weight = embedding.weight  # still one parameter, as transformers tied them
+    model.set_output_embeddings(layer)
+
+
 class SparsezipQuantizer(HfQuantizer):
     requires_calibration = True  # only folders sparsezip wrote: there is nothing to quantize at load
 
@@ -199,8 +235,12 @@ class SparsezipQuantizer(HfQuantizer):
         ours = stored_linear_names()
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {ours}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | {ours}
-        self.layout = name
+        self.layout, self.folder = name, folder
         log.info("transformers: %s folder %s with the pruned linears in the %s layout", kind, folder, name)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        hold_tables_in_fp16(model, self.folder)
         return model
 
     def is_serializable(self) -> bool:
