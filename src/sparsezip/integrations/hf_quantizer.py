@@ -5,8 +5,9 @@ The folder's config.json names quant_method "sparsezip" (written by `sparsify` a
 transformers reads any weight, the quantizer builds every pruned linear in one of our weight layouts, straight from
 the folder (`runtime`'s loaders, so the same checks run), and puts it inside the Hugging Face modules;
 transformers then loads only the tensors kept as they are (embeddings, norms, lm_head) from the file config.json
-or this quantizer names; afterwards the embedding and lm_head go back to fp16, as stored. Our fused q|k|v and gate|up products stay fused: `q_proj`, `k_proj` and `v_proj` each
-return their rows of one product computed once per input.
+or this quantizer names; afterwards the embedding and lm_head go back to fp16, as stored. Our fused q|k|v and
+gate|up products stay fused: `q_proj`, `k_proj` and `v_proj` each return their rows of one product computed once
+per input.
 
 CPU only, one process: a W16A16SC folder of one part (`compress --tp 1`); W16A16S folders of any size.
 """
@@ -27,8 +28,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .. import layouts
 from ..config import ModelArgs
 from ..errors import SparsezipError
-from ..formats import (FORMAT_VERSION, QUANT_METHOD, TRANSFORMERS_WEIGHTS, FolderKind, detect_kind, part_dirs,
-                       transformers_weights_file)
+from ..formats import (FORMAT_VERSION, QUANT_METHOD, TRANSFORMERS_WEIGHTS, FolderKind, detect_kind, linear_prefix,
+                       part_dirs, transformers_weights_file)
 from ..layouts.base import LayoutContext, LinearSource, WeightLayout
 from ..layouts.dense import DenseLinear
 from ..runtime import (RankWeights, auto_layout, build_layer, choose_layout, rank_weights_from_dense,
@@ -101,7 +102,7 @@ def folder_of(checkpoint_files: list[str] | None) -> Path:
 def stored_linear_names() -> str:
     """A regex of the tensors we load ourselves: the pruned linears under their Hugging Face and fused names,
     with the stream tensors of a W16A16SC part."""
-    stems = {re.escape(name.rsplit(".", 1)[0]) for r in LAYER_RULES if r.compressed
+    stems = {re.escape(linear_prefix(name)) for r in LAYER_RULES if r.compressed
              for name in (r.target, *r.sources)}
     return rf"^model\.layers\.\d+\.({'|'.join(sorted(stems))})\.(weight|bias|index|info)$"
 
@@ -137,7 +138,7 @@ def install_linears(model: nn.Module, weights: RankWeights, args: ModelArgs, lay
         for rule in layer_rules(args, i):
             if not rule.compressed:
                 continue
-            prefix = rule.target.rsplit(".", 1)[0]
+            prefix = linear_prefix(rule.target)
             layer = build_layer(weights.linears.pop(prefix), weights.state.pop(prefix + ".bias", None), layout, ctx)
             rows = source_rows(rule, args)
             if len(rows) == 1:
@@ -147,7 +148,7 @@ def install_linears(model: nn.Module, weights: RankWeights, args: ModelArgs, lay
             parent.add_module(prefix.rpartition(".")[2], mark_loaded(layer))  # counted in the modules, called by none
             product = FusedProduct(layer, [s.stop - s.start for _, s in rows])
             for j, (name, _) in enumerate(rows):
-                set_module(model, name.rsplit(".", 1)[0], FusedRows(product, j))
+                set_module(model, linear_prefix(name), FusedRows(product, j))
 
 
 class HalfTableEmbedding(nn.Embedding):
