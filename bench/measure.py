@@ -11,13 +11,15 @@ from pathlib import Path
 import psutil
 
 
-def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, int]:
-    """Run `cmd`; return the finished process (stdout, stderr as text), wall seconds and peak RSS in bytes.
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float, int]:
+    """Run `cmd` (with `env` added to the environment); return the finished process (stdout, stderr as text),
+    wall seconds and peak RSS in bytes.
 
     RSS is sampled every 20 ms, so a peak shorter than that can be missed; sparsify's peaks last longer.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     watcher, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
