@@ -263,8 +263,8 @@ def report(ns: argparse.Namespace, results: dict[str, Results], seconds: float) 
              f"Machine: {machine()}.  ", f"Command: `python bench/scale.py {' '.join(ns.argv)}`; this run "
              f"{seconds / 60:.0f} min (steps finished by earlier runs are reused).  ",
              f"Date: {datetime.date.today().isoformat()}.", "",
-             "Each step is one process; 'peak RSS' is its largest resident size, sampled every 20 ms; 'CPU' its user + system "
-             "time (2 cores: wall time near CPU / 2 means the step had the machine to itself).", ""]
+             "Each step is one process; 'peak RSS' is its largest resident size, sampled every 20 ms; 'CPU' its user + "
+             "system time (2 cores: wall time near CPU / 2 means the step had the machine to itself).", ""]
     for name, r in results.items():
         lines += model_section(name, r, ns)
     return "\n".join(lines)
