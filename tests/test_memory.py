@@ -70,3 +70,32 @@ def test_sparsify_peak_memory_is_below_half_the_model(tmp_path, text_file, tiny_
     assert len(shards) >= 3 and (tmp_path / "s" / "quant_model_weights.safetensors.index.json").is_file()
     assert all(p.stat().st_size <= 0.5 * 2**30 for p in shards)
     assert peak < model_bytes / 2, f"peak RSS {peak / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
+
+
+# Peak resident growth of one pruner call on an [in, in] Hessian, in copies of that Hessian (the caller's H not
+# counted). At 7B the down projection's Hessian is 18944^2 fp32 = 1.4 GB, so every copy counts.
+PRUNER_PEAK = """
+import resource, sys, psutil, torch
+from sparsezip.pruners import LinearStats, METHODS
+n, method = int(sys.argv[1]), METHODS[sys.argv[2]].prune
+def stats_of(size):
+    s = LinearStats(size, "cpu", hessian=True)
+    h = torch.empty(size, size)
+    h.fill_(0.01)
+    h.diagonal().add_(2.0)
+    s.H = h
+    return s
+method(torch.randn(8, 256), stats_of(256), 0.5, None)  # libraries loaded and warmed up on a small matrix
+stats, w = stats_of(n), torch.randn(16, n)
+before = psutil.Process().memory_info().rss
+method(w, stats, 0.5, None)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / (n * n * 4))
+"""
+
+
+@pytest.mark.parametrize("method, copies", [("float_sparse", 2.5), ("sparsegpt", 4.5)])
+def test_hessian_pruners_hold_few_copies_of_the_hessian(method, copies):
+    result = subprocess.run([sys.executable, "-c", PRUNER_PEAK, "3072", method], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    used = float(result.stdout.split()[-1])
+    assert used < copies, f"{method} grew by {used:.2f} copies of its Hessian"

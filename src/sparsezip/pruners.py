@@ -23,6 +23,7 @@ T = TypeVar("T")
 CHOLESKY_TRIES = 6  # damping grows x10 per failed try: up to 1e5 times the method's own damping
 HESSIAN_BLOCKS = 4  # row bands of the X^T X accumulation (see add_hessian)
 TRIANGULAR_LEAF = 128  # _inverse_lower hands blocks this small to LAPACK (128 and 256 timed alike)
+MIRROR_BAND = 512  # rows per step of mirror_upper
 OBS_SUB_BLOCK = 16  # columns of SparseGPT's rank-1 updates between two GEMM updates of the rest of a block
 
 
@@ -47,7 +48,7 @@ class LinearStats:
     @property
     def H(self) -> torch.Tensor | None:
         if self._h is not None and not self._symmetric:
-            self._h = torch.triu(self._h) + torch.triu(self._h, 1).mT
+            mirror_upper(self._h)
             self._symmetric = True
         return self._h
 
@@ -76,6 +77,17 @@ def add_hessian(h: torch.Tensor, x: torch.Tensor, blocks: int = HESSIAN_BLOCKS) 
     for lo, hi in zip(edges, edges[1:]):
         if hi > lo:
             h[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
+
+
+def mirror_upper(h: torch.Tensor, band: int = MIRROR_BAND) -> None:
+    """Copy the upper triangle of a square h onto its lower one, in place, a band of rows at a time: the
+    temporaries are one band, not whole copies of an [in, in] matrix that can take gigabytes."""
+    n = h.shape[0]
+    for lo in range(0, n, band):
+        hi = min(lo + band, n)
+        h[lo:hi, :lo] = h[:lo, lo:hi].mT
+        block = h[lo:hi, lo:hi]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).mT)
 
 
 @dataclass(frozen=True)
@@ -165,21 +177,25 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, 
     dmax = d.max()
     floor = torch.where(dmax > 0, dmax * 1e-8, torch.ones_like(dmax))
     d = torch.where(live, d, floor)  # [in]
-    hn = h / d[:, None] / d[None, :]  # D^-1 H D^-1, unit diagonal on live columns
+    hn = h / d[:, None]
+    hn /= d[None, :]  # D^-1 H D^-1, unit diagonal on live columns
     wn = (W * d[None, :]).T  # [in, out]; |wn| is the Wanda score
     mean_diag = hn.diagonal().mean()
+    undamped = hn.diagonal().clone()
 
     def factor(rel: float):
-        hd = hn.clone()
-        hd.diagonal().add_(rel * mean_diag)  # damped Hn
-        a = hd.clone()
-        a.diagonal().add_(rho)
-        chol = _cholesky(a)
-        del a
-        return None if chol is None else (hd @ wn, torch.cholesky_inverse(chol))
+        # the damping goes on hn's diagonal in place and comes off by restoring it: [in, in] matrices take
+        # gigabytes at 7B, so only hn and the factor exist at once (and H, which belongs to the caller)
+        hn.diagonal().copy_(undamped).add_(rel * mean_diag)  # damped Hn
+        xy = hn @ wn
+        hn.diagonal().add_(rho)
+        chol = _cholesky(hn)
+        return None if chol is None else (xy, chol)
 
-    xy, hinv = _with_damping(factor, damp, "float_sparse")  # [in, out], [in, in]
+    xy, chol = _with_damping(factor, damp, "float_sparse")  # [in, out], lower factor of damped Hn + rho I
     del hn
+    hinv = torch.cholesky_inverse(chol)  # [in, in]
+    del chol
     u = torch.zeros_like(wn)
     keep = None
     for it in range(iters):
@@ -220,9 +236,7 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
     mean_diag = h.diagonal().mean()
 
     def factor(rel: float):
-        a = h.clone()
-        a.diagonal().add_(rel * mean_diag)
-        return _inverse_upper_factor(a)
+        return _inverse_upper_factor(h, rel * mean_diag)
 
     hinv = _with_damping(factor, damp, "sparsegpt")  # upper triangular, H^-1 = hinv^T hinv
     del h
@@ -252,15 +266,20 @@ def _prune_block(w1: torch.Tensor, h1: torch.Tensor, dead1: torch.Tensor, prune_
     return err1
 
 
-def _inverse_upper_factor(h: torch.Tensor) -> torch.Tensor | None:
-    """The upper triangular U with U^T U = H^-1 (SparseGPT's factor), or None when H is not positive definite.
+def _inverse_upper_factor(h: torch.Tensor, damping: float = 0.0) -> torch.Tensor | None:
+    """The upper triangular U with U^T U = (H + damping I)^-1 (SparseGPT's factor), or None when that matrix is
+    not positive definite.
 
     With J the order-reversing permutation and J H J = L L^T: H^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J), and
     J L^-1 J is upper triangular with a positive diagonal, so it is that (unique) factor. One Cholesky and one
     triangular inverse instead of Cholesky, cholesky_inverse and a second Cholesky (torch's CPU cholesky_inverse
-    alone costs several times this whole function).
+    alone costs several times this whole function). The damping goes on the flipped copy, the only [in, in] copy
+    made before the factor: at 7B these matrices take gigabytes.
     """
-    chol = _cholesky(h.flip(0, 1))
+    flipped = h.flip(0, 1)
+    flipped.diagonal().add_(damping)
+    chol = _cholesky(flipped)
+    del flipped
     if chol is None:
         return None
     u = _inverse_lower(chol).flip(0, 1)
