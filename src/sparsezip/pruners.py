@@ -192,10 +192,12 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, 
         chol = _cholesky(hn)
         return None if chol is None else (xy, chol)
 
-    xy, chol = _with_damping(factor, damp, "float_sparse")  # [in, out], lower factor of damped Hn + rho I
+    xy, chol = _with_damping(factor, damp, "float_sparse")  # [in, out], lower factor L of damped Hn + rho I
     del hn
-    hinv = torch.cholesky_inverse(chol)  # [in, in]
+    low_inv = _inverse_lower(chol)  # in GEMMs: torch's CPU cholesky_inverse takes several times as long
     del chol
+    hinv = low_inv.T @ low_inv  # [in, in]: (L L^T)^-1 = L^-T L^-1
+    del low_inv
     u = torch.zeros_like(wn)
     keep = None
     for it in range(iters):
