@@ -131,7 +131,9 @@ def answer(folder: Path, layout: str) -> tuple[dict, dict]:
                                                      "--input_texts", PROMPT, "--max_output_length", "48"))
     text = re.search(r"^Answer\[0\]: (.*?)\nGenerate\[0\] token num", out, re.S | re.M).group(1)
     rate = float(re.search(r"decode: ([0-9.]+) tokens/s", out).group(1))
-    return {"answer": text.strip(), "decode_tok_s": rate}, stats
+    loaded = re.search(r"Memory: (\d+) MiB after loading", out)
+    return {"answer": text.strip(), "decode_tok_s": rate,
+            "loaded_gib": round(int(loaded.group(1)) / 1024, 3) if loaded else None}, stats
 
 
 def sparsify(dense: Path, config: tuple, ns: argparse.Namespace, work: Path) -> tuple[Path, dict]:
@@ -241,14 +243,21 @@ def model_section(name: str, r: Results, ns: argparse.Namespace) -> list[str]:
         c = r.get(f"compress tp{tp}")
         lines.append(f"| {tp} | {c['seconds']:.0f} | {c['peak_gib']:.2f} | {c['bits']:.2f} |" if c else
                      f"| {tp} | not run | | |")
-    lines += ["", f'"{PROMPT}", greedy, 48 new tokens, chat template, {os.cpu_count()} threads; peak RSS of the whole '
-              "process (load included). Target for sparse and compressed: <= 0.5x the fp16 size.", "",
-              "| weights | decode tok/s | peak RSS (GiB) | x fp16 |", "|---|---|---|---|"]
+    lines += ["", f'"{PROMPT}", greedy, 48 new tokens, chat template, {os.cpu_count()} threads. Resident = RSS of the '
+              "process once the model is loaded; peak = its largest RSS, load included. Target for sparse and "
+              "compressed: resident <= 0.5x the fp16 size.", "",
+              "| weights | decode tok/s | resident (GiB) | x fp16 | peak RSS (GiB) | x fp16 |",
+              "|---|---|---|---|---|---|"]
     runs = [("dense model, fp16", dense["run"])] + [(f"W16A16SC TP 1, {layout}", r.get(f"run {layout}"))
                                                     for layout in LAYOUTS]
     for label, run in runs:
-        lines.append(f"| {label} | {run['decode_tok_s']:.2f} | {run['peak_gib']:.2f} | {run['peak_gib'] / fp16:.2f} |"
-                     if run else f"| {label} | not run | | |")
+        if not run:
+            lines.append(f"| {label} | not run | | | | |")
+            continue
+        loaded = run.get("loaded_gib")
+        resident = f"{loaded:.2f} | {loaded / fp16:.2f}" if loaded else "- | -"
+        lines.append(f"| {label} | {run['decode_tok_s']:.2f} | {resident} | {run['peak_gib']:.2f} | "
+                     f"{run['peak_gib'] / fp16:.2f} |")
     lines.append("")
     for label, run in runs:
         if run:

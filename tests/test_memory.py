@@ -99,3 +99,70 @@ def test_hessian_pruners_hold_few_copies_of_the_hessian(method, copies):
     assert result.returncode == 0, result.stderr[-2000:]
     used = float(result.stdout.split()[-1])
     assert used < copies, f"{method} grew by {used:.2f} copies of its Hessian"
+
+
+def mappings_of(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of `path` (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def test_mapped_tensor_equals_the_read_one_and_never_writes_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparsezip.checkpoint import TensorReader
+
+    tensors = {"a": torch.randn(7, 5).half(), "b": torch.randn(3, 4).bfloat16(), "c": torch.randn(6)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, path)
+    before = path.read_bytes()
+    reader = TensorReader([path])
+    for name, want in tensors.items():
+        got = reader.mapped(name)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        got.zero_()  # copy-on-write: the file keeps its bytes
+    assert path.read_bytes() == before
+
+
+def test_mapping_a_file_truncated_after_opening_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparsezip.checkpoint import TensorReader
+    from sparsezip.errors import SparsezipError
+
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.randn(64, 64).half()}, path)
+    reader = TensorReader([path])
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(SparsezipError, match="cannot be mapped for a"):
+        reader.mapped("a")
+
+
+@pytest.mark.parametrize("kind", ["dense", "w16a16sc"])
+def test_cpu_runtime_maps_the_embedding_table_from_its_file(kind, tiny_dir, tmp_path):
+    """One embedding row is read per token: the table is a memory map of the weights file, not a copy, so rows no
+    token uses never take memory."""
+    from sparsezip.compress import compress
+    from sparsezip.config import SparsifyConfig
+    from sparsezip.runtime import load_model
+    from sparsezip.sparsify import sparsify
+
+    folder = tiny_dir("llama", tie_word_embeddings=False)
+    if kind == "w16a16sc":
+        sparse = sparsify(folder, tmp_path / "s", SparsifyConfig(method="magnitude", sparsity=0.5))
+        compress(sparse, tmp_path / "sc", tp=1)
+        folder = tmp_path / "sc"
+    files = sorted(folder.rglob("*.safetensors"))
+    model = load_model(folder, "cpu", weights="dense")
+    table = model.model.embed_tokens.weight
+    assert table.dtype == torch.float16
+    ranges = [r for f in files for r in mappings_of(f)]
+    assert any(lo <= table.data_ptr() < hi for lo, hi in ranges), "the embedding table is not memory-mapped"
+    head = model.lm_head.weight  # untied: read whole every step, so it is held, not mapped
+    assert not any(lo <= head.data_ptr() < hi for lo, hi in ranges)

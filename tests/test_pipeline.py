@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,8 @@ def test_tensor_parallel_run_and_eval_match_between_sparse_and_compressed(pipeli
     # and the tensor-parallel answer is the one-process answer, and the sparse weight mode's
     alone = sparsezip_ok(sparsezip_cli("run", "--model_path", str(sparse), "--max_output_length", "10"))
     assert [line for line in alone.stdout.splitlines() if line.startswith("Answer[0]")] == outputs["sparse"][:1]
+    memory = re.search(r"^Memory: (\d+) MiB after loading, peak (\d+) MiB \(cpu\)$", alone.stdout, re.M)
+    assert memory and 0 < int(memory[1]) <= int(memory[2]), alone.stdout
     lean = sparsezip_ok(sparsezip_cli("run", "--model_path", str(packed[2]), "--max_output_length", "10",
                                       "--weights", "sparse", nproc=2))
     assert [line for line in lean.stdout.splitlines() if line.startswith("Answer[0]")] == outputs["sparse"][:1]

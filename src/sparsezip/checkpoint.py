@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -111,6 +112,25 @@ class TensorReader:
         if not data:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor as a private memory map of its file: a page is read when first touched, so the rows of an
+        embedding table that no token uses take no memory. Copy-on-write, so nothing written reaches the file."""
+        if name not in self.where:
+            raise SparsezipError(f"tensor {name} is missing from the checkpoint")
+        path = self.where[name]
+        start, header = self.headers[path]
+        entry = header[name]
+        begin, stop = entry["data_offsets"]
+        dtype = DTYPES[entry["dtype"]]
+        if stop == begin or (start + begin) % dtype.itemsize:  # empty, or misaligned for its element type
+            return self.get(name)
+        try:
+            data = np.memmap(path, dtype=np.uint8, mode="c", offset=start + begin, shape=(stop - begin,))
+        except (ValueError, OSError) as e:
+            raise SparsezipError(f"{path} cannot be mapped for {name} (truncated since it was opened?): {e}") from None
+        return torch.from_numpy(data).view(dtype).reshape(entry["shape"])
 
 
 def to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -153,10 +153,11 @@ def sampling_params(ns: argparse.Namespace, max_new_tokens: int):
 
 @inference
 def cmd_run(ns: argparse.Namespace, dist) -> None:
-    from .generate import generate_batch, peak_memory_mb, prompt_ids, stop_ids
+    from .generate import generate_batch, memory_mb, peak_memory_mb, prompt_ids, stop_ids
 
     params = sampling_params(ns, ns.max_output_length)
     model, tokenizer, device = load_for_inference(ns, dist)
+    loaded = memory_mb(device)
     prompts = [prompt_ids(tokenizer, text, use_chat_template=not ns.no_chat_template) for text in ns.input_texts]
     stream = dist.is_main and ns.stream and len(prompts) == 1
     on_text = (lambda _, text: print(text, end="", flush=True)) if stream else None
@@ -174,7 +175,7 @@ def cmd_run(ns: argparse.Namespace, dist) -> None:
             print(f"Answer[{i}]: {gen.text}")
         print(f"Generate[{i}] token num: {len(gen.tokens)}")
         print(f"Generate[{i}] prefill: {gen.prefill_s * 1000:.0f} ms, decode: {gen.decode_rate:.1f} tokens/s")
-    print(f"Peak memory: {peak_memory_mb(device):.0f} MiB ({device})")
+    print(f"Memory: {loaded:.0f} MiB after loading, peak {peak_memory_mb(device):.0f} MiB ({device})")
 
 
 @inference

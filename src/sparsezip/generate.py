@@ -296,6 +296,15 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def memory_mb(device: str) -> float:
+    """Memory in use now: resident (RSS) on the CPU, allocated on a GPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20

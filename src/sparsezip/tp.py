@@ -53,8 +53,9 @@ LAYER_RULES = (
     SplitRule("post_attention_layernorm.weight", ("post_attention_layernorm.weight",), REPLICATE, False),
 )
 
+EMBEDDING = "model.embed_tokens.weight"
 GLOBAL_RULES = (
-    SplitRule("model.embed_tokens.weight", ("model.embed_tokens.weight",), COLUMN, False),  # vocab rows
+    SplitRule(EMBEDDING, (EMBEDDING,), COLUMN, False),  # vocab rows
     SplitRule("model.norm.weight", ("model.norm.weight",), REPLICATE, False),
     SplitRule("lm_head.weight", ("lm_head.weight",), COLUMN, False),  # vocab rows
 )
@@ -119,6 +120,8 @@ def shard(rule: SplitRule, read: Callable[[str], torch.Tensor], rank: int, tp: i
     """This rank's tensor for one rule; `read(name)` returns a full Hugging Face tensor."""
     pieces = [read(name) for name in rule.sources]
     if rule.dim is None:
+        return pieces[0]
+    if len(pieces) == 1 and tp == 1:  # no copy: a memory-mapped table stays mapped
         return pieces[0]
     return torch.cat([p.chunk(tp, dim=rule.dim)[rank] for p in pieces], dim=rule.dim).contiguous()
 
