@@ -29,8 +29,8 @@ def test_report_rows_for_finished_and_missing_steps(tmp_path):
     ns = scale.parse_args(["--tp", "1,2", "--windows", "4"])
     r = scale.Results(tmp_path / "results.json")
     r.put("convert", {"seconds": 90, "peak_gib": 0.5, "fp16_gib": 4.0})
-    r.put("dense", {"ppl": 10.0, "run": {"answer": "Deep learning is...", "decode_tok_s": 3.0, "peak_gib": 4.4,
-                                         "loaded_gib": 4.0}})
+    r.put("dense", {"ppl": 10.0})
+    r.put(scale.FP16_RUN, {"answer": "Deep learning is...", "decode_tok_s": 3.0, "peak_gib": 4.4, "loaded_gib": 4.0})
     r.put("sparsegpt 50%", {"ppl": 14.0, "sparsify": {"seconds": 300, "cpu_s": 590, "peak_gib": 2.0}})
     r.put("float_sparse 50%", {"ppl": 12.0, "sparsify": {"seconds": 900, "cpu_s": 1790, "peak_gib": 1.0}})
     text = "\n".join(scale.model_section("m", r, ns))
