@@ -84,27 +84,27 @@ class TensorReader:
 
     def nbytes(self, name: str) -> int:
         """A tensor's stored size, from the header."""
-        if name not in self.where:
-            raise SparsezipError(f"tensor {name} is missing from the checkpoint")
-        begin, stop = self.headers[self.where[name]][1][name]["data_offsets"]
+        _, begin, stop, _ = self.locate(name)
         return stop - begin
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from the header."""
-        if name not in self.where:
-            raise SparsezipError(f"tensor {name} is missing from the checkpoint")
-        return tuple(self.headers[self.where[name]][1][name]["shape"])
+        return tuple(self.locate(name)[3]["shape"])
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor read with one positioned read (no memory map kept)."""
+    def locate(self, name: str) -> tuple[Path, int, int, dict]:
+        """(file, first byte, end byte, header entry) of a tensor."""
         if name not in self.where:
             raise SparsezipError(f"tensor {name} is missing from the checkpoint")
         path = self.where[name]
         start, header = self.headers[path]
-        entry = header[name]
-        begin, stop = entry["data_offsets"]
+        begin, stop = header[name]["data_offsets"]
+        return path, start + begin, start + stop, header[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """A fresh tensor read with one positioned read (no memory map kept)."""
+        path, begin, stop, entry = self.locate(name)
         with open(path, "rb") as f:
-            f.seek(start + begin)
+            f.seek(begin)
             data = bytearray(f.read(stop - begin))
         if len(data) != stop - begin:
             raise SparsezipError(f"{path} was truncated while reading {name}")
@@ -113,21 +113,15 @@ class TensorReader:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
 
-
     def mapped(self, name: str) -> torch.Tensor:
         """The tensor as a private memory map of its file: a page is read when first touched, so the rows of an
         embedding table that no token uses take no memory. Copy-on-write, so nothing written reaches the file."""
-        if name not in self.where:
-            raise SparsezipError(f"tensor {name} is missing from the checkpoint")
-        path = self.where[name]
-        start, header = self.headers[path]
-        entry = header[name]
-        begin, stop = entry["data_offsets"]
+        path, begin, stop, entry = self.locate(name)
         dtype = DTYPES[entry["dtype"]]
-        if stop == begin or (start + begin) % dtype.itemsize:  # empty, or misaligned for its element type
+        if stop == begin or begin % dtype.itemsize:  # empty, or misaligned for its element type
             return self.get(name)
         try:
-            data = np.memmap(path, dtype=np.uint8, mode="c", offset=start + begin, shape=(stop - begin,))
+            data = np.memmap(path, dtype=np.uint8, mode="c", offset=begin, shape=(stop - begin,))
         except (ValueError, OSError) as e:
             raise SparsezipError(f"{path} cannot be mapped for {name} (truncated since it was opened?): {e}") from None
         return torch.from_numpy(data).view(dtype).reshape(entry["shape"])
