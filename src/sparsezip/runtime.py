@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,7 +27,7 @@ from .formats import (FolderKind, PartReader, check_weights_match_config, detect
 from .layouts.base import FolderFacts, LayoutContext, LinearSource, WeightLayout
 from .layouts.dense import DenseLinear, held_dtype
 from .model import Transformer
-from .tp import EMBEDDING, Dist, all_rules, check_tp_size, shard
+from .tp import EMBEDDING, Dist, SplitRule, all_rules, check_tp_size, shard
 
 log = logging.getLogger("sparsezip")
 
@@ -48,10 +50,18 @@ def default_dtype(device: str) -> torch.dtype:
 
 @dataclass
 class RankWeights:
-    """This rank's tensors: the pruned linears (by prefix) apart, everything else by model parameter name."""
+    """This rank's tensors: the pruned linears (by prefix) apart, everything else by model parameter name.
 
-    linears: dict[str, LinearSource] = field(default_factory=dict)
+    A pruned linear is read only when its layout is built (`take`), so loading holds the built layouts plus one
+    matrix, not every fp16 matrix at once: a 7B W16A16S folder is 15 GB of them.
+    """
+
+    linears: dict[str, Callable[[], LinearSource]] = field(default_factory=dict)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def take(self, prefix: str) -> LinearSource:
+        """Read one pruned linear and forget it."""
+        return self.linears.pop(prefix)()
 
 
 def rank_weights_from_dense(model_dir: Path, kind: FolderKind, args: ModelArgs, dist: Dist,
@@ -67,7 +77,12 @@ def rank_weights_from_dense(model_dir: Path, kind: FolderKind, args: ModelArgs, 
     def read(name: str) -> torch.Tensor:
         return reader.mapped(name) if name in mapped and dist.size == 1 else reader.get(name)
 
-    return RankWeights(state={rule.target: shard(rule, read, dist.rank, dist.size) for rule in all_rules(args)})
+    def linear(rule: SplitRule) -> LinearSource:
+        return LinearSource(linear_prefix(rule.target), model_dir, dense=shard(rule, read, dist.rank, dist.size))
+
+    rules = list(all_rules(args))
+    return RankWeights({linear_prefix(r.target): partial(linear, r) for r in rules if r.compressed},
+                       {r.target: shard(r, read, dist.rank, dist.size) for r in rules if not r.compressed})
 
 
 def rank_part(model_dir: Path, dist: Dist) -> Path:
@@ -85,8 +100,11 @@ def rank_weights_from_part(model_dir: Path, dist: Dist, mapped: frozenset[str] =
     """This rank's part of a W16A16SC folder: FLOAT tensors as stored (the `mapped` ones memory-mapped), linears
     as their codec streams."""
     part = PartReader(rank_part(model_dir, dist))
-    return RankWeights({prefix: LinearSource(prefix, part.file, stored=part.read_linear(prefix))
-                        for prefix in part.linear_prefixes()},
+
+    def linear(prefix: str) -> LinearSource:
+        return LinearSource(prefix, part.file, stored=part.read_linear(prefix))
+
+    return RankWeights({prefix: partial(linear, prefix) for prefix in part.linear_prefixes()},
                        {name: part.reader.mapped(name) if name in mapped else part.read_float(name)
                         for name in part.float_names()})
 
@@ -97,7 +115,7 @@ def separate_linears(weights: RankWeights, args: ModelArgs, where: Path) -> None
     for rule in all_rules(args):
         if rule.compressed and rule.target in weights.state:
             prefix = linear_prefix(rule.target)
-            weights.linears[prefix] = LinearSource(prefix, where, dense=weights.state.pop(rule.target))
+            weights.linears[prefix] = partial(LinearSource, prefix, where, dense=weights.state.pop(rule.target))
     pruned = {linear_prefix(rule.target) for rule in all_rules(args) if rule.compressed}
     missing = sorted(pruned - set(weights.linears))
     if missing:
@@ -193,7 +211,7 @@ def build_linears(model: Transformer, weights: RankWeights, layout: type[WeightL
     its bias (a FLOAT tensor) goes with it."""
     for prefix in tqdm(list(weights.linears), desc=f"building {layout.__name__}", unit="linear", leave=False,
                        disable=None):  # on a terminal only: a bar cut short by an error would garble its line
-        source = weights.linears.pop(prefix)
+        source = weights.take(prefix)
         swap_linear(model, prefix, build_layer(source, weights.state.pop(prefix + ".bias", None), layout, ctx))
         del source  # keeps peak memory near one decoded matrix plus the built layouts
 

@@ -139,7 +139,7 @@ def install_linears(model: nn.Module, weights: RankWeights, args: ModelArgs, lay
             if not rule.compressed:
                 continue
             prefix = linear_prefix(rule.target)
-            layer = build_layer(weights.linears.pop(prefix), weights.state.pop(prefix + ".bias", None), layout, ctx)
+            layer = build_layer(weights.take(prefix), weights.state.pop(prefix + ".bias", None), layout, ctx)
             rows = source_rows(rule, args)
             if len(rows) == 1:
                 set_module(model, prefix, layer)
