@@ -240,7 +240,7 @@ def model_section(name: str, r: Results, ns: argparse.Namespace) -> list[str]:
             lines.append(f"- {pattern}: float_sparse {ours['ppl']:.3f} against SparseGPT {base['ppl']:.3f}; "
                          f"float_sparse closes {gap_closed(dense['ppl'], base['ppl'], ours['ppl'])} of SparseGPT's "
                          "gap to dense.")
-    lines += ["", f"{ORIGINAL}, compressed with nibble-v3 (verified bit for bit). Target: peak RSS <= 2 GiB plus one "
+    lines += [f"{ORIGINAL}, compressed with nibble-v3 (verified bit for bit). Target: peak RSS <= 2 GiB plus one "
               "tensor.", "", "| TP | compress (s) | peak RSS (GiB) | bits/weight of the pruned linears |",
               "|---|---|---|---|"]
     for tp in ns.tp:
@@ -271,10 +271,10 @@ def model_section(name: str, r: Results, ns: argparse.Namespace) -> list[str]:
     return lines
 
 
-def report(ns: argparse.Namespace, results: dict[str, Results], seconds: float) -> str:
+def report(ns: argparse.Namespace, results: dict[str, Results]) -> str:
     lines = ["## Real models at scale (`make bench-scale`)", "",
-             f"Machine: {machine()}.  ", f"Command: `python bench/scale.py {' '.join(ns.argv)}`; this run "
-             f"{seconds / 60:.0f} min (steps finished by earlier runs are reused).  ",
+             f"Machine: {machine()}.  ", f"Command: `python bench/scale.py {' '.join(a for a in ns.argv if a != '--report_only')}`; "
+             "every step's own time is in the tables (a rerun reuses the steps already finished).  ",
              f"Date: {datetime.date.today().isoformat()}.", "",
              "Each step is one process; 'peak RSS' is its largest resident size, sampled every 20 ms; 'CPU' its user + "
              "system time (2 cores: wall time near CPU / 2 means the step had the machine to itself).", ""]
@@ -296,6 +296,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib_seqlen", type=int, default=256)
     p.add_argument("--work", type=Path, default=REPO / "out" / "bench-scale")
     p.add_argument("--out", type=Path, help="write the section into this markdown file (BENCHMARKS.md)")
+    p.add_argument("--report_only", action="store_true", help="run nothing: report the steps finished so far")
     ns = p.parse_args(argv)
     ns.argv = argv if argv is not None else sys.argv[1:]
     ns.tp = [int(t) for t in ns.tp.split(",")]
@@ -304,20 +305,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ns
 
 
+def write_report(ns: argparse.Namespace, results: dict[str, Results]) -> str:
+    text = report(ns, results)
+    if ns.out:
+        write_section(ns.out, "scale", text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     ns = parse_args(argv)
     results, failed = {}, False
     for name in ns.models.split(","):
+        if ns.report_only:
+            results[name] = Results(ns.work / name / "results.json")
+            continue
         try:
             results[name] = bench_model(name, ns)
         except RuntimeError as e:  # a failed step: report what finished, then fail
             results[name] = Results(ns.work / name / "results.json")
             results[name].put("failed", {"error": str(e)})
             failed = True
-        text = report(ns, results, time.monotonic() - START)
-        if ns.out:
-            write_section(ns.out, "scale", text)
-    print(text)
+        if not ns.report_only:
+            write_report(ns, results)
+    print(write_report(ns, results))
     if failed:
         raise SystemExit("bench-scale: a step failed (see the report)")
 
