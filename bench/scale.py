@@ -215,7 +215,8 @@ def model_section(name: str, r: Results, ns: argparse.Namespace) -> list[str]:
         return lines + [f"Not run: {r.get('blocked')['error']}", ""]
     conv, dense = r.get("convert"), r.get("dense")
     if conv is None or dense is None:
-        return lines + [f"Not finished: {r.get('failed', {}).get('error', 'the dense model was not scored')}", ""]
+        failed = r.get("failed") or {"error": "the dense model is not scored yet"}
+        return lines + [f"Not finished: {failed['error']}", ""]
     fp16 = conv["fp16_gib"]
     lines += [f"fp16 folder: {fp16:.2f} GiB. Convert (extract the GGUF ranges, dequantize, write): "
               f"{conv['seconds']:.0f} s, peak RSS {conv['peak_gib']:.2f} GiB ({conv['peak_gib'] / fp16:.2f}x fp16).",
