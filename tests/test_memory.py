@@ -200,3 +200,22 @@ def test_loading_reads_each_pruned_linear_only_when_its_layout_is_built(kind, ti
             assert read and all(name.startswith(prefix.rsplit(".", 1)[0]) for name in read), (prefix, read)
         else:  # its codec stream (the small .info headers are read up front, by the part's own checks)
             assert [e for e in read if not e.endswith(".info")] == [prefix + ".weight", prefix + ".index"], read
+
+
+@pytest.mark.slow
+def test_compress_streams_each_part_to_disk(tmp_path, tiny_dir):
+    """compress holds about one tensor at a time, not a rank's whole encoded part (at 7B, one TP-1 part is 4 GB)."""
+    model_bytes = write_big_model(tmp_path / "big", tiny_dir("llama"))
+    subprocess.run([sys.executable, "-m", "sparsezip", "-q", "sparsify", "--model_path", str(tmp_path / "big"),
+                    "--save_path", str(tmp_path / "s"), "--method", "magnitude"], check=True)
+    shutil.rmtree(tmp_path / "big")
+    command = [sys.executable, "-m", "sparsezip", "-q", "compress", "--model_path", str(tmp_path / "s"),
+               "--save_directory", str(tmp_path / "c")]
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak = int(result.stdout.split()[-1]) * 1024
+    (part,) = (tmp_path / "c").glob("part*/*.safetensors")
+    part_bytes = part.stat().st_size
+    assert part_bytes > model_bytes / 3
+    # holding a part's encoded tensors costs the part itself on top of python and torch (and save_file copied it)
+    assert peak < part_bytes, f"peak RSS {peak / 2**20:.0f} MiB, a part is {part_bytes / 2**20:.0f} MiB"

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -23,10 +26,11 @@ from .config import ModelArgs
 from .errors import SparsezipError
 from .formats import (Description, FolderKind, check_weights_match_config, copy_side_files, detect_kind,
                       linear_prefix, part_dir_name, part_metadata, read_description, weight_files, write_fp16_config,
-                      write_part)
+                      PartWriter)
 from .tp import Dist, SplitRule, all_rules, check_tp_size, shard
 
 log = logging.getLogger("sparsezip")
+T, R = TypeVar("T"), TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -82,20 +86,33 @@ def encode_rule(src: Source, rule: SplitRule, rank: int, tp: int, codec_name: st
     return linear_prefix(rule.target), enc, PartStats(tensor.numel() * 2, enc.nbytes, tensor.numel())
 
 
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: list[T], workers: int) -> Iterator[R]:
+    """pool.map in order, but with at most 2 x workers results in flight: Executor.map submits every item at
+    once, so encoded tensors would pile up in memory whenever writing falls behind encoding."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= 2 * max(1, workers):
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def build_part(src: Source, rank: int, tp: int, out: Path, codec_name: str, workers: int, verify: bool,
                show_progress: bool = True) -> PartStats:
     """Write part{rank}-of-{tp}/ inside `out`."""
     rules = list(all_rules(src.args))
-    entries, stats = {}, PartStats()
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # numpy and the native coder release the GIL
-        jobs = pool.map(lambda r: encode_rule(src, r, rank, tp, codec_name, verify), rules)
-        for name, value, part_stats in tqdm(jobs, total=len(rules), desc=f"compress rank {rank}/{tp}",
-                                            unit="tensor", disable=not show_progress):
-            entries[name] = value
-            stats.add(part_stats)
+    stats = PartStats()
     metadata = part_metadata(tp, rank, codec.get_codec(codec_name), f"sparsezip {__version__}",
                              src.description.metadata)
-    write_part(out / part_dir_name(rank, tp), entries, metadata)
+    part = PartWriter(out / part_dir_name(rank, tp), metadata)
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # numpy and the native coder release the GIL
+        jobs = bounded_map(pool, lambda r: encode_rule(src, r, rank, tp, codec_name, verify), rules, workers)
+        for name, value, part_stats in tqdm(jobs, total=len(rules), desc=f"compress rank {rank}/{tp}",
+                                            unit="tensor", disable=not show_progress):
+            part.add(name, value)
+            stats.add(part_stats)
+    part.close()
     return stats
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TensorReader, save_tensors
+from .checkpoint import ShardedWriter, TensorReader
 from .codec import EncodedWeight
 from .config import ModelArgs, read_json, write_json
 from .errors import SparsezipError
@@ -36,6 +36,7 @@ FLOAT = "FLOAT"  # description value of a tensor stored as it is (embeddings, no
 DESCRIPTION_FILE = "quant_model_description.json"
 SPARSE_STEM = "quant_model_weights"  # W16A16S weights: <stem>.safetensors, or shards + <stem>.safetensors.index.json
 COMPRESSED_FILE = "quant_model_weight_w16a16sc.safetensors"  # one per W16A16SC part
+ONE_FILE = 2**62  # a part is one safetensors file, whatever its size
 HEADER_KEYS = ("model_quant_type", "version", "metadata")
 QUANT_METHOD = "sparsezip"  # config.json's quantization_config.quant_method for W16A16S/W16A16SC folders
 TRANSFORMERS_WEIGHTS = "transformers_weights"  # config.json key: the weight file transformers reads
@@ -347,17 +348,25 @@ def part_metadata(tp: int, rank: int, coder, tool: str, sparsify: dict) -> dict:
             "codec_id": coder.codec_id, "tool": tool, "sparsify": sparsify}
 
 
-def write_part(part_dir: Path, entries: dict[str, torch.Tensor | EncodedWeight], metadata: dict) -> None:
-    """A part folder from its entries in order: FLOAT tensors by name, compressed linears by prefix."""
-    part_dir.mkdir()
-    tensors: dict[str, torch.Tensor] = {}
-    desc = Description(FolderKind.W16A16SC, metadata)
-    for name, value in entries.items():
+class PartWriter:
+    """Writes one part folder entry by entry, in order: FLOAT tensors by name, compressed linears by prefix.
+    Entries go to disk as they come (ShardedWriter's chunks), so a rank never holds all its encoded linears."""
+
+    def __init__(self, part_dir: Path, metadata: dict):
+        part_dir.mkdir()
+        self.part_dir = part_dir
+        self.writer = ShardedWriter(part_dir, COMPRESSED_FILE.removesuffix(".safetensors"), ONE_FILE)
+        self.description = Description(FolderKind.W16A16SC, metadata)
+
+    def add(self, name: str, value: torch.Tensor | EncodedWeight) -> None:
         if isinstance(value, EncodedWeight):
-            tensors.update(zip((name + WEIGHT, name + INDEX, name + INFO), (value.weight, value.index, value.info)))
-            desc.add_linear(name, value.shape[0])
+            for suffix, tensor in zip((WEIGHT, INDEX, INFO), (value.weight, value.index, value.info)):
+                self.writer.add(name + suffix, tensor)
+            self.description.add_linear(name, value.shape[0])
         else:
-            tensors[name] = value
-            desc.add(name, FLOAT)
-    save_tensors(tensors, part_dir / COMPRESSED_FILE)
-    write_description(part_dir, desc)
+            self.writer.add(name, value)
+            self.description.add(name, FLOAT)
+
+    def close(self) -> None:
+        self.writer.close()
+        write_description(self.part_dir, self.description)
