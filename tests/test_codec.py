@@ -544,3 +544,13 @@ def test_n_tiles():
     assert n_tiles(576, 1536) == 5 * 12
     with pytest.raises(SparsezipError):
         n_tiles(0, 5)
+
+
+def test_inspect_counts_only_positive_zeros_across_chunks():
+    """inspect's sparsity counts +0.0 only (-0.0 is a stored value), the same in any chunking of the tensor."""
+    from sparsezip.report import count_zeros
+
+    t = torch.tensor([0.0, -0.0, 1.0, 0.0, -2.0] * 7, dtype=torch.float16).view(5, 7)
+    assert count_zeros(t) == 14
+    assert count_zeros(t, chunk=3) == 14
+    assert count_zeros(t.to(torch.float32), chunk=4) == 14

@@ -33,9 +33,11 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def count_zeros(t: torch.Tensor) -> int:
-    """Entries equal to +0.0, the only value the codec leaves out (-0.0 is stored)."""
-    return int(((t == 0) & ~t.signbit()).sum())
+def count_zeros(t: torch.Tensor, chunk: int = 2**22) -> int:
+    """Entries equal to +0.0, the only value the codec leaves out (-0.0 is stored); counted in chunks, since the
+    boolean temporaries of a whole embedding table would take gigabytes at 7B."""
+    flat = t.reshape(-1)
+    return sum(int(((c == 0) & ~c.signbit()).sum()) for c in flat.split(chunk))
 
 
 def dense_rows(folder: Path, kind: FolderKind) -> list[Row]:
