@@ -147,6 +147,23 @@ def test_mapping_a_file_truncated_after_opening_is_a_clear_error(tmp_path):
         reader.mapped("a")
 
 
+def test_reading_a_file_truncated_after_opening_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparsezip.checkpoint import TensorReader
+    from sparsezip.errors import SparsezipError
+
+    path = tmp_path / "t.safetensors"
+    tensors = {"a": torch.randn(64, 64).half(), "b": torch.randn(8).half()}
+    save_file(tensors, path)
+    reader = TensorReader([path])
+    assert all(torch.equal(reader.get(name), t) for name, t in tensors.items())
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(SparsezipError, match="was truncated while reading"):
+        [reader.get(name) for name in tensors]
+
+
 @pytest.mark.parametrize("kind", ["dense", "w16a16sc"])
 def test_cpu_runtime_maps_the_embedding_table_from_its_file(kind, tiny_dir, tmp_path):
     """One embedding row is read per token: the table is a memory map of the weights file, not a copy, so rows no

@@ -103,10 +103,11 @@ class TensorReader:
     def get(self, name: str) -> torch.Tensor:
         """A fresh tensor read with one positioned read (no memory map kept)."""
         path, begin, stop, entry = self.locate(name)
+        data = bytearray(stop - begin)  # read into place: bytearray(f.read()) would hold the tensor twice
         with open(path, "rb") as f:
             f.seek(begin)
-            data = bytearray(f.read(stop - begin))
-        if len(data) != stop - begin:
+            got = f.readinto(data)
+        if got != stop - begin:
             raise SparsezipError(f"{path} was truncated while reading {name}")
         dtype = DTYPES[entry["dtype"]]
         if not data:
