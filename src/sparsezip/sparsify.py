@@ -44,11 +44,15 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
     """
     weight = linear.weight.data  # fp32 [out, in]
     rows = source_rows(rule, args)
-    if method.row_local:
-        fused = method.prune(weight, stats, sparsity, config.nm).to(torch.float16)
-        parts = {name: fused[sl] for name, sl in rows}
-    else:
-        parts = {name: method.prune(weight[sl], stats, sparsity, config.nm).to(torch.float16) for name, sl in rows}
+    # row-local methods take the fused matrix in one call; the others take q, k and v (gate and up) one by one,
+    # sharing the statistics, so only the last call may take over their Hessian
+    calls = [("fused", slice(None))] if method.row_local else rows
+    pruned = {}
+    for i, (label, sl) in enumerate(calls):
+        if stats is not None:
+            stats.last_use = i == len(calls) - 1
+        pruned[label] = method.prune(weight[sl], stats, sparsity, config.nm).to(torch.float16)
+    parts = {name: pruned["fused"][sl] for name, sl in rows} if method.row_local else pruned
     if config.rounding_mode == "l2":  # "the 2% of the matrix" is counted per Hugging Face matrix
         norm = stats.sq_norm.sqrt() if stats is not None else torch.ones(weight.shape[1], device=weight.device)
         parts = {name: l2_round(w.contiguous(), norm) for name, w in parts.items()}
