@@ -241,6 +241,7 @@ def model_section(name: str, r: Results, ns: argparse.Namespace) -> list[str]:
             lines.append(f"- {pattern}: float_sparse {ours['ppl']:.3f} against SparseGPT {base['ppl']:.3f}; "
                          f"float_sparse closes {gap_closed(dense['ppl'], base['ppl'], ours['ppl'])} of SparseGPT's "
                          "gap to dense.")
+            lines.append("")
     lines += [f"{ORIGINAL}, compressed with nibble-v3 (verified bit for bit). Target: peak RSS <= 2 GiB plus one "
               "tensor.", "", "| TP | compress (s) | peak RSS (GiB) | bits/weight of the pruned linears |",
               "|---|---|---|---|"]
