@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsezip.calibrate import SAMPLES_PER_BATCH, LayerPass, embed_samples, load_layer, owl_allocation, read_layer
+from sparsezip.calibrate import SAMPLES_PER_BATCH, LayerPass, Spill, embed_samples, load_layer, owl_allocation, read_layer
 from sparsezip.checkpoint import TensorReader
 from sparsezip.cli import main
 from sparsezip.config import ModelArgs, OwlConfig, SparsifyConfig, read_json
@@ -45,6 +47,41 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
     seen.clear()
     assert LayerPass(args, "cpu", needs_hessian=False)(layer, hidden, lambda name, *_: seen.append(name), last=True) == []
     assert seen == stages  # the final layer's linears are all still calibrated
+
+
+def test_spill_gives_back_every_tensor_exactly_and_leaves_no_file():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(2, 5, 7, generator=g), torch.tensor([float("nan"), -0.0, float("inf")]), torch.randn(3, 1)]
+    spill = Spill()
+    for t in tensors:
+        spill.put(t)
+    assert os.fstat(spill.file.fileno()).st_nlink == 0  # unlinked from the start: nothing left after a crash
+    back = list(spill.read_back())
+    spill.close()
+    assert [b.shape for b in back] == [t.shape for t in tensors]
+    for b, t in zip(back, tensors):
+        assert torch.equal(b.view(torch.int32), t.view(torch.int32))
+
+
+def live_activation_batches(width: int) -> int:
+    """3-D tensors [B, L, width] alive now (the layer pass's batches)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.dim() == 3 and o.shape[-1] == width)
+
+
+def test_mlp_activations_are_not_held_while_the_down_projection_is_pruned(tiny_dir):
+    folder = tiny_dir("qwen3")
+    args = ModelArgs.from_dir(folder)
+    layer = load_layer(args, read_layer(args, TensorReader(safetensors_files(folder)), 0), 0, "cpu")
+    hidden = [torch.randn(2, 9, args.hidden_size) for _ in range(3)]
+    held = {}
+
+    def on_linear(name, *_):
+        held[name] = live_activation_batches(args.intermediate_size)
+
+    out = LayerPass(args, "cpu", needs_hessian=True)(layer, hidden, on_linear)
+    assert held["mlp.down_proj"] == 0, "the MLP activations stay in memory during the down projection's pruning"
+    assert len(out) == len(hidden)
 
 
 @pytest.mark.parametrize("window", [None, 5])
