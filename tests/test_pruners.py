@@ -339,3 +339,19 @@ def test_sparsegpt_dead_inputs():
     assert torch.isfinite(pruned).all()
     assert ((pruned == 0).sum(1) == 16).all()
     assert (pruned[:, 10] == 0).all()  # a never-activated input costs nothing, so it is pruned first
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_wanda_in_row_blocks_equals_one_pass_over_the_matrix(pattern, monkeypatch):
+    from sparsezip import pruners
+    from sparsezip.masks import apply_mask, make_mask
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(10, 16, generator=g)
+    stats = LinearStats(16, "cpu")
+    stats.add_batch(torch.randn(40, 16, generator=g))
+    monkeypatch.setattr(pruners, "WANDA_ROWS", 3)  # blocks of 3, 3, 3 and 1 rows
+    got = pruners.wanda(w, stats, 0.5, pattern)
+    want = apply_mask(w, make_mask(w.abs() * stats.sq_norm.sqrt()[None, :], 0.5, pattern, per_row=True))
+    assert torch.equal(got, want)
+    assert (got == 0).sum() == w.numel() // 2

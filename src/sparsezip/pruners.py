@@ -25,6 +25,7 @@ HESSIAN_BLOCKS = 4  # row bands of the X^T X accumulation (see add_hessian)
 TRIANGULAR_LEAF = 128  # _inverse_lower hands blocks this small to LAPACK (128 and 256 timed alike)
 MIRROR_BAND = 512  # rows per step of mirror_upper
 OBS_SUB_BLOCK = 16  # columns of SparseGPT's rank-1 updates between two GEMM updates of the rest of a block
+WANDA_ROWS = 1024  # rows per step of wanda: its temporaries take about 16 bytes x WANDA_ROWS x in_features
 
 
 class LinearStats:
@@ -117,9 +118,16 @@ def magnitude(w: torch.Tensor, stats: LinearStats | None, ratio: float, pattern)
 
 
 def wanda(w: torch.Tensor, stats: LinearStats, ratio: float, pattern) -> torch.Tensor:
-    """Smallest |W_ij| * ||X_j|| compared within each output row (Sun et al. 2023)."""
-    score = w.abs() * stats.sq_norm.sqrt().to(w)[None, :]
-    return apply_mask(w, make_mask(score, ratio, pattern, per_row=True))
+    """Smallest |W_ij| * ||X_j|| compared within each output row (Sun et al. 2023).
+
+    Row-local, so it goes WANDA_ROWS rows at a time: the scores, the top-k indices (int64) and the mask of a fused
+    gate/up matrix at once would be several times its own size."""
+    norm = stats.sq_norm.sqrt().to(w)[None, :]
+    out = torch.empty_like(w)
+    for r in range(0, w.shape[0], WANDA_ROWS):
+        block = w[r:r + WANDA_ROWS]
+        out[r:r + WANDA_ROWS] = apply_mask(block, make_mask(block.abs() * norm, ratio, pattern, per_row=True))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
