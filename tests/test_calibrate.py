@@ -52,12 +52,12 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
 def test_spill_gives_back_every_tensor_exactly_and_leaves_no_file():
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(2, 5, 7, generator=g), torch.tensor([float("nan"), -0.0, float("inf")]), torch.randn(3, 1)]
-    spill = Spill()
-    for t in tensors:
-        spill.put(t)
-    assert os.fstat(spill.file.fileno()).st_nlink == 0  # unlinked from the start: nothing left after a crash
-    back = list(spill.read_back())
-    spill.close()
+    with Spill() as spill:
+        for t in tensors:
+            spill.put(t)
+        assert os.fstat(spill.file.fileno()).st_nlink == 0  # unlinked from the start: nothing left after a crash
+        back = list(spill.read_back())
+    assert spill.file.closed
     assert [b.shape for b in back] == [t.shape for t in tensors]
     for b, t in zip(back, tensors):
         assert torch.equal(b.view(torch.int32), t.view(torch.int32))

@@ -94,7 +94,10 @@ class Spill:
                 raise OSError(f"temporary file {self.file.name} came back short")
             yield x
 
-    def close(self) -> None:
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc) -> None:
         self.file.close()
 
 
@@ -108,7 +111,7 @@ class LayerPass:
     def apply(self, fn: Callable[..., torch.Tensor], *inputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         return [fn(*(x.to(self.device) for x in xs)).cpu() for xs in zip(*inputs)]
 
-    def stats(self, linear: nn.Linear, inputs: list[torch.Tensor]) -> LinearStats:
+    def stats(self, linear: nn.Linear, inputs: Iterable[torch.Tensor]) -> LinearStats:
         stats = LinearStats(linear.in_features, self.device, hessian=self.needs_hessian)
         for x in inputs:
             stats.add_batch(x.to(self.device))
@@ -139,22 +142,20 @@ class LayerPass:
         del attended
         normed = self.apply(layer.post_attention_layernorm, resid)
         on_linear("mlp.gate_up_proj", mlp.gate_up_proj, self.stats(mlp.gate_up_proj, normed))
-        down_stats = LinearStats(mlp.down_proj.in_features, self.device, hessian=self.needs_hessian)
-        spill = Spill()
-        try:
-            for h in normed:  # the activations go to the statistics and to disk batch by batch
-                act = mlp.activate(mlp.gate_up_proj(h.to(self.device)))
-                down_stats.add_batch(act)
-                if not last:
-                    spill.put(act.cpu())
-                del act
+        with Spill() as spill:
+            def activations() -> Iterator[torch.Tensor]:  # to the statistics and to disk, one batch at a time
+                for h in normed:
+                    act = mlp.activate(mlp.gate_up_proj(h.to(self.device)))
+                    if not last:
+                        spill.put(act.cpu())
+                    yield act
+
+            down_stats = self.stats(mlp.down_proj, activations())
             del normed
             on_linear("mlp.down_proj", mlp.down_proj, down_stats)
             if last:
                 return []
             return self.apply(lambda r, a: mlp.down_proj(a).add_(r), resid, spill.read_back())
-        finally:
-            spill.close()
 
 
 def owl_allocation(outlier_ratios: list[float], sparsity: float, lam: float) -> list[float]:
