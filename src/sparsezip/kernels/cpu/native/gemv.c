@@ -115,13 +115,14 @@ static void unpack_rows_portable(const Job *j, int64_t row_begin, int64_t row_en
 #ifdef SPZ_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), always_inline)) static inline
 
-/* The next 8 columns (group g) of a sparse row as 8 fp16 patterns, advancing the cursor. */
-AVX2 __m128i expand_group(Cursor *c, int64_t g) {
-    const unsigned code = c->code[g];
-    __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)c->v),
-                                 _mm_load_si128((const __m128i *)spz_expand_sparse[code]));
-    c->v += spz_sparse_step[code];
-    return v;
+/* The next 8 columns of a sparse row, from the group whose code is `code` and whose values start at *v; advances
+ * *v past them. */
+AVX2 __m128i expand_group(const uint8_t **v, unsigned code) {
+    const SpzSparseGroup *group = &spz_sparse_group[code];
+    const __m128i out = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)*v),
+                                         _mm_load_si128((const __m128i *)group->ctrl));
+    *v += group->step;
+    return out;
 }
 
 /* Tile t of row r's cursor: its values start tile_start[r, t] bytes into the row's, so the tiles of a row can be
@@ -137,15 +138,23 @@ static Cursor tile_cursor(const Job *j, int64_t r, int64_t t) {
 AVX2 void tiles_avx2(const uint16_t *w, Cursor *c, const float *x, int64_t k, int64_t c0, int64_t cols,
                      const int nt, const int nb, const int dense, float *total) {
     const int64_t full = cols & ~(int64_t)7;
+    /* Every operand as a base pointer plus a constant offset per tile and one shared group index, so that a group
+     * costs a handful of instructions: the sparse kernel is bound by instructions per group, not by bytes. */
+    const uint16_t *wrow = dense ? w + c0 : NULL;
+    const uint16_t *code = dense ? NULL : c[0].code + (c0 >> 3); /* the tiles of a row share its code array */
+    const float *xt = x + c0;
+    const uint8_t *v[TILES];
     __m256 acc[TILES * X_BLOCK];
+    for (int i = 0; i < nt && !dense; i++) v[i] = c[i].v;
     for (int a = 0; a < nt * nb; a++) acc[a] = _mm256_setzero_ps();
-    for (int64_t col = 0; col < full; col += 8)
+    for (int64_t g = 0; g < full >> 3; g++)
         for (int i = 0; i < nt; i++) {
-            const int64_t at = c0 + i * TILE + col;
-            const __m256 wv = _mm256_cvtph_ps(dense ? _mm_loadu_si128((const __m128i *)(w + at))
-                                                    : expand_group(&c[i], at >> 3));
-            for (int b = 0; b < nb; b++) acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * k + at), acc[i * nb + b]);
+            const __m256 wv = _mm256_cvtph_ps(dense ? _mm_loadu_si128((const __m128i *)(wrow + i * TILE + 8 * g))
+                                                    : expand_group(&v[i], code[i * (TILE / 8) + g]));
+            for (int b = 0; b < nb; b++)
+                acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * k + i * TILE + 8 * g), acc[i * nb + b]);
         }
+    for (int i = 0; i < nt && !dense; i++) c[i].v = v[i];
     for (int i = 0; i < nt; i++) {
         uint16_t tail[8];
         const uint16_t *wt = tail;
@@ -217,7 +226,7 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void unpack_rows_avx
     for (int64_t r = row_begin; r < row_end; r++) {
         Cursor c = row_cursor(j, r);
         for (int64_t col = 0; col < full; col += 8) {
-            __m128i v = expand_group(&c, col >> 3);
+            __m128i v = expand_group(&c.v, c.code[col >> 3]);
             if (j->out_f32) _mm256_storeu_ps((float *)j->out + r * j->k + col, _mm256_cvtph_ps(v));
             else _mm_storeu_si128((__m128i *)((uint16_t *)j->out + r * j->k + col), v);
         }
