@@ -61,13 +61,14 @@ class SparseWeight:
     """An fp16 matrix [n, k] as the bitmap of its nonzero entries (bit patterns != 0) and their values, in groups
     of 8 columns: a group whose values all have a low byte of 0 (E5M2 values, as after L2 rounding) stores one
     byte per value (the high byte), any other ("wide") group two (the fp16 pattern). Each group's code holds its
-    bitmap byte and, in bit 8, whether it is wide: one load gives the kernel everything it needs.
+    bytes of values, its bitmap byte and whether it is wide: one load gives the kernel the pointer step and the row
+    of its pshufb table, one AND each.
     Row r's values are values[row_start[r]:row_start[r+1]], group by group, in column order. A runtime layout
     built by pack_sparse (the byte layout is native/gemv.c's), not a file format; the arrays are read-only.
     """
 
     shape: tuple[int, int]
-    codes: np.ndarray  # uint16 [n, kb], kb = ceil(k / 8): bitmap byte (LSB = first column) | wide << 8
+    codes: np.ndarray  # uint16 [n, kb], kb = ceil(k / 8): bytes | bitmap byte (LSB = first column) << 5 | wide << 13
     values: np.ndarray  # uint8 [row_start[n] + VALUE_PAD]
     row_start: np.ndarray  # int64 [n + 1]
     tile_start: np.ndarray  # uint32 [n, ceil(k / 128)]: where each tile's values start, from the row's start
@@ -105,7 +106,10 @@ def pack_sparse(weight: torch.Tensor) -> SparseWeight:
         wide = np.zeros((len(block), 8 * kb), bool)  # [rows, columns padded to whole groups]
         wide[:, :k] = present & ((block & 0xFF) != 0)
         wide_groups = wide.reshape(len(block), kb, 8).any(2)  # [rows, kb]
-        codes[r0:r0 + step] = np.packbits(present, axis=1, bitorder="little") | wide_groups.astype(np.uint16) << 8
+        group_bytes = np.zeros((len(block), tiles * TILE // 8), np.int64)
+        group_bytes[:, :kb] = present_per_group(present, kb) * (1 + wide_groups)
+        bitmaps = np.packbits(present, axis=1, bitorder="little").astype(np.uint16)
+        codes[r0:r0 + step] = group_bytes[:, :kb] | bitmaps << 5 | wide_groups.astype(np.uint16) << 13
         wide_value = np.repeat(wide_groups, 8, axis=1)[:, :k][present]  # per value in row-major order
         width = 1 + wide_value.astype(np.int64)
         offset = np.concatenate([[0], np.cumsum(width)[:-1]])
@@ -113,8 +117,6 @@ def pack_sparse(weight: torch.Tensor) -> SparseWeight:
         values = block[present]
         stream[offset + wide_value] = values >> 8  # the high byte: first of one, second of two (little-endian)
         stream[offset[wide_value]] = values[wide_value] & 0xFF
-        group_bytes = np.zeros((len(block), tiles * TILE // 8), np.int64)
-        group_bytes[:, :kb] = present_per_group(present, kb) * (1 + wide_groups)
         tile_bytes[r0:r0 + step] = group_bytes.reshape(len(block), tiles, TILE // 8).sum(2)
         streams.append(stream)
     row_start = np.concatenate([[0], np.cumsum(tile_bytes.sum(1))]).astype(np.int64)
@@ -137,8 +139,9 @@ def unpack_sparse(sparse: SparseWeight, out: torch.Tensor | None = None) -> torc
         native.sparse_unpack(*sparse.arrays(), out.view(torch.int32 if f32 else torch.int16).numpy(), n, k, f32,
                              threads_for(n * k // 4))
         return out
-    present = np.unpackbits((sparse.codes & 0xFF).astype(np.uint8), axis=1, count=k, bitorder="little").astype(bool)
-    wide_groups = (sparse.codes >> 8).astype(bool)
+    bitmaps = (sparse.codes >> 5 & 0xFF).astype(np.uint8)
+    present = np.unpackbits(bitmaps, axis=1, count=k, bitorder="little").astype(bool)
+    wide_groups = (sparse.codes >> 13 & 1).astype(bool)
     wide_value = np.repeat(wide_groups, 8, axis=1)[:, :k][present]
     offset = np.concatenate([[0], np.cumsum(1 + wide_value.astype(np.int64))[:-1]])
     values = sparse.values[offset + wide_value].astype(np.uint16) << 8

@@ -14,12 +14,13 @@
  * gemv_f16(w, x, y, n, k, m, threads): w uint16 [n, k] (fp16 bit patterns), x float32 [m, k], y float32 [m, n].
  *
  * The sparse layout (built by kernels/cpu/gemv.py's pack_sparse, held read-only): per weight row r
- *   codes   uint16 [n, kb], kb = ceil(k / 8): one per group of 8 columns, bit j (j < 8) = column 8g + j is nonzero
- *           (bit pattern != 0), bit 8 = the group stores 2-byte values
+ *   codes   uint16 [n, kb], kb = ceil(k / 8): one per group of 8 columns; bits 0-4 = the group's bytes of values
+ *           (0 .. 16: redundant, but an AND instead of a table load, and the kernel is bound by loads), bit 5 + j
+ *           = column 8g + j is nonzero (bit pattern != 0), bit 13 = the group stores 2-byte values
  *   values  uint8 stream, row r from row_start[r]: for each group in order, its nonzero values in column order,
  *           2 bytes each (the little-endian fp16 pattern) in a wide group, else 1 byte each (the high byte; the
  *           low byte is 0 -- an E5M2 value, what L2 rounding makes); VALUE_PAD readable bytes at the end.
- * A group expands with one pshufb whose control, like its byte count, is a table row indexed by the code.
+ * A group expands with one pshufb whose control is the table row code >> 5, at byte offset code & ~31.
  * sparse_gemv(codes, values, row_start, x, y, n, k, m, threads) and sparse_unpack(..., out, n, k, out_f32,
  * threads), which writes the dense matrix as fp16 or fp32 for the many-row path.
  */
@@ -61,7 +62,7 @@ static void expand_scalar(Cursor *c, int64_t c0, int64_t cols, uint16_t *buf) {
     for (int64_t i = 0; i < cols; i++) {
         int64_t col = c0 + i;
         const unsigned code = c->code[col >> 3];
-        const int set = code >> (col & 7) & 1, wide = code >> 8;
+        const int set = code >> (5 + (col & 7)) & 1, wide = code >> 13 & 1;
         buf[i] = !set ? 0 : wide ? (uint16_t)(c->v[0] | c->v[1] << 8) : (uint16_t)(c->v[0] << 8);
         c->v += set << wide;
     }
@@ -118,10 +119,10 @@ static void unpack_rows_portable(const Job *j, int64_t row_begin, int64_t row_en
 /* The next 8 columns of a sparse row, from the group whose code is `code` and whose values start at *v; advances
  * *v past them. */
 AVX2 __m128i expand_group(const uint8_t **v, unsigned code) {
-    const SpzSparseGroup *group = &spz_sparse_group[code];
     const __m128i out = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)*v),
-                                         _mm_load_si128((const __m128i *)group->ctrl));
-    *v += group->step;
+                                         _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand_sparse +
+                                                                          (code & ~31u))));
+    *v += code & 31;
     return out;
 }
 
@@ -172,11 +173,11 @@ AVX2 void tiles_avx2(const uint16_t *w, Cursor *c, const float *x, int64_t k, in
 
 /* Weight row r against activation rows b0 .. b0 + nb - 1, several tiles of the row in flight when nb is small:
  * the row stays one sequential stream (several rows at once would be several, which the hardware prefetcher
- * serves worse from DRAM) and the chains stay independent. */
-AVX2 void block_avx2(const Job *j, int64_t r, int64_t b0, const int nb, const int dense) {
+ * serves worse from DRAM) and the chains stay independent. The row is w (dense, its k columns) or expanded from
+ * the sparse layout. */
+AVX2 void block_avx2(const Job *j, const uint16_t *w, int64_t r, int64_t b0, const int nb, const int dense) {
     const int nt = nb >= TILES ? 1 : TILES / nb;
     const int64_t k = j->k;
-    const uint16_t *w = dense ? j->w + r * k : NULL;
     const float *x = j->x + b0 * k;
     Cursor c[TILES];
     float total[X_BLOCK] = {0};
@@ -192,21 +193,44 @@ AVX2 void block_avx2(const Job *j, int64_t r, int64_t b0, const int nb, const in
     for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = total[b];
 }
 
-/* Every activation row against weight rows [row_begin, row_end), X_BLOCK activation rows per pass over a row. */
-AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
-    for (int64_t r = row_begin; r < row_end; r++)
-        for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK) {
-            switch (j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK) {
-                case 1: block_avx2(j, r, b0, 1, dense); break;
-                case 2: block_avx2(j, r, b0, 2, dense); break;
-                case 3: block_avx2(j, r, b0, 3, dense); break;
-                case 4: block_avx2(j, r, b0, 4, dense); break;
-                case 5: block_avx2(j, r, b0, 5, dense); break;
-                case 6: block_avx2(j, r, b0, 6, dense); break;
-                case 7: block_avx2(j, r, b0, 7, dense); break;
-                default: block_avx2(j, r, b0, X_BLOCK, dense); break;
-            }
+/* Every activation row against weight row r (w as in block_avx2), X_BLOCK activation rows per pass. */
+AVX2 void row_avx2(const Job *j, const uint16_t *w, int64_t r, const int dense) {
+    for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK) {
+        switch (j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK) {
+            case 1: block_avx2(j, w, r, b0, 1, dense); break;
+            case 2: block_avx2(j, w, r, b0, 2, dense); break;
+            case 3: block_avx2(j, w, r, b0, 3, dense); break;
+            case 4: block_avx2(j, w, r, b0, 4, dense); break;
+            case 5: block_avx2(j, w, r, b0, 5, dense); break;
+            case 6: block_avx2(j, w, r, b0, 6, dense); break;
+            case 7: block_avx2(j, w, r, b0, 7, dense); break;
+            default: block_avx2(j, w, r, b0, X_BLOCK, dense); break;
         }
+    }
+}
+
+/* Sparse row r as k fp16 patterns into out. */
+AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
+    const int64_t full = j->k & ~(int64_t)7;
+    Cursor c = row_cursor(j, r);
+    for (int64_t col = 0; col < full; col += 8)
+        _mm_storeu_si128((__m128i *)(out + col), expand_group(&c.v, c.code[col >> 3]));
+    if (full < j->k) expand_scalar(&c, full, j->k - full, out + full);
+}
+
+/* Every activation row against weight rows [row_begin, row_end). With more activation rows than one pass takes
+ * (a prefill), a sparse row is expanded once into this thread's scratch and multiplied as a dense row, so that
+ * the expansion is not repeated for every pass. */
+AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
+    uint16_t *expanded = !dense && j->m > X_BLOCK ? spz_scratch((size_t)j->k * sizeof(uint16_t)) : NULL;
+    for (int64_t r = row_begin; r < row_end; r++) {
+        if (expanded) {
+            expand_row_avx2(j, r, expanded);
+            row_avx2(j, expanded, r, 1);
+        } else {
+            row_avx2(j, dense ? j->w + r * j->k : NULL, r, dense);
+        }
+    }
 }
 
 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void dense_rows_avx2(const Job *j, int64_t row_begin,
@@ -224,19 +248,17 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void unpack_rows_avx
                                                                                  int64_t row_end) {
     const int64_t full = j->k & ~(int64_t)7;
     for (int64_t r = row_begin; r < row_end; r++) {
-        Cursor c = row_cursor(j, r);
-        for (int64_t col = 0; col < full; col += 8) {
-            __m128i v = expand_group(&c.v, c.code[col >> 3]);
-            if (j->out_f32) _mm256_storeu_ps((float *)j->out + r * j->k + col, _mm256_cvtph_ps(v));
-            else _mm_storeu_si128((__m128i *)((uint16_t *)j->out + r * j->k + col), v);
+        if (!j->out_f32) {
+            expand_row_avx2(j, r, (uint16_t *)j->out + r * j->k);
+            continue;
         }
+        Cursor c = row_cursor(j, r);
+        for (int64_t col = 0; col < full; col += 8)
+            _mm256_storeu_ps((float *)j->out + r * j->k + col, _mm256_cvtph_ps(expand_group(&c.v, c.code[col >> 3])));
         if (full < j->k) {
             uint16_t tail[8];
             expand_scalar(&c, full, j->k - full, tail);
-            for (int64_t i = 0; i < j->k - full; i++) {
-                if (j->out_f32) ((float *)j->out)[r * j->k + full + i] = spz_half(tail[i]);
-                else ((uint16_t *)j->out)[r * j->k + full + i] = tail[i];
-            }
+            for (int64_t i = 0; i < j->k - full; i++) ((float *)j->out)[r * j->k + full + i] = spz_half(tail[i]);
         }
     }
 }

@@ -52,15 +52,10 @@ static inline int64_t spz_part_begin(int64_t n, int part, int parts) { return n 
 
 extern uint8_t spz_pop8[256];                /* bits set in a byte */
 extern uint8_t spz_expand16[256][16];        /* pshufb: the next popcount(m) u16 values into the lanes set in m */
-/* One group of 8 columns of the sparse layout, by its code (wide << 8 | bitmap): the pshufb control that puts the
- * group's next values in their lanes (1 byte each into the lanes' high byte, or 2 bytes each when wide) and how
- * many bytes of values the group holds. Both in one 32-byte row so that one scaled code addresses both. */
-typedef struct {
-    uint8_t ctrl[16];
-    uint8_t step;
-    uint8_t pad[15];
-} SpzSparseGroup;
-extern SpzSparseGroup spz_sparse_group[512];
+extern uint8_t spz_expand_sparse[512][32];   /* pshufb for the sparse layout's groups in bytes 0-15 of row
+                                                [code >> 5 = wide << 8 | m]: the next values 1 byte each into the
+                                                lanes' high byte (wide = 0) or 2 bytes each (wide = 1); rows of 32
+                                                bytes so that code & ~31 is the row's offset */
 extern uint8_t spz_compact16[256][16];       /* pshufb: the u16 lanes set in m, packed to the front */
 extern uint16_t spz_sign16[256][8];          /* 0x8000 in u16 lane j when bit j of the byte is set */
 void spz_tables_init(void);
