@@ -185,25 +185,57 @@ CompactFn codec_compact_fn(void) {
 
 /* ------------------------------------------------------------------ tiles: bitmap, signs, low bytes */
 
-int codec_scan_bitmap(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, int *row_cnt, int *gcnt) {
-    int tail = g->cols & 7, nnz = 0;
+/* Bits set in a bitmap row: 8 bytes per popcount, the last row_bytes % 8 through the byte table. */
+__attribute__((always_inline)) static inline int row_bits(const uint8_t *row, int row_bytes) {
+    int cnt = 0, b = 0;
+    for (; b + 8 <= row_bytes; b += 8) {
+        uint64_t word;
+        memcpy(&word, row + b, 8);
+        cnt += __builtin_popcountll(word);
+    }
+    for (; b < row_bytes; b++) cnt += POP8[row[b]];
+    return cnt;
+}
+
+/* row_cnt[r] and gcnt[q] for the tile's bitmap; -1 when a row marks a column past the tile's last. */
+__attribute__((always_inline)) static inline int scan_rows(const Geom *g, const uint8_t *bm, int *row_cnt,
+                                                           int *gcnt) {
+    const int tail = g->cols & 7;
+    int nnz = 0;
     for (int q = 0; q < GROUPS; q++) gcnt[q] = 0;
     for (int r = 0; r < g->rows; r++) {
         const uint8_t *row = bm + r * g->row_bytes;
-        if (tail && row[g->row_bytes - 1] >> tail)
-            return codec_tile_error(&c->err, t,
-                                    "bitmap marks entries outside the matrix; the weight stream is corrupted "
-                                    "or info has the wrong shape");
-        int cnt = 0;
-        for (int b = 0; b < g->row_bytes; b += 8) { /* 8 bitmap bytes per popcount */
-            uint64_t word = 0;
-            memcpy(&word, row + b, g->row_bytes - b < 8 ? (size_t)(g->row_bytes - b) : 8);
-            cnt += __builtin_popcountll(word);
-        }
-        row_cnt[r] = cnt;
-        gcnt[r / GROUP_ROWS] += cnt;
-        nnz += cnt;
+        if (tail && row[g->row_bytes - 1] >> tail) return -1;
+        row_cnt[r] = row_bits(row, g->row_bytes);
+        gcnt[r / GROUP_ROWS] += row_cnt[r];
+        nnz += row_cnt[r];
     }
+    return nnz;
+}
+
+/* Without the popcnt instruction, __builtin_popcountll is a libgcc call: a fifth of a tile's decode time. */
+#ifdef SPZ_X86
+__attribute__((target("popcnt"))) static int scan_rows_popcnt(const Geom *g, const uint8_t *bm, int *row_cnt,
+                                                             int *gcnt) {
+    return scan_rows(g, bm, row_cnt, gcnt);
+}
+#endif
+
+static int scan_rows_portable(const Geom *g, const uint8_t *bm, int *row_cnt, int *gcnt) {
+    return scan_rows(g, bm, row_cnt, gcnt);
+}
+
+int codec_scan_bitmap(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, int *row_cnt, int *gcnt) {
+    int nnz;
+#ifdef SPZ_X86
+    if (c->simd) nnz = scan_rows_popcnt(g, bm, row_cnt, gcnt);
+    else
+#endif
+        nnz = scan_rows_portable(g, bm, row_cnt, gcnt);
+    if (nnz < 0)
+        return codec_tile_error(&c->err, t,
+                                "bitmap marks entries outside the matrix; the weight stream is corrupted "
+                                "or info has the wrong shape");
     return nnz;
 }
 
