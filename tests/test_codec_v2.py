@@ -537,5 +537,9 @@ def test_fused_linear_matches_dense(codec_name, shape):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
     bias = torch.randn(shape[0])
     torch.testing.assert_close(linear(x[None], enc, bias=bias), (expected + bias)[None])
+    torch.testing.assert_close(linear(torch.stack([x, -x]), enc), torch.stack([expected, -expected]))
     with pytest.raises(SparsezipError, match="float32"):
         linear(x.half(), enc)
+    for bad in (torch.randn(2, shape[1] + 1), torch.randn(2, 2, shape[1]), torch.randn(0, shape[1])):
+        with pytest.raises(SparsezipError, match="shape"):
+            linear(bad, enc)

@@ -66,15 +66,17 @@ def test_many_rows_and_same_dtypes_take_torch_path():
 
 
 @needs_native
-@pytest.mark.parametrize("codec_name", ["bitmap-v1", "huff-v2"])
+@pytest.mark.parametrize("codec_name", ["bitmap-v1", "huff-v2", "nibble-v3"])
 @pytest.mark.parametrize("shape", [(130, 13), (256, 128), (300, 577)])
-def test_gemv_is_bit_identical_to_the_fused_compressed_linear(codec_name, shape, kernel_level):
-    """Dense mode (fp16 GEMV) and compressed mode (multiply from the tiles) must agree to the bit at batch 1, at
-    every kernel level."""
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_gemv_is_bit_identical_to_the_fused_compressed_linear(codec_name, shape, rows, kernel_level):
+    """Dense mode (fp16 GEMV) and compressed mode (multiply from the tiles) must agree to the bit for the few rows
+    of a decode step (one row; several, each tile decoded once for all; more than one pass of 8), at every kernel
+    level."""
     gen = torch.Generator().manual_seed(sum(shape))
     w = torch.randn(*shape, generator=gen).half()
     w[torch.rand(*shape, generator=gen) < 0.5] = 0
-    x, bias = torch.randn(1, shape[1], generator=gen), torch.randn(shape[0], generator=gen)
+    x, bias = torch.randn(rows, shape[1], generator=gen), torch.randn(shape[0], generator=gen)
     enc = codec.encode(w, codec_name)
     assert torch.equal(mixed_linear(x, w, bias), codec.linear(x, enc, bias))
 

@@ -70,9 +70,10 @@ def decode_into(enc: EncodedWeight, out: torch.Tensor, check_crc: bool = True) -
 
 def linear(x: torch.Tensor, enc: EncodedWeight, bias: torch.Tensor | None = None,
            check_crc: bool = True) -> torch.Tensor:
-    """Batch-1 y = x W^T (+ bias) straight from the compressed tiles, W never materialised.
+    """y = x W^T (+ bias) straight from the compressed tiles, W never materialised: for the few rows of a decode
+    step, each tile is decoded once and multiplied with every row.
 
-    x: float32 [k] or [1, k] on CPU; returns float32 [n] or [1, n]. Each tile row's dot product runs in fp32 in
+    x: float32 [k] or [m, k] on CPU; returns float32 [n] or [m, n]. Each tile row's dot product runs in fp32 in
     the kernels' shared summation order (results may differ from F.linear in the last bits). Without the
     extension, or for a coder it lacks, it decodes and calls F.linear.
     """
@@ -80,12 +81,12 @@ def linear(x: torch.Tensor, enc: EncodedWeight, bias: torch.Tensor | None = None
     opened = coder.open(enc, check_crc=check_crc)
     n, k = opened.n, opened.k
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or \
-            tuple(x.shape) not in ((k,), (1, k)):
-        raise SparsezipError(f"x must be a CPU float32 tensor of shape [{k}] or [1, {k}], got {describe(x)}")
+            x.dim() not in (1, 2) or x.shape[-1] != k or x.numel() == 0:
+        raise SparsezipError(f"x must be a CPU float32 tensor of shape [{k}] or [m, {k}], got {describe(x)}")
     if not native.supports(opened.codec_id):
         weight = decode_into(enc, torch.empty((n, k), dtype=torch.float32), check_crc=False)
         return F.linear(x, weight, bias)
-    y = native.linear(opened, x.reshape(1, k)).view(*x.shape[:-1], n)
+    y = native.linear(opened, x.reshape(-1, k)).view(*x.shape[:-1], n)
     return y if bias is None else y.add_(bias)
 
 

@@ -72,8 +72,9 @@ def decode_into(opened: OpenStream, out: torch.Tensor) -> torch.Tensor:
 
 
 def linear(opened: OpenStream, x: torch.Tensor) -> torch.Tensor:
-    """y [1, n] = x [1, k] W^T straight from the tiles (W never materialised), fp32."""
-    y = torch.empty((1, opened.n), dtype=torch.float32)
+    """y [m, n] = x [m, k] W^T straight from the tiles (W never materialised: each tile is decoded once per call,
+    whatever m), fp32."""
+    y = torch.empty((x.shape[0], opened.n), dtype=torch.float32)
     _call(opened, y.numpy(), _LINEAR, x.contiguous().numpy())
     return y
 

@@ -1,6 +1,7 @@
 """Layout "compressed": the stored codec stream itself (after one checked decode at load, so a damaged file
 fails then, not in the middle of a reply), decoded on the data path of every forward: straight from the tiles
-for one CPU row, else into the model's shared scratch buffer. Same numbers as the dense layout."""
+for the few rows of a CPU decode step (each tile decoded once per call), else into the model's shared scratch
+buffer. Same numbers as the dense layout."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import codec
-from ..kernels.cpu.gemv import gemv_max_rows, mixed_linear
+from ..kernels.cpu.gemv import gemv_max_rows
 from ..formats import FolderKind
 from .base import FolderFacts, LayoutContext, LinearSource, Scratch, WeightLayout
 
@@ -39,13 +40,11 @@ class CompressedLinear(WeightLayout):
         return facts.stored_bits or 16.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.dtype == torch.float32 and x.device.type == "cpu":
-            # one row (a batch-1 decode step): multiply straight from the tiles, no scratch write at all
-            y = codec.linear(x.reshape(1, -1), self.stored, self.bias, check_crc=False)
-            return y.view(*x.shape[:-1], self.out_features)
         n, k = self.out_features, self.in_features
-        if x.device.type == "cpu" and x.numel() // k <= gemv_max_rows(n * k):  # the dense layout's native GEMV
-            return mixed_linear(x, self.decoded(torch.float16), self.bias)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // k <= gemv_max_rows(n * k):
+            # the few rows of a decode step: multiply straight from the tiles, each decoded once, no scratch write
+            y = codec.linear(x.reshape(-1, k), self.stored, self.bias, check_crc=False)
+            return y.view(*x.shape[:-1], n)
         return F.linear(x, self.decoded(x.dtype), self.bias)
 
     def decoded(self, dtype: torch.dtype) -> torch.Tensor:

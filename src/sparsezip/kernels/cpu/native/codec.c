@@ -297,12 +297,13 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
 }
 
 #ifdef SPZ_X86
+#define AVX2 __attribute__((target("avx2,f16c,fma"), always_inline)) static inline
 /* ROWS tile rows at once (independent FMA chains), each in the shared order: 8 lanes over the whole groups of 8
  * columns, lanes added by spz_hsum8, then the tail. */
 #define ROWS 4
-__attribute__((target("avx2,f16c,fma"), always_inline)) static inline void dot_rows_avx2(
-    const uint8_t *bm, int row_bytes, int cols, const uint16_t *const *vals, const float *x, const int nr,
-    float *out) {
+#define X_ROWS 8 /* activation rows per pass over an expanded tile row: 8 accumulators fit in registers */
+AVX2 void dot_rows_avx2(const uint8_t *bm, int row_bytes, int cols, const uint16_t *const *vals, const float *x,
+                        const int nr, float *out) {
     __m256 acc[ROWS];
     int p[ROWS];
     for (int i = 0; i < nr; i++) {
@@ -344,26 +345,82 @@ __attribute__((target("avx2,f16c,fma"))) static void dot_tile_avx2(const Geom *g
         dot_rows_avx2(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, x, 1, part + r);
     }
 }
+
+/* An expanded tile row w [cols] against nb activation rows (x: the first one's tile columns, rows k apart):
+ * y[b * n] += each row's tile sum in the shared order. Always inlined with a constant nb. */
+AVX2 void row_sums_avx2(const uint16_t *w, int cols, const float *x, int64_t k, const int nb, float *y, int64_t n) {
+    __m256 acc[X_ROWS];
+    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+    const int full = cols >> 3;
+    for (int g = 0; g < full; g++) {
+        const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * g)));
+        for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * k + 8 * g), acc[b]);
+    }
+    for (int b = 0; b < nb; b++) {
+        float sum = spz_hsum8(acc[b]);
+        if (cols & 7) sum += spz_dot_scalar(w + 8 * full, x + b * k + 8 * full, cols & 7);
+        y[b * n] += sum;
+    }
+}
+
+__attribute__((target("avx2,f16c,fma"))) static void row_blocks_avx2(const uint16_t *w, int cols, const float *x,
+                                                                       int64_t k, int64_t m, float *y, int64_t n) {
+    for (int64_t b0 = 0; b0 < m; b0 += X_ROWS) {
+        const float *xb = x + b0 * k;
+        float *yb = y + b0 * n;
+        switch (m - b0 < X_ROWS ? m - b0 : X_ROWS) {
+            case 1: row_sums_avx2(w, cols, xb, k, 1, yb, n); break;
+            case 2: row_sums_avx2(w, cols, xb, k, 2, yb, n); break;
+            case 3: row_sums_avx2(w, cols, xb, k, 3, yb, n); break;
+            case 4: row_sums_avx2(w, cols, xb, k, 4, yb, n); break;
+            case 5: row_sums_avx2(w, cols, xb, k, 5, yb, n); break;
+            case 6: row_sums_avx2(w, cols, xb, k, 6, yb, n); break;
+            case 7: row_sums_avx2(w, cols, xb, k, 7, yb, n); break;
+            default: row_sums_avx2(w, cols, xb, k, X_ROWS, yb, n); break;
+        }
+    }
+}
 #endif
+
+/* One activation row: each tile row's sum straight from the compact values. */
+static void tile_times_x(const DecCtx *c, const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals,
+                         float *y) {
+    float part[TILE];
+    const float *x = c->x + g->c0;
+#ifdef SPZ_X86
+    if (c->simd) dot_tile_avx2(g, bm, row_cnt, vals, x, part);
+    else
+#endif
+        for (int r = 0; r < g->rows; r++) {
+            part[r] = dot_scalar(bm + r * g->row_bytes, g->cols, vals, x);
+            vals += row_cnt[r];
+        }
+    for (int r = 0; r < g->rows; r++) y[r] += part[r];
+}
+
+/* Several activation rows: each tile row is expanded once (into a buffer that stays in L1) and multiplied with
+ * every activation row, so the tile is decoded once per call whatever the rows. */
+static void tile_times_rows(const DecCtx *c, const Geom *g, const uint8_t *bm, const uint16_t *vals, float *y) {
+    uint16_t w[TILE];
+    const float *x = c->x + g->c0;
+    for (int r = 0; r < g->rows; r++) {
+        vals += c->expand(bm + r * g->row_bytes, g->cols, vals, w);
+#ifdef SPZ_X86
+        if (c->simd) {
+            row_blocks_avx2(w, g->cols, x, c->k, c->m, y + r, c->n);
+            continue;
+        }
+#endif
+        for (int64_t b = 0; b < c->m; b++) y[b * c->n + r] += spz_dot_scalar(w, x + b * c->k, g->cols);
+    }
+}
 
 void codec_finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, const int *row_cnt,
                        const uint16_t *vals) {
-    if (c->out_kind != OUT_LINEAR) {
-        expand_tile(c, g, bm, vals);
-        return;
-    }
-    float *part = c->partial + t * TILE;
-    const float *x = c->x + g->c0;
-#ifdef SPZ_X86
-    if (c->simd) {
-        dot_tile_avx2(g, bm, row_cnt, vals, x, part);
-        return;
-    }
-#endif
-    for (int r = 0; r < g->rows; r++) {
-        part[r] = dot_scalar(bm + r * g->row_bytes, g->cols, vals, x);
-        vals += row_cnt[r];
-    }
+    (void)t;
+    if (c->out_kind != OUT_LINEAR) expand_tile(c, g, bm, vals);
+    else if (c->m == 1) tile_times_x(c, g, bm, row_cnt, vals, c->y + g->r0);
+    else tile_times_rows(c, g, bm, vals, c->y + g->r0);
 }
 
 /* ------------------------------------------------------------------ the encoders' two passes */
@@ -430,8 +487,18 @@ static const Coder *coder_of(int codec_id) {
     return NULL;
 }
 
-/* decode(codec_id, payload, offsets, n, k, out, out_kind, threads[, x]): validates and writes out [n, k] (or
- * out = y [n] = W x for OUT_LINEAR). */
+/* The tiles of one band of TILE weight rows in column order: a product adds each tile's row sums into y in the
+ * shared summation order, so a band belongs to one thread. */
+static int decode_band(void *ctx, int64_t band, void *scratch) {
+    DecCtx *c = (DecCtx *)ctx;
+    const int64_t per_band = (c->k + TILE - 1) / TILE;
+    for (int64_t t = band * per_band; t < (band + 1) * per_band; t++)
+        if (c->decode_one(c, t, scratch)) return -1;
+    return 0;
+}
+
+/* decode(codec_id, payload, offsets, n, k, out, out_kind, threads[, x]): validates and writes out [n, k], or for
+ * OUT_LINEAR out = y [m, n] = x [m, k] W^T. */
 PyObject *spz_py_decode(PyObject *self, PyObject *args) {
     (void)self;
     int codec_id, out_kind, threads;
@@ -445,9 +512,11 @@ PyObject *spz_py_decode(PyObject *self, PyObject *args) {
     const Coder *coder = coder_of(codec_id);
     if (codec_check_shape(n, k)) goto done;
     int64_t tiles = tile_count(n, k);
-    long long out_len = out_kind == OUT_LINEAR ? 4 * n : n * k * (out_kind == OUT_F32 ? 4 : 2);
-    if (!coder || out_kind < OUT_F16 || out_kind > OUT_LINEAR || offsets.len != tiles * 8 ||
-        out.len != (Py_ssize_t)out_len || (out_kind == OUT_LINEAR && x.len != (Py_ssize_t)(4 * k))) {
+    const long long m = out_kind == OUT_LINEAR ? (long long)(x.len / (4 * k)) : 0;
+    const int sizes_ok = out_kind == OUT_LINEAR
+                             ? m >= 1 && x.len == (Py_ssize_t)(4 * k * m) && out.len == (Py_ssize_t)(4 * n * m)
+                             : out.len == (Py_ssize_t)(n * k * (out_kind == OUT_F32 ? 4 : 2));
+    if (!coder || out_kind < OUT_F16 || out_kind > OUT_LINEAR || offsets.len != tiles * 8 || !sizes_ok) {
         PyErr_SetString(PyExc_ValueError, "decode: bad arguments (codec id, output kind or buffer sizes)");
         goto done;
     }
@@ -458,11 +527,9 @@ PyObject *spz_py_decode(PyObject *self, PyObject *args) {
     }
     if (out_kind == OUT_LINEAR) {
         ctx->x = (const float *)x.buf;
-        ctx->partial = malloc((size_t)tiles * TILE * sizeof(float));
-        if (!ctx->partial) {
-            PyErr_NoMemory();
-            goto done;
-        }
+        ctx->y = (float *)out.buf;
+        ctx->m = m;
+        memset(out.buf, 0, (size_t)out.len);
     }
     ctx->payload = (const uint8_t *)payload.buf;
     ctx->payload_len = payload.len;
@@ -474,6 +541,7 @@ PyObject *spz_py_decode(PyObject *self, PyObject *args) {
     ctx->out_kind = out_kind;
     ctx->simd = spz_level() >= SPZ_AVX2;
     ctx->expand = expand_fn(out_kind == OUT_F32);
+    ctx->decode_one = coder->decode_one;
     codec_err_init(&ctx->err);
     /* Offsets must lie in the payload and not decrease; tile sizes are then checked per tile. */
     if (payload.len < coder->first || ctx->offsets[0] != coder->first) {
@@ -489,24 +557,16 @@ PyObject *spz_py_decode(PyObject *self, PyObject *args) {
             goto done;
         }
     if (coder->prepare && coder->prepare(ctx)) goto done;
-    codec_parallel_tiles(coder->decode_one, ctx, &ctx->err, tiles, threads, n * k, SCRATCH_BYTES);
+    if (out_kind == OUT_LINEAR)
+        codec_parallel_tiles(decode_band, ctx, &ctx->err, (n + TILE - 1) / TILE, threads, n * k * m, SCRATCH_BYTES);
+    else
+        codec_parallel_tiles(coder->decode_one, ctx, &ctx->err, tiles, threads, n * k, SCRATCH_BYTES);
     if (ctx->err.failed) {
         PyErr_SetString(PyExc_ValueError, ctx->err.msg);
         goto done;
     }
-    if (out_kind == OUT_LINEAR) { /* y[row] = sum over the tile row's tiles, in tile order (deterministic) */
-        float *y = (float *)out.buf;
-        int64_t n_tc = (k + TILE - 1) / TILE;
-        for (int64_t row = 0; row < n; row++) {
-            const float *part = ctx->partial + (row / TILE) * n_tc * TILE + row % TILE;
-            float sum = 0;
-            for (int64_t tc = 0; tc < n_tc; tc++) sum += part[tc * TILE];
-            y[row] = sum;
-        }
-    }
     result = Py_NewRef(Py_None);
 done:
-    if (ctx) free(ctx->partial);
     free(ctx);
     PyBuffer_Release(&payload);
     PyBuffer_Release(&offsets);

@@ -87,8 +87,10 @@ typedef struct {
     int out_kind;
     int simd; /* the kernel level allows the AVX2 paths */
     ExpandFn expand;
-    const float *x; /* OUT_LINEAR: input [k]; per-tile row sums go to partial [tiles, 128] */
-    float *partial;
+    TileFn decode_one;
+    const float *x; /* OUT_LINEAR: input [m, k]; each tile's row sums are added into y [m, n] */
+    float *y;
+    int64_t m;
     ErrState err;
 } DecCtx;
 
