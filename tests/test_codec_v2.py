@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sparsezip.codec import EncodedWeight, decode, decode_into, decode_tile, encode, get_codec, linear
+from sparsezip.codec import (EncodedWeight, decode, decode_into, decode_tile, encode, get_codec, linear,
+                             open_weight)
 from sparsezip.codec.huff_table import canonical_codes, huffman_lengths
 from sparsezip.errors import SparsezipError
 from sparsezip.kernels import cpu
@@ -374,6 +375,9 @@ def test_crc_mismatch(sample, backend):
     bad = EncodedWeight(torch.from_numpy(np.frombuffer(bytes(data), dtype=np.int8).copy()), enc.index, enc.info)
     with pytest.raises(SparsezipError, match="CRC"):
         decode_with(bad, backend)
+    if backend == BACKENDS[0]:
+        with pytest.raises(SparsezipError, match="CRC"):
+            open_weight(bad)  # validated once for a decode loop, the CRC included
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -538,6 +542,7 @@ def test_fused_linear_matches_dense(codec_name, shape):
     bias = torch.randn(shape[0])
     torch.testing.assert_close(linear(x[None], enc, bias=bias), (expected + bias)[None])
     torch.testing.assert_close(linear(torch.stack([x, -x]), enc), torch.stack([expected, -expected]))
+    assert torch.equal(linear(x, open_weight(enc), bias=bias), linear(x, enc, bias=bias))  # validated once
     with pytest.raises(SparsezipError, match="float32"):
         linear(x.half(), enc)
     for bad in (torch.randn(2, shape[1] + 1), torch.randn(2, 2, shape[1]), torch.randn(0, shape[1])):

@@ -22,6 +22,7 @@ class CompressedLinear(WeightLayout):
         super().__init__()
         self.out_features, self.in_features = stored.shape
         self.stored = stored  # plain tensors, not buffers: they are not part of the state dict
+        self.opened = codec.open_weight(stored, check_crc=False)  # build() decoded it, CRC checked, once
         self.bias = bias
         self.scratch = scratch
 
@@ -43,7 +44,7 @@ class CompressedLinear(WeightLayout):
         n, k = self.out_features, self.in_features
         if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // k <= gemv_max_rows(n * k):
             # the few rows of a decode step: multiply straight from the tiles, each decoded once, no scratch write
-            y = codec.linear(x.reshape(-1, k), self.stored, self.bias, check_crc=False)
+            y = codec.linear(x.reshape(-1, k), self.opened, self.bias)
             return y.view(*x.shape[:-1], n)
         return F.linear(x, self.decoded(x.dtype), self.bias)
 
