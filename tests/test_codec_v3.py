@@ -200,6 +200,22 @@ def test_corrupt_fields(sample, backend, where, value, match):
         V3.decode(with_payload(enc, bytes(payload)), backend=backend)
 
 
+@native_only
+@pytest.mark.parametrize("rows", [1, 3])
+def test_product_from_corrupt_tiles_names_the_first(sample, rows):
+    """The product runs bands of tiles on several threads; the error still names the lowest bad tile, and no
+    result comes back."""
+    _, enc = sample
+    offsets = np.frombuffer(enc.index.numpy().tobytes(), "<i8")
+    payload = bytearray(payload_of(enc))
+    for t in (1, 3):
+        payload[offsets[t]] = 2  # mode 2: an invalid tile header
+    bad = with_payload(enc, bytes(payload))
+    for _ in range(5):  # the thread that meets a bad tile first varies from call to call
+        with pytest.raises(SparsezipError, match="tile 1 has an invalid header"):
+            linear(torch.randn(rows, 256), bad)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_code_missing_from_the_codebook(backend):
     bits = np.array([[0x3C00, 0x3D00, 0x3C00]], np.uint16)  # codebook 0x3C, 0x3D: codes 2..14 unused
