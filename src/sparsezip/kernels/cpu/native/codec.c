@@ -53,9 +53,11 @@ static void tile_part(void *arg, int part, int parts) {
         codec_tile_error(job->err, -1, "out of memory for a %zu-byte scratch buffer", job->scratch_bytes);
         return;
     }
-    for (;;) {
+    /* Units are taken in increasing order and every unit taken is run, so a unit below a failing one has always
+     * run: the error names the lowest bad tile whatever the threads' timing. */
+    while (!__atomic_load_n(&job->err->failed, __ATOMIC_RELAXED)) {
         int64_t t = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
-        if (t >= job->count || __atomic_load_n(&job->err->failed, __ATOMIC_RELAXED)) break;
+        if (t >= job->count) break;
         job->fn(job->ctx, t, scratch);
     }
 }
