@@ -223,17 +223,13 @@ __attribute__((target("popcnt"))) static int scan_rows_popcnt(const Geom *g, con
 }
 #endif
 
-static int scan_rows_portable(const Geom *g, const uint8_t *bm, int *row_cnt, int *gcnt) {
-    return scan_rows(g, bm, row_cnt, gcnt);
-}
-
 int codec_scan_bitmap(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, int *row_cnt, int *gcnt) {
     int nnz;
 #ifdef SPZ_X86
     if (c->simd) nnz = scan_rows_popcnt(g, bm, row_cnt, gcnt);
     else
 #endif
-        nnz = scan_rows_portable(g, bm, row_cnt, gcnt);
+        nnz = scan_rows(g, bm, row_cnt, gcnt);
     if (nnz < 0)
         return codec_tile_error(&c->err, t,
                                 "bitmap marks entries outside the matrix; the weight stream is corrupted "
