@@ -192,6 +192,35 @@ def test_cpu_runtime_maps_the_embedding_table_from_its_file(kind, tiny_dir, tmp_
     assert not any(lo <= head.data_ptr() < hi for lo, hi in ranges)
 
 
+def test_a_tied_embedding_table_is_held_not_mapped(tiny_dir):
+    """Tied, the table is the lm_head too, read whole every step: held in memory like the other matrices."""
+    from safetensors import safe_open
+
+    from sparsezip.runtime import load_model
+
+    folder = tiny_dir("llama", tie_word_embeddings=True)
+    files = sorted(folder.rglob("*.safetensors"))
+    model = load_model(folder, "cpu", weights="dense")
+    table = model.model.embed_tokens.weight
+    ranges = [r for f in files for r in mappings_of(f)]
+    assert table.dtype == torch.float16
+    assert not any(lo <= table.data_ptr() < hi for lo, hi in ranges), "the tied table is still memory-mapped"
+    with safe_open(files[0], "pt") as f:
+        assert torch.equal(table, f.get_tensor("model.embed_tokens.weight"))
+
+
+def test_hold_copies_a_matrix_into_its_held_dtype():
+    from sparsezip.layouts.dense import hold
+
+    weight = torch.randn(64, 32).half()
+    held = hold(weight, torch.float32, "cpu")
+    assert held.dtype == torch.float16 and torch.equal(held, weight)
+    weight.zero_()  # a copy: the source may be a mapped file or a buffer freed after loading
+    assert held.abs().sum() > 0
+    assert hold(torch.randn(8, 8).bfloat16(), torch.float32, "cpu").dtype == torch.float32  # fp16 cannot hold bf16
+    assert hold(torch.randn(5).half(), torch.float32, "cpu").dtype == torch.float32  # vectors take the compute dtype
+
+
 @pytest.mark.parametrize("kind", ["w16a16s", "w16a16sc"])
 def test_loading_reads_each_pruned_linear_only_when_its_layout_is_built(kind, tiny_dir, tmp_path, monkeypatch):
     """Loading holds the built layouts plus one matrix: a 7B W16A16S folder's 15 GB of fp16 matrices are never all

@@ -25,7 +25,7 @@ from .errors import SparsezipError
 from .formats import (FolderKind, PartReader, check_weights_match_config, detect_kind, linear_prefix, part_dirs,
                       read_description, weight_files)
 from .layouts.base import FolderFacts, LayoutContext, LinearSource, WeightLayout
-from .layouts.dense import DenseLinear, held_dtype
+from .layouts.dense import DenseLinear, held_dtype, hold
 from .model import Transformer
 from .tp import EMBEDDING, Dist, SplitRule, all_rules, check_tp_size, shard
 
@@ -255,7 +255,13 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
         if rank.state[name].shape != shape:
             raise SparsezipError(f"{name} has shape {tuple(rank.state[name].shape)} in {model_dir}, "
                                  f"config.json implies {tuple(shape)}")
-    state = {k: v.to(device=device, dtype=held_dtype(v, dtype, device)) for k, v in rank.state.items() if k in expected}
+    # a tied table is read whole by every step's lm_head: held like any other matrix, not mapped
+    stay_mapped = frozenset() if args.tie_word_embeddings else mapped
+    state = {}
+    for name in expected:
+        tensor = rank.state.pop(name)
+        kept = name in stay_mapped and tensor.dtype == held_dtype(tensor, dtype, device)
+        state[name] = tensor if kept else hold(tensor, dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
     del state, rank
     release_freed_memory()

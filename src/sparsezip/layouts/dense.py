@@ -3,6 +3,7 @@ unpruned linear (lm_head) is a dense layout too."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,22 @@ def held_dtype(tensor: torch.Tensor, compute: torch.dtype, device: str) -> torch
     return compute
 
 
+NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
+
+
+def hold(tensor: torch.Tensor, compute: torch.dtype, device: str) -> torch.Tensor:
+    """A copy of `tensor` in its held dtype on `device`. On the CPU the copy lives in memory that numpy allocates:
+    numpy asks Linux for transparent huge pages on large arrays and torch's allocator does not, and a decode step
+    streams every weight from memory faster out of 2 MiB pages than out of 4 KiB ones (fewer TLB misses, and the
+    hardware prefetchers stop at page ends)."""
+    dtype = held_dtype(tensor, compute, device)
+    if device != "cpu" or dtype not in NUMPY_DTYPES:
+        return tensor.to(device, dtype)
+    held = torch.from_numpy(np.empty(tuple(tensor.shape), NUMPY_DTYPES[dtype]))
+    held.copy_(tensor)
+    return held
+
+
 class DenseLinear(nn.Linear, WeightLayout):
     """nn.Linear whose weight may stay fp16 under fp32 activations on the CPU (native fp16 GEMV for few rows)."""
 
@@ -37,8 +54,7 @@ class DenseLinear(nn.Linear, WeightLayout):
         n, k = weight.shape
         with torch.device("meta"):
             layer = cls(k, n, bias=bias is not None)
-        layer.weight = nn.Parameter(weight.to(ctx.device, held_dtype(weight, ctx.dtype, ctx.device)),
-                                    requires_grad=False)
+        layer.weight = nn.Parameter(hold(weight, ctx.dtype, ctx.device), requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)
         return layer
