@@ -29,6 +29,11 @@
 #define TILE SPZ_TILE
 #define TILES 4    /* tiles of one weight row in flight at one activation row: 4 independent FMA chains */
 #define X_BLOCK 8  /* activation rows per pass over a weight row: 8 accumulators fit in registers */
+#define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
+/* How far ahead of the dense kernel's reads each line is prefetched, "non-temporal" so that the weights pass through
+ * without pushing x out of L1. Without it, rows wider than L1 holds in fp32 x (k = 8960: 35 KB) streamed at less than
+ * half the speed of narrow ones, x and the weights evicting each other; 4-8 KB was best for both widths. */
+#define PREFETCH_BYTES 6144
 #define VALUE_PAD 16 /* bytes readable past the last value: a group's values are loaded 16 bytes at a time */
 
 static int64_t tile_cols(int64_t k, int64_t c0) { return k - c0 < TILE ? k - c0 : TILE; }
@@ -116,14 +121,11 @@ static void unpack_rows_portable(const Job *j, int64_t row_begin, int64_t row_en
 #ifdef SPZ_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), always_inline)) static inline
 
-/* The next 8 columns of a sparse row, from the group whose code is `code` and whose values start at *v; advances
- * *v past them. */
-AVX2 __m128i expand_group(const uint8_t **v, unsigned code) {
-    const __m128i out = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)*v),
-                                         _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand_sparse +
-                                                                          (code & ~31u))));
-    *v += code & 31;
-    return out;
+/* The 8 columns of a sparse row's group whose code is `code` and whose values start at v (the caller then steps v by
+ * code & 31: taking v by address instead made GCC keep the kernel's pointers on the stack). */
+AVX2 __m128i expand_group(const uint8_t *v, unsigned code) {
+    return _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)v),
+                            _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand_sparse + (code & ~31u))));
 }
 
 /* Tile t of row r's cursor: its values start tile_start[r, t] bytes into the row's, so the tiles of a row can be
@@ -132,40 +134,73 @@ static Cursor tile_cursor(const Job *j, int64_t r, int64_t t) {
     return (Cursor){j->codes + r * j->kb, j->values + j->row_start[r] + j->tile_start[r * j->tiles + t]};
 }
 
-/* nt consecutive tiles of one weight row from column c0, each `cols` columns (fewer than TILE only when nt is 1),
- * dense from w or expanded through the tiles' cursors c[0 .. nt), against nb activation rows: nt * nb independent
- * accumulators. total[b] += each tile's sum in column order, the shared summation order. Always inlined with
- * constant nt, nb and dense. */
-AVX2 void tiles_avx2(const uint16_t *w, Cursor *c, const float *x, int64_t k, int64_t c0, int64_t cols,
-                     const int nt, const int nb, const int dense, float *total) {
+/* total[b] += each of the nt tiles' sums (from column c0, `cols` columns each) against activation row b, in tile
+ * order: the lanes of acc[i * nb + b] added by spz_hsum8, plus the products of the last cols % 8 columns, whose fp16
+ * patterns are `tail` (only a lone tile, nt = 1, has such columns). The shared summation order. */
+AVX2 void add_tile_sums(const __m256 *acc, const uint16_t *tail, const float *x, int64_t k, int64_t c0, int64_t cols,
+                        const int nt, const int nb, float *total) {
     const int64_t full = cols & ~(int64_t)7;
-    /* Every operand as a base pointer plus a constant offset per tile and one shared group index, so that a group
-     * costs a handful of instructions: the sparse kernel is bound by instructions per group, not by bytes. */
-    const uint16_t *wrow = dense ? w + c0 : NULL;
-    const uint16_t *code = dense ? NULL : c[0].code + (c0 >> 3); /* the tiles of a row share its code array */
+    for (int i = 0; i < nt; i++)
+        for (int b = 0; b < nb; b++) {
+            float sum = spz_hsum8(acc[i * nb + b]);
+            if (full < cols) sum += spz_dot_scalar(tail, x + b * k + c0 + full, cols - full);
+            total[b] += sum;
+        }
+}
+
+/* nt consecutive tiles of one dense weight row w from column c0, each `cols` columns (fewer than TILE only when nt
+ * is 1), against nb activation rows: nt * nb independent accumulators. A cache line (4 groups) of one tile, then of
+ * the next: each chain's products stay in column order and the reads stay close to one sequential stream. Turning
+ * tiles every group, so that every step touched nt lines, streamed a matrix from memory at two thirds of the speed.
+ * Always inlined with constant nt and nb. */
+AVX2 void dense_tiles_avx2(const uint16_t *w, const float *x, int64_t k, int64_t c0, int64_t cols, const int nt,
+                           const int nb, float *total) {
+    const int64_t full = cols & ~(int64_t)7, groups = full >> 3, turns = groups & ~(int64_t)(GROUPS_PER_TURN - 1);
+    const uint16_t *wrow = w + c0;
+    const float *xt = x + c0;
+    __m256 acc[TILES * X_BLOCK];
+    for (int a = 0; a < nt * nb; a++) acc[a] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += GROUPS_PER_TURN)
+        for (int i = 0; i < nt; i++) {
+            _mm_prefetch((const char *)(wrow + i * TILE + 8 * g0) + PREFETCH_BYTES, _MM_HINT_NTA);
+            for (int64_t g = g0; g < (g0 < turns ? g0 + GROUPS_PER_TURN : groups); g++) {
+                const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wrow + i * TILE + 8 * g)));
+                for (int b = 0; b < nb; b++)
+                    acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * k + i * TILE + 8 * g),
+                                                      acc[i * nb + b]);
+            }
+        }
+    add_tile_sums(acc, wrow + full, x, k, c0, cols, nt, nb, total);
+}
+
+/* The same from the sparse layout, the tiles expanded through their cursors c[0 .. nt). Here tiles turn every
+ * group: the pointer steps of one tile's values then overlap with the other tiles' work. Every operand is a base
+ * pointer plus a constant offset per tile and one shared group index, so that a group costs a handful of
+ * instructions: the sparse kernel is bound by instructions per group, not by bytes. */
+AVX2 void sparse_tiles_avx2(Cursor *c, const float *x, int64_t k, int64_t c0, int64_t cols, const int nt,
+                            const int nb, float *total) {
+    const int64_t full = cols & ~(int64_t)7;
+    const uint16_t *code = c[0].code + (c0 >> 3); /* the tiles of a row share its code array */
     const float *xt = x + c0;
     const uint8_t *v[TILES];
     __m256 acc[TILES * X_BLOCK];
-    for (int i = 0; i < nt && !dense; i++) v[i] = c[i].v;
+    for (int i = 0; i < nt; i++) v[i] = c[i].v;
     for (int a = 0; a < nt * nb; a++) acc[a] = _mm256_setzero_ps();
     for (int64_t g = 0; g < full >> 3; g++)
         for (int i = 0; i < nt; i++) {
-            const __m256 wv = _mm256_cvtph_ps(dense ? _mm_loadu_si128((const __m128i *)(wrow + i * TILE + 8 * g))
-                                                    : expand_group(&v[i], code[i * (TILE / 8) + g]));
+            const unsigned group = code[i * (TILE / 8) + g];
+            const __m256 wv = _mm256_cvtph_ps(expand_group(v[i], group));
+            v[i] += group & 31;
             for (int b = 0; b < nb; b++)
                 acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * k + i * TILE + 8 * g), acc[i * nb + b]);
         }
-    for (int i = 0; i < nt && !dense; i++) c[i].v = v[i];
+    for (int i = 0; i < nt; i++) c[i].v = v[i];
     for (int i = 0; i < nt; i++) {
         uint16_t tail[8];
-        const uint16_t *wt = tail;
-        if (full < cols) {
-            if (dense) wt = w + c0 + full;
-            else expand_scalar(&c[i], c0 + full, cols - full, tail);
-        }
+        if (full < cols) expand_scalar(&c[i], c0 + full, cols - full, tail);
         for (int b = 0; b < nb; b++) {
             float sum = spz_hsum8(acc[i * nb + b]);
-            if (full < cols) sum += spz_dot_scalar(wt, x + b * k + c0 + full, cols - full);
+            if (full < cols) sum += spz_dot_scalar(tail, x + b * k + c0 + full, cols - full);
             total[b] += sum;
         }
     }
@@ -184,37 +219,56 @@ AVX2 void block_avx2(const Job *j, const uint16_t *w, int64_t r, int64_t b0, con
     int64_t c0 = 0;
     for (; c0 + nt * TILE <= k; c0 += nt * TILE) {
         for (int i = 0; i < nt && !dense; i++) c[i] = tile_cursor(j, r, c0 / TILE + i);
-        tiles_avx2(w, c, x, k, c0, TILE, nt, nb, dense, total);
+        if (dense) dense_tiles_avx2(w, x, k, c0, TILE, nt, nb, total);
+        else sparse_tiles_avx2(c, x, k, c0, TILE, nt, nb, total);
     }
     for (; c0 < k; c0 += TILE) {
         if (!dense) c[0] = tile_cursor(j, r, c0 / TILE);
-        tiles_avx2(w, c, x, k, c0, tile_cols(k, c0), 1, nb, dense, total);
+        if (dense) dense_tiles_avx2(w, x, k, c0, tile_cols(k, c0), 1, nb, total);
+        else sparse_tiles_avx2(c, x, k, c0, tile_cols(k, c0), 1, nb, total);
     }
     for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = total[b];
 }
 
+/* block_avx2 for each constant nb and kind, each its own function: inlined all into one, the register allocator
+ * kept the sparse kernel's pointers on the stack. */
+typedef void (*BlockFn)(const Job *j, const uint16_t *w, int64_t r, int64_t b0);
+#define BLOCK_FNS(NB)                                                                                                \
+    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void dense_block##NB(                      \
+        const Job *j, const uint16_t *w, int64_t r, int64_t b0) {                                                    \
+        block_avx2(j, w, r, b0, NB, 1);                                                                              \
+    }                                                                                                                \
+    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void sparse_block##NB(                     \
+        const Job *j, const uint16_t *w, int64_t r, int64_t b0) {                                                    \
+        block_avx2(j, w, r, b0, NB, 0);                                                                              \
+    }
+BLOCK_FNS(1)
+BLOCK_FNS(2)
+BLOCK_FNS(3)
+BLOCK_FNS(4)
+BLOCK_FNS(5)
+BLOCK_FNS(6)
+BLOCK_FNS(7)
+BLOCK_FNS(8)
+static const BlockFn DENSE_BLOCKS[X_BLOCK + 1] = {NULL, dense_block1, dense_block2, dense_block3, dense_block4,
+                                                  dense_block5, dense_block6, dense_block7, dense_block8};
+static const BlockFn SPARSE_BLOCKS[X_BLOCK + 1] = {NULL, sparse_block1, sparse_block2, sparse_block3, sparse_block4,
+                                                   sparse_block5, sparse_block6, sparse_block7, sparse_block8};
+
 /* Every activation row against weight row r (w as in block_avx2), X_BLOCK activation rows per pass. */
 AVX2 void row_avx2(const Job *j, const uint16_t *w, int64_t r, const int dense) {
-    for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK) {
-        switch (j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK) {
-            case 1: block_avx2(j, w, r, b0, 1, dense); break;
-            case 2: block_avx2(j, w, r, b0, 2, dense); break;
-            case 3: block_avx2(j, w, r, b0, 3, dense); break;
-            case 4: block_avx2(j, w, r, b0, 4, dense); break;
-            case 5: block_avx2(j, w, r, b0, 5, dense); break;
-            case 6: block_avx2(j, w, r, b0, 6, dense); break;
-            case 7: block_avx2(j, w, r, b0, 7, dense); break;
-            default: block_avx2(j, w, r, b0, X_BLOCK, dense); break;
-        }
-    }
+    for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK)
+        (dense ? DENSE_BLOCKS : SPARSE_BLOCKS)[j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK](j, w, r, b0);
 }
 
 /* Sparse row r as k fp16 patterns into out. */
 AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
     const int64_t full = j->k & ~(int64_t)7;
     Cursor c = row_cursor(j, r);
-    for (int64_t col = 0; col < full; col += 8)
-        _mm_storeu_si128((__m128i *)(out + col), expand_group(&c.v, c.code[col >> 3]));
+    for (int64_t col = 0; col < full; col += 8) {
+        _mm_storeu_si128((__m128i *)(out + col), expand_group(c.v, c.code[col >> 3]));
+        c.v += c.code[col >> 3] & 31;
+    }
     if (full < j->k) expand_scalar(&c, full, j->k - full, out + full);
 }
 
@@ -253,8 +307,10 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void unpack_rows_avx
             continue;
         }
         Cursor c = row_cursor(j, r);
-        for (int64_t col = 0; col < full; col += 8)
-            _mm256_storeu_ps((float *)j->out + r * j->k + col, _mm256_cvtph_ps(expand_group(&c.v, c.code[col >> 3])));
+        for (int64_t col = 0; col < full; col += 8) {
+            _mm256_storeu_ps((float *)j->out + r * j->k + col, _mm256_cvtph_ps(expand_group(c.v, c.code[col >> 3])));
+            c.v += c.code[col >> 3] & 31;
+        }
         if (full < j->k) {
             uint16_t tail[8];
             expand_scalar(&c, full, j->k - full, tail);
