@@ -238,8 +238,9 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
         weights = auto_layout(model_dir, kind, args, device, dtype, dist)
     layout = choose_layout(weights, kind, device, dtype)
     # a decode step reads one embedding row per token: mapped, the rest of the table never takes memory (an
-    # untied table is 15% of Qwen2.5-1.5B); it stays mapped where its held dtype is the stored one (fp16 on CPU)
-    mapped = frozenset({EMBEDDING}) if device == "cpu" else frozenset()
+    # untied table is 15% of Qwen2.5-1.5B); it stays mapped where its held dtype is the stored one (fp16 on CPU).
+    # A tied table is read whole by every step's lm_head: held like any other matrix.
+    mapped = frozenset({EMBEDDING}) if device == "cpu" and not args.tie_word_embeddings else frozenset()
     if kind == FolderKind.W16A16SC:
         rank = rank_weights_from_part(model_dir, dist, mapped)
     else:
@@ -255,12 +256,10 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
         if rank.state[name].shape != shape:
             raise SparsezipError(f"{name} has shape {tuple(rank.state[name].shape)} in {model_dir}, "
                                  f"config.json implies {tuple(shape)}")
-    # a tied table is read whole by every step's lm_head: held like any other matrix, not mapped
-    stay_mapped = frozenset() if args.tie_word_embeddings else mapped
     state = {}
     for name in expected:
         tensor = rank.state.pop(name)
-        kept = name in stay_mapped and tensor.dtype == held_dtype(tensor, dtype, device)
+        kept = name in mapped and tensor.dtype == held_dtype(tensor, dtype, device)
         state[name] = tensor if kept else hold(tensor, dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
     del state, rank

@@ -195,15 +195,9 @@ AVX2 void sparse_tiles_avx2(Cursor *c, const float *x, int64_t k, int64_t c0, in
                 acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * k + i * TILE + 8 * g), acc[i * nb + b]);
         }
     for (int i = 0; i < nt; i++) c[i].v = v[i];
-    for (int i = 0; i < nt; i++) {
-        uint16_t tail[8];
-        if (full < cols) expand_scalar(&c[i], c0 + full, cols - full, tail);
-        for (int b = 0; b < nb; b++) {
-            float sum = spz_hsum8(acc[i * nb + b]);
-            if (full < cols) sum += spz_dot_scalar(tail, x + b * k + c0 + full, cols - full);
-            total[b] += sum;
-        }
-    }
+    uint16_t tail[8];
+    if (full < cols) expand_scalar(&c[0], c0 + full, cols - full, tail);
+    add_tile_sums(acc, tail, x, k, c0, cols, nt, nb, total);
 }
 
 /* Weight row r against activation rows b0 .. b0 + nb - 1, several tiles of the row in flight when nb is small:
