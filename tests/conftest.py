@@ -119,6 +119,29 @@ def kernel_level(request):
         yield request.param
 
 
+@pytest.fixture
+def fake_layout_timings(monkeypatch):
+    """set(seconds): make `--weights auto`'s measurement (runtime.time_layouts) report seconds[name] per layout, so
+    that a test knows which layout auto takes; returns the list of layout-name sets it was asked to time."""
+    import sparsezip.runtime as runtime
+
+    asked = []
+
+    def timed(classes, sources, ctx, dist):
+        asked.append(set(classes))
+        assert sources and all(source.shape[0] > 0 for source in sources)
+        return {name: seconds[name] for name in classes}
+
+    def fake(given: dict[str, float]) -> list[set[str]]:
+        nonlocal seconds
+        seconds = given
+        monkeypatch.setattr(runtime, "time_layouts", timed)
+        return asked
+
+    seconds: dict[str, float] = {}
+    return fake
+
+
 @pytest.fixture(scope="session")
 def interpreted_triton():
     """kernels/triton/codec.py with its kernels built for the Triton interpreter (numpy on the CPU), loaded under a

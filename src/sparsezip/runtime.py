@@ -9,6 +9,7 @@ outputs agree bit for bit.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,7 @@ from .formats import (FolderKind, PartReader, check_weights_match_config, detect
 from .layouts.base import FolderFacts, LayoutContext, LinearSource, WeightLayout
 from .layouts.dense import DenseLinear, held_dtype, hold
 from .model import Transformer
-from .tp import EMBEDDING, Dist, SplitRule, all_rules, check_tp_size, shard
+from .tp import EMBEDDING, Dist, SplitRule, all_reduce, all_rules, check_tp_size, shard
 
 log = logging.getLogger("sparsezip")
 
@@ -153,20 +154,66 @@ def free_memory(device: str) -> int:
     return psutil.virtual_memory().available
 
 
+# fp16 bytes of pruned linears that `auto` times in each layout on the CPU: more than the last-level cache, so that
+# (the layouts' passes interleaved) each pass streams its weights from memory, as a decode step does.
+PROBE_BYTES = 64 * 2**20
+PROBE_PASSES = 5  # the best of these per layout: a shared machine's noise only ever adds time
+
+
+def probe_sources(weights: RankWeights) -> list[LinearSource]:
+    """The first pruned linears of this rank, in model order, until they hold PROBE_BYTES of fp16 weights (read
+    again, not taken: the model is built from `weights` afterwards)."""
+    sources, total = [], 0
+    for read in weights.linears.values():
+        sources.append(read())
+        total += 2 * sources[-1].shape[0] * sources[-1].shape[1]
+        if total >= PROBE_BYTES:
+            break
+    return sources
+
+
+def time_layouts(classes: dict[str, type[WeightLayout]], sources: list[LinearSource], ctx: LayoutContext,
+                 dist: Dist) -> dict[str, float]:
+    """Seconds one decode step (batch 1) takes through `sources` in each layout, on this machine: the best of
+    PROBE_PASSES passes, the layouts' passes interleaved so that none runs on weights another left in cache. Under
+    tensor parallelism the ranks' times are summed, so that every rank takes the same layout."""
+    built = {name: [build_layer(source, None, cls, ctx) for source in sources] for name, cls in classes.items()}
+    inputs = [torch.randn(1, source.shape[1], dtype=ctx.dtype, device=ctx.device) for source in sources]
+    best = dict.fromkeys(built, float("inf"))
+    with torch.inference_mode():
+        for step in range(PROBE_PASSES + 1):  # step 0 warms up (page faults, the thread pool, lazy buffers)
+            for name, layers in built.items():
+                start = time.perf_counter()
+                for layer, x in zip(layers, inputs):
+                    layer(x)
+                if step:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    seconds = all_reduce(torch.tensor(list(best.values()), dtype=torch.float64), dist)
+    return dict(zip(best, seconds.tolist()))
+
+
 def auto_layout(model_dir: Path, kind: FolderKind, args: ModelArgs, device: str, dtype: torch.dtype,
-                dist: Dist) -> str:
-    """The fastest layout that serves this folder on this device and fits in its free memory, said in a log line."""
+                dist: Dist, weights: RankWeights) -> str:
+    """The fastest layout that serves this folder on this device and fits in its free memory, said in a log line.
+    On the CPU "fastest" is measured on this machine (time_layouts): which layout wins depends on its memory
+    bandwidth against its core's speed at expanding sparse groups, and differs between machines we know. On CUDA
+    it is the registry's order."""
     facts = folder_facts(model_dir, kind, dist)
     pruned, other = weight_counts(args, dist.size)
     free = free_memory(device)
-    options = []
-    for name in layouts.auto_order(torch.device(device).type):
-        cls = serving_class(name, kind, device, dtype)
-        if cls is not None:
-            options.append((name, int(pruned * cls.estimated_bits(facts) / 8 + 2 * other)))
-    name, need = next(((n, b) for n, b in options if b <= 0.9 * free), min(options, key=lambda o: o[1]))
-    log.info("weights: %s (the fastest layout for a %s folder on %s that fits: about %.2f GB of weights, %.1f GB "
-             "free; --weights chooses another)", name, kind, device, need / 1e9, free / 1e9)
+    serving = {name: cls for name in layouts.auto_order(torch.device(device).type)
+               if (cls := serving_class(name, kind, device, dtype)) is not None}
+    need = {name: int(pruned * cls.estimated_bits(facts) / 8 + 2 * other) for name, cls in serving.items()}
+    measured = device == "cpu" and len(serving) > 1
+    seconds = time_layouts(serving, probe_sources(weights), LayoutContext(device, dtype), dist) if measured else {}
+    fitting = [name for name in serving if need[name] <= 0.9 * free]  # registry order: ties keep it
+    name = min(fitting, key=lambda n: seconds.get(n, 0.0)) if fitting else min(need, key=need.get)
+    why = "the smallest: none fits" if not fitting else "the fastest that fits" if measured else \
+        "the first that fits in the registry's order"
+    timed = ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in sorted(seconds.items(), key=lambda item: item[1]))
+    log.info("weights: %s (%s for a %s folder on %s%s: about %.2f GB of weights, %.1f GB free; --weights chooses "
+             "another)", name, why, kind, device, f", measured on this machine per step through the first "
+             f"{PROBE_BYTES >> 20} MB of linears: {timed}" if measured else "", need[name] / 1e9, free / 1e9)
     return name
 
 
@@ -234,9 +281,8 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
     kind = detect_kind(model_dir)
     args = ModelArgs.from_dir(model_dir)
     dtype = dtype or default_dtype(device)
-    if weights == layouts.AUTO:
-        weights = auto_layout(model_dir, kind, args, device, dtype, dist)
-    layout = choose_layout(weights, kind, device, dtype)
+    if weights != layouts.AUTO:
+        choose_layout(weights, kind, device, dtype)  # a layout that cannot serve fails before any reading
     # a decode step reads one embedding row per token: mapped, the rest of the table never takes memory (an
     # untied table is 15% of Qwen2.5-1.5B); it stays mapped where its held dtype is the stored one (fp16 on CPU).
     # A tied table is read whole by every step's lm_head: held like any other matrix.
@@ -246,6 +292,9 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
     else:
         rank = rank_weights_from_dense(model_dir, kind, args, dist, mapped)
     separate_linears(rank, args, model_dir)
+    if weights == layouts.AUTO:
+        weights = auto_layout(model_dir, kind, args, device, dtype, dist, rank)
+    layout = choose_layout(weights, kind, device, dtype)
     with torch.device("meta"):
         model = Transformer(args, dist)
     build_linears(model, rank, layout, LayoutContext(device, dtype))

@@ -222,16 +222,16 @@ class SparsezipQuantizer(HfQuantizer):
                                  f"{self.quantization_config.format}")
         args = ModelArgs.from_dir(folder)
         dtype = model.config.dtype
-        name = self.quantization_config.weights
-        if name == layouts.AUTO:
-            name = auto_layout(folder, kind, args, DEVICE, dtype, Dist())
-        layout = choose_layout(name, kind, DEVICE, dtype)
         if kind == FolderKind.W16A16SC:
             weights = rank_weights_from_part(folder, Dist())
         else:
             weights = rank_weights_from_dense(folder, kind, args, Dist())
         separate_linears(weights, args, folder)
+        name = self.quantization_config.weights
         with torch.device(DEVICE):  # transformers builds the model under a meta-device context; ours are real
+            if name == layouts.AUTO:
+                name = auto_layout(folder, kind, args, DEVICE, dtype, Dist(), weights)
+            layout = choose_layout(name, kind, DEVICE, dtype)
             install_linears(model, weights, args, layout, LayoutContext(DEVICE, dtype))
         ours = stored_linear_names()
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {ours}
