@@ -181,32 +181,6 @@ def test_sparse_linear_is_bit_identical_to_the_dense_gemv(shape, e5m2, kernel_le
         assert torch.equal(gemv.sparse_linear(x, sparse, bias), mixed_linear(x, w, bias)), rows
 
 
-def quad_kinds(sparse) -> set[str]:
-    """The kinds of 32-column quads (4 groups of a tile) in a sparse layout, as the AVX-512 kernel tells them
-    apart: every group narrow (one byte per value), every group wide, or mixed."""
-    wide = (sparse.codes >> 13 & 1).astype(bool)
-    whole = wide[:, : wide.shape[1] // 4 * 4].reshape(-1, 4)
-    return {("wide" if q.all() else "mixed" if q.any() else "narrow") for q in whole}
-
-
-@needs_native
-def test_sparse_kernel_takes_every_kind_of_quad(kernel_level):
-    """Rows of E5M2 values, of fp16 values, and with the two alternating group by group (and empty groups, which
-    count as narrow): each kind of quad the AVX-512 kernel expands differently gives the dense GEMV's floats."""
-    n, k = 48, 4 * 128 + 72  # a partial last tile with whole quads and leftover groups
-    w = pruned((n, k), seed=11)
-    e5m2 = (w.view(torch.int16) & ~0xFF).view(torch.float16)
-    alternate = torch.arange(k) // 8 % 2 == 0
-    w[:16] = e5m2[:16]
-    w[32:, alternate] = e5m2[32:, alternate]
-    w[40:, 64:96] = 0
-    sparse = gemv.pack_sparse(w)
-    assert quad_kinds(sparse) == {"narrow", "wide", "mixed"}
-    for rows in (1, 3, 8):
-        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-        assert torch.equal(gemv.sparse_linear(x, sparse), mixed_linear(x, w)), rows
-
-
 @needs_native
 def test_sparse_linear_matches_fp64_and_handles_batch_dims_and_scratch():
     w = pruned((200, 96), seed=3, e5m2=True)

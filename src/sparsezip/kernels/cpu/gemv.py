@@ -51,7 +51,7 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y
 
 
-VALUE_PAD = 64  # bytes readable past the last value (up to 4 groups' values are loaded at once); native/gemv.c's
+VALUE_PAD = 16  # bytes readable past the last value (a group's values are loaded 16 at a time); native/gemv.c's
 TILE = 128  # the summation order's unit: native/spz.h's SPZ_TILE, the codec's tile edge (a test holds all three equal)
 PACK_VALUES = 2**22  # matrix entries per block of rows while packing: bounds the temporaries
 

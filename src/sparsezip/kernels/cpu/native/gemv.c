@@ -34,7 +34,7 @@
  * without pushing x out of L1. Without it, rows wider than L1 holds in fp32 x (k = 8960: 35 KB) streamed at less than
  * half the speed of narrow ones, x and the weights evicting each other; 4-8 KB was best for both widths. */
 #define PREFETCH_BYTES 6144
-#define VALUE_PAD 64 /* bytes readable past the last value: the AVX-512 kernel loads 4 groups' values, up to 64 bytes */
+#define VALUE_PAD 16 /* bytes readable past the last value: a group's values are loaded 16 bytes at a time */
 
 static int64_t tile_cols(int64_t k, int64_t c0) { return k - c0 < TILE ? k - c0 : TILE; }
 
@@ -203,124 +203,39 @@ AVX2 void sparse_tiles_avx2(Cursor *c, const float *x, int64_t k, int64_t c0, in
 /* Weight row r against activation rows b0 .. b0 + nb - 1, several tiles of the row in flight when nb is small:
  * the row stays one sequential stream (several rows at once would be several, which the hardware prefetcher
  * serves worse from DRAM) and the chains stay independent. The row is w (dense, its k columns) or expanded from
- * the sparse layout by SPARSE_TILES, the kernel level's sparse_tiles_*: one body for the AVX2 and the AVX-512
- * block, which must each carry their own target. */
-#define BLOCK_BODY(SPARSE_TILES)                                                                                     \
-    {                                                                                                                \
-        const int nt = nb >= TILES ? 1 : TILES / nb;                                                                 \
-        const int64_t k = j->k;                                                                                      \
-        const float *x = j->x + b0 * k;                                                                              \
-        Cursor c[TILES];                                                                                             \
-        float total[X_BLOCK] = {0};                                                                                  \
-        int64_t c0 = 0;                                                                                              \
-        for (; c0 + nt * TILE <= k; c0 += nt * TILE) {                                                               \
-            for (int i = 0; i < nt && !dense; i++) c[i] = tile_cursor(j, r, c0 / TILE + i);                          \
-            if (dense) dense_tiles_avx2(w, x, k, c0, TILE, nt, nb, total);                                           \
-            else SPARSE_TILES(c, x, k, c0, TILE, nt, nb, total);                                                     \
-        }                                                                                                            \
-        for (; c0 < k; c0 += TILE) {                                                                                 \
-            if (!dense) c[0] = tile_cursor(j, r, c0 / TILE);                                                         \
-            if (dense) dense_tiles_avx2(w, x, k, c0, tile_cols(k, c0), 1, nb, total);                                \
-            else SPARSE_TILES(c, x, k, c0, tile_cols(k, c0), 1, nb, total);                                          \
-        }                                                                                                            \
-        for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = total[b];                                           \
+ * the sparse layout. */
+AVX2 void block_avx2(const Job *j, const uint16_t *w, int64_t r, int64_t b0, const int nb, const int dense) {
+    const int nt = nb >= TILES ? 1 : TILES / nb;
+    const int64_t k = j->k;
+    const float *x = j->x + b0 * k;
+    Cursor c[TILES];
+    float total[X_BLOCK] = {0};
+    int64_t c0 = 0;
+    for (; c0 + nt * TILE <= k; c0 += nt * TILE) {
+        for (int i = 0; i < nt && !dense; i++) c[i] = tile_cursor(j, r, c0 / TILE + i);
+        if (dense) dense_tiles_avx2(w, x, k, c0, TILE, nt, nb, total);
+        else sparse_tiles_avx2(c, x, k, c0, TILE, nt, nb, total);
     }
-
-AVX2 void block_avx2(const Job *j, const uint16_t *w, int64_t r, int64_t b0, const int nb, const int dense)
-    BLOCK_BODY(sparse_tiles_avx2)
-
-/* ------------------------------------------------------------------ AVX-512 (VBMI2) sparse kernel */
-
-#define AVX512_TARGET "avx2,fma,f16c,popcnt,bmi2,avx512f,avx512bw,avx512vl,avx512vbmi2"
-#define AVX512 __attribute__((target(AVX512_TARGET), always_inline)) static inline
-#define QUAD_WIDE 0x2000200020002000ull  /* the wide bit of 4 group codes read as one uint64 */
-#define QUAD_BITMAP 0x1FE01FE01FE01FE0ull /* their bitmap bytes: pext gives the 32 columns' mask */
-#define QUAD_BYTES 0x001F001F001F001Full  /* their byte counts */
-
-/* The 32 columns of 4 consecutive groups whose codes are quad (read as one little-endian uint64) and whose values
- * start at v, as fp16 patterns; *bytes = their bytes of values. All 4 narrow (E5M2 values, one byte each): one
- * vpexpandb puts the 32 columns' bytes in place and a widening shift makes them high bytes. All 4 wide: one
- * vpexpandw. Mixed: group by group, as the AVX2 kernel does. */
-AVX512 __m512i expand_quad(const uint8_t *v, uint64_t quad, int64_t *bytes) {
-    const uint64_t wide = quad & QUAD_WIDE;
-    const __mmask32 present = (__mmask32)_pext_u64(quad, QUAD_BITMAP);
-    if (wide == 0) {
-        *bytes = __builtin_popcount(present);
-        const __m256i packed = _mm256_maskz_expand_epi8(present, _mm256_loadu_si256((const __m256i *)v));
-        return _mm512_slli_epi16(_mm512_cvtepu8_epi16(packed), 8);
+    for (; c0 < k; c0 += TILE) {
+        if (!dense) c[0] = tile_cursor(j, r, c0 / TILE);
+        if (dense) dense_tiles_avx2(w, x, k, c0, tile_cols(k, c0), 1, nb, total);
+        else sparse_tiles_avx2(c, x, k, c0, tile_cols(k, c0), 1, nb, total);
     }
-    if (wide == QUAD_WIDE) {
-        *bytes = 2 * __builtin_popcount(present);
-        return _mm512_maskz_expand_epi16(present, _mm512_loadu_si512(v));
-    }
-    *bytes = (int64_t)((quad & QUAD_BYTES) * 0x0001000100010001ull >> 48);
-    __m512i out = _mm512_castsi128_si512(expand_group(v, (unsigned)(quad & 0xFFFF)));
-    v += quad & 31;
-    out = _mm512_inserti32x4(out, expand_group(v, (unsigned)(quad >> 16 & 0xFFFF)), 1);
-    v += quad >> 16 & 31;
-    out = _mm512_inserti32x4(out, expand_group(v, (unsigned)(quad >> 32 & 0xFFFF)), 2);
-    v += quad >> 32 & 31;
-    return _mm512_inserti32x4(out, expand_group(v, (unsigned)(quad >> 48)), 3);
+    for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = total[b];
 }
 
-/* sparse_tiles_avx2 with 4 groups expanded at once: the per-group bookkeeping (code load, table row, pointer
- * step), which bounds the AVX2 kernel, is paid once per 32 columns. Each 8-column group still goes to its tile's
- * 8-lane accumulator in column order, so the sums are bit-identical to the AVX2 kernel's and the dense one's. */
-AVX512 void sparse_tiles_avx512(Cursor *c, const float *x, int64_t k, int64_t c0, int64_t cols, const int nt,
-                                const int nb, float *total) {
-    const int64_t full = cols & ~(int64_t)7, quads = full >> 5;
-    const uint16_t *code = c[0].code + (c0 >> 3);
-    const float *xt = x + c0;
-    const uint8_t *v[TILES];
-    __m256 acc[TILES * X_BLOCK];
-    for (int i = 0; i < nt; i++) v[i] = c[i].v;
-    for (int a = 0; a < nt * nb; a++) acc[a] = _mm256_setzero_ps();
-    for (int64_t q = 0; q < quads; q++)
-        for (int i = 0; i < nt; i++) {
-            uint64_t quad;
-            memcpy(&quad, code + i * (TILE / 8) + 4 * q, sizeof quad);
-            int64_t bytes;
-            const __m512i w16 = expand_quad(v[i], quad, &bytes);
-            v[i] += bytes;
-            const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(w16));
-            const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w16, 1));
-            const __m256 wv[4] = {_mm512_castps512_ps256(lo),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lo), 1)),
-                                  _mm512_castps512_ps256(hi),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(hi), 1))};
-            for (int g = 0; g < 4; g++)
-                for (int b = 0; b < nb; b++)
-                    acc[i * nb + b] = _mm256_fmadd_ps(wv[g], _mm256_loadu_ps(xt + b * k + i * TILE + 32 * q + 8 * g),
-                                                      acc[i * nb + b]);
-        }
-    for (int64_t g = quads * 4; g < full >> 3; g++) { /* a last, partial tile's groups past its whole quads */
-        const unsigned group = code[g];
-        const __m256 wv = _mm256_cvtph_ps(expand_group(v[0], group));
-        v[0] += group & 31;
-        for (int b = 0; b < nb; b++)
-            acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * k + 8 * g), acc[b]);
-    }
-    for (int i = 0; i < nt; i++) c[i].v = v[i];
-    uint16_t tail[8];
-    if (full < cols) expand_scalar(&c[0], c0 + full, cols - full, tail);
-    add_tile_sums(acc, tail, x, k, c0, cols, nt, nb, total);
-}
-
-AVX512 void block_avx512(const Job *j, const uint16_t *w, int64_t r, int64_t b0, const int nb, const int dense)
-    BLOCK_BODY(sparse_tiles_avx512)
-
-/* The blocks for each constant nb and kind, each its own function: inlined all into one, the register allocator
+/* block_avx2 for each constant nb and kind, each its own function: inlined all into one, the register allocator
  * kept the sparse kernel's pointers on the stack. */
 typedef void (*BlockFn)(const Job *j, const uint16_t *w, int64_t r, int64_t b0);
-#define BLOCK_FN(NAME, TARGET, BLOCK, NB, DENSE)                                                                     \
-    __attribute__((target(TARGET), noinline)) static void NAME(const Job *j, const uint16_t *w, int64_t r,          \
-                                                               int64_t b0) {                                         \
-        BLOCK(j, w, r, b0, NB, DENSE);                                                                               \
-    }
 #define BLOCK_FNS(NB)                                                                                                \
-    BLOCK_FN(dense_block##NB, "avx2,fma,f16c,popcnt,bmi2", block_avx2, NB, 1)                                       \
-    BLOCK_FN(sparse_block##NB, "avx2,fma,f16c,popcnt,bmi2", block_avx2, NB, 0)                                      \
-    BLOCK_FN(sparse512_block##NB, AVX512_TARGET, block_avx512, NB, 0)
+    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void dense_block##NB(                      \
+        const Job *j, const uint16_t *w, int64_t r, int64_t b0) {                                                    \
+        block_avx2(j, w, r, b0, NB, 1);                                                                              \
+    }                                                                                                                \
+    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void sparse_block##NB(                     \
+        const Job *j, const uint16_t *w, int64_t r, int64_t b0) {                                                    \
+        block_avx2(j, w, r, b0, NB, 0);                                                                              \
+    }
 BLOCK_FNS(1)
 BLOCK_FNS(2)
 BLOCK_FNS(3)
@@ -333,13 +248,11 @@ static const BlockFn DENSE_BLOCKS[X_BLOCK + 1] = {NULL, dense_block1, dense_bloc
                                                   dense_block5, dense_block6, dense_block7, dense_block8};
 static const BlockFn SPARSE_BLOCKS[X_BLOCK + 1] = {NULL, sparse_block1, sparse_block2, sparse_block3, sparse_block4,
                                                    sparse_block5, sparse_block6, sparse_block7, sparse_block8};
-static const BlockFn SPARSE512_BLOCKS[X_BLOCK + 1] = {NULL, sparse512_block1, sparse512_block2, sparse512_block3,
-                                                      sparse512_block4, sparse512_block5, sparse512_block6,
-                                                      sparse512_block7, sparse512_block8};
 
-/* Every activation row against weight row r (w as the blocks take it), X_BLOCK activation rows per pass. */
-AVX2 void row_avx2(const Job *j, const uint16_t *w, int64_t r, const BlockFn *blocks) {
-    for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK) blocks[j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK](j, w, r, b0);
+/* Every activation row against weight row r (w as in block_avx2), X_BLOCK activation rows per pass. */
+AVX2 void row_avx2(const Job *j, const uint16_t *w, int64_t r, const int dense) {
+    for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK)
+        (dense ? DENSE_BLOCKS : SPARSE_BLOCKS)[j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK](j, w, r, b0);
 }
 
 /* Sparse row r as k fp16 patterns into out. */
@@ -356,34 +269,26 @@ AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
 /* Every activation row against weight rows [row_begin, row_end). With more activation rows than one pass takes
  * (a prefill), a sparse row is expanded once into this thread's scratch and multiplied as a dense row, so that
  * the expansion is not repeated for every pass. */
-AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const BlockFn *blocks) {
-    const int dense = blocks == DENSE_BLOCKS;
+AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
     uint16_t *expanded = !dense && j->m > X_BLOCK ? spz_scratch((size_t)j->k * sizeof(uint16_t)) : NULL;
     for (int64_t r = row_begin; r < row_end; r++) {
         if (expanded) {
             expand_row_avx2(j, r, expanded);
-            row_avx2(j, expanded, r, DENSE_BLOCKS);
+            row_avx2(j, expanded, r, 1);
         } else {
-            row_avx2(j, dense ? j->w + r * j->k : NULL, r, blocks);
+            row_avx2(j, dense ? j->w + r * j->k : NULL, r, dense);
         }
     }
 }
 
 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void dense_rows_avx2(const Job *j, int64_t row_begin,
                                                                                 int64_t row_end) {
-    rows_avx2(j, row_begin, row_end, DENSE_BLOCKS);
+    rows_avx2(j, row_begin, row_end, 1);
 }
 
 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void sparse_rows_avx2(const Job *j, int64_t row_begin,
                                                                                  int64_t row_end) {
-    rows_avx2(j, row_begin, row_end, SPARSE_BLOCKS);
-}
-
-/* The decode path expands 4 groups at once where the CPU has AVX-512 VBMI2; a prefill's rows are expanded once and
- * multiplied as dense rows, as at the AVX2 level. */
-__attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void sparse_rows_avx512(const Job *j, int64_t row_begin,
-                                                                                   int64_t row_end) {
-    rows_avx2(j, row_begin, row_end, SPARSE512_BLOCKS);
+    rows_avx2(j, row_begin, row_end, 0);
 }
 
 /* The dense matrix of rows [row_begin, row_end): 8 columns per pshufb, converted to fp32 when asked. */
@@ -424,19 +329,16 @@ static void run_part(void *ctx, int part, int parts) {
     p->rows(p->job, spz_part_begin(n, part, parts), spz_part_begin(n, part + 1, parts));
 }
 
-/* The kernel for the level in force: the best the CPU has, capped by spz_set_level. */
-static RowsFn pick(RowsFn portable, RowsFn avx2, RowsFn avx512) {
+static RowsFn pick(RowsFn portable, RowsFn avx2) {
 #ifdef SPZ_X86
-    if (spz_level() >= SPZ_AVX512) return avx512;
     if (spz_level() >= SPZ_AVX2) return avx2;
 #endif
     (void)avx2;
-    (void)avx512;
     return portable;
 }
 
-static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, RowsFn avx512, int threads) {
-    Part part = {j, pick(portable, avx2, avx512)};
+static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, int threads) {
+    Part part = {j, pick(portable, avx2)};
     if (threads > j->n) threads = (int)j->n;
     spz_run_parts_nogil(run_part, &part, threads);
 }
@@ -444,7 +346,6 @@ static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, RowsFn avx512, 
 #ifndef SPZ_X86
 #define dense_rows_avx2 dense_rows_portable
 #define sparse_rows_avx2 sparse_rows_portable
-#define sparse_rows_avx512 sparse_rows_portable
 #define unpack_rows_avx2 unpack_rows_portable
 #endif
 
@@ -460,7 +361,7 @@ PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args) {
         goto done;
     }
     Job job = {.w = w.buf, .x = x.buf, .y = y.buf, .n = n, .k = k, .m = m};
-    run_rows(&job, dense_rows_portable, dense_rows_avx2, dense_rows_avx2, threads);
+    run_rows(&job, dense_rows_portable, dense_rows_avx2, threads);
     result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&w);
@@ -510,8 +411,8 @@ static PyObject *sparse_call(PyObject *args, int unpack) {
         PyErr_SetString(PyExc_ValueError, "sparse layout: input or output buffer does not match n, k, m");
         goto done;
     }
-    if (unpack) run_rows(&job, unpack_rows_portable, unpack_rows_avx2, unpack_rows_avx2, threads);
-    else run_rows(&job, sparse_rows_portable, sparse_rows_avx2, sparse_rows_avx512, threads);
+    if (unpack) run_rows(&job, unpack_rows_portable, unpack_rows_avx2, threads);
+    else run_rows(&job, sparse_rows_portable, sparse_rows_avx2, threads);
     result = Py_NewRef(Py_None);
 done:
     for (int i = 0; i < 4; i++) PyBuffer_Release(&b[i]);
