@@ -18,7 +18,8 @@ class LayoutSpec:
     name: str  # the --weights value
     summary: str  # one sentence for --help
     classes: tuple[str, ...]  # "module:Class" in this package, best first; the first that serves the device wins
-    auto_rank: dict[str, int]  # `auto` tries the layouts in this order per device type (BENCHMARKS.md's speeds)
+    auto_rank: dict[str, int]  # the layouts `auto` considers per device type, in this order: CUDA takes the first that
+    # fits; on the CPU `auto` times them on the machine (runtime.time_layouts) and the order only breaks ties
 
 
 LAYOUTS = (
@@ -31,7 +32,7 @@ LAYOUTS = (
                "kernels on CUDA)", ("triton_fused:FusedCompressedLinear", "compressed:CompressedLinear"),
                {"cpu": 1, "cuda": 0}),
 )
-AUTO = "auto"  # the fastest layout that fits in memory for the folder and the machine
+AUTO = "auto"  # the fastest layout that fits in memory for the folder and the machine (runtime.auto_layout)
 
 
 def names() -> tuple[str, ...]:
@@ -39,7 +40,8 @@ def names() -> tuple[str, ...]:
 
 
 def help_text() -> str:
-    return "; ".join([f"{AUTO} = the fastest of these that serves the folder and fits in memory"] +
+    return "; ".join([f"{AUTO} = the fastest of these that serves the folder and fits in memory (on the CPU timed "
+                      "at load on this machine)"] +
                      [f"{spec.name} = {spec.summary}" for spec in LAYOUTS])
 
 
