@@ -125,7 +125,7 @@ def fake_layout_timings(monkeypatch):
     that a test knows which layout auto takes; returns the list of layout-name sets it was asked to time."""
     import sparsezip.runtime as runtime
 
-    asked = []
+    asked, seconds = [], {}
 
     def timed(classes, sources, ctx, dist):
         asked.append(set(classes))
@@ -133,12 +133,10 @@ def fake_layout_timings(monkeypatch):
         return {name: seconds[name] for name in classes}
 
     def fake(given: dict[str, float]) -> list[set[str]]:
-        nonlocal seconds
-        seconds = given
+        seconds.update(given)
         monkeypatch.setattr(runtime, "time_layouts", timed)
         return asked
 
-    seconds: dict[str, float] = {}
     return fake
 
 

@@ -11,11 +11,11 @@ from transformers import AutoTokenizer
 
 from sparsezip.chat import chat_loop
 from sparsezip.compress import compress
+from sparsezip.config import ModelArgs
 from sparsezip.errors import SparsezipError
+from sparsezip.formats import FolderKind
 from sparsezip.generate import (SamplingParams, Sampler, TextStream, chat_ids, generate_batch, prompt_ids,
                                 stop_ids, truncate)
-from sparsezip.config import ModelArgs
-from sparsezip.formats import FolderKind
 from sparsezip.layouts.compressed import CompressedLinear
 from sparsezip.layouts.dense import DenseLinear
 from sparsezip.layouts.sparse import SparseLinear

@@ -208,12 +208,16 @@ def auto_layout(model_dir: Path, kind: FolderKind, args: ModelArgs, device: str,
     seconds = time_layouts(serving, probe_sources(weights), LayoutContext(device, dtype), dist) if measured else {}
     fitting = [name for name in serving if need[name] <= 0.9 * free]  # registry order: ties keep it
     name = min(fitting, key=lambda n: seconds.get(n, 0.0)) if fitting else min(need, key=need.get)
-    why = "the smallest: none fits" if not fitting else "the fastest that fits" if measured else \
-        "the first that fits in the registry's order"
-    timed = ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in sorted(seconds.items(), key=lambda item: item[1]))
-    log.info("weights: %s (%s for a %s folder on %s%s: about %.2f GB of weights, %.1f GB free; --weights chooses "
-             "another)", name, why, kind, device, f", measured on this machine per step through the first "
-             f"{PROBE_BYTES >> 20} MB of linears: {timed}" if measured else "", need[name] / 1e9, free / 1e9)
+    if not fitting:
+        why = "the smallest: none fits"
+    elif measured:
+        timed = ", ".join(f"{n} {1e3 * t:.1f} ms" for n, t in sorted(seconds.items(), key=lambda item: item[1]))
+        why = f"the fastest that fits, measured on this machine per step through the first {PROBE_BYTES >> 20} MB " \
+              f"of linears: {timed}"
+    else:
+        why = "the first that fits in the registry's order"
+    log.info("weights: %s (%s; a %s folder on %s, about %.2f GB of weights, %.1f GB free; --weights chooses "
+             "another)", name, why, kind, device, need[name] / 1e9, free / 1e9)
     return name
 
 
@@ -281,8 +285,8 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
     kind = detect_kind(model_dir)
     args = ModelArgs.from_dir(model_dir)
     dtype = dtype or default_dtype(device)
-    if weights != layouts.AUTO:
-        choose_layout(weights, kind, device, dtype)  # a layout that cannot serve fails before any reading
+    # a named layout that cannot serve fails before any reading; `auto` chooses once the weights are open
+    layout = None if weights == layouts.AUTO else choose_layout(weights, kind, device, dtype)
     # a decode step reads one embedding row per token: mapped, the rest of the table never takes memory (an
     # untied table is 15% of Qwen2.5-1.5B); it stays mapped where its held dtype is the stored one (fp16 on CPU).
     # A tied table is read whole by every step's lm_head: held like any other matrix.
@@ -292,9 +296,9 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
     else:
         rank = rank_weights_from_dense(model_dir, kind, args, dist, mapped)
     separate_linears(rank, args, model_dir)
-    if weights == layouts.AUTO:
+    if layout is None:
         weights = auto_layout(model_dir, kind, args, device, dtype, dist, rank)
-    layout = choose_layout(weights, kind, device, dtype)
+        layout = choose_layout(weights, kind, device, dtype)
     with torch.device("meta"):
         model = Transformer(args, dist)
     build_linears(model, rank, layout, LayoutContext(device, dtype))
