@@ -72,8 +72,8 @@ def make_tiny_model(folder: Path, family: str = "llama", dtype=torch.float16, se
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family, **overrides), torch_dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init so that pruning visibly matters
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith(".bias"):  # biases too: they start at zero, and would test nothing
                 p.normal_(0, 0.08)
     model.to(dtype).save_pretrained(folder)
     save_tokenizer(folder)

@@ -8,7 +8,8 @@ from transformers import AutoTokenizer
 from sparsezip.generate import SamplingParams, generate_batch
 from sparsezip.kernels import cpu
 from sparsezip.kernels.cpu import decode
-from sparsezip.model import KVCache, apply_rope, attention_mask, rope_cos_sin, small_query_attention
+from sparsezip.compress import compress
+from sparsezip.model import SMALL_QUERY, KVCache, apply_rope, attention_mask, rope_cos_sin, small_query_attention
 from sparsezip.runtime import load_model
 
 GREEDY = SamplingParams(max_new_tokens=10)
@@ -96,3 +97,94 @@ def test_decode_steps_agree_with_the_torch_operators(tiny_dir, family, monkeypat
     monkeypatch.setattr(decode, "MAX_ROWS", 0)  # nothing fits: every step takes the torch operators
     torch.testing.assert_close(fused, run(), rtol=1e-5, atol=1e-5)
     assert generate_batch(model, tok, [prompt], GREEDY, set())[0].tokens == fused_tokens
+
+
+# ---------------------------------------------------------------- the whole decode step in one native call
+
+WIDE = dict(hidden_size=256, intermediate_size=512)  # products of 64k+ multiply-adds: they run on the thread pool
+
+
+@pytest.fixture(scope="module")
+def sparse_folder(tiny_dir, tmp_path_factory):
+    """Factory: a 50%-sparse (magnitude) W16A16S folder of a wide tiny model of `family`."""
+    from sparsezip.config import SparsifyConfig
+    from sparsezip.sparsify import sparsify
+
+    made = {}
+
+    def build(family):
+        if family not in made:
+            made[family] = sparsify(tiny_dir(family, **WIDE), tmp_path_factory.mktemp("sparse") / family,
+                                    SparsifyConfig(method="magnitude", sparsity=0.5))
+        return made[family]
+
+    return build
+
+
+def scripted_decode(model, one_call: bool) -> torch.Tensor:
+    """Logits of a left-padded batch of two: a prefill, three one-token steps and one two-token step."""
+    model.fuse_decode_steps = one_call
+    gen = torch.Generator().manual_seed(3)
+    total, width, pads = 24, 10, torch.tensor([0, 3])
+    key_padding = torch.arange(total)[None, :] >= pads[:, None]
+    model.setup_cache(2, total)
+    slots = torch.arange(width)
+    with torch.no_grad():
+        logits = [model(torch.randint(3, 300, (2, width), generator=gen), slots, key_padding,
+                        positions=(slots[None, :] - pads[:, None]).clamp(min=0))]
+        for step in (1, 1, 1, 2):
+            slot = torch.arange(width, width + step)
+            logits.append(model(torch.randint(3, 300, (2, step), generator=gen), slot, key_padding,
+                                positions=slot[None, :] - pads[:, None]))
+            width += step
+    model.clear_cache()
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("weights", ["dense", "sparse"])
+def test_one_call_decode_step_is_bit_identical(tiny_dir, sparse_folder, family, weights, kernel_level, monkeypatch):
+    """Every layer in one native call gives exactly the layer-by-layer path's logits (tied embeddings, q/k/v bias,
+    q/k norms, a sliding window; fp16 and sparse weights; left padding; every kernel level)."""
+    folder = tiny_dir(family, **WIDE) if weights == "dense" else sparse_folder(family)
+    model = load_model(folder, "cpu", torch.float32, weights=weights)
+    calls, one_call = [], decode.decoder_layers
+    monkeypatch.setattr(decode, "decoder_layers", lambda *a, **k: calls.append(1) or one_call(*a, **k))
+    expected = scripted_decode(model, one_call=False)
+    assert not calls
+    got = scripted_decode(model, one_call=True)
+    assert len(calls) == 4  # every decode step, not the prefill
+    assert torch.equal(got, expected)
+
+
+
+def test_one_call_path_is_not_taken_where_it_cannot_compute(sparse_folder, tmp_path):
+    """Compressed weights (decoded per product), a prefill, other dtypes and uncached calls keep the layer-by-layer
+    path."""
+    packed_dir = tmp_path / "c"
+    compress(sparse_folder("llama"), packed_dir, tp=1)
+    model = load_model(packed_dir, "cpu", torch.float32, weights="compressed")
+    model.setup_cache(1, 8)
+    assert model.decode_plan is None
+    dense = load_model(packed_dir, "cpu", torch.float32, weights="dense")
+    dense.setup_cache(1, 8)
+    assert dense.decode_plan is not None
+    x = torch.zeros(1, SMALL_QUERY + 1, dense.args.hidden_size)
+    assert dense.fused_step(x[:, :1], cached=True) and not dense.fused_step(x, cached=True)
+    assert not dense.fused_step(x[:, :1], cached=False) and not dense.fused_step(x[:, :1].double(), cached=True)
+
+
+def test_one_call_step_refuses_inconsistent_buffers(tiny_dir):
+    model = load_model(tiny_dir("llama"), "cpu", torch.float32)
+    model.setup_cache(1, 8)
+    layer = list(model.decode_plan[0])
+    layer[8] = layer[8][:, :, :4].copy()  # a cache shorter than the others
+    x, pos = torch.zeros(1, 1, model.args.hidden_size), torch.tensor([2])
+    cos, sin = rope_cos_sin(model.args, pos, torch.float32)
+    mask = attention_mask(model.args, pos, 3)
+    with pytest.raises(ValueError, match="v_cache has 1024 bytes, expected 512"):
+        decode.decoder_layers(x, [tuple(layer)], cos, sin, pos, mask, 4, 128, 1e-6)
+    layer = list(model.decode_plan[0])
+    layer[4] = (None, layer[4][1][:-1])  # a qkv weight one row short
+    with pytest.raises(ValueError, match="qkv"):
+        decode.decoder_layers(x, [tuple(layer)], cos, sin, pos, mask, 4, 128, 1e-6)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ModelArgs, rope_inv_freq
 from .kernels.cpu import decode
-from .kernels.cpu.gemv import mixed_linear
+from .kernels.cpu.gemv import GEMV_MAX_ROWS, mixed_linear
 from .layouts.dense import DenseLinear  # the loader swaps the pruned linears for the chosen layout
 from .tp import Dist, all_gather_last, all_reduce
 
@@ -202,6 +202,17 @@ class DecoderLayer(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def native_step(self) -> tuple | None:
+        """This layer for the one-call decode step (decode.layer_step), or None when that call cannot take it."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.kv_cache is None or attn.dist.size > 1:  # between ranks the partial sums need an all-reduce
+            return None
+        qk_norms = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else None
+        products = tuple(linear.native_product() for linear in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                                                  mlp.down_proj))
+        return decode.layer_step((self.input_layernorm.weight, self.post_attention_layernorm.weight), qk_norms,
+                                 products, attn.kv_cache.k, attn.kv_cache.v)
+
 
 class Backbone(nn.Module):
     """Holds the `model.*` parameters so their names match Hugging Face checkpoints."""
@@ -214,10 +225,15 @@ class Backbone(nn.Module):
 
 
 class Transformer(nn.Module):
+    # Decode steps go through every layer in one native call where it can take them (native/layer.c: the same
+    # kernels, bit-identical); tests switch it off to compare with the layer-by-layer path.
+    fuse_decode_steps = True
+
     def __init__(self, args: ModelArgs, dist: Dist = Dist()):
         super().__init__()
         self.args = args
         self.dist = dist
+        self.decode_plan: list[tuple] | None = None  # the layers for the one-call decode step, with their caches
         self.model = Backbone(args, dist)
         if not args.tie_word_embeddings:
             self.lm_head = DenseLinear(args.hidden_size, args.vocab_size // dist.size, bias=False)
@@ -242,10 +258,20 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             attn = layer.self_attn
             attn.kv_cache = KVCache(batch, attn.n_kv_heads, max_len, attn.head_dim, w.dtype, w.device)
+        steps = [layer.native_step() for layer in self.model.layers]
+        self.decode_plan = None if None in steps else steps
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
+        self.decode_plan = None
+
+    def fused_step(self, x: torch.Tensor, cached: bool) -> bool:
+        """Whether this step goes through the one-call path: a few cached tokens (the per-layer path would take the
+        native GEMV for every product and the native attention) of fp32 CPU activations."""
+        B, T, _ = x.shape
+        return (self.fuse_decode_steps and cached and self.decode_plan is not None and T <= SMALL_QUERY
+                and B * T <= GEMV_MAX_ROWS and decode.fits(x, rows=B * T))
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor | None = None,
                 key_padding: torch.Tensor | None = None, positions: torch.Tensor | None = None,
@@ -264,8 +290,13 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         cos, sin = rope_cos_sin(self.args, q_pos if positions is None else positions, x.dtype)
         mask = attention_mask(self.args, q_pos, k_len, None if key_padding is None else key_padding[:, :k_len])
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, q_pos if cached else None)
+        if self.fused_step(x, cached):
+            first = self.model.layers[0]
+            x = decode.decoder_layers(x, self.decode_plan, cos, sin, q_pos, mask, first.self_attn.n_heads,
+                                      first.mlp.width, self.args.rms_norm_eps)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, q_pos if cached else None)
         if last_only:  # generation needs only the next token's logits, not [T, vocab] of them
             x = x[:, -1:]
         return self.logits(self.model.norm(x))

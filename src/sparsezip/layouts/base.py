@@ -108,6 +108,11 @@ class WeightLayout(nn.Module):
     def uses_scratch(self) -> Scratch | None:
         return None
 
+    def native_product(self) -> tuple | None:
+        """This product as the one-call decode step takes it (kernels/cpu/decode.py's product_spec), or None when
+        that call cannot compute it (the model then calls the layers one by one)."""
+        return None
+
     @staticmethod
     def bias_bytes(bias: torch.Tensor | None) -> int:
         return 0 if bias is None else bias.numel() * bias.element_size()

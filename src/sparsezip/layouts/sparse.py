@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.cpu.decode import product_spec
 from ..kernels.cpu.gemv import SparseWeight, pack_sparse, sparse_linear
 from ..formats import FolderKind
 from .base import FolderFacts, LayoutContext, LinearSource, Scratch, WeightLayout
@@ -45,6 +46,9 @@ class SparseLinear(WeightLayout):
 
     def resident_bytes(self) -> int:
         return self.sparse.nbytes + self.bias_bytes(self.bias)
+
+    def native_product(self) -> tuple | None:
+        return product_spec(self.bias, *self.sparse.arrays())
 
     def uses_scratch(self) -> Scratch:
         return self.scratch

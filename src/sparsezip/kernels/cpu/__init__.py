@@ -79,5 +79,5 @@ def threads() -> int:
 
 
 def threads_for(multiply_adds: int) -> int:
-    # handing work to the pool's other threads costs a few us: below ~64k multiply-adds one thread finishes first
-    return threads() if multiply_adds >= 2**16 else 1
+    """Threads for a native call of this much work (the rule is native/spz.h's spz_threads_for)."""
+    return threads() if multiply_adds >= native.PARALLEL_MIN_WORK else 1

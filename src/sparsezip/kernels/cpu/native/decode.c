@@ -23,11 +23,21 @@
 
 #include "spz.h"
 
-static void rms_norm_row(const float *x, const float *w, float *out, int64_t dim, float eps) {
-    double squares = 0.0;
-    for (int64_t i = 0; i < dim; i++) squares += (double)x[i] * x[i];
-    const float inv = 1.0f / sqrtf((float)(squares / (double)dim) + eps);
-    for (int64_t i = 0; i < dim; i++) out[i] = w[i] * (x[i] * inv);
+void spz_rms_norm_rows(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++, x += dim, out += dim) {
+        double squares = 0.0;
+        for (int64_t i = 0; i < dim; i++) squares += (double)x[i] * x[i];
+        const float inv = 1.0f / sqrtf((float)(squares / (double)dim) + eps);
+        for (int64_t i = 0; i < dim; i++) out[i] = w[i] * (x[i] * inv);
+    }
+}
+
+void spz_silu_mul_rows(const float *gate_up, float *out, int64_t rows, int64_t width) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * width, *up = gate + width;
+        float *o = out + r * width;
+        for (int64_t i = 0; i < width; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
 }
 
 /* x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1), as model.py computes it: rotated * sin + x * cos. */
@@ -39,14 +49,7 @@ static void rope(const float *x, const float *cos, const float *sin, int64_t d, 
     }
 }
 
-typedef struct {
-    const float *qkv, *cos, *sin;
-    float *k_cache, *v_cache, *out;
-    const int64_t *pos;
-    const uint8_t *mask;
-    int64_t batch, tokens, heads, kv_heads, d, max_len, used, rope_rows, mask_rows;
-    int failed; /* a worker could not allocate its scratch (atomic) */
-} Attend;
+typedef SpzAttend Attend;
 
 static const float *rope_row(const Attend *a, const float *table, int64_t b, int64_t t) {
     return table + ((a->rope_rows == 1 ? 0 : b) * a->tokens + t) * a->d;
@@ -132,8 +135,7 @@ PyObject *spz_py_rms_norm(PyObject *self, PyObject *args) {
     if (rows < 1 || dim < 1 || x.len != rows * dim * 4 || out.len != x.len || w.len != dim * 4) {
         PyErr_SetString(PyExc_ValueError, "rms_norm: buffer sizes do not match rows, dim");
     } else {
-        for (int64_t r = 0; r < rows; r++)
-            rms_norm_row((const float *)x.buf + r * dim, w.buf, (float *)out.buf + r * dim, dim, eps);
+        spz_rms_norm_rows(x.buf, w.buf, out.buf, rows, dim, eps);
         result = Py_NewRef(Py_None);
     }
     PyBuffer_Release(&x);
@@ -151,11 +153,7 @@ PyObject *spz_py_silu_mul(PyObject *self, PyObject *args) {
     if (rows < 1 || width < 1 || gate_up.len != rows * width * 8 || out.len != rows * width * 4) {
         PyErr_SetString(PyExc_ValueError, "silu_mul: buffer sizes do not match rows, width");
     } else {
-        for (int64_t r = 0; r < rows; r++) {
-            const float *gate = (const float *)gate_up.buf + r * 2 * width, *up = gate + width;
-            float *o = (float *)out.buf + r * width;
-            for (int64_t i = 0; i < width; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-        }
+        spz_silu_mul_rows(gate_up.buf, out.buf, rows, width);
         result = Py_NewRef(Py_None);
     }
     PyBuffer_Release(&gate_up);
@@ -163,15 +161,22 @@ PyObject *spz_py_silu_mul(PyObject *self, PyObject *args) {
     return result;
 }
 
-static int attend_sizes_ok(const Attend *a, const Py_buffer *b) {
+int spz_attend(Attend *a, int threads) {
+    fill_cache(a);
+    if (threads > a->batch * a->heads) threads = (int)(a->batch * a->heads);
+    spz_run_parts(attend_part, a, threads < 1 ? 1 : threads);
+    return a->failed ? -1 : 0;
+}
+
+int spz_attend_sizes_ok(const Attend *a, const Py_ssize_t *lens) {
     const int64_t width = (a->heads + 2 * a->kv_heads) * a->d, cache = a->batch * a->kv_heads * a->max_len * a->d;
     if (a->batch < 1 || a->tokens < 1 || a->kv_heads < 1 || a->heads % a->kv_heads || a->d < 2 || a->d % 2 ||
         a->used < 1 || a->used > a->max_len || (a->rope_rows != 1 && a->rope_rows != a->batch) ||
         (a->mask_rows != 1 && a->mask_rows != a->batch))
         return 0;
-    if (b[0].len != a->batch * a->tokens * width * 4 || b[1].len != a->rope_rows * a->tokens * a->d * 4 ||
-        b[2].len != b[1].len || b[3].len != cache * 4 || b[4].len != cache * 4 || b[5].len != a->tokens * 8 ||
-        b[6].len != a->mask_rows * a->tokens * a->used || b[7].len != a->batch * a->tokens * a->heads * a->d * 4)
+    if (lens[0] != a->batch * a->tokens * width * 4 || lens[1] != a->rope_rows * a->tokens * a->d * 4 ||
+        lens[2] != lens[1] || lens[3] != cache * 4 || lens[4] != cache * 4 || lens[5] != a->tokens * 8 ||
+        lens[6] != a->mask_rows * a->tokens * a->used || lens[7] != a->batch * a->tokens * a->heads * a->d * 4)
         return 0;
     for (int64_t t = 0; t < a->tokens; t++)
         if (a->pos[t] < 0 || a->pos[t] >= a->max_len) return 0;
@@ -188,14 +193,17 @@ PyObject *spz_py_attend(PyObject *self, PyObject *args) {
         return NULL;
     Attend a = {b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[7].buf, b[5].buf, b[6].buf, batch, tokens, heads,
                 kv_heads, d, max_len, used, rope_rows, mask_rows, 0};
+    Py_ssize_t lens[8];
+    for (int i = 0; i < 8; i++) lens[i] = b[i].len;
     PyObject *result = NULL;
-    if (!attend_sizes_ok(&a, b)) {
+    if (!spz_attend_sizes_ok(&a, lens)) {
         PyErr_SetString(PyExc_ValueError, "attend: buffer sizes or positions do not match the shape");
     } else {
-        fill_cache(&a);
-        if (threads > batch * heads) threads = (int)(batch * heads);
-        spz_run_parts_nogil(attend_part, &a, threads);
-        if (a.failed) PyErr_NoMemory();
+        int failed;
+        Py_BEGIN_ALLOW_THREADS
+        failed = spz_attend(&a, threads);
+        Py_END_ALLOW_THREADS
+        if (failed) PyErr_NoMemory();
         else result = Py_NewRef(Py_None);
     }
     for (int i = 0; i < 8; i++) PyBuffer_Release(&b[i]);

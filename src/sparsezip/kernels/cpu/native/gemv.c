@@ -337,10 +337,11 @@ static RowsFn pick(RowsFn portable, RowsFn avx2) {
     return portable;
 }
 
+/* On the pool; without the GIL when called from a Python entry point. */
 static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, int threads) {
     Part part = {j, pick(portable, avx2)};
     if (threads > j->n) threads = (int)j->n;
-    spz_run_parts_nogil(run_part, &part, threads);
+    spz_run_parts(run_part, &part, threads < 1 ? 1 : threads);
 }
 
 #ifndef SPZ_X86
@@ -348,6 +349,17 @@ static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, int threads) {
 #define sparse_rows_avx2 sparse_rows_portable
 #define unpack_rows_avx2 unpack_rows_portable
 #endif
+
+void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t m, int threads) {
+    Job job = {.w = w, .x = x, .y = y, .n = n, .k = k, .m = m};
+    run_rows(&job, dense_rows_portable, dense_rows_avx2, threads);
+}
+
+void spz_gemv_sparse(const SpzSparse *s, const float *x, float *y, int64_t m, int threads) {
+    Job job = {.codes = s->codes, .values = s->values, .row_start = s->row_start, .tile_start = s->tile_start,
+               .x = x, .y = y, .n = s->n, .k = s->k, .m = m, .kb = (s->k + 7) / 8, .tiles = (s->k + TILE - 1) / TILE};
+    run_rows(&job, sparse_rows_portable, sparse_rows_avx2, threads);
+}
 
 PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args) {
     (void)self;
@@ -360,8 +372,9 @@ PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "gemv_f16: buffer sizes do not match n, k, m");
         goto done;
     }
-    Job job = {.w = w.buf, .x = x.buf, .y = y.buf, .n = n, .k = k, .m = m};
-    run_rows(&job, dense_rows_portable, dense_rows_avx2, threads);
+    Py_BEGIN_ALLOW_THREADS
+    spz_gemv_dense(w.buf, x.buf, y.buf, n, k, m, threads);
+    Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&w);
@@ -370,17 +383,15 @@ done:
     return result;
 }
 
-/* O(1) consistency checks of the layout's arrays against n, k; the arrays are built by pack_sparse and held
- * read-only, so their contents (row offsets included) are trusted. */
-static int check_sparse(const Job *j, const Py_buffer *codes, const Py_buffer *values, const Py_buffer *row_start,
-                        const Py_buffer *tile_start) {
-    if (j->n < 1 || j->k < 1 || codes->len != j->n * j->kb * 2 || row_start->len != (j->n + 1) * 8 ||
-        tile_start->len != j->n * j->tiles * 4) {
+int spz_sparse_check(const SpzSparse *s, Py_ssize_t codes_len, Py_ssize_t values_len, Py_ssize_t row_start_len,
+                     Py_ssize_t tile_start_len) {
+    if (s->n < 1 || s->k < 1 || s->k > INT32_MAX || codes_len != s->n * ((s->k + 7) / 8) * 2 ||
+        row_start_len != (s->n + 1) * 8 || tile_start_len != s->n * ((s->k + TILE - 1) / TILE) * 4) {
         PyErr_SetString(PyExc_ValueError, "sparse layout: array sizes do not match the shape");
         return -1;
     }
-    if (j->row_start[0] != 0 || j->row_start[j->n] < 0 || j->row_start[j->n] > 2 * j->n * j->k ||
-        j->row_start[j->n] + VALUE_PAD > values->len) {
+    if (s->row_start[0] != 0 || s->row_start[s->n] < 0 || s->row_start[s->n] > 2 * s->n * s->k ||
+        s->row_start[s->n] + VALUE_PAD > values_len) {
         PyErr_SetString(PyExc_ValueError, "sparse layout: the value stream is too short for its row offsets");
         return -1;
     }
@@ -402,17 +413,16 @@ static PyObject *sparse_call(PyObject *args, int unpack) {
     Job job = {.codes = b[0].buf, .values = b[1].buf, .row_start = b[2].buf, .tile_start = b[3].buf, .x = x.buf,
                .y = unpack ? NULL : y.buf, .out = unpack ? y.buf : NULL, .out_f32 = out_f32, .n = n, .k = k, .m = m,
                .kb = (k + 7) / 8, .tiles = (k + TILE - 1) / TILE};
-    if (n < 1 || k < 1 || m < 1 || k > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "sparse layout: bad shape");
-        goto done;
-    }
-    if (check_sparse(&job, &b[0], &b[1], &b[2], &b[3])) goto done;
-    if ((unpack && y.len != n * k * (out_f32 ? 4 : 2)) || (!unpack && (x.len != m * k * 4 || y.len != m * n * 4))) {
+    const SpzSparse sparse = {b[0].buf, b[1].buf, b[2].buf, b[3].buf, n, k};
+    if (spz_sparse_check(&sparse, b[0].len, b[1].len, b[2].len, b[3].len)) goto done;
+    if (m < 1 || (unpack && y.len != n * k * (out_f32 ? 4 : 2)) || (!unpack && (x.len != m * k * 4 || y.len != m * n * 4))) {
         PyErr_SetString(PyExc_ValueError, "sparse layout: input or output buffer does not match n, k, m");
         goto done;
     }
+    Py_BEGIN_ALLOW_THREADS
     if (unpack) run_rows(&job, unpack_rows_portable, unpack_rows_avx2, threads);
     else run_rows(&job, sparse_rows_portable, sparse_rows_avx2, threads);
+    Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     for (int i = 0; i < 4; i++) PyBuffer_Release(&b[i]);

@@ -44,6 +44,9 @@ static PyMethodDef METHODS[] = {
     {"attend", spz_py_attend, METH_VARARGS,
      "attend(qkv, cos, sin, k_cache, v_cache, pos, mask, out, batch, tokens, heads, kv_heads, head_dim, max_len, "
      "used, rope_rows, mask_rows, threads): rotary attention of a decode step against the KV cache (decode.c)"},
+    {"decoder_layers", spz_py_decoder_layers, METH_VARARGS,
+     "decoder_layers(x, layers, cos, sin, pos, mask, batch, tokens, hidden, heads, kv_heads, head_dim, width, "
+     "max_len, used, rope_rows, mask_rows, eps, threads): a decode step through every layer, x in place (layer.c)"},
     {"obs_block", spz_py_obs_block, METH_VARARGS,
      "obs_block(w, h, dead, err, b, rows, prune_k, n, m, threads): SparseGPT's OBS loop over one block"},
     {"kth_smallest", spz_py_kth_smallest, METH_VARARGS, "kth_smallest(values, k): the k-th smallest float32 (1-based)"},
@@ -60,6 +63,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     spz_tables_init();
     spz_pool_init();
     PyObject *module = PyModule_Create(&MODULE);
-    if (module && PyModule_AddIntConstant(module, "TILE", SPZ_TILE)) Py_CLEAR(module);
+    if (module && (PyModule_AddIntConstant(module, "TILE", SPZ_TILE) ||
+                   PyModule_AddIntConstant(module, "PARALLEL_MIN_WORK", SPZ_PARALLEL_MIN_WORK)))
+        Py_CLEAR(module);
     return module;
 }

@@ -107,6 +107,51 @@ __attribute__((target("avx2,fma,f16c"))) static inline float spz_hsum8(__m256 v)
 }
 #endif
 
+/* ------------------------------------------------------------------ kernels other files call (on the pool: call
+ * them without the GIL) */
+
+/* Multiply-adds below which a kernel runs on the calling thread alone: handing work to the pool's other threads
+ * costs a few microseconds. Python's threads_for reads it as the module constant PARALLEL_MIN_WORK. */
+#define SPZ_PARALLEL_MIN_WORK (1 << 16)
+static inline int spz_threads_for(int threads, int64_t multiply_adds) {
+    return multiply_adds >= SPZ_PARALLEL_MIN_WORK ? threads : 1;
+}
+
+/* The sparse layout of gemv.c (built by kernels/cpu/gemv.py's pack_sparse). */
+typedef struct {
+    const uint16_t *codes;
+    const uint8_t *values;
+    const int64_t *row_start;
+    const uint32_t *tile_start;
+    int64_t n, k;
+} SpzSparse;
+
+/* y[m, n] = x[m, k] . W^T from a dense fp16 W (gemv.c). */
+void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t m, int threads);
+/* The same from the sparse layout, bit-identical (gemv.c). */
+void spz_gemv_sparse(const SpzSparse *s, const float *x, float *y, int64_t m, int threads);
+/* O(1) checks of the sparse layout's array sizes against its shape; -1 with a Python error set (GIL held). */
+int spz_sparse_check(const SpzSparse *s, Py_ssize_t codes_len, Py_ssize_t values_len, Py_ssize_t row_start_len,
+                     Py_ssize_t tile_start_len);
+
+/* A decode step's steps between products (decode.c). */
+void spz_rms_norm_rows(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps);
+void spz_silu_mul_rows(const float *gate_up, float *out, int64_t rows, int64_t width);
+
+/* Attention of a decode step's tokens against the KV cache, see decode.c for the shapes. */
+typedef struct {
+    const float *qkv, *cos, *sin;
+    float *k_cache, *v_cache, *out;
+    const int64_t *pos;
+    const uint8_t *mask;
+    int64_t batch, tokens, heads, kv_heads, d, max_len, used, rope_rows, mask_rows;
+    int failed; /* a worker could not allocate its scratch (atomic) */
+} SpzAttend;
+/* Writes the new keys and values into the cache, then out; -1 when out of memory. */
+int spz_attend(SpzAttend *a, int threads);
+/* 1 when the buffers' lengths (qkv, cos, sin, k_cache, v_cache, pos, mask, out) match a's shape and positions. */
+int spz_attend_sizes_ok(const SpzAttend *a, const Py_ssize_t *lens);
+
 /* ------------------------------------------------------------------ Python entry points (module.c lists them) */
 
 PyObject *spz_py_v2_histogram(PyObject *self, PyObject *args);
@@ -122,5 +167,6 @@ PyObject *spz_py_read_sum(PyObject *self, PyObject *args);
 PyObject *spz_py_rms_norm(PyObject *self, PyObject *args);
 PyObject *spz_py_silu_mul(PyObject *self, PyObject *args);
 PyObject *spz_py_attend(PyObject *self, PyObject *args);
+PyObject *spz_py_decoder_layers(PyObject *self, PyObject *args);
 
 #endif
