@@ -158,20 +158,49 @@ def test_one_call_decode_step_is_bit_identical(tiny_dir, sparse_folder, family, 
 
 
 
-def test_one_call_path_is_not_taken_where_it_cannot_compute(sparse_folder, tmp_path):
-    """Compressed weights (decoded per product), a prefill, other dtypes and uncached calls keep the layer-by-layer
-    path."""
-    packed_dir = tmp_path / "c"
-    compress(sparse_folder("llama"), packed_dir, tp=1)
-    model = load_model(packed_dir, "cpu", torch.float32, weights="compressed")
+def test_one_call_path_is_not_taken_where_it_cannot_compute(tiny_dir, sparse_folder):
+    """fp32 weights (from a bf16 model), a prefill, other dtypes and uncached calls keep the layer-by-layer path."""
+    model = load_model(tiny_dir("llama", dtype=torch.bfloat16), "cpu", torch.float32)
     model.setup_cache(1, 8)
     assert model.decode_plan is None
-    dense = load_model(packed_dir, "cpu", torch.float32, weights="dense")
+    dense = load_model(sparse_folder("llama"), "cpu", torch.float32)
     dense.setup_cache(1, 8)
     assert dense.decode_plan is not None
     x = torch.zeros(1, SMALL_QUERY + 1, dense.args.hidden_size)
     assert dense.fused_step(x[:, :1], cached=True) and not dense.fused_step(x, cached=True)
     assert not dense.fused_step(x[:, :1], cached=False) and not dense.fused_step(x[:, :1].double(), cached=True)
+    dense.clear_cache()
+    assert dense.decode_plan is None
+
+
+@pytest.fixture(scope="module")
+def packed_folder(sparse_folder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packed") / "qwen2"
+    compress(sparse_folder("qwen2"), folder, tp=1)
+    return folder
+
+
+def test_one_call_step_from_codec_streams_is_bit_identical(packed_folder, kernel_level, monkeypatch):
+    """The compressed layout (each product straight from its tiles) in the one-call step gives the same logits."""
+    model = load_model(packed_folder, "cpu", torch.float32, weights="compressed")
+    calls, one_call = [], decode.decoder_layers
+    monkeypatch.setattr(decode, "decoder_layers", lambda *a, **k: calls.append(1) or one_call(*a, **k))
+    expected = scripted_decode(model, one_call=False)
+    assert torch.equal(scripted_decode(model, one_call=True), expected) and len(calls) == 4
+
+
+def test_one_call_step_reports_a_damaged_tile(packed_folder):
+    model = load_model(packed_folder, "cpu", torch.float32, weights="compressed")
+    model.setup_cache(1, 8)
+    layer = list(model.decode_plan[0])
+    kind, bias, codec_id, payload, offsets = layer[6]  # gate_up
+    broken = payload.copy()
+    broken[offsets[0]:offsets[1]] = 0xFF  # tile 0 overwritten
+    layer[6] = (kind, bias, codec_id, broken, offsets)
+    x, pos = torch.zeros(1, 1, model.args.hidden_size), torch.tensor([2])
+    cos, sin = rope_cos_sin(model.args, pos, torch.float32)
+    with pytest.raises(ValueError, match="tile 0"):
+        decode.decoder_layers(x, [tuple(layer)], cos, sin, pos, attention_mask(model.args, pos, 3), 4, 512, 1e-6)
 
 
 def test_one_call_step_refuses_inconsistent_buffers(tiny_dir):
@@ -185,6 +214,6 @@ def test_one_call_step_refuses_inconsistent_buffers(tiny_dir):
     with pytest.raises(ValueError, match="v_cache has 1024 bytes, expected 512"):
         decode.decoder_layers(x, [tuple(layer)], cos, sin, pos, mask, 4, 128, 1e-6)
     layer = list(model.decode_plan[0])
-    layer[4] = (None, layer[4][1][:-1])  # a qkv weight one row short
+    layer[4] = layer[4][:2] + (layer[4][2][:-1],)  # a qkv weight one row short
     with pytest.raises(ValueError, match="qkv"):
         decode.decoder_layers(x, [tuple(layer)], cos, sin, pos, mask, 4, 128, 1e-6)

@@ -109,8 +109,8 @@ class WeightLayout(nn.Module):
         return None
 
     def native_product(self) -> tuple | None:
-        """This product as the one-call decode step takes it (kernels/cpu/decode.py's product_spec), or None when
-        that call cannot compute it (the model then calls the layers one by one)."""
+        """This product as the one-call decode step takes it (kernels/cpu/decode.py's dense_product, sparse_product or
+        codec_product), or None when that call cannot compute it (the model then calls the layers one by one)."""
         return None
 
     @staticmethod

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import codec
+from ..codec import native as codec_native
+from ..kernels.cpu.decode import codec_product
 from ..kernels.cpu.gemv import gemv_max_rows
 from ..formats import FolderKind
 from .base import FolderFacts, LayoutContext, LinearSource, Scratch, WeightLayout
@@ -47,6 +49,12 @@ class CompressedLinear(WeightLayout):
             y = codec.linear(x.reshape(-1, k), self.opened, self.bias)
             return y.view(*x.shape[:-1], n)
         return F.linear(x, self.decoded(x.dtype), self.bias)
+
+    def native_product(self) -> tuple | None:
+        stream = self.opened.stream
+        if not codec_native.supports(stream.codec_id):
+            return None  # codec.linear decodes such streams and calls F.linear
+        return codec_product(self.bias, stream.codec_id, stream.payload, stream.offsets)
 
     def decoded(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight in the scratch buffer as `dtype` (decoded straight to fp32 for a CPU matmul of many rows)."""

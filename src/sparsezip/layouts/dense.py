@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..kernels.cpu.decode import product_spec
+from ..kernels.cpu.decode import dense_product
 from ..kernels.cpu.gemv import mixed_linear
 from ..formats import FolderKind
 from .base import FolderFacts, LayoutContext, LinearSource, WeightLayout
@@ -68,10 +68,7 @@ class DenseLinear(nn.Linear, WeightLayout):
         return mixed_linear(x, self.weight, self.bias)
 
     def native_product(self) -> tuple | None:
-        w = self.weight
-        if w.dtype != torch.float16 or w.device.type != "cpu" or not w.is_contiguous():
-            return None  # mixed_linear's native GEMV takes only these
-        return product_spec(self.bias, w.detach().numpy())
+        return dense_product(self.bias, self.weight)
 
     def resident_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size() + self.bias_bytes(self.bias)

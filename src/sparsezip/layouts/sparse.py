@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.cpu.decode import product_spec
+from ..kernels.cpu.decode import sparse_product
 from ..kernels.cpu.gemv import SparseWeight, pack_sparse, sparse_linear
 from ..formats import FolderKind
 from .base import FolderFacts, LayoutContext, LinearSource, Scratch, WeightLayout
@@ -48,7 +48,7 @@ class SparseLinear(WeightLayout):
         return self.sparse.nbytes + self.bias_bytes(self.bias)
 
     def native_product(self) -> tuple | None:
-        return product_spec(self.bias, *self.sparse.arrays())
+        return sparse_product(self.bias, self.sparse.arrays())
 
     def uses_scratch(self) -> Scratch:
         return self.scratch

@@ -67,15 +67,35 @@ def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: tor
 
 
 # One decode step through every layer in one native call (native/layer.c). A layer is the tuple that layer_step
-# builds; a product is (bias, fp16 weight) or (bias, *SparseWeight.arrays()).
+# builds, a product what dense_product, sparse_product or codec_product build.
 Product = tuple
 
 
-def product_spec(bias: torch.Tensor | None, *arrays: np.ndarray) -> Product | None:
-    """A product for decoder_layers, or None when the bias is not an fp32 CPU vector (the call cannot take it)."""
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+def native_bias(bias: torch.Tensor | None) -> np.ndarray | None:
+    return None if bias is None else bias.detach().contiguous().numpy()
+
+
+def takes_bias(bias: torch.Tensor | None) -> bool:
+    """Whether the one-call step can add this bias: none, or an fp32 CPU vector."""
+    return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")
+
+
+def dense_product(bias: torch.Tensor | None, weight: torch.Tensor) -> Product | None:
+    """A contiguous fp16 CPU matrix, as mixed_linear's native GEMV takes it; None when the call cannot take it."""
+    if (weight.dtype != torch.float16 or weight.device.type != "cpu" or not weight.is_contiguous()
+            or not takes_bias(bias)):
         return None
-    return (None if bias is None else bias.detach().contiguous().numpy(), *arrays)
+    return native.PRODUCT_DENSE, native_bias(bias), weight.detach().numpy()
+
+
+def sparse_product(bias: torch.Tensor | None, arrays: tuple[np.ndarray, ...]) -> Product | None:
+    """A SparseWeight's arrays (codes, values, row_start, tile_start)."""
+    return (native.PRODUCT_SPARSE, native_bias(bias), *arrays) if takes_bias(bias) else None
+
+
+def codec_product(bias: torch.Tensor | None, codec_id: int, payload: np.ndarray, offsets: np.ndarray) -> Product | None:
+    """A validated codec stream (codec.OpenStream's id, payload and tile offsets), multiplied from its tiles."""
+    return (native.PRODUCT_CODEC, native_bias(bias), codec_id, payload, offsets) if takes_bias(bias) else None
 
 
 def layer_step(norms: tuple[torch.Tensor, ...], qk_norms: tuple[torch.Tensor, torch.Tensor] | None,

@@ -62,15 +62,22 @@ static void tile_part(void *arg, int part, int parts) {
     }
 }
 
-/* Run fn over tiles 0..count-1 on up to `threads` threads of the pool (the calling thread is one of them), with the
- * GIL released. Small jobs run on fewer threads: waking one costs more than decoding a few tiles. */
-void codec_parallel_tiles(TileFn fn, void *ctx, ErrState *err, int64_t count, int threads, int64_t elements,
-                          size_t scratch_bytes) {
+/* Run fn over tiles 0..count-1 on up to `threads` threads of the pool (the calling thread is one of them); call
+ * without the GIL. Small jobs run on fewer threads: waking one costs more than decoding a few tiles. */
+static void run_tiles(TileFn fn, void *ctx, ErrState *err, int64_t count, int threads, int64_t elements,
+                      size_t scratch_bytes) {
     TileJob job = {fn, ctx, err, count, 0, scratch_bytes};
     int64_t by_work = elements / (1 << 17) + 1;
     if (threads > count) threads = (int)count;
     if (threads > by_work) threads = (int)by_work;
-    spz_run_parts_nogil(tile_part, &job, threads);
+    spz_run_parts(tile_part, &job, threads < 1 ? 1 : threads);
+}
+
+void codec_parallel_tiles(TileFn fn, void *ctx, ErrState *err, int64_t count, int threads, int64_t elements,
+                          size_t scratch_bytes) {
+    Py_BEGIN_ALLOW_THREADS
+    run_tiles(fn, ctx, err, count, threads, elements, scratch_bytes);
+    Py_END_ALLOW_THREADS
 }
 
 int codec_check_shape(long long n, long long k) {
@@ -495,6 +502,54 @@ static int decode_band(void *ctx, int64_t band, void *scratch) {
     return 0;
 }
 
+DecCtx *codec_open(int codec_id, const uint8_t *payload, Py_ssize_t payload_len, const int64_t *offsets,
+                   Py_ssize_t offsets_len, long long n, long long k) {
+    const Coder *coder = coder_of(codec_id);
+    if (codec_check_shape(n, k)) return NULL;
+    const int64_t tiles = tile_count(n, k);
+    if (!coder || offsets_len != tiles * 8) {
+        PyErr_SetString(PyExc_ValueError, "decode: bad arguments (codec id or index size)");
+        return NULL;
+    }
+    DecCtx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    *ctx = (DecCtx){.payload = payload, .payload_len = payload_len, .offsets = offsets, .n = n, .k = k, .tiles = tiles,
+                    .simd = spz_level() >= SPZ_AVX2, .expand = expand_fn(0), .decode_one = coder->decode_one};
+    codec_err_init(&ctx->err);
+    /* Offsets must lie in the payload and not decrease; tile sizes are then checked per tile. */
+    if (payload_len < coder->first || offsets[0] != coder->first) {
+        PyErr_Format(PyExc_ValueError, "index offsets do not match the stream: tile 0 starts at %lld, not %lld",
+                     (long long)offsets[0], (long long)coder->first);
+        goto fail;
+    }
+    for (int64_t t = 0; t < tiles; t++)
+        if (offsets[t] > tile_end(ctx, t) || offsets[t] > payload_len) {
+            PyErr_Format(PyExc_ValueError, "index offsets do not match the stream: tile %lld starts at %lld, after "
+                         "the next tile or the %lld-byte payload", (long long)t, (long long)offsets[t],
+                         (long long)payload_len);
+            goto fail;
+        }
+    if (coder->prepare && coder->prepare(ctx)) goto fail;
+    return ctx;
+fail:
+    free(ctx);
+    return NULL;
+}
+
+int codec_linear(DecCtx *ctx, const float *x, float *y, int64_t m, int threads) {
+    ctx->x = x;
+    ctx->y = y;
+    ctx->m = m;
+    ctx->out = y;
+    ctx->out_kind = OUT_LINEAR;
+    memset(y, 0, (size_t)(m * ctx->n) * sizeof(float));
+    run_tiles(decode_band, ctx, &ctx->err, (ctx->n + TILE - 1) / TILE, threads, ctx->n * ctx->k * m, SCRATCH_BYTES);
+    return ctx->err.failed ? -1 : 0;
+}
+
 /* decode(codec_id, payload, offsets, n, k, out, out_kind, threads[, x]): validates and writes out [n, k], or for
  * OUT_LINEAR out = y [m, n] = x [m, k] W^T. */
 PyObject *spz_py_decode(PyObject *self, PyObject *args) {
@@ -507,59 +562,29 @@ PyObject *spz_py_decode(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     DecCtx *ctx = NULL;
-    const Coder *coder = coder_of(codec_id);
     if (codec_check_shape(n, k)) goto done;
-    int64_t tiles = tile_count(n, k);
     const long long m = out_kind == OUT_LINEAR ? (long long)(x.len / (4 * k)) : 0;
     const int sizes_ok = out_kind == OUT_LINEAR
                              ? m >= 1 && x.len == (Py_ssize_t)(4 * k * m) && out.len == (Py_ssize_t)(4 * n * m)
                              : out.len == (Py_ssize_t)(n * k * (out_kind == OUT_F32 ? 4 : 2));
-    if (!coder || out_kind < OUT_F16 || out_kind > OUT_LINEAR || offsets.len != tiles * 8 || !sizes_ok) {
-        PyErr_SetString(PyExc_ValueError, "decode: bad arguments (codec id, output kind or buffer sizes)");
+    if (out_kind < OUT_F16 || out_kind > OUT_LINEAR || !sizes_ok) {
+        PyErr_SetString(PyExc_ValueError, "decode: bad arguments (output kind or buffer sizes)");
         goto done;
     }
-    ctx = calloc(1, sizeof *ctx);
-    if (!ctx) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    if (!(ctx = codec_open(codec_id, payload.buf, payload.len, offsets.buf, offsets.len, n, k))) goto done;
+    int failed;
     if (out_kind == OUT_LINEAR) {
-        ctx->x = (const float *)x.buf;
-        ctx->y = (float *)out.buf;
-        ctx->m = m;
-        memset(out.buf, 0, (size_t)out.len);
+        Py_BEGIN_ALLOW_THREADS
+        failed = codec_linear(ctx, x.buf, out.buf, m, threads);
+        Py_END_ALLOW_THREADS
+    } else {
+        ctx->out = out.buf;
+        ctx->out_kind = out_kind;
+        ctx->expand = expand_fn(out_kind == OUT_F32);
+        codec_parallel_tiles(ctx->decode_one, ctx, &ctx->err, ctx->tiles, threads, n * k, SCRATCH_BYTES);
+        failed = ctx->err.failed;
     }
-    ctx->payload = (const uint8_t *)payload.buf;
-    ctx->payload_len = payload.len;
-    ctx->offsets = (const int64_t *)offsets.buf;
-    ctx->n = n;
-    ctx->k = k;
-    ctx->tiles = tiles;
-    ctx->out = out.buf;
-    ctx->out_kind = out_kind;
-    ctx->simd = spz_level() >= SPZ_AVX2;
-    ctx->expand = expand_fn(out_kind == OUT_F32);
-    ctx->decode_one = coder->decode_one;
-    codec_err_init(&ctx->err);
-    /* Offsets must lie in the payload and not decrease; tile sizes are then checked per tile. */
-    if (payload.len < coder->first || ctx->offsets[0] != coder->first) {
-        PyErr_Format(PyExc_ValueError, "index offsets do not match the stream: tile 0 starts at %lld, not %lld",
-                     (long long)ctx->offsets[0], (long long)coder->first);
-        goto done;
-    }
-    for (int64_t t = 0; t < tiles; t++)
-        if (ctx->offsets[t] > tile_end(ctx, t) || ctx->offsets[t] > payload.len) {
-            PyErr_Format(PyExc_ValueError, "index offsets do not match the stream: tile %lld starts at %lld, after "
-                         "the next tile or the %lld-byte payload", (long long)t, (long long)ctx->offsets[t],
-                         (long long)payload.len);
-            goto done;
-        }
-    if (coder->prepare && coder->prepare(ctx)) goto done;
-    if (out_kind == OUT_LINEAR)
-        codec_parallel_tiles(decode_band, ctx, &ctx->err, (n + TILE - 1) / TILE, threads, n * k * m, SCRATCH_BYTES);
-    else
-        codec_parallel_tiles(coder->decode_one, ctx, &ctx->err, tiles, threads, n * k, SCRATCH_BYTES);
-    if (ctx->err.failed) {
+    if (failed) {
         PyErr_SetString(PyExc_ValueError, ctx->err.msg);
         goto done;
     }

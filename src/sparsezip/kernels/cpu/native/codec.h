@@ -129,6 +129,14 @@ PyObject *codec_encode_tiles(TileFn size_tile, TileFn write_tile, void *ctx, Enc
 void codec_finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, const int *row_cnt,
                        const uint16_t *vals);
 
+/* A validated stream (index offsets checked, coder tables prepared) for decode_one calls; GIL held; NULL with a
+ * Python error. The caller frees it. */
+DecCtx *codec_open(int codec_id, const uint8_t *payload, Py_ssize_t payload_len, const int64_t *offsets,
+                   Py_ssize_t offsets_len, long long n, long long k);
+/* y [m, n] = x [m, k] W^T straight from the tiles of an opened stream, on the pool; without the GIL. -1 when a tile
+ * is damaged (ctx->err.msg says which). */
+int codec_linear(DecCtx *ctx, const float *x, float *y, int64_t m, int threads);
+
 int codec_v1_decode_one(void *ctx, int64_t t, void *scratch);
 int codec_v2_decode_one(void *ctx, int64_t t, void *scratch);
 int codec_v2_prepare(DecCtx *c); /* builds the decode table; -1 when the code lengths are corrupt */

@@ -9,34 +9,42 @@
  *
  * The same kernels as the per-operation path (gemv.c, decode.c) in the same order, so the results are bit-identical
  * to it at every kernel level: model.py uses this path only where the per-operation path would have called exactly
- * these kernels (one rank, fp32 activations on the CPU, few rows, dense fp16 or sparse-layout weights).
+ * these kernels (one rank, fp32 activations on the CPU, few rows, dense fp16, sparse-layout or codec weights).
  *
  * decoder_layers(x, layers, cos, sin, pos, mask, batch, tokens, hidden, heads, kv_heads, head_dim, width, max_len,
  *                used, rope_rows, mask_rows, eps, threads)
  *   x       float32 [batch, tokens, hidden], updated in place: the hidden states after the last layer
  *   layers  a sequence, per layer the tuple (input_norm, post_attention_norm, q_norm, k_norm, qkv, o, gate_up, down,
  *           k_cache, v_cache): norms float32 [hidden] (q_norm and k_norm [head_dim], or None); caches as decode.c's
- *           attend takes them. A product is (bias or None, w) with w the fp16 matrix [n, k], or (bias or None, codes,
- *           values, row_start, tile_start) in gemv.c's sparse layout; bias float32 [n].
+ *           attend takes them. A product is (PRODUCT_DENSE, bias, w) with w the fp16 matrix [n, k],
+ *           (PRODUCT_SPARSE, bias, codes, values, row_start, tile_start) in gemv.c's sparse layout, or
+ *           (PRODUCT_CODEC, bias, codec_id, payload, offsets), a codec stream multiplied straight from its tiles
+ *           (codec.c); bias float32 [n] or None.
  *   cos, sin, pos, mask as decode.c's attend; width is the MLP's intermediate size (of this rank).
  */
 #include <stdlib.h>
 
-#include "spz.h"
+#include "codec.h"
 
 #define MAX_HELD 32 /* buffers one layer holds: 10 tensors and 4 products of up to 5 arrays */
+#define PRODUCTS 4  /* per layer: qkv, o, gate_up, down */
 
+/* What one layer's call holds while it runs: Python buffers and the opened codec streams. */
 typedef struct {
     Py_buffer b[MAX_HELD];
     int count;
+    DecCtx *streams[PRODUCTS];
+    int stream_count;
 } Held;
 
 static void release_all(Held *h) {
     for (int i = 0; i < h->count; i++) PyBuffer_Release(&h->b[i]);
-    h->count = 0;
+    for (int i = 0; i < h->stream_count; i++) free(h->streams[i]);
+    h->count = h->stream_count = 0;
 }
 
-/* The buffer of `obj` (writable when asked), which must hold `len` bytes; NULL with a Python error otherwise. */
+/* The buffer of `obj` (writable when asked), which must hold `len` bytes (any when len < 0); NULL with a Python
+ * error otherwise. */
 static void *hold(Held *h, PyObject *obj, int writable, Py_ssize_t len, const char *what) {
     if (h->count == MAX_HELD) {
         PyErr_SetString(PyExc_ValueError, "decoder_layers: too many buffers in one layer");
@@ -52,42 +60,71 @@ static void *hold(Held *h, PyObject *obj, int writable, Py_ssize_t len, const ch
     return b->buf;
 }
 
+static Py_ssize_t last_len(const Held *h) { return h->b[h->count - 1].len; }
+
+/* How a product's weight is held (the first item of its tuple; the module constants PRODUCT_*). */
+enum { PRODUCT_DENSE = 0, PRODUCT_SPARSE = 1, PRODUCT_CODEC = 2 };
+
 typedef struct {
-    int sparse;
-    SpzSparse s;          /* sparse layout */
+    int kind;
+    int64_t n, k;
     const uint16_t *w;    /* dense fp16 [n, k] */
+    SpzSparse s;          /* sparse layout */
+    DecCtx *stream;       /* codec stream, opened */
     const float *bias;    /* [n] or NULL */
 } Product;
 
+/* (PRODUCT_DENSE, bias, w), (PRODUCT_SPARSE, bias, codes, values, row_start, tile_start) or
+ * (PRODUCT_CODEC, bias, codec_id, payload, offsets). */
 static int parse_product(Held *h, PyObject *spec, int64_t n, int64_t k, const char *what, Product *p) {
-    const Py_ssize_t parts = PyTuple_Check(spec) ? PyTuple_GET_SIZE(spec) : 0;
-    if (parts != 2 && parts != 5) {
-        PyErr_Format(PyExc_ValueError, "decoder_layers: %s is not (bias, w) or (bias, codes, values, row_start, "
-                     "tile_start)", what);
+    static const Py_ssize_t ITEMS[] = {3, 6, 5};
+    const Py_ssize_t items = PyTuple_Check(spec) ? PyTuple_GET_SIZE(spec) : 0;
+    const long kind = items ? PyLong_AsLong(PyTuple_GET_ITEM(spec, 0)) : -1;
+    if (kind == -1 && PyErr_Occurred()) return -1;
+    if (kind < PRODUCT_DENSE || kind > PRODUCT_CODEC || items != ITEMS[kind]) {
+        PyErr_Format(PyExc_ValueError, "decoder_layers: %s is not a product tuple", what);
         return -1;
     }
-    *p = (Product){.sparse = parts == 5, .s = {.n = n, .k = k}};
-    PyObject *bias = PyTuple_GET_ITEM(spec, 0);
-    if (bias != Py_None && !(p->bias = hold(h, bias, 0, n * 4, what))) return -1;
-    if (!p->sparse) return (p->w = hold(h, PyTuple_GET_ITEM(spec, 1), 0, n * k * 2, what)) ? 0 : -1;
+    PyObject **item = &PyTuple_GET_ITEM(spec, 0);
+    *p = (Product){.kind = (int)kind, .n = n, .k = k};
+    if (item[1] != Py_None && !(p->bias = hold(h, item[1], 0, n * 4, what))) return -1;
+    if (kind == PRODUCT_DENSE) return (p->w = hold(h, item[2], 0, n * k * 2, what)) ? 0 : -1;
+    if (kind == PRODUCT_CODEC) {
+        const long codec_id = PyLong_AsLong(item[2]);
+        const uint8_t *payload = hold(h, item[3], 0, -1, what);
+        const Py_ssize_t payload_len = payload ? last_len(h) : 0;
+        const int64_t *offsets = payload ? hold(h, item[4], 0, -1, what) : NULL;
+        if ((codec_id == -1 && PyErr_Occurred()) || !offsets) return -1;
+        if (!(p->stream = codec_open((int)codec_id, payload, payload_len, offsets, last_len(h), n, k))) return -1;
+        h->streams[h->stream_count++] = p->stream;
+        return 0;
+    }
     Py_ssize_t lens[4];
     const void *arrays[4];
     for (int i = 0; i < 4; i++) {
-        if (!(arrays[i] = hold(h, PyTuple_GET_ITEM(spec, 1 + i), 0, -1, what))) return -1;
-        lens[i] = h->b[h->count - 1].len;
+        if (!(arrays[i] = hold(h, item[2 + i], 0, -1, what))) return -1;
+        lens[i] = last_len(h);
     }
     p->s = (SpzSparse){arrays[0], arrays[1], arrays[2], arrays[3], n, k};
     return spz_sparse_check(&p->s, lens[0], lens[1], lens[2], lens[3]);
 }
 
-static void product(const Product *p, const float *x, float *y, int64_t rows, int threads) {
-    const int64_t n = p->s.n, k = p->s.k;
-    threads = spz_threads_for(threads, n * k * rows);
-    if (p->sparse) spz_gemv_sparse(&p->s, x, y, rows, threads);
-    else spz_gemv_dense(p->w, x, y, n, k, rows, threads);
+/* y = x W^T (+ bias); -1 when a codec tile is damaged, its error copied into `damaged`. */
+static int product(const Product *p, const float *x, float *y, int64_t rows, int threads, char *damaged) {
+    if (p->kind == PRODUCT_CODEC) {
+        if (codec_linear(p->stream, x, y, rows, threads)) {
+            memcpy(damaged, p->stream->err.msg, sizeof p->stream->err.msg);
+            return -1;
+        }
+    } else {
+        threads = spz_threads_for(threads, p->n * p->k * rows);
+        if (p->kind == PRODUCT_SPARSE) spz_gemv_sparse(&p->s, x, y, rows, threads);
+        else spz_gemv_dense(p->w, x, y, p->n, p->k, rows, threads);
+    }
     if (p->bias)
         for (int64_t r = 0; r < rows; r++)
-            for (int64_t i = 0; i < n; i++) y[r * n + i] += p->bias[i];
+            for (int64_t i = 0; i < p->n; i++) y[r * p->n + i] += p->bias[i];
+    return 0;
 }
 
 static void add_into(float *x, const float *y, int64_t count) {
@@ -138,11 +175,13 @@ static int parse_layer(Held *h, PyObject *spec, const Dims *dm, SpzAttend *a, La
     return 0;
 }
 
+enum { LAYER_OK = 0, LAYER_NO_MEMORY, LAYER_DAMAGED };
+
 /* One layer on x [rows, hidden], in place. Runs without the GIL. */
-static int run_layer(const Layer *l, const Dims *dm, SpzAttend *a, float *x, const Work *w) {
+static int run_layer(const Layer *l, const Dims *dm, SpzAttend *a, float *x, const Work *w, char *damaged) {
     const int64_t rows = dm->rows, qkv_width = (dm->heads + 2 * dm->kv_heads) * dm->d;
     spz_rms_norm_rows(x, l->input_norm, w->normed, rows, dm->hidden, dm->eps);
-    product(&l->qkv, w->normed, w->qkv, rows, dm->threads);
+    if (product(&l->qkv, w->normed, w->qkv, rows, dm->threads, damaged)) return LAYER_DAMAGED;
     if (l->q_norm)
         for (int64_t r = 0; r < rows; r++) {
             float *q = w->qkv + r * qkv_width, *k = q + dm->heads * dm->d;
@@ -152,15 +191,16 @@ static int run_layer(const Layer *l, const Dims *dm, SpzAttend *a, float *x, con
     a->qkv = w->qkv;
     a->out = w->attn;
     a->failed = 0;
-    if (spz_attend(a, spz_threads_for(dm->threads, a->batch * a->heads * a->tokens * a->used * a->d * 2))) return -1;
-    product(&l->o, w->attn, w->y, rows, dm->threads);
+    if (spz_attend(a, spz_threads_for(dm->threads, a->batch * a->heads * a->tokens * a->used * a->d * 2)))
+        return LAYER_NO_MEMORY;
+    if (product(&l->o, w->attn, w->y, rows, dm->threads, damaged)) return LAYER_DAMAGED;
     add_into(x, w->y, rows * dm->hidden);
     spz_rms_norm_rows(x, l->post_norm, w->normed, rows, dm->hidden, dm->eps);
-    product(&l->gate_up, w->normed, w->gate_up, rows, dm->threads);
+    if (product(&l->gate_up, w->normed, w->gate_up, rows, dm->threads, damaged)) return LAYER_DAMAGED;
     spz_silu_mul_rows(w->gate_up, w->act, rows, dm->width);
-    product(&l->down, w->act, w->y, rows, dm->threads);
+    if (product(&l->down, w->act, w->y, rows, dm->threads, damaged)) return LAYER_DAMAGED;
     add_into(x, w->y, rows * dm->hidden);
-    return 0;
+    return LAYER_OK;
 }
 
 static float *work_alloc(const Dims *dm, Work *w) {
@@ -220,15 +260,15 @@ PyObject *spz_py_decoder_layers(PyObject *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(layers); i++) {
         Layer layer;
         if (parse_layer(&held, PySequence_Fast_GET_ITEM(layers, i), &dm, &a, &layer)) goto done;
-        int failed;
+        int outcome;
+        char damaged[sizeof ((ErrState *)0)->msg];
         Py_BEGIN_ALLOW_THREADS
-        failed = run_layer(&layer, &dm, &a, x, &work);
+        outcome = run_layer(&layer, &dm, &a, x, &work, damaged);
         Py_END_ALLOW_THREADS
         release_all(&held);
-        if (failed) {
-            PyErr_NoMemory();
-            goto done;
-        }
+        if (outcome == LAYER_NO_MEMORY) PyErr_NoMemory();
+        if (outcome == LAYER_DAMAGED) PyErr_SetString(PyExc_ValueError, damaged);
+        if (outcome != LAYER_OK) goto done;
     }
     result = Py_NewRef(Py_None);
 done:
@@ -238,4 +278,10 @@ done:
     Py_XDECREF(layers);
     for (int i = 0; i < 4; i++) PyBuffer_Release(&b[i]);
     return result;
+}
+
+int spz_add_product_kinds(PyObject *module) {
+    return PyModule_AddIntConstant(module, "PRODUCT_DENSE", PRODUCT_DENSE) ||
+           PyModule_AddIntConstant(module, "PRODUCT_SPARSE", PRODUCT_SPARSE) ||
+           PyModule_AddIntConstant(module, "PRODUCT_CODEC", PRODUCT_CODEC);
 }

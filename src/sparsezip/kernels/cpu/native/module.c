@@ -64,7 +64,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     spz_pool_init();
     PyObject *module = PyModule_Create(&MODULE);
     if (module && (PyModule_AddIntConstant(module, "TILE", SPZ_TILE) ||
-                   PyModule_AddIntConstant(module, "PARALLEL_MIN_WORK", SPZ_PARALLEL_MIN_WORK)))
+                   PyModule_AddIntConstant(module, "PARALLEL_MIN_WORK", SPZ_PARALLEL_MIN_WORK) ||
+                   spz_add_product_kinds(module)))
         Py_CLEAR(module);
     return module;
 }

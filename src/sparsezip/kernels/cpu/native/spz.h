@@ -168,5 +168,6 @@ PyObject *spz_py_rms_norm(PyObject *self, PyObject *args);
 PyObject *spz_py_silu_mul(PyObject *self, PyObject *args);
 PyObject *spz_py_attend(PyObject *self, PyObject *args);
 PyObject *spz_py_decoder_layers(PyObject *self, PyObject *args);
+int spz_add_product_kinds(PyObject *module); /* layer.c's PRODUCT_* constants; -1 on failure */
 
 #endif
