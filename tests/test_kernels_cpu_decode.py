@@ -69,6 +69,27 @@ def test_attend_matches_the_torch_path(batch, tokens, per_row):
     assert torch.equal(mine.k, theirs.k) and torch.equal(mine.v, theirs.v)  # the same rotary floats in the cache
 
 
+def test_attend_gives_the_same_floats_at_every_kernel_level():
+    from conftest import kernel_levels
+
+    class Args40(Args):
+        head_dim = 40  # not a multiple of 8: the lanes' tail too
+
+    heads, kv_heads, d, max_len, used = 6, 2, 40, 300, 257
+    gen = torch.Generator().manual_seed(5)
+    history = torch.randn(2, 1, kv_heads, max_len, d, generator=gen)
+    pos = torch.tensor([used - 2, used - 1])
+    cos, sin = rope_cos_sin(Args40, pos, torch.float32)
+    mask = attention_mask(Args40, pos, used)
+    qkv = torch.randn(1, 2, (heads + 2 * kv_heads) * d, generator=gen)
+    outs = []
+    for level in kernel_levels():
+        with cpu.capped_level(level):
+            k, v = history.clone()
+            outs.append(decode.attend(qkv, cos, sin, k, v, pos, mask, heads))
+    assert len(outs) >= 2 and all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 def test_attend_refuses_inconsistent_buffers():
     qkv, cos = torch.randn(1, 1, 8 * 4), torch.randn(1, 8)
     cache = torch.zeros(1, 1, 4, 8)

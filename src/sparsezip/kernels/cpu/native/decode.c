@@ -4,7 +4,8 @@
  *
  * Why: a decode step's work between products is small, but in torch it is some sixty operator calls per layer,
  * each with a fixed dispatch cost; on small models those costs, not memory bandwidth, bound decoding. Plain C
- * loops: the compiler may not reorder float sums, so results do not depend on the kernel level. The rotary
+ * loops: the compiler may not reorder float sums, so results do not depend on the kernel level (the attention is
+ * compiled twice, portable and AVX2, from the same C; a test holds their floats equal). The rotary
  * embedding follows model.py's apply_rope operation for operation (bit-identical); norms and attention sum in
  * their own order (allclose to torch's, not bit-identical).
  *
@@ -40,8 +41,11 @@ void spz_silu_mul_rows(const float *gate_up, float *out, int64_t rows, int64_t w
     }
 }
 
+/* Inlined into each kernel level's copy of the attention below. */
+#define INLINE static inline __attribute__((always_inline))
+
 /* x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1), as model.py computes it: rotated * sin + x * cos. */
-static void rope(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
+INLINE void rope(const float *x, const float *cos, const float *sin, int64_t d, float *out) {
     const int64_t half = d / 2;
     for (int64_t i = 0; i < d; i++) {
         const float rotated = i < half ? -x[i + half] : x[i - half];
@@ -76,7 +80,7 @@ static void fill_cache(const Attend *a) {
 }
 
 /* q . k in 8 independent lanes, then their sum in lane order: a fixed order that the compiler may vectorise. */
-static float dot(const float *q, const float *k, int64_t d) {
+INLINE float dot(const float *q, const float *k, int64_t d) {
     float lane[8] = {0};
     int64_t i = 0;
     for (; i + 8 <= d; i += 8)
@@ -86,7 +90,7 @@ static float dot(const float *q, const float *k, int64_t d) {
 }
 
 /* Query head h of token t in row b: softmax over the visible slots of q.k / sqrt(d), times the values. */
-static void attend_one(const Attend *a, int64_t b, int64_t h, int64_t t, float *q, float *scores) {
+INLINE void attend_one(const Attend *a, int64_t b, int64_t h, int64_t t, float *q, float *scores) {
     const int64_t d = a->d, g = h / (a->heads / a->kv_heads);
     const uint8_t *visible = a->mask + ((a->mask_rows == 1 ? 0 : b) * a->tokens + t) * a->used;
     const float scale = 1.0f / sqrtf((float)d);
@@ -110,6 +114,26 @@ static void attend_one(const Attend *a, int64_t b, int64_t h, int64_t t, float *
     for (int64_t i = 0; i < d; i++) out[i] /= total;
 }
 
+INLINE void attend_jobs(const Attend *a, int64_t first, int64_t end, float *scratch) {
+    for (int64_t job = first; job < end; job++)
+        for (int64_t t = 0; t < a->tokens; t++) attend_one(a, job / a->heads, job % a->heads, t, scratch + a->used, scratch);
+}
+
+/* The same C compiled twice: the AVX2 copy's vector code computes each lane exactly as the portable copy does
+ * (no FMA contraction, the lanes' sums in the written order), so both give the same floats. */
+static void attend_jobs_portable(const Attend *a, int64_t first, int64_t end, float *scratch) {
+    attend_jobs(a, first, end, scratch);
+}
+
+#ifdef SPZ_X86
+__attribute__((target("avx2"))) static void attend_jobs_avx2(const Attend *a, int64_t first, int64_t end,
+                                                              float *scratch) {
+    attend_jobs(a, first, end, scratch);
+}
+#else
+#define attend_jobs_avx2 attend_jobs_portable
+#endif
+
 static void attend_part(void *ctx, int part, int parts) {
     Attend *a = (Attend *)ctx;
     const int64_t jobs = a->batch * a->heads;
@@ -118,8 +142,9 @@ static void attend_part(void *ctx, int part, int parts) {
         __atomic_store_n(&a->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    for (int64_t job = spz_part_begin(jobs, part, parts); job < spz_part_begin(jobs, part + 1, parts); job++)
-        for (int64_t t = 0; t < a->tokens; t++) attend_one(a, job / a->heads, job % a->heads, t, scratch + a->used, scratch);
+    const int64_t first = spz_part_begin(jobs, part, parts), end = spz_part_begin(jobs, part + 1, parts);
+    if (spz_level() >= SPZ_AVX2) attend_jobs_avx2(a, first, end, scratch);
+    else attend_jobs_portable(a, first, end, scratch);
     free(scratch);
 }
 
