@@ -21,8 +21,8 @@ from .stream import HEADER_SIZE, TILE, EncodedWeight, OpenStream, describe, n_ti
 DEFAULT_CODEC = "nibble-v3"  # the fastest to multiply from; huff-v2 is ~6% smaller
 
 __all__ = ["CODECS", "DEFAULT_CODEC", "HEADER_SIZE", "TILE", "Codec", "EncodedWeight", "OpenedWeight", "codec_for_id",
-           "decode", "decode_into", "decode_tile", "encode", "get_codec", "linear", "n_tiles", "open_weight",
-           "register_codec"]
+           "decode", "decode_into", "decode_tile", "encode", "get_codec", "linear", "n_tiles", "native_stream",
+           "open_weight", "register_codec"]
 
 
 def get_codec(name: str) -> Codec:
@@ -83,6 +83,12 @@ class OpenedWeight:
 def open_weight(enc: EncodedWeight, check_crc: bool = True) -> OpenedWeight:
     """Validate `enc` once (the CRC too unless told otherwise) for repeated calls of linear()."""
     return OpenedWeight(enc, _coder_of(enc).open(enc, check_crc=check_crc))
+
+
+def native_stream(weight: OpenedWeight) -> OpenStream | None:
+    """The validated stream (codec id, payload, tile offsets) when the native kernels multiply from its coder's tiles,
+    as linear() does; None when linear() decodes the matrix first."""
+    return weight.stream if native.supports(weight.stream.codec_id) else None
 
 
 def linear(x: torch.Tensor, enc: EncodedWeight | OpenedWeight, bias: torch.Tensor | None = None,

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import codec
-from ..codec import native as codec_native
 from ..kernels.cpu.decode import codec_product
 from ..kernels.cpu.gemv import gemv_max_rows
 from ..formats import FolderKind
@@ -51,8 +50,8 @@ class CompressedLinear(WeightLayout):
         return F.linear(x, self.decoded(x.dtype), self.bias)
 
     def native_product(self) -> tuple | None:
-        stream = self.opened.stream
-        if not codec_native.supports(stream.codec_id):
+        stream = codec.native_stream(self.opened)
+        if stream is None:
             return None  # codec.linear decodes such streams and calls F.linear
         return codec_product(self.bias, stream.codec_id, stream.payload, stream.offsets)
 
