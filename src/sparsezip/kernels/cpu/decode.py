@@ -119,7 +119,7 @@ def decoder_layers(x: torch.Tensor, layers: list[tuple], cos: torch.Tensor, sin:
     _, kv_heads, max_len, d = k_cache.shape
     used = mask.shape[-1]
     cos, sin, pos, visible, rope_rows = attention_inputs(cos, sin, pos, mask, T, d)
-    out = x.contiguous().clone()
+    out = x.clone(memory_format=torch.contiguous_format)
     native.decoder_layers(out.numpy(), layers, cos, sin, pos, visible, B, T, hidden, heads, kv_heads, d, width,
                           max_len, used, rope_rows, visible.shape[0], eps, threads())
     return out
