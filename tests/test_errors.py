@@ -662,3 +662,31 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(command, pipe,
     assert "Traceback" not in result.stderr and lines[-1].startswith("sparsezip: error: "), result.stderr
     assert "File too large" in lines[-1], lines[-1]
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("raised, code, message", [("KeyboardInterrupt", 130, "sparsezip: interrupted"),
+                                                   ("cli.Terminated", 143, "sparsezip: terminated")])
+def test_a_signal_inside_a_constructor_still_ends_in_one_line(raised, code, message):
+    """A signal that lands inside a constructor leaves a half-built object whose __del__ fails (tqdm's did); its
+    traceback must not follow the one-line message."""
+    script = f"""
+import argparse, sys
+from sparsezip import cli
+
+class HalfBuilt:
+    def __del__(self):
+        raise AttributeError("half built")
+
+def command(ns):
+    half = HalfBuilt()
+    raise {raised}
+
+class Parser:
+    def parse_args(self, argv):
+        return argparse.Namespace(func=command, quiet=True)
+
+cli.build_parser = Parser
+sys.exit(cli.main([]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert result.returncode == code and result.stderr == message + "\n", result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -400,17 +401,32 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print_error(e)
         return 2
+    stopped = None
+    previous_hook = sys.unraisablehook
     try:
-        with sigterm_unwinds():
-            setup_logging(ns.quiet)
-            ns.func(ns)
-    except (SparsezipError, OSError, MemoryError) as e:
-        print_error(e)
-        return 1
-    except KeyboardInterrupt:
-        print("sparsezip: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("sparsezip: terminated", file=sys.stderr)
-        return 143
-    return 0
+        try:
+            with sigterm_unwinds():
+                setup_logging(ns.quiet)
+                ns.func(ns)
+        except (SparsezipError, OSError, MemoryError) as e:
+            print_error(e)
+            return 1
+        except KeyboardInterrupt:
+            sys.unraisablehook = ignore_unraisable
+            stopped = "sparsezip: interrupted", 130
+        except Terminated:
+            sys.unraisablehook = ignore_unraisable
+            stopped = "sparsezip: terminated", 143
+        if stopped is not None:
+            gc.collect()  # while the hook is quiet: objects the interrupt left half-built, in reference cycles
+    finally:
+        sys.unraisablehook = previous_hook
+    if stopped is None:
+        return 0
+    print(stopped[0], file=sys.stderr)
+    return stopped[1]
+
+
+def ignore_unraisable(_unraisable) -> None:
+    """A signal can land inside a constructor (tqdm's, say); the half-built object's __del__ then fails when the
+    unwound frames are freed, and Python would print that traceback after our one-line message."""
