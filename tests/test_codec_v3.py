@@ -252,6 +252,29 @@ def test_nonzero_padding_nibble(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("positions, lows", [
+    ((9, 3), (0x01, 0x02)),  # out of order
+    ((3, 3), (0x01, 0x02)),  # a position twice
+    ((3, 16), (0x01, 0x02)),  # past the tile's 16 values
+    ((3, 9), (0x01, 0x00)),  # a zero low byte
+])
+def test_a_damaged_exception_list(backend, positions, lows):
+    bits = np.array([[(0x30 + i % 4) << 8 for i in range(16)]], np.uint16)
+    bits[0, 3] |= 0x01
+    bits[0, 9] |= 0x02
+    enc = V3.encode(as_half(bits), backend="numpy")
+    payload = bytearray(payload_of(enc))
+    assert payload[BOOK] == 1 and bytes(payload[-6:]) == struct.pack("<HHBB", 3, 9, 0x01, 0x02)  # mode 1, 2 exceptions
+    payload[-6:] = struct.pack("<HHBB", *positions, *lows)
+    damaged = with_payload(enc, bytes(payload))
+    with pytest.raises(SparsezipError, match="invalid exception list"):
+        V3.decode(damaged, backend=backend)
+    if backend == "native":  # the product straight from the tiles reads the list too
+        with pytest.raises(SparsezipError, match="invalid exception list"):
+            linear(torch.randn(2, 16), damaged)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("keep", [0, 10, 100, -1])
 def test_truncated_payload(sample, backend, keep):
     _, enc = sample

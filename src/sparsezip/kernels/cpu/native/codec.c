@@ -206,12 +206,21 @@ __attribute__((always_inline)) static inline int row_bits(const uint8_t *row, in
     return cnt;
 }
 
-/* row_cnt[r] and gcnt[q] for the tile's bitmap; -1 when a row marks a column past the tile's last. */
+/* row_cnt[r] and gcnt[q] for the tile's bitmap; -1 when a row marks a column past the tile's last. A full-width
+ * tile (every tile but the last of a band) has no tail to check and a constant row width: two popcounts a row. */
 __attribute__((always_inline)) static inline int scan_rows(const Geom *g, const uint8_t *bm, int *row_cnt,
                                                            int *gcnt) {
     const int tail = g->cols & 7;
     int nnz = 0;
     for (int q = 0; q < GROUPS; q++) gcnt[q] = 0;
+    if (g->cols == TILE) {
+        for (int r = 0; r < g->rows; r++) {
+            row_cnt[r] = row_bits(bm + r * (TILE / 8), TILE / 8);
+            gcnt[r / GROUP_ROWS] += row_cnt[r];
+            nnz += row_cnt[r];
+        }
+        return nnz;
+    }
     for (int r = 0; r < g->rows; r++) {
         const uint8_t *row = bm + r * g->row_bytes;
         if (tail && row[g->row_bytes - 1] >> tail) return -1;
@@ -268,17 +277,22 @@ int codec_apply_lows(DecCtx *c, int64_t t, const char *coder, uint16_t *vals, in
         for (int i = 0; i < nnz; i++) vals[i] |= lows[i];
         return 0;
     }
-    const uint8_t *bytes = lows + 2 * nexc;
-    for (int e = 0, prev = -1; e < nexc; e++) {
-        int pos = rd16(lows + 2 * e);
-        if (pos <= prev || pos >= nnz || !bytes[e])
-            return codec_tile_error(&c->err, t,
-                                    "%s stream is corrupted: tile %lld has an invalid exception list (positions "
-                                    "must increase and be below the tile's value count, bytes nonzero)",
-                                    coder, (long long)t);
-        vals[pos] |= bytes[e];
+    /* Order and nonzero bytes make one flag tested after the loop; a position past the values stops the loop
+     * before its write. */
+    const uint8_t *pos_at = lows, *byte = lows + 2 * nexc, *const end = byte;
+    int prev = -1, bad = 0;
+    for (; pos_at < end; pos_at += 2, byte++) {
+        const int pos = rd16(pos_at);
+        if (pos >= nnz) break;
+        bad |= (pos <= prev) | (*byte == 0);
+        vals[pos] |= *byte;
         prev = pos;
     }
+    if (pos_at < end || bad)
+        return codec_tile_error(&c->err, t,
+                                "%s stream is corrupted: tile %lld has an invalid exception list (positions "
+                                "must increase and be below the tile's value count, bytes nonzero)",
+                                coder, (long long)t);
     return 0;
 }
 
@@ -302,39 +316,41 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
 }
 
 #ifdef SPZ_X86
-#define AVX2 __attribute__((target("avx2,f16c,fma"), always_inline)) static inline
+#define AVX2 __attribute__((target("avx2,f16c,fma,popcnt"), always_inline)) static inline
 /* ROWS tile rows at once (independent FMA chains), each in the shared order: 8 lanes over the whole groups of 8
- * columns, lanes added by spz_hsum8, then the tail. */
+ * columns, lanes added by spz_hsum8, then the tail. Each row's values are a cursor that steps by the popcount of
+ * its bitmap byte, and the rows' bitmap bytes are one pointer plus multiples of the row stride: with indexes into
+ * shared arrays instead, GCC kept them on the stack and a group cost half as many instructions again. */
 #define ROWS 4
 #define X_ROWS 8 /* activation rows per pass over an expanded tile row: 8 accumulators fit in registers */
-AVX2 void dot_rows_avx2(const uint8_t *bm, int row_bytes, int cols, const uint16_t *const *vals, const float *x,
+AVX2 void dot_rows_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const uint16_t *const *vals, const float *x,
                         const int nr, float *out) {
     __m256 acc[ROWS];
-    int p[ROWS];
+    const uint16_t *v[ROWS];
     for (int i = 0; i < nr; i++) {
         acc[i] = _mm256_setzero_ps();
-        p[i] = 0;
+        v[i] = vals[i];
     }
     const int full = cols >> 3;
     for (int b = 0; b < full; b++) {
         const __m256 xv = _mm256_loadu_ps(x + 8 * b);
         for (int i = 0; i < nr; i++) {
-            const unsigned m = bm[i * row_bytes + b];
-            __m128i v = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(vals[i] + p[i])),
-                                         _mm_loadu_si128((const __m128i *)spz_expand16[m]));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(v), xv, acc[i]);
-            p[i] += POP8[m];
+            const unsigned m = bm[b + i * row_bytes];
+            const __m128i w = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)v[i]),
+                                               _mm_load_si128((const __m128i *)spz_expand16[m]));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(w), xv, acc[i]);
+            v[i] += _mm_popcnt_u32(m);
         }
     }
     for (int i = 0; i < nr; i++) {
         out[i] = spz_hsum8(acc[i]);
-        if (cols & 7) out[i] += dot_scalar(bm + i * row_bytes + full, cols & 7, vals[i] + p[i], x + 8 * full);
+        if (cols & 7) out[i] += dot_scalar(bm + i * row_bytes + full, cols & 7, v[i], x + 8 * full);
     }
 }
 
-__attribute__((target("avx2,f16c,fma"))) static void dot_tile_avx2(const Geom *g, const uint8_t *bm,
-                                                                     const int *row_cnt, const uint16_t *vals,
-                                                                     const float *x, float *part) {
+__attribute__((target("avx2,f16c,fma,popcnt"))) static void dot_tile_avx2(const Geom *g, const uint8_t *bm,
+                                                                            const int *row_cnt, const uint16_t *vals,
+                                                                            const float *x, float *part) {
     const uint16_t *rows[ROWS];
     int r = 0;
     for (; r + ROWS <= g->rows; r += ROWS) {

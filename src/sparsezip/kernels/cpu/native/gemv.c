@@ -20,7 +20,7 @@
  *   values  uint8 stream, row r from row_start[r]: for each group in order, its nonzero values in column order,
  *           2 bytes each (the little-endian fp16 pattern) in a wide group, else 1 byte each (the high byte; the
  *           low byte is 0 -- an E5M2 value, what L2 rounding makes); VALUE_PAD readable bytes at the end.
- * A group expands with one pshufb whose control is the table row code >> 5, at byte offset code & ~31.
+ * A group expands with one pshufb whose control is read at byte offset code of the table (spz.h).
  * sparse_gemv(codes, values, row_start, x, y, n, k, m, threads) and sparse_unpack(..., out, n, k, out_f32,
  * threads), which writes the dense matrix as fp16 or fp32 for the many-row path.
  */
@@ -125,7 +125,7 @@ static void unpack_rows_portable(const Job *j, int64_t row_begin, int64_t row_en
  * code & 31: taking v by address instead made GCC keep the kernel's pointers on the stack). */
 AVX2 __m128i expand_group(const uint8_t *v, unsigned code) {
     return _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)v),
-                            _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand_sparse + (code & ~31u))));
+                            _mm_loadu_si128((const __m128i *)((const uint8_t *)spz_expand_sparse + code)));
 }
 
 /* Tile t of row r's cursor: its values start tile_start[r, t] bytes into the row's, so the tiles of a row can be

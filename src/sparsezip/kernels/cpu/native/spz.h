@@ -52,10 +52,11 @@ static inline int64_t spz_part_begin(int64_t n, int part, int parts) { return n 
 
 extern uint8_t spz_pop8[256];                /* bits set in a byte */
 extern uint8_t spz_expand16[256][16];        /* pshufb: the next popcount(m) u16 values into the lanes set in m */
-extern uint8_t spz_expand_sparse[512][32];   /* pshufb for the sparse layout's groups in bytes 0-15 of row
-                                                [code >> 5 = wide << 8 | m]: the next values 1 byte each into the
-                                                lanes' high byte (wide = 0) or 2 bytes each (wide = 1); rows of 32
-                                                bytes so that code & ~31 is the row's offset */
+extern uint8_t spz_expand_sparse[512][32];   /* pshufb for a group of the sparse layout (gemv.c), at byte offset
+                                                code: in row code >> 5 = wide << 8 | m, from byte code & 31 (the
+                                                group's bytes of values, popcount(m) << wide), the next values 1
+                                                byte each into the lanes' high byte (wide = 0) or 2 bytes each
+                                                (wide = 1). So the code is the control's address, unmasked. */
 extern uint8_t spz_compact16[256][16];       /* pshufb: the u16 lanes set in m, packed to the front */
 extern uint16_t spz_sign16[256][8];          /* 0x8000 in u16 lane j when bit j of the byte is set */
 void spz_tables_init(void);
