@@ -206,29 +206,28 @@ __attribute__((always_inline)) static inline int row_bits(const uint8_t *row, in
     return cnt;
 }
 
-/* row_cnt[r] and gcnt[q] for the tile's bitmap; -1 when a row marks a column past the tile's last. A full-width
- * tile (every tile but the last of a band) has no tail to check and a constant row width: two popcounts a row. */
-__attribute__((always_inline)) static inline int scan_rows(const Geom *g, const uint8_t *bm, int *row_cnt,
-                                                           int *gcnt) {
-    const int tail = g->cols & 7;
+/* row_cnt[r] and gcnt[q] for `rows` bitmap rows of row_bytes each; returns their total. Inlined with a constant
+ * row_bytes for full-width tiles (every tile but the last of a band): two popcounts a row. */
+__attribute__((always_inline)) static inline int count_rows(const uint8_t *bm, int rows, int row_bytes, int *row_cnt,
+                                                            int *gcnt) {
     int nnz = 0;
     for (int q = 0; q < GROUPS; q++) gcnt[q] = 0;
-    if (g->cols == TILE) {
-        for (int r = 0; r < g->rows; r++) {
-            row_cnt[r] = row_bits(bm + r * (TILE / 8), TILE / 8);
-            gcnt[r / GROUP_ROWS] += row_cnt[r];
-            nnz += row_cnt[r];
-        }
-        return nnz;
-    }
-    for (int r = 0; r < g->rows; r++) {
-        const uint8_t *row = bm + r * g->row_bytes;
-        if (tail && row[g->row_bytes - 1] >> tail) return -1;
-        row_cnt[r] = row_bits(row, g->row_bytes);
+    for (int r = 0; r < rows; r++) {
+        row_cnt[r] = row_bits(bm + r * row_bytes, row_bytes);
         gcnt[r / GROUP_ROWS] += row_cnt[r];
         nnz += row_cnt[r];
     }
     return nnz;
+}
+
+/* row_cnt[r] and gcnt[q] for the tile's bitmap; -1 when a row marks a column past the tile's last. */
+__attribute__((always_inline)) static inline int scan_rows(const Geom *g, const uint8_t *bm, int *row_cnt,
+                                                           int *gcnt) {
+    if (g->cols == TILE) return count_rows(bm, g->rows, TILE / 8, row_cnt, gcnt);
+    const int tail = g->cols & 7;
+    for (int r = 0; tail && r < g->rows; r++)
+        if (bm[r * g->row_bytes + g->row_bytes - 1] >> tail) return -1;
+    return count_rows(bm, g->rows, g->row_bytes, row_cnt, gcnt);
 }
 
 /* Without the popcnt instruction, __builtin_popcountll is a libgcc call: a fifth of a tile's decode time. */
