@@ -91,6 +91,30 @@ def test_native_gemv_with_many_rows():
     torch.testing.assert_close(y.double(), reference(x, w), rtol=1e-5, atol=1e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("rows", [4, 8, 13, 40])
+def test_row_bands_give_the_same_floats_as_every_layout(rows, kernel_level):
+    """Activations wider than L1 make the dense kernel walk bands of 8 weight rows chunk by chunk (and a sparse
+    prefill expand such bands): the sums must stay those of the shared order. 21 rows = two bands and a partial one;
+    k = 2100 = 16 tiles and 52 columns, not a multiple of 8; 1 and 2 threads."""
+    n, k = 21, 2100
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(rows)).half()
+    w[torch.rand(n, k, generator=torch.Generator().manual_seed(99)) < 0.5] = 0
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + 1))
+    sparse = gemv.pack_sparse(w)
+    results = []
+    for threads in (1, 2):
+        dense, from_sparse = torch.empty(rows, n), torch.empty(rows, n)
+        cpu.native.gemv_f16(w.view(torch.int16).numpy(), x.numpy(), dense.numpy(), n, k, rows, threads)
+        cpu.native.sparse_gemv(*sparse.arrays(), x.numpy(), from_sparse.numpy(), n, k, rows, threads)
+        results += [dense, from_sparse]
+    if rows <= 16:
+        results.append(codec.linear(x, codec.encode(w, "nibble-v3")))
+    torch.testing.assert_close(results[0].double(), reference(x, w), rtol=1e-5, atol=1e-4)
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
 # ----------------------------------------------------------------------------- sparse layout (pack_sparse)
 
 

@@ -6,7 +6,8 @@
  * L2 rounding; converting and expanding in registers costs little next to the memory traffic -- as long as the
  * core is never idle waiting on one dependency chain. So at one activation row several tiles of a weight row are
  * multiplied at once (independent accumulators, one sequential stream), and several activation rows reuse each
- * loaded or expanded weight group.
+ * loaded or expanded weight group; when those activations overflow L1, a band of dense weight rows takes each chunk
+ * of columns in turn, so that the chunk's activations are read from L1 by all of them.
  *
  * Summation order: spz.h's, which the product straight from codec tiles (codec.c) follows too, so the dense and
  * sparse kernels here and the compressed layout give bit-identical results at a given kernel level.
@@ -29,6 +30,8 @@
 #define TILE SPZ_TILE
 #define TILES 4    /* tiles of one weight row in flight at one activation row: 4 independent FMA chains */
 #define X_BLOCK 8  /* activation rows per pass over a weight row: 8 accumulators fit in registers */
+#define BAND 8     /* weight rows that take each chunk of columns in turn when the activations overflow L1 */
+#define X_L1_BYTES 32768 /* activations (fp32) up to which every weight row may read all of them from L1 */
 #define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
 /* How far ahead of the dense kernel's reads each line is prefetched, "non-temporal" so that the weights pass through
  * without pushing x out of L1. Without it, rows wider than L1 holds in fp32 x (k = 8960: 35 KB) streamed at less than
@@ -200,60 +203,68 @@ AVX2 void sparse_tiles_avx2(Cursor *c, const float *x, int64_t k, int64_t c0, in
     add_tile_sums(acc, tail, x, k, c0, cols, nt, nb, total);
 }
 
-/* Weight row r against activation rows b0 .. b0 + nb - 1, several tiles of the row in flight when nb is small:
- * the row stays one sequential stream (several rows at once would be several, which the hardware prefetcher
- * serves worse from DRAM) and the chains stay independent. The row is w (dense, its k columns) or expanded from
- * the sparse layout. */
-AVX2 void block_avx2(const Job *j, const uint16_t *w, int64_t r, int64_t b0, const int nb, const int dense) {
+/* Weight rows r0 .. r0 + rows - 1 against activation rows b0 .. b0 + nb - 1, into y: the columns
+ * in chunks of nt tiles (several tiles of a row in flight when nb is small: independent chains), and within a chunk
+ * the band's rows one after another, so that the chunk's activations are read from L1 by every row of the band. The
+ * rows are w (dense: row i at w + i * k) or expanded from the sparse layout. */
+AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0,
+                    const int nb, const int dense) {
     const int nt = nb >= TILES ? 1 : TILES / nb;
     const int64_t k = j->k;
     const float *x = j->x + b0 * k;
     Cursor c[TILES];
-    float total[X_BLOCK] = {0};
+    float total[BAND][X_BLOCK];
+    for (int64_t i = 0; i < rows; i++)
+        for (int b = 0; b < nb; b++) total[i][b] = 0.0f;
     int64_t c0 = 0;
-    for (; c0 + nt * TILE <= k; c0 += nt * TILE) {
-        for (int i = 0; i < nt && !dense; i++) c[i] = tile_cursor(j, r, c0 / TILE + i);
-        if (dense) dense_tiles_avx2(w, x, k, c0, TILE, nt, nb, total);
-        else sparse_tiles_avx2(c, x, k, c0, TILE, nt, nb, total);
-    }
-    for (; c0 < k; c0 += TILE) {
-        if (!dense) c[0] = tile_cursor(j, r, c0 / TILE);
-        if (dense) dense_tiles_avx2(w, x, k, c0, tile_cols(k, c0), 1, nb, total);
-        else sparse_tiles_avx2(c, x, k, c0, tile_cols(k, c0), 1, nb, total);
-    }
-    for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r] = total[b];
+    for (; c0 + nt * TILE <= k; c0 += nt * TILE)
+        for (int64_t i = 0; i < rows; i++) {
+            if (dense) {
+                dense_tiles_avx2(w + i * k, x, k, c0, TILE, nt, nb, total[i]);
+                continue;
+            }
+            for (int t = 0; t < nt; t++) c[t] = tile_cursor(j, r0 + i, c0 / TILE + t);
+            sparse_tiles_avx2(c, x, k, c0, TILE, nt, nb, total[i]);
+        }
+    for (; c0 < k; c0 += TILE)
+        for (int64_t i = 0; i < rows; i++) {
+            if (dense) {
+                dense_tiles_avx2(w + i * k, x, k, c0, tile_cols(k, c0), 1, nb, total[i]);
+                continue;
+            }
+            c[0] = tile_cursor(j, r0 + i, c0 / TILE);
+            sparse_tiles_avx2(c, x, k, c0, tile_cols(k, c0), 1, nb, total[i]);
+        }
+    for (int64_t i = 0; i < rows; i++)
+        for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r0 + i] = total[i][b];
 }
 
-/* block_avx2 for each constant nb and kind, each its own function: inlined all into one, the register allocator
- * kept the sparse kernel's pointers on the stack. */
-typedef void (*BlockFn)(const Job *j, const uint16_t *w, int64_t r, int64_t b0);
-#define BLOCK_FNS(NB)                                                                                                \
-    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void dense_block##NB(                      \
-        const Job *j, const uint16_t *w, int64_t r, int64_t b0) {                                                    \
-        block_avx2(j, w, r, b0, NB, 1);                                                                              \
+/* band_avx2 for each constant nb and kind, each its own function: inlined all into one, the register allocator
+ * kept the sparse kernel's pointers on the stack. A band of one row (every sparse one) is compiled as such: with a
+ * loop over the band's rows around it, the one-row kernel took about 7% more instructions (callgrind). */
+typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0);
+#define BAND_FNS(NB)                                                                                                 \
+    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void dense_band##NB(                       \
+        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                     \
+        if (rows == 1) band_avx2(j, w, r0, 1, b0, NB, 1);                                                    \
+        else band_avx2(j, w, r0, rows, b0, NB, 1);                                                           \
     }                                                                                                                \
-    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void sparse_block##NB(                     \
-        const Job *j, const uint16_t *w, int64_t r, int64_t b0) {                                                    \
-        block_avx2(j, w, r, b0, NB, 0);                                                                              \
+    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void sparse_band##NB(                      \
+        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                     \
+        for (int64_t i = 0; i < rows; i++) band_avx2(j, w, r0 + i, 1, b0, NB, 0);                            \
     }
-BLOCK_FNS(1)
-BLOCK_FNS(2)
-BLOCK_FNS(3)
-BLOCK_FNS(4)
-BLOCK_FNS(5)
-BLOCK_FNS(6)
-BLOCK_FNS(7)
-BLOCK_FNS(8)
-static const BlockFn DENSE_BLOCKS[X_BLOCK + 1] = {NULL, dense_block1, dense_block2, dense_block3, dense_block4,
-                                                  dense_block5, dense_block6, dense_block7, dense_block8};
-static const BlockFn SPARSE_BLOCKS[X_BLOCK + 1] = {NULL, sparse_block1, sparse_block2, sparse_block3, sparse_block4,
-                                                   sparse_block5, sparse_block6, sparse_block7, sparse_block8};
-
-/* Every activation row against weight row r (w as in block_avx2), X_BLOCK activation rows per pass. */
-AVX2 void row_avx2(const Job *j, const uint16_t *w, int64_t r, const int dense) {
-    for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK)
-        (dense ? DENSE_BLOCKS : SPARSE_BLOCKS)[j->m - b0 < X_BLOCK ? j->m - b0 : X_BLOCK](j, w, r, b0);
-}
+BAND_FNS(1)
+BAND_FNS(2)
+BAND_FNS(3)
+BAND_FNS(4)
+BAND_FNS(5)
+BAND_FNS(6)
+BAND_FNS(7)
+BAND_FNS(8)
+static const BandFn DENSE_BANDS[X_BLOCK + 1] = {NULL, dense_band1, dense_band2, dense_band3, dense_band4,
+                                                dense_band5, dense_band6, dense_band7, dense_band8};
+static const BandFn SPARSE_BANDS[X_BLOCK + 1] = {NULL, sparse_band1, sparse_band2, sparse_band3, sparse_band4,
+                                                 sparse_band5, sparse_band6, sparse_band7, sparse_band8};
 
 /* Sparse row r as k fp16 patterns into out. */
 AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
@@ -266,17 +277,25 @@ AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
     if (full < j->k) expand_scalar(&c, full, j->k - full, out + full);
 }
 
-/* Every activation row against weight rows [row_begin, row_end). With more activation rows than one pass takes
- * (a prefill), a sparse row is expanded once into this thread's scratch and multiplied as a dense row, so that
- * the expansion is not repeated for every pass. */
+/* Every activation row against weight rows [row_begin, row_end), in bands of weight rows. Dense rows against 4 or
+ * more activation rows that overflow L1 go BAND rows at a time, each chunk of columns for all of them before the
+ * next: one row at a time, every weight row read all the activations from L2 (8 rows of k = 1536 are 48 KB), and at
+ * 8 rows the kernel ran a fifth slower. Fewer activation rows, and the sparse rows, go one row at a time: one
+ * sequential stream, which the memory system serves best (banded, the sparse kernel ran slower at every row count).
+ * With more activation rows than one pass takes (a prefill), a sparse band is expanded once into this thread's
+ * scratch and multiplied as dense rows, so that the expansion is not repeated for every pass. */
 AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
-    uint16_t *expanded = !dense && j->m > X_BLOCK ? spz_scratch((size_t)j->k * sizeof(uint16_t)) : NULL;
-    for (int64_t r = row_begin; r < row_end; r++) {
-        if (expanded) {
-            expand_row_avx2(j, r, expanded);
-            row_avx2(j, expanded, r, 1);
-        } else {
-            row_avx2(j, dense ? j->w + r * j->k : NULL, r, dense);
+    const int expand = !dense && j->m > X_BLOCK;
+    const int64_t band = (dense || expand) && j->m >= X_BLOCK / 2 && j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES
+                             ? BAND : 1;
+    uint16_t *expanded = expand ? spz_scratch((size_t)(band * j->k) * sizeof(uint16_t)) : NULL;
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += band) {
+        const int64_t rows = row_end - r0 < band ? row_end - r0 : band;
+        const uint16_t *w = dense ? j->w + r0 * j->k : expanded;
+        for (int64_t i = 0; expanded && i < rows; i++) expand_row_avx2(j, r0 + i, expanded + i * j->k);
+        for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK) {
+            const int nb = j->m - b0 < X_BLOCK ? (int)(j->m - b0) : X_BLOCK;
+            (dense || expanded ? DENSE_BANDS : SPARSE_BANDS)[nb](j, w, r0, rows, b0);
         }
     }
 }
