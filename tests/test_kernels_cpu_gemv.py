@@ -110,6 +110,10 @@ def test_row_bands_give_the_same_floats_as_every_layout(rows, kernel_level):
         results += [dense, from_sparse]
     if rows <= 16:
         results.append(codec.linear(x, codec.encode(w, "nibble-v3")))
+    for b in (0, rows - 1):  # a row alone: one weight row at a time, each tile's lanes added one row at a time
+        alone = torch.empty(1, n)
+        cpu.native.gemv_f16(w.view(torch.int16).numpy(), x[b:b + 1].numpy(), alone.numpy(), n, k, 1, 1)
+        results.append(torch.cat([results[0][:b], alone, results[0][b + 1:]]))
     torch.testing.assert_close(results[0].double(), reference(x, w), rtol=1e-5, atol=1e-4)
     for other in results[1:]:
         assert torch.equal(other, results[0])

@@ -376,6 +376,12 @@ AVX2 void row_sums_avx2(const uint16_t *w, int cols, const float *x, int64_t k, 
         const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * g)));
         for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * k + 8 * g), acc[b]);
     }
+    if (nb == X_ROWS && !(cols & 7)) { /* all 8 sums at once */
+        float sums[X_ROWS];
+        _mm256_storeu_ps(sums, spz_hsum8x8(acc));
+        for (int b = 0; b < nb; b++) y[b * n] += sums[b];
+        return;
+    }
     for (int b = 0; b < nb; b++) {
         float sum = spz_hsum8(acc[b]);
         if (cols & 7) sum += spz_dot_scalar(w + 8 * full, x + b * k + 8 * full, cols & 7);

@@ -143,12 +143,17 @@ static Cursor tile_cursor(const Job *j, int64_t r, int64_t t) {
 AVX2 void add_tile_sums(const __m256 *acc, const uint16_t *tail, const float *x, int64_t k, int64_t c0, int64_t cols,
                         const int nt, const int nb, float *total) {
     const int64_t full = cols & ~(int64_t)7;
-    for (int i = 0; i < nt; i++)
+    for (int i = 0; i < nt; i++) {
+        if (nb == X_BLOCK && full == cols) { /* all 8 sums at once */
+            _mm256_storeu_ps(total, _mm256_add_ps(_mm256_loadu_ps(total), spz_hsum8x8(acc + i * nb)));
+            continue;
+        }
         for (int b = 0; b < nb; b++) {
             float sum = spz_hsum8(acc[i * nb + b]);
             if (full < cols) sum += spz_dot_scalar(tail, x + b * k + c0 + full, cols - full);
             total[b] += sum;
         }
+    }
 }
 
 /* nt consecutive tiles of one dense weight row w from column c0, each `cols` columns (fewer than TILE only when nt

@@ -106,6 +106,21 @@ __attribute__((target("avx2,fma,f16c"))) static inline float spz_hsum8(__m256 v)
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+/* Lane b = spz_hsum8(v[b]) for 8 accumulators at once, bit for bit: the same pairs added in the same tree (lanes
+ * i + 4, then 0 + 2 and 1 + 3, then those two), in 23 instructions instead of 8 x 6. */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 spz_hsum8x8(const __m256 *v) {
+    __m256 half[4], quarter[2];
+    for (int i = 0; i < 4; i++) /* [v[2i] lanes 0-3 + 4-7 | v[2i+1] lanes 0-3 + 4-7] */
+        half[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x20),
+                                _mm256_permute2f128_ps(v[2 * i], v[2 * i + 1], 0x31));
+    for (int i = 0; i < 2; i++) /* per 128-bit lane: [0 + 2, 1 + 3] of two accumulators */
+        quarter[i] = _mm256_add_ps(_mm256_shuffle_ps(half[2 * i], half[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm256_shuffle_ps(half[2 * i], half[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(quarter[0], quarter[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm256_shuffle_ps(quarter[0], quarter[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* sums: v0 v2 v4 v6 v1 .. */
+}
 #endif
 
 /* ------------------------------------------------------------------ kernels other files call (on the pool: call
