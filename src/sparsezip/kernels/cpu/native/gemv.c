@@ -208,38 +208,36 @@ AVX2 void sparse_tiles_avx2(Cursor *c, const float *x, int64_t k, int64_t c0, in
     add_tile_sums(acc, tail, x, k, c0, cols, nt, nb, total);
 }
 
-/* Weight rows r0 .. r0 + rows - 1 against activation rows b0 .. b0 + nb - 1, into y: the columns
- * in chunks of nt tiles (several tiles of a row in flight when nb is small: independent chains), and within a chunk
- * the band's rows one after another, so that the chunk's activations are read from L1 by every row of the band. The
- * rows are w (dense: row i at w + i * k) or expanded from the sparse layout. */
-AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0,
-                    const int nb, const int dense) {
+/* One chunk of columns from c0 (nt tiles of `cols` columns; fewer than TILE only when nt is 1) of each of the
+ * band's rows in turn, into total[i]. The rows are w (dense: row i at w + i * k) or expanded from the sparse layout.
+ * Always inlined with constant nt and nb. */
+AVX2 void band_chunk_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, const float *x, int64_t c0,
+                          int64_t cols, const int nt, const int nb, const int dense, float (*total)[X_BLOCK]) {
+    Cursor c[TILES];
+    for (int64_t i = 0; i < rows; i++) {
+        if (dense) {
+            dense_tiles_avx2(w + i * j->k, x, j->k, c0, cols, nt, nb, total[i]);
+            continue;
+        }
+        for (int t = 0; t < nt; t++) c[t] = tile_cursor(j, r0 + i, c0 / TILE + t);
+        sparse_tiles_avx2(c, x, j->k, c0, cols, nt, nb, total[i]);
+    }
+}
+
+/* Weight rows r0 .. r0 + rows - 1 against activation rows b0 .. b0 + nb - 1, into y: the columns in chunks of nt
+ * tiles (several tiles of a row in flight when nb is small: independent chains), each chunk for every row of the
+ * band, so that the chunk's activations are read from L1 by all of them. */
+AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0, const int nb,
+                    const int dense) {
     const int nt = nb >= TILES ? 1 : TILES / nb;
     const int64_t k = j->k;
     const float *x = j->x + b0 * k;
-    Cursor c[TILES];
     float total[BAND][X_BLOCK];
     for (int64_t i = 0; i < rows; i++)
         for (int b = 0; b < nb; b++) total[i][b] = 0.0f;
     int64_t c0 = 0;
-    for (; c0 + nt * TILE <= k; c0 += nt * TILE)
-        for (int64_t i = 0; i < rows; i++) {
-            if (dense) {
-                dense_tiles_avx2(w + i * k, x, k, c0, TILE, nt, nb, total[i]);
-                continue;
-            }
-            for (int t = 0; t < nt; t++) c[t] = tile_cursor(j, r0 + i, c0 / TILE + t);
-            sparse_tiles_avx2(c, x, k, c0, TILE, nt, nb, total[i]);
-        }
-    for (; c0 < k; c0 += TILE)
-        for (int64_t i = 0; i < rows; i++) {
-            if (dense) {
-                dense_tiles_avx2(w + i * k, x, k, c0, tile_cols(k, c0), 1, nb, total[i]);
-                continue;
-            }
-            c[0] = tile_cursor(j, r0 + i, c0 / TILE);
-            sparse_tiles_avx2(c, x, k, c0, tile_cols(k, c0), 1, nb, total[i]);
-        }
+    for (; c0 + nt * TILE <= k; c0 += nt * TILE) band_chunk_avx2(j, w, r0, rows, x, c0, TILE, nt, nb, dense, total);
+    for (; c0 < k; c0 += TILE) band_chunk_avx2(j, w, r0, rows, x, c0, tile_cols(k, c0), 1, nb, dense, total);
     for (int64_t i = 0; i < rows; i++)
         for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r0 + i] = total[i][b];
 }
@@ -250,13 +248,13 @@ AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, i
 typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0);
 #define BAND_FNS(NB)                                                                                                 \
     __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void dense_band##NB(                       \
-        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                     \
-        if (rows == 1) band_avx2(j, w, r0, 1, b0, NB, 1);                                                    \
-        else band_avx2(j, w, r0, rows, b0, NB, 1);                                                           \
+        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
+        if (rows == 1) band_avx2(j, w, r0, 1, b0, NB, 1);                                                            \
+        else band_avx2(j, w, r0, rows, b0, NB, 1);                                                                   \
     }                                                                                                                \
     __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void sparse_band##NB(                      \
-        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                     \
-        for (int64_t i = 0; i < rows; i++) band_avx2(j, w, r0 + i, 1, b0, NB, 0);                            \
+        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
+        for (int64_t i = 0; i < rows; i++) band_avx2(j, w, r0 + i, 1, b0, NB, 0);                                    \
     }
 BAND_FNS(1)
 BAND_FNS(2)
