@@ -315,7 +315,7 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
 }
 
 #ifdef SPZ_X86
-#define AVX2 __attribute__((target("avx2,f16c,fma,popcnt"), always_inline)) static inline
+#define AVX2 __attribute__((target("avx2,f16c,fma,popcnt,bmi2"), always_inline)) static inline
 /* ROWS tile rows at once (independent FMA chains), each in the shared order: 8 lanes over the whole groups of 8
  * columns, lanes added by spz_hsum8, then the tail. Each row's values are a cursor that steps by the popcount of
  * its bitmap byte, and the rows' bitmap bytes are one pointer plus multiples of the row stride: with indexes into
@@ -335,10 +335,11 @@ AVX2 void dot_rows_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const ui
         const __m256 xv = _mm256_loadu_ps(x + 8 * b);
         for (int i = 0; i < nr; i++) {
             const unsigned m = bm[b + i * row_bytes];
-            const __m128i w = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)v[i]),
-                                               _mm_load_si128((const __m128i *)spz_expand16[m]));
+            const __m128i w = _mm_shuffle_epi8(
+                _mm_loadu_si128((const __m128i *)v[i]),
+                _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand16 + spz_shift_left(m, 4))));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(w), xv, acc[i]);
-            v[i] += _mm_popcnt_u32(m);
+            v[i] += POP8[m];
         }
     }
     for (int i = 0; i < nr; i++) {
@@ -347,9 +348,10 @@ AVX2 void dot_rows_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const ui
     }
 }
 
-__attribute__((target("avx2,f16c,fma,popcnt"))) static void dot_tile_avx2(const Geom *g, const uint8_t *bm,
-                                                                            const int *row_cnt, const uint16_t *vals,
-                                                                            const float *x, float *part) {
+__attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void dot_tile_avx2(const Geom *g, const uint8_t *bm,
+                                                                                 const int *row_cnt,
+                                                                                 const uint16_t *vals, const float *x,
+                                                                                 float *part) {
     const uint16_t *rows[ROWS];
     int r = 0;
     for (; r + ROWS <= g->rows; r += ROWS) {
@@ -389,8 +391,9 @@ AVX2 void row_sums_avx2(const uint16_t *w, int cols, const float *x, int64_t k, 
     }
 }
 
-__attribute__((target("avx2,f16c,fma"))) static void row_blocks_avx2(const uint16_t *w, int cols, const float *x,
-                                                                       int64_t k, int64_t m, float *y, int64_t n) {
+__attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void row_blocks_avx2(const uint16_t *w, int cols,
+                                                                                   const float *x, int64_t k,
+                                                                                   int64_t m, float *y, int64_t n) {
     for (int64_t b0 = 0; b0 < m; b0 += X_ROWS) {
         const float *xb = x + b0 * k;
         float *yb = y + b0 * n;

@@ -131,14 +131,6 @@ AVX2 __m128i expand_group(const uint8_t *v, unsigned code) {
                             _mm_loadu_si128((const __m128i *)((const uint8_t *)spz_expand_sparse + code)));
 }
 
-/* A group's bytes of values, code & 31, in one instruction: GCC turns bzhi into a mov and an and, since the code
- * is also the table offset, and the sparse kernel is bound by instructions per group. */
-AVX2 uint64_t value_bytes(unsigned code) {
-    uint64_t bytes;
-    __asm__("bzhi %2, %q1, %0" : "=r"(bytes) : "r"((uint64_t)code), "r"((uint64_t)5));
-    return bytes;
-}
-
 /* Tile t of row r's cursor: its values start tile_start[r, t] bytes into the row's, so the tiles of a row can be
  * expanded side by side. */
 static Cursor tile_cursor(const Job *j, int64_t r, int64_t t) {
@@ -206,7 +198,7 @@ AVX2 void sparse_tiles_avx2(Cursor *c, const float *x, int64_t k, int64_t c0, in
         for (int i = 0; i < nt; i++) {
             const unsigned group = code[i * (TILE / 8) + g];
             const __m256 wv = _mm256_cvtph_ps(expand_group(v[i], group));
-            v[i] += value_bytes(group);
+            v[i] += spz_low_bits(group, 5);
             for (int b = 0; b < nb; b++)
                 acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * k + i * TILE + 8 * g), acc[i * nb + b]);
         }
@@ -283,7 +275,7 @@ AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
     Cursor c = row_cursor(j, r);
     for (int64_t col = 0; col < full; col += 8) {
         _mm_storeu_si128((__m128i *)(out + col), expand_group(c.v, c.code[col >> 3]));
-        c.v += value_bytes(c.code[col >> 3]);
+        c.v += spz_low_bits(c.code[col >> 3], 5);
     }
     if (full < j->k) expand_scalar(&c, full, j->k - full, out + full);
 }
@@ -335,7 +327,7 @@ __attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void unpack_rows_avx
         Cursor c = row_cursor(j, r);
         for (int64_t col = 0; col < full; col += 8) {
             _mm256_storeu_ps((float *)j->out + r * j->k + col, _mm256_cvtph_ps(expand_group(c.v, c.code[col >> 3])));
-            c.v += value_bytes(c.code[col >> 3]);
+            c.v += spz_low_bits(c.code[col >> 3], 5);
         }
         if (full < j->k) {
             uint16_t tail[8];

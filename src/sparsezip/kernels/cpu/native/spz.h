@@ -107,6 +107,21 @@ __attribute__((target("avx2,fma,f16c"))) static inline float spz_hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* x & ((1 << bits) - 1), and x << shift, each one BMI2 instruction into its own register. Written plainly, GCC
+ * copies x (a mov) and masks or shifts the copy when x stays in use (a group's code is also its table offset), and
+ * the kernels that use these are bound by instructions per 8-column group. */
+__attribute__((target("bmi2"))) static inline uint64_t spz_low_bits(uint64_t x, uint64_t bits) {
+    uint64_t out;
+    __asm__("bzhi %2, %1, %0" : "=&r"(out) : "r"(x), "r"(bits));
+    return out;
+}
+
+__attribute__((target("bmi2"))) static inline uint64_t spz_shift_left(uint64_t x, uint64_t shift) {
+    uint64_t out;
+    __asm__("shlx %2, %1, %0" : "=&r"(out) : "r"(x), "r"(shift));
+    return out;
+}
+
 /* Lane b = spz_hsum8(v[b]) for 8 accumulators at once, bit for bit: the same pairs added in the same tree (lanes
  * i + 4, then 0 + 2 and 1 + 3, then those two), in 23 instructions instead of 8 x 6. */
 __attribute__((target("avx2,fma,f16c"))) static inline __m256 spz_hsum8x8(const __m256 *v) {
