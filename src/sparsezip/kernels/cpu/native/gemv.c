@@ -283,12 +283,13 @@ AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
 /* Every activation row against weight rows [row_begin, row_end), in bands of weight rows. Dense rows against 4 or
  * more activation rows that overflow L1 go BAND rows at a time, each chunk of columns for all of them before the
  * next: one row at a time, every weight row read all the activations from L2 (8 rows of k = 1536 are 48 KB), and at
- * 8 rows the kernel ran a fifth slower. Fewer activation rows, and the sparse rows, go one row at a time: one
- * sequential stream, which the memory system serves best (banded, the sparse kernel ran slower at every row count).
- * With a full pass of activation rows or more (a batch of 8, a prefill), a sparse band is expanded once into this
- * thread's scratch and multiplied as dense rows: the expansion is not repeated for every pass, and the band reads
- * its activations from L1 (at 8 rows this ran 1.03-1.18x faster than the one-row walk, though it executes a fifth
- * more instructions; at 4 to 6 rows it ran slower). */
+ * 8 rows the kernel ran a fifth slower. Fewer activation rows, and sparse rows against fewer than 8, go one row at a
+ * time: one sequential stream, which the memory system serves best (the sparse kernel ran slower banded straight from
+ * its layout at every row count, at one activation row with two weight rows side by side, and with a wide row's
+ * columns in L1-sized spans over 16 rows, though x then stays in L1). With a full pass of activation rows or more
+ * (a batch of 8, a prefill), a sparse band is expanded once into this thread's scratch and multiplied as dense rows:
+ * the expansion is not repeated for every pass, and the band reads its activations from L1 (at 8 rows this ran
+ * 1.03-1.18x faster than the one-row walk, though it executes a fifth more instructions; at 4 to 6 rows, slower). */
 AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
     const int expand = !dense && j->m >= X_BLOCK;
     const int64_t band = (dense || expand) && j->m >= X_BLOCK / 2 && j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES
