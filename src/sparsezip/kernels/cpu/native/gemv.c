@@ -289,7 +289,7 @@ AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
  * columns in L1-sized spans over 16 rows, though x then stays in L1). With a full pass of activation rows or more
  * (a batch of 8, a prefill), a sparse band is expanded once into this thread's scratch and multiplied as dense rows:
  * the expansion is not repeated for every pass, and the band reads its activations from L1 (at 8 rows this ran
- * 1.03-1.18x faster than the one-row walk, though it executes a fifth more instructions; at 4 to 6 rows, slower). */
+ * 1.03-1.18x faster than the one-row walk, though it executes a fifth more instructions; even at 6 rows, slower at 4). */
 AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
     const int expand = !dense && j->m >= X_BLOCK;
     const int64_t band = (dense || expand) && j->m >= X_BLOCK / 2 && j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES
