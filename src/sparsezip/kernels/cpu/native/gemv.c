@@ -291,9 +291,10 @@ AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
  * the expansion is not repeated for every pass, and the band reads its activations from L1 (at 8 rows this ran
  * 1.03-1.18x faster than the one-row walk, though it executes a fifth more instructions; even at 6 rows, slower at 4). */
 AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
-    const int expand = !dense && j->m >= X_BLOCK;
-    const int64_t band = (dense || expand) && j->m >= X_BLOCK / 2 && j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES
-                             ? BAND : 1;
+    const int overflow = j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES;
+    /* Expanding pays when several passes reuse it, or when one pass's band then reads x from L1. */
+    const int expand = !dense && (j->m > X_BLOCK || (j->m == X_BLOCK && overflow));
+    const int64_t band = (dense || expand) && j->m >= X_BLOCK / 2 && overflow ? BAND : 1;
     uint16_t *expanded = expand ? spz_scratch((size_t)(band * j->k) * sizeof(uint16_t)) : NULL;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += band) {
         const int64_t rows = row_end - r0 < band ? row_end - r0 : band;
