@@ -286,10 +286,11 @@ AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
  * 8 rows the kernel ran a fifth slower. Fewer activation rows, and sparse rows against fewer than 8, go one row at a
  * time: one sequential stream, which the memory system serves best (the sparse kernel ran slower banded straight from
  * its layout at every row count, at one activation row with two weight rows side by side, and with a wide row's
- * columns in L1-sized spans over 16 rows, though x then stays in L1). With a full pass of activation rows or more
- * (a batch of 8, a prefill), a sparse band is expanded once into this thread's scratch and multiplied as dense rows:
- * the expansion is not repeated for every pass, and the band reads its activations from L1 (at 8 rows this ran
- * 1.03-1.18x faster than the one-row walk, though it executes a fifth more instructions; even at 6 rows, slower at 4). */
+ * columns in L1-sized spans over 16 rows, though x then stays in L1). With more activation rows than a pass takes
+ * (a prefill), or one full pass that overflows L1 (a batch of 8), a sparse band is expanded once into this thread's
+ * scratch and multiplied as dense rows: the expansion is not repeated for every pass, and the band reads its
+ * activations from L1 (at 8 rows this ran 1.03-1.18x faster than the one-row walk, though it executes a fifth more
+ * instructions; even at 6 rows, slower at 4; at 8 rows that fit in L1, 0.92-0.97x). */
 AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
     const int overflow = j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES;
     /* Expanding pays when several passes reuse it, or when one pass's band then reads x from L1. */
