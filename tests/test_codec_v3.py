@@ -274,6 +274,56 @@ def test_a_damaged_exception_list(backend, positions, lows):
             linear(torch.randn(2, 16), damaged)
 
 
+LONG_LIST = 40  # exceptions: the native check takes 16 positions and 32 bytes at a time, then a scalar tail
+
+
+def long_exception_list() -> tuple[np.ndarray, EncodedWeight]:
+    """One full-width tile row whose values 0, 3, .., 117 keep a low byte: a mode-1 tile with a 40-entry list."""
+    bits = np.array([[(0x30 + i % 4) << 8 for i in range(128)]], np.uint16)
+    bits[0, 0 : 3 * LONG_LIST : 3] |= np.arange(1, LONG_LIST + 1, dtype=np.uint16)
+    return bits, V3.encode(as_half(bits), backend="numpy")
+
+
+def test_a_long_exception_list_decodes_at_every_kernel_level(kernel_level):
+    bits, enc = long_exception_list()
+    payload = payload_of(enc)
+    assert payload[BOOK] == 1 and payload[BOOK + 2] == LONG_LIST  # mode 1, the whole list
+    np.testing.assert_array_equal(bits_of(V3.decode(enc, backend="native")), bits)
+    x = torch.randn(3, 128)
+    expected = x @ as_half(bits).float().T
+    torch.testing.assert_close(linear(x, enc), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", [
+    {5: 19},  # out of order inside the first block of 16 (entry 6 is 18)
+    {20: 18},  # a position twice, inside the second block (18 is entry 6's)
+    {LONG_LIST - 1: 128},  # the last, in the scalar tail, past the 128 values
+    {0: 0x8000},  # the first, past the values and negative as a signed 16-bit number
+    {10: 0x8001, 11: 0x8002},  # two rising positions with the sign bit, inside a block
+])
+def test_a_damaged_long_exception_list(kernel_level, damage):
+    _, enc = long_exception_list()
+    payload = bytearray(payload_of(enc))
+    positions = len(payload) - 3 * LONG_LIST
+    for entry, position in damage.items():
+        payload[positions + 2 * entry : positions + 2 * entry + 2] = struct.pack("<H", position)
+    damaged = with_payload(enc, bytes(payload))
+    for backend in ("numpy", "native"):
+        with pytest.raises(SparsezipError, match="invalid exception list"):
+            V3.decode(damaged, backend=backend)
+    with pytest.raises(SparsezipError, match="invalid exception list"):
+        linear(torch.randn(2, 128), damaged)
+
+
+@pytest.mark.parametrize("entry", [10, LONG_LIST - 2])  # a byte checked 32 at a time, and one in the tail
+def test_a_zero_byte_in_a_long_exception_list(kernel_level, entry):
+    _, enc = long_exception_list()
+    payload = bytearray(payload_of(enc))
+    payload[len(payload) - LONG_LIST + entry] = 0
+    with pytest.raises(SparsezipError, match="invalid exception list"):
+        V3.decode(with_payload(enc, bytes(payload)), backend="native")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("keep", [0, 10, 100, -1])
 def test_truncated_payload(sample, backend, keep):

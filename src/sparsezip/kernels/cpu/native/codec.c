@@ -270,28 +270,64 @@ void codec_apply_signs(uint16_t *vals, int nnz, const uint8_t *signs) {
     }
 }
 
+/* 1 when an exception list is valid: positions (u16) strictly increasing and below nnz, bytes nonzero. Checked
+ * before any value changes, so the loop that applies the list is a plain scatter. */
+static int lows_valid_scalar(const uint8_t *pos, const uint8_t *bytes, int from, int nexc, int nnz) {
+    int prev = from ? rd16(pos + 2 * (from - 1)) : -1, bad = 0;
+    for (int i = from; i < nexc; i++) {
+        const int p = rd16(pos + 2 * i);
+        bad |= (p <= prev) | (p >= nnz) | (bytes[i] == 0);
+        prev = p;
+    }
+    return !bad;
+}
+
+#ifdef SPZ_X86
+/* The same 16 positions and 32 bytes at a time. Positions compare as signed 16-bit numbers: the first is checked
+ * against nnz (at most TILE * TILE, below 2^15) alone, and each next one must exceed the one before, so a valid list
+ * never reaches the sign bit and an invalid one fails some comparison. */
+__attribute__((target("avx2"))) static int lows_valid_avx2(const uint8_t *pos, const uint8_t *bytes, int nexc,
+                                                            int nnz) {
+    if (nexc == 0) return 1;
+    if (rd16(pos) >= nnz) return 0;
+    const __m256i limit = _mm256_set1_epi16((short)nnz), zero = _mm256_setzero_si256();
+    __m256i bad = zero;
+    int i = 1;
+    for (; i + 16 <= nexc; i += 16) {
+        const __m256i p = _mm256_loadu_si256((const __m256i *)(pos + 2 * i));
+        const __m256i before = _mm256_loadu_si256((const __m256i *)(pos + 2 * (i - 1)));
+        const __m256i rising = _mm256_cmpgt_epi16(p, before), inside = _mm256_cmpgt_epi16(limit, p);
+        bad = _mm256_or_si256(bad, _mm256_xor_si256(_mm256_and_si256(rising, inside), _mm256_set1_epi8(-1)));
+    }
+    int b = 0;
+    for (; b + 32 <= nexc; b += 32)
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi8(_mm256_loadu_si256((const __m256i *)(bytes + b)), zero));
+    if (!_mm256_testz_si256(bad, bad)) return 0;
+    for (; b < nexc; b++)
+        if (!bytes[b]) return 0;
+    return lows_valid_scalar(pos, bytes, i, nexc, nnz);
+}
+#endif
+
 int codec_apply_lows(DecCtx *c, int64_t t, const char *coder, uint16_t *vals, int nnz, int mode, int nexc,
                      const uint8_t *lows) {
     if (mode == 0) {
         for (int i = 0; i < nnz; i++) vals[i] |= lows[i];
         return 0;
     }
-    /* Order and nonzero bytes make one flag tested after the loop; a position past the values stops the loop
-     * before its write. */
-    const uint8_t *pos_at = lows, *byte = lows + 2 * nexc, *const end = byte;
-    int prev = -1, bad = 0;
-    for (; pos_at < end; pos_at += 2, byte++) {
-        const int pos = rd16(pos_at);
-        if (pos >= nnz) break;
-        bad |= (pos <= prev) | (*byte == 0);
-        vals[pos] |= *byte;
-        prev = pos;
-    }
-    if (pos_at < end || bad)
+    const uint8_t *pos = lows, *bytes = lows + 2 * nexc;
+    int valid;
+#ifdef SPZ_X86
+    if (c->simd) valid = lows_valid_avx2(pos, bytes, nexc, nnz);
+    else
+#endif
+        valid = lows_valid_scalar(pos, bytes, 0, nexc, nnz);
+    if (!valid)
         return codec_tile_error(&c->err, t,
                                 "%s stream is corrupted: tile %lld has an invalid exception list (positions "
                                 "must increase and be below the tile's value count, bytes nonzero)",
                                 coder, (long long)t);
+    for (int64_t i = 0; i < nexc; i++) vals[rd16(pos + 2 * i)] |= bytes[i];
     return 0;
 }
 
@@ -348,10 +384,10 @@ AVX2 void dot_rows_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const ui
     }
 }
 
-__attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void dot_tile_avx2(const Geom *g, const uint8_t *bm,
-                                                                                 const int *row_cnt,
-                                                                                 const uint16_t *vals, const float *x,
-                                                                                 float *part) {
+/* Always inlined: a full-width tile passes the constant row_bytes TILE / 8, so the rows' bitmap bytes are one
+ * pointer plus constant offsets and the kernel's pointers all stay in registers. */
+AVX2 void dot_rows_of_tile(const Geom *g, int64_t row_bytes, const uint8_t *bm, const int *row_cnt,
+                           const uint16_t *vals, const float *x, float *part) {
     const uint16_t *rows[ROWS];
     int r = 0;
     for (; r + ROWS <= g->rows; r += ROWS) {
@@ -359,13 +395,21 @@ __attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void dot_tile_avx2(c
             rows[i] = vals;
             vals += row_cnt[r + i];
         }
-        dot_rows_avx2(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, x, ROWS, part + r);
+        dot_rows_avx2(bm + r * row_bytes, row_bytes, g->cols, rows, x, ROWS, part + r);
     }
     for (; r < g->rows; r++) {
         rows[0] = vals;
         vals += row_cnt[r];
-        dot_rows_avx2(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, x, 1, part + r);
+        dot_rows_avx2(bm + r * row_bytes, row_bytes, g->cols, rows, x, 1, part + r);
     }
+}
+
+__attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void dot_tile_avx2(const Geom *g, const uint8_t *bm,
+                                                                                 const int *row_cnt,
+                                                                                 const uint16_t *vals, const float *x,
+                                                                                 float *part) {
+    if (g->cols == TILE) dot_rows_of_tile(g, TILE / 8, bm, row_cnt, vals, x, part);
+    else dot_rows_of_tile(g, g->row_bytes, bm, row_cnt, vals, x, part);
 }
 
 /* An expanded tile row w [cols] against nb activation rows (x: the first one's tile columns, rows k apart):

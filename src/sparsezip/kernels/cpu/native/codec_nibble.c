@@ -60,9 +60,12 @@ __attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, con
                                                2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL), top = _mm256_set1_epi8((char)0x80);
     const __m256i zero = _mm256_setzero_si256();
+    /* Pointers that step with i: indexing by i / 2 and i / 8 cost a signed division's fix-ups per step. */
+    const uint8_t *code_at = codes, *sign_at = signs;
+    uint16_t *out = vals;
     int i = 0;
-    for (; i + 32 <= nnz; i += 32) {
-        const __m256i wide = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + i / 2)));
+    for (; i + 32 <= nnz; i += 32, code_at += 16, sign_at += 4, out += 32) {
+        const __m256i wide = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)code_at));
         /* u16 lane j = code byte b: its low byte takes b & 15 (value 2j), its high byte b >> 4 (value 2j + 1) */
         const __m256i code = _mm256_and_si256(_mm256_or_si256(wide, _mm256_slli_epi16(wide, 4)), nibbles);
         const __m256i sym = _mm256_shuffle_epi8(table, code);
@@ -71,13 +74,13 @@ __attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, con
             continue;
         }
         uint32_t sign_bits;
-        memcpy(&sign_bits, signs + i / 8, 4);
+        memcpy(&sign_bits, sign_at, 4);
         const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)sign_bits), sign_byte);
         const __m256i negative = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), top);
         const __m256i high = _mm256_or_si256(sym, negative); /* lane 0: values 0-15, lane 1: values 16-31 */
         const __m256i first = _mm256_unpacklo_epi8(zero, high), second = _mm256_unpackhi_epi8(zero, high);
-        _mm256_storeu_si256((__m256i *)(vals + i), _mm256_permute2x128_si256(first, second, 0x20));
-        _mm256_storeu_si256((__m256i *)(vals + i + 16), _mm256_permute2x128_si256(first, second, 0x31));
+        _mm256_storeu_si256((__m256i *)out, _mm256_permute2x128_si256(first, second, 0x20));
+        _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute2x128_si256(first, second, 0x31));
     }
     return symbols_scalar(book, codes, signs, i, nnz, esc, n_esc, e, vals);
 }
