@@ -453,6 +453,63 @@ __attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void row_blocks_avx2
         }
     }
 }
+
+/* A tile row straight from its bitmap bytes and compact values v against nb activation rows, whose tile columns
+ * were copied to xt (TILE floats apart, so each row's operand is one pointer plus a constant offset): y[b * n] +=
+ * each row's tile sum in the shared order. Always inlined with a constant nb. */
+AVX2 void compact_row_sums_avx2(const uint8_t *bm, int cols, const uint16_t *v, const float *xt, const int nb,
+                                float *y, int64_t n) {
+    __m256 acc[X_ROWS];
+    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+    const int full = cols >> 3;
+    for (int g = 0; g < full; g++) {
+        const unsigned m = bm[g];
+        const __m256 wv = _mm256_cvtph_ps(_mm_shuffle_epi8(
+            _mm_loadu_si128((const __m128i *)v),
+            _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand16 + spz_shift_left(m, 4)))));
+        v += POP8[m];
+        for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * TILE + 8 * g), acc[b]);
+    }
+    if (nb == X_ROWS && !(cols & 7)) { /* all 8 sums at once */
+        float sums[X_ROWS];
+        _mm256_storeu_ps(sums, spz_hsum8x8(acc));
+        for (int b = 0; b < nb; b++) y[b * n] += sums[b];
+        return;
+    }
+    for (int b = 0; b < nb; b++) {
+        float sum = spz_hsum8(acc[b]);
+        if (cols & 7) sum += dot_scalar(bm + full, cols & 7, v, xt + b * TILE + 8 * full);
+        y[b * n] += sum;
+    }
+}
+
+/* Every row of a tile against nb activation rows, the tile never expanded. Always inlined with a constant nb. */
+AVX2 void compact_tile_rows_avx2(const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals,
+                                 const float *xt, const int nb, float *y, int64_t n) {
+    for (int r = 0; r < g->rows; r++) {
+        compact_row_sums_avx2(bm + r * g->row_bytes, g->cols, vals, xt, nb, y + r, n);
+        vals += row_cnt[r];
+    }
+}
+
+#define COMPACT_TILE_FN(NB)                                                                                          \
+    __attribute__((target("avx2,f16c,fma,popcnt,bmi2"), noinline)) static void compact_tile##NB(                     \
+        const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals, const float *xt, float *y,       \
+        int64_t n) {                                                                                                 \
+        compact_tile_rows_avx2(g, bm, row_cnt, vals, xt, NB, y, n);                                                  \
+    }
+COMPACT_TILE_FN(2)
+COMPACT_TILE_FN(3)
+COMPACT_TILE_FN(4)
+COMPACT_TILE_FN(5)
+COMPACT_TILE_FN(6)
+COMPACT_TILE_FN(7)
+COMPACT_TILE_FN(8)
+typedef void (*CompactTileFn)(const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals,
+                              const float *xt, float *y, int64_t n);
+static const CompactTileFn COMPACT_TILES[X_ROWS + 1] = {NULL,          NULL,          compact_tile2, compact_tile3,
+                                                        compact_tile4, compact_tile5, compact_tile6, compact_tile7,
+                                                        compact_tile8};
 #endif
 
 /* One activation row: each tile row's sum straight from the compact values. */
@@ -471,11 +528,22 @@ static void tile_times_x(const DecCtx *c, const Geom *g, const uint8_t *bm, cons
     for (int r = 0; r < g->rows; r++) y[r] += part[r];
 }
 
-/* Several activation rows: each tile row is expanded once (into a buffer that stays in L1) and multiplied with
- * every activation row, so the tile is decoded once per call whatever the rows. */
-static void tile_times_rows(const DecCtx *c, const Geom *g, const uint8_t *bm, const uint16_t *vals, float *y) {
-    uint16_t w[TILE];
+/* Several activation rows. Up to a pass's worth (X_ROWS), each tile row is multiplied straight from its compact
+ * values with the tile's columns of x copied side by side: expanding a row into a buffer first, and addressing the
+ * x rows k apart, had cost more instructions than the FMAs. More rows (a prefill) expand each tile row once (into a
+ * buffer that stays in L1) for every pass. Either way the tile is decoded once per call whatever the rows. */
+static void tile_times_rows(const DecCtx *c, const Geom *g, const uint8_t *bm, const int *row_cnt,
+                            const uint16_t *vals, float *y) {
     const float *x = c->x + g->c0;
+#ifdef SPZ_X86
+    if (c->simd && c->m <= X_ROWS) {
+        float xt[X_ROWS * TILE];
+        for (int64_t b = 0; b < c->m; b++) memcpy(xt + b * TILE, x + b * c->k, (size_t)g->cols * sizeof(float));
+        COMPACT_TILES[c->m](g, bm, row_cnt, vals, xt, y, c->n);
+        return;
+    }
+#endif
+    uint16_t w[TILE];
     for (int r = 0; r < g->rows; r++) {
         vals += c->expand(bm + r * g->row_bytes, g->cols, vals, w);
 #ifdef SPZ_X86
@@ -493,7 +561,7 @@ void codec_finish_tile(DecCtx *c, int64_t t, const Geom *g, const uint8_t *bm, c
     (void)t;
     if (c->out_kind != OUT_LINEAR) expand_tile(c, g, bm, vals);
     else if (c->m == 1) tile_times_x(c, g, bm, row_cnt, vals, c->y + g->r0);
-    else tile_times_rows(c, g, bm, vals, c->y + g->r0);
+    else tile_times_rows(c, g, bm, row_cnt, vals, c->y + g->r0);
 }
 
 /* ------------------------------------------------------------------ the encoders' two passes */
