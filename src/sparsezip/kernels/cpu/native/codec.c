@@ -412,6 +412,18 @@ __attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void dot_tile_avx2(c
     else dot_rows_of_tile(g, g->row_bytes, bm, row_cnt, vals, x, part);
 }
 
+/* y[b * n] += the lanes of acc[b] added by spz_hsum8, plus tail[b] (the sum of the row's last cols % 8 products;
+ * NULL when there are none), for nb activation rows: all 8 in one reduction when there is no tail. */
+AVX2 void add_row_sums(const __m256 *acc, const float *tail, const int nb, float *y, int64_t n) {
+    if (nb == X_ROWS && !tail) {
+        float sums[X_ROWS];
+        _mm256_storeu_ps(sums, spz_hsum8x8(acc));
+        for (int b = 0; b < nb; b++) y[b * n] += sums[b];
+        return;
+    }
+    for (int b = 0; b < nb; b++) y[b * n] += tail ? spz_hsum8(acc[b]) + tail[b] : spz_hsum8(acc[b]);
+}
+
 /* An expanded tile row w [cols] against nb activation rows (x: the first one's tile columns, rows k apart):
  * y[b * n] += each row's tile sum in the shared order. Always inlined with a constant nb. */
 AVX2 void row_sums_avx2(const uint16_t *w, int cols, const float *x, int64_t k, const int nb, float *y, int64_t n) {
@@ -422,17 +434,9 @@ AVX2 void row_sums_avx2(const uint16_t *w, int cols, const float *x, int64_t k, 
         const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * g)));
         for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * k + 8 * g), acc[b]);
     }
-    if (nb == X_ROWS && !(cols & 7)) { /* all 8 sums at once */
-        float sums[X_ROWS];
-        _mm256_storeu_ps(sums, spz_hsum8x8(acc));
-        for (int b = 0; b < nb; b++) y[b * n] += sums[b];
-        return;
-    }
-    for (int b = 0; b < nb; b++) {
-        float sum = spz_hsum8(acc[b]);
-        if (cols & 7) sum += spz_dot_scalar(w + 8 * full, x + b * k + 8 * full, cols & 7);
-        y[b * n] += sum;
-    }
+    float tail[X_ROWS];
+    for (int b = 0; (cols & 7) && b < nb; b++) tail[b] = spz_dot_scalar(w + 8 * full, x + b * k + 8 * full, cols & 7);
+    add_row_sums(acc, cols & 7 ? tail : NULL, nb, y, n);
 }
 
 __attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void row_blocks_avx2(const uint16_t *w, int cols,
@@ -470,17 +474,9 @@ AVX2 void compact_row_sums_avx2(const uint8_t *bm, int cols, const uint16_t *v, 
         v += POP8[m];
         for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * TILE + 8 * g), acc[b]);
     }
-    if (nb == X_ROWS && !(cols & 7)) { /* all 8 sums at once */
-        float sums[X_ROWS];
-        _mm256_storeu_ps(sums, spz_hsum8x8(acc));
-        for (int b = 0; b < nb; b++) y[b * n] += sums[b];
-        return;
-    }
-    for (int b = 0; b < nb; b++) {
-        float sum = spz_hsum8(acc[b]);
-        if (cols & 7) sum += dot_scalar(bm + full, cols & 7, v, xt + b * TILE + 8 * full);
-        y[b * n] += sum;
-    }
+    float tail[X_ROWS];
+    for (int b = 0; (cols & 7) && b < nb; b++) tail[b] = dot_scalar(bm + full, cols & 7, v, xt + b * TILE + 8 * full);
+    add_row_sums(acc, cols & 7 ? tail : NULL, nb, y, n);
 }
 
 /* Every row of a tile against nb activation rows, the tile never expanded. Always inlined with a constant nb. */
