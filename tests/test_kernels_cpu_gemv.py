@@ -71,8 +71,8 @@ def test_many_rows_and_same_dtypes_take_torch_path():
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13])
 def test_gemv_is_bit_identical_to_the_fused_compressed_linear(codec_name, shape, rows, kernel_level):
     """Dense mode (fp16 GEMV) and compressed mode (multiply from the tiles) must agree to the bit for the few rows
-    of a decode step (one row; up to a pass of 8, each tile row multiplied from its compact values; more, each tile
-    row expanded once for all passes), at every kernel level."""
+    of a decode step (one row; several, each tile row multiplied from its compact values in passes of up to 8: 13
+    rows take two), at every kernel level."""
     gen = torch.Generator().manual_seed(sum(shape))
     w = torch.randn(*shape, generator=gen).half()
     w[torch.rand(*shape, generator=gen) < 0.5] = 0

@@ -357,7 +357,7 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
  * its bitmap byte, and the rows' bitmap bytes are one pointer plus multiples of the row stride: with indexes into
  * shared arrays instead, GCC kept them on the stack and a group cost half as many instructions again. */
 #define ROWS 4
-#define X_ROWS 8 /* activation rows per pass over an expanded tile row: 8 accumulators fit in registers */
+#define X_ROWS 8 /* activation rows per pass over a tile row: 8 accumulators fit in registers */
 AVX2 void dot_rows_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const uint16_t *const *vals, const float *x,
                         const int nr, float *out) {
     __m256 acc[ROWS];
@@ -424,40 +424,6 @@ AVX2 void add_row_sums(const __m256 *acc, const float *tail, const int nb, float
     for (int b = 0; b < nb; b++) y[b * n] += tail ? spz_hsum8(acc[b]) + tail[b] : spz_hsum8(acc[b]);
 }
 
-/* An expanded tile row w [cols] against nb activation rows (x: the first one's tile columns, rows k apart):
- * y[b * n] += each row's tile sum in the shared order. Always inlined with a constant nb. */
-AVX2 void row_sums_avx2(const uint16_t *w, int cols, const float *x, int64_t k, const int nb, float *y, int64_t n) {
-    __m256 acc[X_ROWS];
-    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
-    const int full = cols >> 3;
-    for (int g = 0; g < full; g++) {
-        const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 8 * g)));
-        for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * k + 8 * g), acc[b]);
-    }
-    float tail[X_ROWS];
-    for (int b = 0; (cols & 7) && b < nb; b++) tail[b] = spz_dot_scalar(w + 8 * full, x + b * k + 8 * full, cols & 7);
-    add_row_sums(acc, cols & 7 ? tail : NULL, nb, y, n);
-}
-
-__attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void row_blocks_avx2(const uint16_t *w, int cols,
-                                                                                   const float *x, int64_t k,
-                                                                                   int64_t m, float *y, int64_t n) {
-    for (int64_t b0 = 0; b0 < m; b0 += X_ROWS) {
-        const float *xb = x + b0 * k;
-        float *yb = y + b0 * n;
-        switch (m - b0 < X_ROWS ? m - b0 : X_ROWS) {
-            case 1: row_sums_avx2(w, cols, xb, k, 1, yb, n); break;
-            case 2: row_sums_avx2(w, cols, xb, k, 2, yb, n); break;
-            case 3: row_sums_avx2(w, cols, xb, k, 3, yb, n); break;
-            case 4: row_sums_avx2(w, cols, xb, k, 4, yb, n); break;
-            case 5: row_sums_avx2(w, cols, xb, k, 5, yb, n); break;
-            case 6: row_sums_avx2(w, cols, xb, k, 6, yb, n); break;
-            case 7: row_sums_avx2(w, cols, xb, k, 7, yb, n); break;
-            default: row_sums_avx2(w, cols, xb, k, X_ROWS, yb, n); break;
-        }
-    }
-}
-
 /* A tile row straight from its bitmap bytes and compact values v against nb activation rows, whose tile columns
  * were copied to xt (TILE floats apart, so each row's operand is one pointer plus a constant offset): y[b * n] +=
  * each row's tile sum in the shared order. Always inlined with a constant nb. */
@@ -494,6 +460,7 @@ AVX2 void compact_tile_rows_avx2(const Geom *g, const uint8_t *bm, const int *ro
         int64_t n) {                                                                                                 \
         compact_tile_rows_avx2(g, bm, row_cnt, vals, xt, NB, y, n);                                                  \
     }
+COMPACT_TILE_FN(1)
 COMPACT_TILE_FN(2)
 COMPACT_TILE_FN(3)
 COMPACT_TILE_FN(4)
@@ -503,7 +470,7 @@ COMPACT_TILE_FN(7)
 COMPACT_TILE_FN(8)
 typedef void (*CompactTileFn)(const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals,
                               const float *xt, float *y, int64_t n);
-static const CompactTileFn COMPACT_TILES[X_ROWS + 1] = {NULL,          NULL,          compact_tile2, compact_tile3,
+static const CompactTileFn COMPACT_TILES[X_ROWS + 1] = {NULL,          compact_tile1, compact_tile2, compact_tile3,
                                                         compact_tile4, compact_tile5, compact_tile6, compact_tile7,
                                                         compact_tile8};
 #endif
@@ -524,30 +491,28 @@ static void tile_times_x(const DecCtx *c, const Geom *g, const uint8_t *bm, cons
     for (int r = 0; r < g->rows; r++) y[r] += part[r];
 }
 
-/* Several activation rows. Up to a pass's worth (X_ROWS), each tile row is multiplied straight from its compact
- * values with the tile's columns of x copied side by side: expanding a row into a buffer first, and addressing the
- * x rows k apart, had cost more instructions than the FMAs. More rows (a prefill) expand each tile row once (into a
- * buffer that stays in L1) for every pass. Either way the tile is decoded once per call whatever the rows. */
+/* Several activation rows, in passes of up to X_ROWS: each tile row is multiplied straight from its compact values
+ * with the pass's tile columns of x copied side by side. Expanding each row into a buffer once for all passes, and
+ * addressing the x rows k apart, had cost more instructions than walking the compact values again for every pass.
+ * Either way the tile is decoded once per call whatever the rows. */
 static void tile_times_rows(const DecCtx *c, const Geom *g, const uint8_t *bm, const int *row_cnt,
                             const uint16_t *vals, float *y) {
     const float *x = c->x + g->c0;
 #ifdef SPZ_X86
-    if (c->simd && c->m <= X_ROWS) {
+    if (c->simd) {
         float xt[X_ROWS * TILE];
-        for (int64_t b = 0; b < c->m; b++) memcpy(xt + b * TILE, x + b * c->k, (size_t)g->cols * sizeof(float));
-        COMPACT_TILES[c->m](g, bm, row_cnt, vals, xt, y, c->n);
+        for (int64_t b0 = 0; b0 < c->m; b0 += X_ROWS) {
+            const int nb = c->m - b0 < X_ROWS ? (int)(c->m - b0) : X_ROWS;
+            for (int b = 0; b < nb; b++)
+                memcpy(xt + b * TILE, x + (b0 + b) * c->k, (size_t)g->cols * sizeof(float));
+            COMPACT_TILES[nb](g, bm, row_cnt, vals, xt, y + b0 * c->n, c->n);
+        }
         return;
     }
 #endif
     uint16_t w[TILE];
     for (int r = 0; r < g->rows; r++) {
         vals += c->expand(bm + r * g->row_bytes, g->cols, vals, w);
-#ifdef SPZ_X86
-        if (c->simd) {
-            row_blocks_avx2(w, g->cols, x, c->k, c->m, y + r, c->n);
-            continue;
-        }
-#endif
         for (int64_t b = 0; b < c->m; b++) y[b * c->n + r] += spz_dot_scalar(w, x + b * c->k, g->cols);
     }
 }
