@@ -315,7 +315,9 @@ def test_a_damaged_long_exception_list(kernel_level, damage):
         linear(torch.randn(2, 128), damaged)
 
 
-@pytest.mark.parametrize("entry", [10, LONG_LIST - 2])  # a byte checked 32 at a time, and one in the tail
+# a byte checked 32 at a time; the one byte past those steps but before the positions' scalar tail (at 40 entries
+# the 16-wide position steps end at entry 33); one in that tail
+@pytest.mark.parametrize("entry", [10, 32, LONG_LIST - 2])
 def test_a_zero_byte_in_a_long_exception_list(kernel_level, entry):
     _, enc = long_exception_list()
     payload = bytearray(payload_of(enc))

@@ -303,7 +303,7 @@ __attribute__((target("avx2"))) static int lows_valid_avx2(const uint8_t *pos, c
     for (; b + 32 <= nexc; b += 32)
         bad = _mm256_or_si256(bad, _mm256_cmpeq_epi8(_mm256_loadu_si256((const __m256i *)(bytes + b)), zero));
     if (!_mm256_testz_si256(bad, bad)) return 0;
-    for (; b < nexc; b++)
+    for (; b < i; b++) /* the bytes that neither the 32-byte steps nor the scalar check from i cover */
         if (!bytes[b]) return 0;
     return lows_valid_scalar(pos, bytes, i, nexc, nnz);
 }
@@ -358,6 +358,14 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
  * shared arrays instead, GCC kept them on the stack and a group cost half as many instructions again. */
 #define ROWS 4
 #define X_ROWS 8 /* activation rows per pass over a tile row: 8 accumulators fit in registers */
+
+/* The 8 columns of a group whose bitmap byte is m, its present values starting at v, as fp32 (absent ones 0). */
+AVX2 __m256 group_values(const uint16_t *v, unsigned m) {
+    return _mm256_cvtph_ps(_mm_shuffle_epi8(
+        _mm_loadu_si128((const __m128i *)v),
+        _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand16 + spz_shift_left(m, 4)))));
+}
+
 AVX2 void dot_rows_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const uint16_t *const *vals, const float *x,
                         const int nr, float *out) {
     __m256 acc[ROWS];
@@ -371,10 +379,7 @@ AVX2 void dot_rows_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const ui
         const __m256 xv = _mm256_loadu_ps(x + 8 * b);
         for (int i = 0; i < nr; i++) {
             const unsigned m = bm[b + i * row_bytes];
-            const __m128i w = _mm_shuffle_epi8(
-                _mm_loadu_si128((const __m128i *)v[i]),
-                _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand16 + spz_shift_left(m, 4))));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(w), xv, acc[i]);
+            acc[i] = _mm256_fmadd_ps(group_values(v[i], m), xv, acc[i]);
             v[i] += POP8[m];
         }
     }
@@ -434,9 +439,7 @@ AVX2 void compact_row_sums_avx2(const uint8_t *bm, int cols, const uint16_t *v, 
     const int full = cols >> 3;
     for (int g = 0; g < full; g++) {
         const unsigned m = bm[g];
-        const __m256 wv = _mm256_cvtph_ps(_mm_shuffle_epi8(
-            _mm_loadu_si128((const __m128i *)v),
-            _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand16 + spz_shift_left(m, 4)))));
+        const __m256 wv = group_values(v, m);
         v += POP8[m];
         for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * TILE + 8 * g), acc[b]);
     }
