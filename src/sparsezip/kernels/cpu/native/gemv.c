@@ -33,10 +33,13 @@
 #define BAND 8     /* weight rows that take each chunk of columns in turn when the activations overflow L1 */
 #define X_L1_BYTES 32768 /* activations (fp32) up to which every weight row may read all of them from L1 */
 #define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
-/* How far ahead of the dense kernel's reads each line is prefetched, "non-temporal" so that the weights pass through
- * without pushing x out of L1. Without it, rows wider than L1 holds in fp32 x (k = 8960: 35 KB) streamed at less than
- * half the speed of narrow ones, x and the weights evicting each other; 4-8 KB was best for both widths. */
+/* How far ahead of the dense kernel's reads each line is prefetched when 2 or more activation rows share a pass,
+ * "non-temporal" so that the weights pass through without pushing x out of L1: on rows wider than L1 holds in fp32 x
+ * (k = 8960: 35 KB) x and the weights evicted each other; 4-8 KB was best for both widths. At one activation row (4
+ * tiles of a row in flight) the hardware prefetcher alone streams faster (the 1.5B model's matrices, held in huge
+ * pages, at 1 and 2 threads). */
 #define PREFETCH_BYTES 6144
+#define PREFETCH_MIN_ROWS 2
 #define VALUE_PAD 16 /* bytes readable past the last value: a group's values are loaded 16 bytes at a time */
 
 static int64_t tile_cols(int64_t k, int64_t c0) { return k - c0 < TILE ? k - c0 : TILE; }
@@ -170,7 +173,8 @@ AVX2 void dense_tiles_avx2(const uint16_t *w, const float *x, int64_t k, int64_t
     for (int a = 0; a < nt * nb; a++) acc[a] = _mm256_setzero_ps();
     for (int64_t g0 = 0; g0 < groups; g0 += GROUPS_PER_TURN)
         for (int i = 0; i < nt; i++) {
-            _mm_prefetch((const char *)(wrow + i * TILE + 8 * g0) + PREFETCH_BYTES, _MM_HINT_NTA);
+            if (nb >= PREFETCH_MIN_ROWS)
+                _mm_prefetch((const char *)(wrow + i * TILE + 8 * g0) + PREFETCH_BYTES, _MM_HINT_NTA);
             for (int64_t g = g0; g < (g0 < turns ? g0 + GROUPS_PER_TURN : groups); g++) {
                 const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wrow + i * TILE + 8 * g)));
                 for (int b = 0; b < nb; b++)
