@@ -28,7 +28,10 @@
 #include "spz.h"
 
 #define TILE SPZ_TILE
-#define TILES 4    /* tiles of one weight row in flight at one activation row: 4 independent FMA chains */
+#define TILES 4    /* tiles of one sparse row in flight at one activation row: 4 independent FMA chains */
+/* The same for a dense row: 2. The dense kernel is bound by the memory stream, not by its FMA chains, and 2 tiles
+ * streamed the 1.5B model's matrices faster than 4 (with 4 the sparse kernel, bound by its instructions, ran faster) */
+#define DENSE_TILES 2
 #define X_BLOCK 8  /* activation rows per pass over a weight row: 8 accumulators fit in registers */
 #define BAND 8     /* weight rows that take each chunk of columns in turn when the activations overflow L1 */
 #define X_L1_BYTES 32768 /* activations (fp32) up to which every weight row may read all of them from L1 */
@@ -233,7 +236,7 @@ AVX2 void band_chunk_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t r
  * band, so that the chunk's activations are read from L1 by all of them. */
 AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0, const int nb,
                     const int dense) {
-    const int nt = nb >= TILES ? 1 : TILES / nb;
+    const int tiles = dense ? DENSE_TILES : TILES, nt = nb >= tiles ? 1 : tiles / nb;
     const int64_t k = j->k;
     const float *x = j->x + b0 * k;
     float total[BAND][X_BLOCK];
