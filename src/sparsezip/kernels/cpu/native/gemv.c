@@ -38,9 +38,8 @@
 #define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
 /* How far ahead of the dense kernel's reads each line is prefetched when 2 or more activation rows share a pass,
  * "non-temporal" so that the weights pass through without pushing x out of L1: on rows wider than L1 holds in fp32 x
- * (k = 8960: 35 KB) x and the weights evicted each other; 4-8 KB was best for both widths. At one activation row (4
- * tiles of a row in flight) the hardware prefetcher alone streams faster (the 1.5B model's matrices, held in huge
- * pages, at 1 and 2 threads). */
+ * (k = 8960: 35 KB) x and the weights evicted each other; 4-8 KB was best for both widths. At one activation row the
+ * hardware prefetcher alone streams faster (the 1.5B model's matrices, held in huge pages, at 1 and 2 threads). */
 #define PREFETCH_BYTES 6144
 #define PREFETCH_MIN_ROWS 2
 #define VALUE_PAD 16 /* bytes readable past the last value: a group's values are loaded 16 bytes at a time */
