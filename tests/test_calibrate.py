@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsezip.calibrate import SAMPLES_PER_BATCH, LayerPass, Spill, embed_samples, load_layer, owl_allocation, read_layer
+from sparsezip.calibrate import SAMPLES_PER_BATCH, Activations, LayerPass, Spill, embed_samples, load_layer, owl_allocation, read_layer
 from sparsezip.checkpoint import TensorReader
 from sparsezip.cli import main
 from sparsezip.config import ModelArgs, OwlConfig, SparsifyConfig, read_json
@@ -36,7 +38,9 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
     g = torch.Generator().manual_seed(0)
     hidden = [torch.randn(3, 12, args.hidden_size, generator=g), torch.randn(1, 7, args.hidden_size, generator=g)]
     seen = []
-    out = LayerPass(args, "cpu", needs_hessian=False)(layer, hidden, lambda name, *_: seen.append(name))
+    out = LayerPass(args, "cpu", needs_hessian=False)(layer, Activations(hidden), lambda name, *_: seen.append(name))
+    assert out.dense is None
+    out = out.pruned
     stages = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
     assert seen == stages
     for x, y in zip(hidden, out):
@@ -45,7 +49,8 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
             want = layer(x, *rope_cos_sin(args, pos, x.dtype), attention_mask(args, pos, x.shape[1]))
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     seen.clear()
-    assert LayerPass(args, "cpu", needs_hessian=False)(layer, hidden, lambda name, *_: seen.append(name), last=True) == []
+    assert LayerPass(args, "cpu", needs_hessian=False)(layer, Activations(hidden), lambda name, *_: seen.append(name),
+                                                       last=True).pruned == []
     assert seen == stages  # the final layer's linears are all still calibrated
 
 
@@ -69,6 +74,42 @@ def live_activation_batches(width: int) -> int:
     return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and o.dim() == 3 and o.shape[-1] == width)
 
 
+def layer_forward(args, layer, x):
+    pos = torch.arange(x.shape[1])
+    with torch.no_grad():
+        return layer(x, *rope_cos_sin(args, pos, x.dtype), attention_mask(args, pos, x.shape[1]))
+
+
+def test_dense_stream_gives_each_linear_the_dense_models_outputs_as_target(tiny_dir):
+    folder = tiny_dir("qwen2")  # q/k/v biases: the target must leave them out
+    args = ModelArgs.from_dir(folder)
+    layer = load_layer(args, read_layer(args, TensorReader(safetensors_files(folder)), 0), 0, "cpu")
+    dense_layer = copy.deepcopy(layer)
+    g = torch.Generator().manual_seed(2)
+    pruned_in = [torch.randn(2, 9, args.hidden_size, generator=g) for _ in range(2)]
+    dense_in = [x + 0.1 * torch.randn(x.shape, generator=g) for x in pruned_in]
+    # the dense inputs of the first linear, and what its dense weights make of them
+    x_p = torch.cat([layer.input_layernorm(x).flatten(0, 1) for x in pruned_in]).detach()
+    x_d = torch.cat([layer.input_layernorm(x).flatten(0, 1) for x in dense_in]).detach()
+    want_qkv = x_p.T @ (x_d @ layer.self_attn.qkv_proj.weight.detach().T)
+    targets = {}
+
+    def prune_half(name, linear, stats):
+        targets[name] = stats.dense_target
+        linear.weight.data[:, ::2] = 0
+
+    out = LayerPass(args, "cpu", needs_hessian=True)(layer, Activations(pruned_in, dense_in), prune_half)
+    assert list(targets) == ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    assert [tuple(t.shape) for t in targets.values()] == [
+        (lin.in_features, lin.out_features) for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    torch.testing.assert_close(targets["self_attn.qkv_proj"], want_qkv, rtol=1e-4, atol=1e-3)
+    for x_dense, y_dense, x, y in zip(dense_in, out.dense, pruned_in, out.pruned, strict=True):
+        torch.testing.assert_close(y_dense, layer_forward(args, dense_layer, x_dense), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, layer_forward(args, layer, x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out.dense[0], layer_forward(args, layer, dense_in[0]))  # the pruning mattered
+
+
 def test_mlp_activations_are_not_held_while_the_down_projection_is_pruned(tiny_dir):
     folder = tiny_dir("qwen3")
     args = ModelArgs.from_dir(folder)
@@ -79,7 +120,7 @@ def test_mlp_activations_are_not_held_while_the_down_projection_is_pruned(tiny_d
     def on_linear(name, *_):
         held[name] = live_activation_batches(args.intermediate_size)
 
-    out = LayerPass(args, "cpu", needs_hessian=True)(layer, hidden, on_linear)
+    out = LayerPass(args, "cpu", needs_hessian=True)(layer, Activations(hidden), on_linear).pruned
     assert held["mlp.down_proj"] == 0, "the MLP activations stay in memory during the down projection's pruning"
     assert len(out) == len(hidden)
 
@@ -129,6 +170,22 @@ def test_float_sparse_zeroes_exactly_the_ratio_over_each_matrix(tiny_dir, text_f
         nonzero = bits != 0
         low_byte_zero = ((bits & 0xFF) == 0) & nonzero
         assert low_byte_zero.sum() >= nonzero.sum() - int(w.numel() * 0.02), name  # at most 2% kept exact
+
+
+def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(tiny_dir, text_file, tmp_path):
+    folder = tiny_dir("llama")
+    config = SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=8, calib_seqlen=64,
+                            rounding="none")
+    fitted = {targets: sparsify(folder, tmp_path / targets, replace(config, targets=targets))
+              for targets in ("dense", "local")}
+    assert read_json(fitted["dense"] / "quant_model_description.json")["metadata"]["targets"] == "dense"
+    assert read_json(fitted["local"] / "quant_model_description.json")["metadata"]["targets"] == "local"
+    assert config.targets_mode == "dense"  # float_sparse's default
+    tokens = torch.randint(0, 320, (4, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = load_model(folder)(tokens)
+        miss = {t: float((load_model(f)(tokens) - want).norm()) for t, f in fitted.items()}
+    assert miss["dense"] < 0.99 * miss["local"], miss
 
 
 def test_sparsegpt_with_qkv_bias_prunes_every_row_exactly(tiny_dir, text_file, tmp_path):

@@ -448,6 +448,7 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--calib_seqlen", "0"], "--calib_seqlen"),
     (["--part_file_size", "0"], "--part_file_size must be above 0"),
     (["--calib_samples", "0"], "--calib_samples"),
+    (["--method", "wanda", "--targets", "dense"], "--targets dense needs --method float_sparse"),
 ], ids=lambda v: v if isinstance(v, str) else "=".join(v))
 def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_path):
     out = tmp_path / "s"

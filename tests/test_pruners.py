@@ -154,6 +154,32 @@ def test_float_sparse_follows_the_admm_recipe():
     assert float((got.double() - want).norm() / want.norm()) < 1e-3
 
 
+def test_float_sparse_with_its_own_outputs_as_dense_target_is_the_original():
+    w, x, stats = problem(16, 48, tokens=2048, seed=5)
+    own = x.T @ (x @ w.T)  # X^T Y with Y = X W^T: what the original fits
+    got = float_sparse(w, stats, 0.5, None, dense_target=own)
+    want = float_sparse(w, stats, 0.5, None)
+    assert torch.equal(got == 0, want == 0)
+    assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_float_sparse_fits_the_dense_models_outputs_from_changed_inputs():
+    """The inputs moved (earlier layers were pruned): fitting the dense outputs Y gets closer to Y than fitting
+    the linear's own outputs on the moved inputs."""
+    w, x_dense, _ = problem(24, 64, seed=6)
+    g = torch.Generator().manual_seed(7)
+    x = x_dense + 0.3 * x_dense.std() * torch.randn(x_dense.shape, generator=g)
+    y = x_dense @ w.T
+    stats = stats_of(x)
+    to_dense = float_sparse(w, stats, 0.5, None, dense_target=x.T @ y)
+    local = float_sparse(w, stats, 0.5, None)
+    assert int((to_dense == 0).sum()) == int((local == 0).sum()) == 24 * 64 // 2
+
+    def miss(pruned):
+        return float((x @ pruned.T - y).norm())
+    assert miss(to_dense) < 0.9 * miss(local)
+
+
 def test_float_sparse_counts_zeros_over_the_whole_matrix():
     w, x, stats = problem(24, 40, seed=1)
     w[:8] *= 20  # loud rows: a whole-matrix ranking prunes mostly the quiet rows

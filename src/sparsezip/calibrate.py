@@ -5,11 +5,17 @@ Sequential calibration with one forward pass per layer: the calibration activati
 by stage (q/k/v, then o, then gate/up, then down); each linear's statistics come from inputs that already
 passed through the pruned linears before it, the linear is pruned (by the hook), and the stage's output feeds
 the next stage. The layer's pruned output is the next layer's input.
+
+With dense targets (float_sparse's default) the dense model's activations travel beside the pruned ones: before
+a layer is pruned, its dense forward records every linear's dense inputs, and each linear is fitted to reproduce
+its dense outputs from its pruned inputs, so the error of the layers before it is corrected, not carried on.
 """
 
 from __future__ import annotations
 
 import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -101,6 +107,18 @@ class Spill:
         self.file.close()
 
 
+@dataclass
+class Activations:
+    """The calibration batches [B, L, hidden] at one point of the model: through the pruned layers and, when the
+    linears fit the dense model's outputs, through the dense layers too (the same tokens, batch for batch)."""
+
+    pruned: list[torch.Tensor]
+    dense: list[torch.Tensor] | None = None
+
+
+StageHook = Callable[[str, nn.Linear, Iterable[torch.Tensor]], None]
+
+
 class LayerPass:
     """Runs calibration batches ([B, L, hidden] each) through one layer stage by stage, on `device`, keeping
     activations on the CPU. The batches are formed once (embed_samples) and never restacked."""
@@ -111,10 +129,17 @@ class LayerPass:
     def apply(self, fn: Callable[..., torch.Tensor], *inputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         return [fn(*(x.to(self.device) for x in xs)).cpu() for xs in zip(*inputs)]
 
-    def stats(self, linear: nn.Linear, inputs: Iterable[torch.Tensor]) -> LinearStats:
+    def stats(self, linear: nn.Linear, inputs: Iterable[torch.Tensor],
+              dense_inputs: Iterable[torch.Tensor] | None = None) -> LinearStats:
+        """The linear's input statistics; with `dense_inputs` (the dense model's inputs of the linear, batch for
+        batch) also the dense target, from the linear's weights as they are now: not yet pruned."""
         stats = LinearStats(linear.in_features, self.device, hessian=self.needs_hessian)
-        for x in inputs:
-            stats.add_batch(x.to(self.device))
+        pairs = zip(inputs, dense_inputs, strict=True) if dense_inputs is not None else ((x, None) for x in inputs)
+        for x, x_dense in pairs:
+            x = x.to(self.device)
+            stats.add_batch(x)
+            if x_dense is not None:  # no bias: the pruned linear keeps it, so it cancels out of the fit
+                stats.add_dense_target(x, F.linear(x_dense.to(self.device), linear.weight))
         return stats
 
     def rope_and_mask(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,36 +148,62 @@ class LayerPass:
         return cos, sin, attention_mask(self.args, pos, h.shape[1])
 
     @torch.no_grad()
-    def __call__(self, layer: DecoderLayer, hidden: list[torch.Tensor], on_linear: LinearHook,
-                 last: bool = False) -> list[torch.Tensor]:
-        """hidden: batches [B, L, hidden] -> the layer's output batches; `on_linear` may prune in place.
-        `last`: the model's final layer, whose output nothing reads: no down_proj forward, and [] returned."""
+    def __call__(self, layer: DecoderLayer, acts: Activations, on_linear: LinearHook,
+                 last: bool = False) -> Activations:
+        """The layer's output activations; `on_linear` may prune in place. `last`: the model's final layer, whose
+        output nothing reads: no down_proj forward, and no batches returned."""
+        with ExitStack() as keep:
+            dense_inputs: dict[str, Iterable[torch.Tensor]] = {}
+            dense_out = None
+            if acts.dense is not None:  # first, while the layer still holds its dense weights
+                def record(stage: str, _linear: nn.Linear, inputs: Iterable[torch.Tensor]) -> None:
+                    dense_inputs[stage] = self.kept(inputs, stage, keep)
+
+                dense_out = self.stages(layer, acts.dense, record, last)
+
+            def prune(stage: str, linear: nn.Linear, inputs: Iterable[torch.Tensor]) -> None:
+                on_linear(stage, linear, self.stats(linear, inputs, dense_inputs.pop(stage, None)))
+
+            return Activations(self.stages(layer, acts.pruned, prune, last), dense_out)
+
+    @staticmethod
+    def kept(inputs: Iterable[torch.Tensor], stage: str, keep: ExitStack) -> Iterable[torch.Tensor]:
+        """A stage's dense inputs, kept for its pruned pass: the MLP's wide activations on disk."""
+        if stage != "mlp.down_proj":
+            return list(inputs)
+        spill = keep.enter_context(Spill())
+        for x in inputs:
+            spill.put(x.cpu())
+        return spill.read_back()
+
+    def stages(self, layer: DecoderLayer, hidden: list[torch.Tensor], on_inputs: StageHook,
+               last: bool) -> list[torch.Tensor]:
+        """hidden: batches [B, L, hidden] -> the layer's output batches. Before each linear's forward,
+        `on_inputs(stage, linear, its input batches)` consumes the inputs once and may prune the linear."""
         attn, mlp = layer.self_attn, layer.mlp
 
         def attend(h: torch.Tensor) -> torch.Tensor:
             return attn.attend(attn.qkv_proj(h), *self.rope_and_mask(h), None, query_chunk=ATTENTION_CHUNK)
 
         normed = self.apply(layer.input_layernorm, hidden)
-        on_linear("self_attn.qkv_proj", attn.qkv_proj, self.stats(attn.qkv_proj, normed))
+        on_inputs("self_attn.qkv_proj", attn.qkv_proj, normed)
         attended = self.apply(attend, normed)
         del normed
-        on_linear("self_attn.o_proj", attn.o_proj, self.stats(attn.o_proj, attended))
+        on_inputs("self_attn.o_proj", attn.o_proj, attended)
         # residual sums in place into the fresh linear output (y + x and x + y are the same floats)
         resid = self.apply(lambda x, a: attn.o_proj(a).add_(x), hidden, attended)
         del attended
         normed = self.apply(layer.post_attention_layernorm, resid)
-        on_linear("mlp.gate_up_proj", mlp.gate_up_proj, self.stats(mlp.gate_up_proj, normed))
+        on_inputs("mlp.gate_up_proj", mlp.gate_up_proj, normed)
         with Spill() as spill:
-            def activations() -> Iterator[torch.Tensor]:  # to the statistics and to disk, one batch at a time
-                for h in normed:
-                    act = mlp.activate(mlp.gate_up_proj(h.to(self.device)))
+            def activations() -> Iterator[torch.Tensor]:  # to the hook and to disk, one batch at a time
+                while normed:
+                    act = mlp.activate(mlp.gate_up_proj(normed.pop(0).to(self.device)))
                     if not last:
                         spill.put(act.cpu())
                     yield act
 
-            down_stats = self.stats(mlp.down_proj, activations())
-            del normed
-            on_linear("mlp.down_proj", mlp.down_proj, down_stats)
+            on_inputs("mlp.down_proj", mlp.down_proj, activations())
             if last:
                 return []
             return self.apply(lambda r, a: mlp.down_proj(a).add_(r), resid, spill.read_back())
@@ -178,7 +229,7 @@ def owl_outlier_ratios(args: ModelArgs, reader: TensorReader, hidden: list[torch
         def record(_name: str, linear: nn.Linear, stats: LinearStats) -> None:
             scores.append((linear.weight.abs() * stats.sq_norm.sqrt().to(linear.weight)[None, :]).flatten())
 
-        hidden = run(layer, hidden, record, last=i == args.num_layers - 1)
+        hidden = run(layer, Activations(hidden), record, last=i == args.num_layers - 1).pruned
         flat = torch.cat(scores)
         ratios.append(float((flat > threshold * flat.mean()).float().mean()))
     return ratios

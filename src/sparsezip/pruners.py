@@ -43,6 +43,9 @@ class LinearStats:
         # set by the caller before the last pruner call on these statistics: that call may take H and overwrite
         # it instead of copying it (one [in, in] copy fewer: 1.4 GB for a 7B down projection)
         self.last_use = False
+        # sum over calibration tokens of x_pruned^T (x_dense W^T) [in, out] (add_dense_target): what the pruned
+        # inputs must reproduce, the dense model's output of this linear; None fits the linear's own output
+        self.dense_target: torch.Tensor | None = None
 
     @property
     def sq_norm(self) -> torch.Tensor:
@@ -75,6 +78,14 @@ class LinearStats:
         else:  # the squared norms come with the Hessian's diagonal: no pass of their own
             add_hessian(self._h, x.to(device=self._h.device, dtype=torch.float32))
             self._symmetric = False
+
+    def add_dense_target(self, x: torch.Tensor, dense_out: torch.Tensor) -> None:
+        """x [.., in]: a batch of this linear's inputs in the pruned model; dense_out [.., out]: the dense model's
+        output of the linear (no bias) for the same tokens."""
+        x, y = x.reshape(-1, x.shape[-1]).float(), dense_out.reshape(-1, dense_out.shape[-1]).float()
+        if self.dense_target is None:
+            self.dense_target = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float32, device=x.device)
+        self.dense_target.addmm_(x.T, y)
 
 
 def add_hessian(h: torch.Tensor, x: torch.Tensor, blocks: int = HESSIAN_BLOCKS) -> None:
@@ -177,10 +188,14 @@ def _with_damping(attempt: Callable[[float], T | None], damp: float, method: str
                          f"use more calibration tokens (at least 2048) or another method")
 
 
-def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, rho: float = 1.0,
-                 iters: int = 20, mask_iters: int = 15, damp: float = 0.1) -> torch.Tensor:
+def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, dense_target: torch.Tensor | None = None,
+                 rho: float = 1.0, iters: int = 20, mask_iters: int = 15, damp: float = 0.1) -> torch.Tensor:
     """The original W16A16S sparsifier: Wanda scores ranked over the whole matrix (or N:M groups) with an
     ADMM weight reconstruction (Boza 2024) on the diagonally normalised Hessian.
+
+    The reconstruction fits X W^T by default (the original). With `dense_target` = X^T Y [in, out] for w's rows,
+    where Y are the dense model's outputs of this linear, it fits those instead: min ||X W'^T - Y||, so each
+    linear also undoes what the pruned layers before it changed in its inputs.
 
     All maths in fp32 on w's device, the inverse included: after the normalisation diag(Hn) = 1, the
     damping and rho = 1 put every eigenvalue of the inverted matrix at >= 1.1 while the largest is at most
@@ -208,7 +223,8 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, 
         # the damping goes on hn's diagonal in place and comes off by restoring it: [in, in] matrices take
         # gigabytes at 7B, so only hn and the factor exist at once (and H, which belongs to the caller)
         hn.diagonal().copy_(undamped).add_(rel * mean_diag)  # damped Hn
-        xy = hn @ wn
+        # the damping pulls towards the dense weights whichever the target: (Hn + lambda I) wn = Hn wn + lambda wn
+        xy = hn @ wn if dense_target is None else (dense_target / d[:, None]).add_(wn, alpha=float(rel * mean_diag))
         hn.diagonal().add_(rho)
         chol = _cholesky(hn)
         return None if chol is None else (xy, chol)

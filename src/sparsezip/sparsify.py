@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from .calibrate import LayerPass, embed_samples, load_layer, owl_allocation, owl_outlier_ratios, read_layer
+from .calibrate import Activations, LayerPass, embed_samples, load_layer, owl_allocation, owl_outlier_ratios, read_layer
 from .checkpoint import ShardedWriter, TensorReader, atomic_output_dir, check_output_path, release_freed_memory, to_fp16
 from .config import ModelArgs, SparsifyConfig
 from .data import calibration_samples, load_tokenizer
@@ -51,7 +51,8 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
     for i, (label, sl) in enumerate(calls):
         if stats is not None:
             stats.last_use = i == len(calls) - 1
-        pruned[label] = method.prune(weight[sl], stats, sparsity, config.nm).to(torch.float16)
+        fit = {} if stats is None or stats.dense_target is None else {"dense_target": stats.dense_target[:, sl]}
+        pruned[label] = method.prune(weight[sl], stats, sparsity, config.nm, **fit).to(torch.float16)
     parts = {name: pruned["fused"][sl] for name, sl in rows} if method.row_local else pruned
     if config.rounding_mode == "l2":  # "the 2% of the matrix" is counted per Hugging Face matrix
         norm = stats.sq_norm.sqrt() if stats is not None else torch.ones(weight.shape[1], device=weight.device)
@@ -61,9 +62,8 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
     return {name: w.contiguous().clone() for name, w in parts.items()}
 
 
-def prune_layer(args: ModelArgs, index: int, layer: nn.Module, hidden: list[torch.Tensor], run: LayerPass | None,
-                config: SparsifyConfig, method: Method,
-                sparsity: float) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def prune_layer(args: ModelArgs, index: int, layer: nn.Module, acts: Activations, run: LayerPass | None,
+                config: SparsifyConfig, method: Method, sparsity: float) -> tuple[dict[str, torch.Tensor], Activations]:
     """Prune the 7 linears of one layer; returns their HF-named fp16 weights and the layer's pruned output."""
     rules = {r.target: r for r in layer_rules(args, index)}
     pruned: dict[str, torch.Tensor] = {}
@@ -75,8 +75,8 @@ def prune_layer(args: ModelArgs, index: int, layer: nn.Module, hidden: list[torc
     if run is None:  # uncalibrated (magnitude): no activations to propagate
         for stage in STAGES:
             on_linear(stage, layer.get_submodule(stage), None)
-        return pruned, hidden
-    return pruned, run(layer, hidden, on_linear, last=index == args.num_layers - 1)
+        return pruned, acts
+    return pruned, run(layer, acts, on_linear, last=index == args.num_layers - 1)
 
 
 def unpruned_tensors(args: ModelArgs, index: int, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,6 +126,8 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
         ratios = owl_outlier_ratios(args, reader, hidden, config.device, config.owl.threshold)
         layer_sparsity = owl_allocation(ratios, config.sparsity, config.owl.lam)
     run = LayerPass(args, config.device, method.needs_hessian) if method.calibrated else None
+    acts = Activations(hidden, hidden if config.targets_mode == "dense" else None)
+    del hidden  # the first layer's pass may drop the embedded batches
     with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
         writer = ShardedWriter(tmp, SPARSE_STEM, int(config.part_file_size * 2**30))
         description = Description(FolderKind.W16A16S)
@@ -135,7 +137,7 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
             layer = load_layer(args, fused, i, config.device)
             unpruned = unpruned_tensors(args, i, fused)
             del fused  # the fp32 layer holds the weights now; keep peak memory at one copy
-            pruned, hidden = prune_layer(args, i, layer, hidden, run, config, method, layer_sparsity[i])
+            pruned, acts = prune_layer(args, i, layer, acts, run, config, method, layer_sparsity[i])
             for tensors, kind in ((pruned, FolderKind.W16A16S.value), (unpruned, FLOAT)):
                 for name, t in tensors.items():
                     writer.add(name, t.cpu())
