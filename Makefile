@@ -19,8 +19,8 @@ $(STAMP): requirements.txt pyproject.toml setup.py $(NATIVE)
 
 # Sparsify the offline demo model (SmolLM2-135M-Instruct) with the original's setting, float_sparse at 40% + L2
 # rounding fitted to each linear's own outputs (--targets local: with dense targets this calibration set gives a
-# slightly lower perplexity but a circular greedy answer to the demo's question), compress it into TP=3 parts, answer from the parts under torchrun next to the dense model's answer, and
-# compare perplexity dense vs compressed.
+# slightly lower perplexity but a circular greedy answer to the demo's question), compress it into TP=3 parts,
+# answer from the parts under torchrun next to the dense model's answer, and compare perplexity dense vs compressed.
 DEMO_PROMPT := What's deep learning?
 demo: $(STAMP)
 	@set -e; \
