@@ -18,17 +18,16 @@ $(STAMP): requirements.txt pyproject.toml setup.py $(NATIVE)
 	touch $(STAMP)
 
 # Sparsify the offline demo model (SmolLM2-135M-Instruct) with the original's setting, float_sparse at 40% + L2
-# rounding fitted to each linear's own outputs (--targets local: with dense targets this calibration set gives a
-# slightly lower perplexity but a circular greedy answer to the demo's question), compress it into TP=3 parts,
-# answer from the parts under torchrun next to the dense model's answer, and compare perplexity dense vs compressed.
+# rounding, compress it into TP=3 parts, answer from the parts under torchrun next to the dense model's answer, and
+# compare perplexity dense vs compressed.
 DEMO_PROMPT := What's deep learning?
 demo: $(STAMP)
 	@set -e; \
 	model=$$($(BIN)/python -m sparsezip_demo -q model); \
 	austen=$$($(BIN)/python -m sparsezip_demo -q austen); \
-	echo "== 1/4 sparsify $$model (float_sparse + L2 rounding, 40%, the original algorithm)"; \
+	echo "== 1/4 sparsify $$model (float_sparse + L2 rounding, 40%)"; \
 	$(BIN)/sparsezip sparsify --model_path $$model --save_path $(OUT)/w16a16s --overwrite \
-	  --method float_sparse --sparsity 0.4 --targets local --calib $$austen/emma.txt --calib_samples 16 --calib_seqlen 256; \
+	  --method float_sparse --sparsity 0.4 --calib $$austen/emma.txt --calib_samples 16 --calib_seqlen 256; \
 	echo "== 2/4 compress into $(TP) tensor-parallel parts"; \
 	$(BIN)/sparsezip compress --model_path $(OUT)/w16a16s --save_directory $(OUT)/w16a16sc --tp $(TP) --verify --overwrite; \
 	$(BIN)/sparsezip inspect --summary $(OUT)/w16a16sc; \

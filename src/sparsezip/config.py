@@ -229,7 +229,9 @@ class SparsifyConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"  # or N:M such as 2:4
     rounding: str | None = None  # "l2" or "none"; None = the method's default (l2 for float_sparse)
-    targets: str | None = None  # "dense" or "local"; None = the method's default (dense for float_sparse)
+    # what float_sparse's update fits: "local", the linear's own dense weights on the pruned model's inputs (the
+    # original), or "dense", the dense model's outputs of the linear
+    targets: str = "local"
     calib: tuple[Path, ...] = ()
     calib_samples: int = 32
     calib_seqlen: int = 512
@@ -251,12 +253,6 @@ class SparsifyConfig:
     def rounding_mode(self) -> str:
         return self.rounding or ("l2" if self.method == "float_sparse" else "none")
 
-    @property
-    def targets_mode(self) -> str:
-        """What each linear's weight update fits: "dense", the dense model's outputs of the linear, or "local",
-        its own dense weights applied to the pruned model's inputs (the original algorithm)."""
-        return self.targets or ("dense" if self.method == "float_sparse" else "local")
-
     def checked(self, args: ModelArgs) -> SparsifyConfig:
         """Refuse impossible settings before any calibration work, so a typo costs a second, not a run."""
         from .pruners import get_method
@@ -277,9 +273,9 @@ class SparsifyConfig:
             raise SparsezipError(f"--part_file_size must be above 0 GB, got {self.part_file_size}")
         if self.rounding_mode not in ("l2", "none"):
             raise SparsezipError(f"--rounding must be l2 or none, got {self.rounding!r}")
-        if self.targets_mode not in ("dense", "local"):
+        if self.targets not in ("dense", "local"):
             raise SparsezipError(f"--targets must be dense or local, got {self.targets!r}")
-        if self.targets_mode == "dense" and self.method != "float_sparse":
+        if self.targets == "dense" and self.method != "float_sparse":
             raise SparsezipError(f"--targets dense needs --method float_sparse (the only method that refits the "
                                  f"weights to a target), not {self.method}")
         if self.owl is not None and (nm is not None or not method.calibrated):
@@ -296,7 +292,8 @@ class SparsifyConfig:
     def metadata(self, tokens: int, samples: int, layer_sparsity: list[float], provenance: dict) -> dict:
         """The description's record of this run; `provenance` says from what, with which tool, when."""
         record = {"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern,
-                  "rounding": self.rounding_mode, "targets": self.targets_mode, "calibration_tokens": tokens, "calibration_samples": samples,
+                  "rounding": self.rounding_mode, "targets": self.targets, "calibration_tokens": tokens,
+                  "calibration_samples": samples,
                   "calibration_files": [Path(c).name for c in self.calib], **provenance}
         if self.owl is not None:
             record["owl"] = {"threshold_m": self.owl.threshold, "lambda": self.owl.lam,

@@ -126,7 +126,7 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
         ratios = owl_outlier_ratios(args, reader, hidden, config.device, config.owl.threshold)
         layer_sparsity = owl_allocation(ratios, config.sparsity, config.owl.lam)
     run = LayerPass(args, config.device, method.needs_hessian) if method.calibrated else None
-    acts = Activations(hidden, hidden if config.targets_mode == "dense" else None)
+    acts = Activations(hidden, hidden if config.targets == "dense" else None)
     del hidden  # the first layer's pass may drop the embedded batches
     with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
         writer = ShardedWriter(tmp, SPARSE_STEM, int(config.part_file_size * 2**30))
