@@ -6,9 +6,10 @@ by stage (q/k/v, then o, then gate/up, then down); each linear's statistics come
 passed through the pruned linears before it, the linear is pruned (by the hook), and the stage's output feeds
 the next stage. The layer's pruned output is the next layer's input.
 
-With dense targets (float_sparse's `--targets dense`) the dense model's activations travel beside the pruned ones: before
-a layer is pruned, its dense forward records every linear's dense inputs, and each linear is fitted to reproduce
-its dense outputs from its pruned inputs, so the error of the layers before it is corrected, not carried on.
+With dense targets (float_sparse's `--targets dense`) the dense model's activations travel beside the pruned
+ones: before a layer is pruned, its dense forward records every linear's dense inputs, and each linear is fitted to
+reproduce its dense outputs from its pruned inputs, so the error of the layers before it is corrected, not carried
+on.
 """
 
 from __future__ import annotations

@@ -188,8 +188,9 @@ def _with_damping(attempt: Callable[[float], T | None], damp: float, method: str
                          f"use more calibration tokens (at least 2048) or another method")
 
 
-def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, dense_target: torch.Tensor | None = None,
-                 rho: float = 1.0, iters: int = 20, mask_iters: int = 15, damp: float = 0.1) -> torch.Tensor:
+def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
+                 dense_target: torch.Tensor | None = None, rho: float = 1.0, iters: int = 20, mask_iters: int = 15,
+                 damp: float = 0.1) -> torch.Tensor:
     """The original W16A16S sparsifier: Wanda scores ranked over the whole matrix (or N:M groups) with an
     ADMM weight reconstruction (Boza 2024) on the diagonally normalised Hessian.
 

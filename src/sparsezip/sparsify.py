@@ -19,7 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from .calibrate import Activations, LayerPass, embed_samples, load_layer, owl_allocation, owl_outlier_ratios, read_layer
+from .calibrate import (Activations, LayerPass, embed_samples, load_layer, owl_allocation, owl_outlier_ratios,
+                        read_layer)
 from .checkpoint import ShardedWriter, TensorReader, atomic_output_dir, check_output_path, release_freed_memory, to_fp16
 from .config import ModelArgs, SparsifyConfig
 from .data import calibration_samples, load_tokenizer
