@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from sparsezip.calibrate import SAMPLES_PER_BATCH, Activations, LayerPass, Spill, embed_samples, load_layer, owl_allocation, read_layer
 from sparsezip.checkpoint import TensorReader
+from sparsezip import pruners
 from sparsezip.cli import main
 from sparsezip.config import ModelArgs, OwlConfig, SparsifyConfig, read_json
 from sparsezip.formats import weight_files as safetensors_files
@@ -174,8 +175,8 @@ def test_float_sparse_zeroes_exactly_the_ratio_over_each_matrix(tiny_dir, text_f
 
 def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(tiny_dir, text_file, tmp_path):
     folder = tiny_dir("llama")
-    config = SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=8, calib_seqlen=64,
-                            rounding="none")
+    config = SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=16,
+                            calib_seqlen=64, rounding="none")  # 8 tokens per input of the widest linear
     fitted = {targets: sparsify(folder, tmp_path / targets, replace(config, targets=targets))
               for targets in ("dense", "local")}
     assert read_json(fitted["dense"] / "quant_model_description.json")["metadata"]["targets"] == "dense"
@@ -186,6 +187,37 @@ def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(tiny_dir, 
         want = load_model(folder)(tokens)
         miss = {t: float((load_model(f)(tokens) - want).norm()) for t, f in fitted.items()}
     assert miss["dense"] < 0.99 * miss["local"], miss
+
+
+def test_dense_targets_only_where_the_calibration_has_8_tokens_per_input(tiny_dir, text_file, tmp_path, monkeypatch,
+                                                                         caplog):
+    # 8 x 64 calibration tokens: 8 per input of the 64-wide linears, 4 per input of down_proj (128 wide)
+    seen = []
+    original = pruners.METHODS["float_sparse"]
+
+    def spy(w, stats, ratio, pattern, dense_target=None):
+        seen.append((stats.tokens, w.shape[1], dense_target is not None))
+        return original.prune(w, stats, ratio, pattern, dense_target=dense_target)
+
+    monkeypatch.setitem(pruners.METHODS, "float_sparse", replace(original, prune=spy))
+    with caplog.at_level(logging.WARNING, logger="sparsezip"):
+        out = sparsify(tiny_dir("llama"), tmp_path / "s", SparsifyConfig(
+            method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=8, calib_seqlen=64,
+            rounding="none", targets="dense"))
+    assert {(tokens, width) for tokens, width, _ in seen} == {(512, 64), (512, 128)}
+    assert all(fitted_dense == (width == 64) for _, width, fitted_dense in seen), seen
+    assert "mlp.down_proj keeps the original fit" in caplog.text
+    assert read_json(out / "quant_model_description.json")["metadata"]["local_fit"] == ["mlp.down_proj"]
+
+
+def test_dense_targets_with_too_few_tokens_everywhere_are_the_original_fit(tiny_dir, text_file, tmp_path):
+    folder = tiny_dir("llama")
+    config = SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=4, calib_seqlen=64,
+                            rounding="none")
+    fitted = {targets: linears(sparsify(folder, tmp_path / targets, replace(config, targets=targets)))
+              for targets in ("dense", "local")}
+    for name, w in fitted["local"].items():
+        assert torch.equal(fitted["dense"][name], w), name
 
 
 def test_sparsegpt_with_qkv_bias_prunes_every_row_exactly(tiny_dir, text_file, tmp_path):

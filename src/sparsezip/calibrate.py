@@ -9,7 +9,7 @@ the next stage. The layer's pruned output is the next layer's input.
 With dense targets (float_sparse's `--targets dense`) the dense model's activations travel beside the pruned
 ones: before a layer is pruned, its dense forward records every linear's dense inputs, and each linear is fitted to
 reproduce its dense outputs from its pruned inputs, so the error of the layers before it is corrected, not carried
-on.
+on (where the calibration has enough tokens per input to determine that fit: sparsify.fits_dense_target).
 """
 
 from __future__ import annotations

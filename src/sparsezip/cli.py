@@ -269,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag(p, "--targets", choices=("dense", "local"), default="local",
          help="what float_sparse's weight update fits: the linear's own output on the pruned inputs (local, the "
          "original algorithm, the default) or the dense model's output of each linear, which also corrects the "
-         "error of the pruned layers before it (dense: better on the demo model, worse on Qwen2.5-1.5B, "
-         "BENCHMARKS.md)")
+         "error of the pruned layers before it, for linears with at least 8 calibration tokens per input (dense: "
+         "better on the demo model, BENCHMARKS.md)")
     flag(p, "--owl", action="store_true", help="OWL: give layers with more activation outliers less sparsity")
     flag(p, "--owl_threshold", type=float, default=5.0, help="OWL outlier threshold M x layer mean (default: 5)")
     flag(p, "--owl_lambda", type=float, default=0.08, help="OWL max deviation from --sparsity (default: 0.08)")

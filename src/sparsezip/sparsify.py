@@ -33,7 +33,24 @@ from .tp import SplitRule, global_rules, layer_rules, source_rows
 
 log = logging.getLogger("sparsezip")
 TRIM_GROWTH = 1.5  # hand freed heap memory back once the resident size grew this much over its low (trim_if_grown)
+DENSE_TARGET_TOKENS_PER_INPUT = 8
 STAGES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def fits_dense_target(tokens: int, in_features: int) -> bool:
+    """Whether `--targets dense` fits a linear of `in_features` inputs to the dense model's outputs: only with at least
+    DENSE_TARGET_TOKENS_PER_INPUT calibration tokens per input. With fewer, the fit follows differences between the
+    pruned and dense inputs that hold on the calibration tokens alone, and the model came out worse than with the
+    original fit (Qwen2.5-Coder-1.5B at 0.9 and 5.3 tokens per input, BENCHMARKS.md; the demo model gained at 10.7
+    and more): such a linear keeps the original fit."""
+    return tokens >= DENSE_TARGET_TOKENS_PER_INPUT * in_features
+
+
+def linears_without_dense_target(args: ModelArgs, tokens: int) -> list[str]:
+    """The stages whose linears keep the original fit under `--targets dense` with this many calibration tokens."""
+    inputs = {"self_attn.qkv_proj": args.hidden_size, "self_attn.o_proj": args.num_heads * args.head_dim,
+              "mlp.gate_up_proj": args.hidden_size, "mlp.down_proj": args.intermediate_size}
+    return [stage for stage in STAGES if not fits_dense_target(tokens, inputs[stage])]
 
 
 def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, config: SparsifyConfig,
@@ -52,7 +69,9 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
     for i, (label, sl) in enumerate(calls):
         if stats is not None:
             stats.last_use = i == len(calls) - 1
-        fit = {} if stats is None or stats.dense_target is None else {"dense_target": stats.dense_target[:, sl]}
+        dense_fit = (stats is not None and stats.dense_target is not None
+                     and fits_dense_target(stats.tokens, stats.dense_target.shape[0]))
+        fit = {"dense_target": stats.dense_target[:, sl]} if dense_fit else {}
         pruned[label] = method.prune(weight[sl], stats, sparsity, config.nm, **fit).to(torch.float16)
     parts = {name: pruned["fused"][sl] for name, sl in rows} if method.row_local else pruned
     if config.rounding_mode == "l2":  # "the 2% of the matrix" is counted per Hugging Face matrix
@@ -107,6 +126,20 @@ def calibration_batches(model_path: Path, reader: TensorReader, config: Sparsify
     return embed_samples(reader, samples), tokens, len(samples)
 
 
+def dense_targets_fit(args: ModelArgs, config: SparsifyConfig, tokens: int) -> bool:
+    """Whether any linear takes a dense target (then the dense activations travel beside the pruned ones); says
+    which linears keep the original fit under `--targets dense`."""
+    if config.targets != "dense":
+        return False
+    local = linears_without_dense_target(args, tokens)
+    if local:
+        log.warning("--targets dense: %s keep%s the original fit: %d calibration tokens are fewer than %d per input; "
+                    "more calibration tokens (--calib_samples, --calib_seqlen) fit %s to the dense outputs",
+                    ", ".join(local), "s" * (len(local) == 1), tokens, DENSE_TARGET_TOKENS_PER_INPUT,
+                    "it" if len(local) == 1 else "them")
+    return len(local) < len(STAGES)
+
+
 def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = SparsifyConfig(),
              overwrite: bool = False) -> Path:
     """Prune the 7 linears of every decoder layer of a dense checkpoint and save a W16A16S folder."""
@@ -127,7 +160,7 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
         ratios = owl_outlier_ratios(args, reader, hidden, config.device, config.owl.threshold)
         layer_sparsity = owl_allocation(ratios, config.sparsity, config.owl.lam)
     run = LayerPass(args, config.device, method.needs_hessian) if method.calibrated else None
-    acts = Activations(hidden, hidden if config.targets == "dense" else None)
+    acts = Activations(hidden, hidden if dense_targets_fit(args, config, tokens) else None)
     del hidden  # the first layer's pass may drop the embedded batches
     with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
         writer = ShardedWriter(tmp, SPARSE_STEM, int(config.part_file_size * 2**30))
@@ -152,6 +185,8 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
         provenance = {"source": model_path.resolve().name, "tool": f"sparsezip {__version__}",
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         description.metadata = config.metadata(tokens, n_samples, layer_sparsity, provenance)
+        if config.targets == "dense":  # the linears that kept the original fit
+            description.metadata["local_fit"] = linears_without_dense_target(args, tokens)
         write_description(tmp, description)
         write_fp16_config(model_path, tmp, FolderKind.W16A16S)
         copy_side_files(model_path, tmp)
