@@ -320,9 +320,7 @@ def machine() -> str:
 
     name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")), platform.processor())
-    level = cpu.features()["level"]
-    if level == "avx512":
-        level += " (AVX2 code: no kernel has an AVX-512 path)"
+    level = cpu.describe_level(cpu.features()["level"])
     return (f"{name}, {psutil.cpu_count()} logical CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
             f"native kernels at level {level}, Python {platform.python_version()}, no GPU")
 

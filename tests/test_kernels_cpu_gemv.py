@@ -278,3 +278,13 @@ def test_thread_pool_survives_fork_and_concurrent_callers():
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (AVX2 code: no kernel has an AVX-512 path)"),
+                                          ("avx2", "level avx2; best for")])
+def test_info_says_which_code_the_kernels_run(monkeypatch, capsys, level, shown):
+    from sparsezip.cli import main
+
+    monkeypatch.setattr(cpu, "features", lambda: {"level": level, "detected": level, "flags": {"avx2": True}})
+    assert main(["info"]) in (0, None)
+    assert shown in capsys.readouterr().out

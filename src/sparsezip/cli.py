@@ -239,8 +239,8 @@ def cmd_info(ns: argparse.Namespace) -> None:
     found = cpu.features()
     flags = ", ".join(name for name, on in found["flags"].items() if on) or "none"
     print(f"sparsezip {__version__}")
-    print(f"native CPU kernels: level {found['level']} (best for this CPU and OS: {found['detected']}; "
-          f"cap with ${cpu.ISA_ENV}=scalar|avx2|avx512)")
+    print(f"native CPU kernels: level {cpu.describe_level(found['level'])}; best for this CPU and OS: "
+          f"{found['detected']}; cap with ${cpu.ISA_ENV}=scalar|avx2|avx512")
     print(f"CPU features enabled: {flags}")
     print(f"kernel threads: {cpu.threads()}")
 
