@@ -111,6 +111,28 @@ def test_dense_stream_gives_each_linear_the_dense_models_outputs_as_target(tiny_
     assert not torch.allclose(out.dense[0], layer_forward(args, layer, dense_in[0]))  # the pruning mattered
 
 
+def test_dense_stream_gives_targets_only_to_the_stages_asked_for(tiny_dir):
+    folder = tiny_dir("llama")
+    args = ModelArgs.from_dir(folder)
+    layer = load_layer(args, read_layer(args, TensorReader(safetensors_files(folder)), 0), 0, "cpu")
+    dense_layer = copy.deepcopy(layer)
+    g = torch.Generator().manual_seed(3)
+    dense_in = [torch.randn(2, 9, args.hidden_size, generator=g) for _ in range(2)]
+    targets = {}
+
+    def prune_half(name, linear, stats):
+        targets[name] = stats.dense_target
+        linear.weight.data[:, ::2] = 0
+
+    run = LayerPass(args, "cpu", needs_hessian=True, dense_stages=("self_attn.o_proj",))
+    out = run(layer, Activations([x.clone() for x in dense_in], dense_in), prune_half)
+    assert [name for name, t in targets.items() if t is not None] == ["self_attn.o_proj"]
+    assert len(targets) == 4
+    # the dense stream still went through the whole dense layer, its MLP included
+    for x_dense, y_dense in zip(dense_in, out.dense, strict=True):
+        torch.testing.assert_close(y_dense, layer_forward(args, dense_layer, x_dense), rtol=1e-5, atol=1e-5)
+
+
 def test_mlp_activations_are_not_held_while_the_down_projection_is_pruned(tiny_dir):
     folder = tiny_dir("qwen3")
     args = ModelArgs.from_dir(folder)
@@ -196,6 +218,7 @@ def test_dense_targets_only_where_the_calibration_has_8_tokens_per_input(tiny_di
     original = pruners.METHODS["float_sparse"]
 
     def spy(w, stats, ratio, pattern, dense_target=None):
+        assert (stats.dense_target is None) == (dense_target is None)  # no unused target was accumulated
         seen.append((stats.tokens, w.shape[1], dense_target is not None))
         return original.prune(w, stats, ratio, pattern, dense_target=dense_target)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ from .tp import EMBEDDING, Dist, layer_rules, shard
 SAMPLES_PER_BATCH = 4
 ATTENTION_CHUNK = 64  # queries per attention call: causal chunks skip masked scores (model.attend)
 LinearHook = Callable[[str, nn.Linear, LinearStats], None]
+# A layer's linears in the order a calibration pass reaches them, by their names in DecoderLayer
+STAGES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 def read_layer(args: ModelArgs, reader: TensorReader, index: int) -> dict[str, torch.Tensor]:
@@ -122,10 +124,12 @@ StageHook = Callable[[str, nn.Linear, Iterable[torch.Tensor]], None]
 
 class LayerPass:
     """Runs calibration batches ([B, L, hidden] each) through one layer stage by stage, on `device`, keeping
-    activations on the CPU. The batches are formed once (embed_samples) and never restacked."""
+    activations on the CPU. The batches are formed once (embed_samples) and never restacked. With a dense stream,
+    only the linears of `dense_stages` get dense targets: the others' dense inputs are neither kept nor used."""
 
-    def __init__(self, args: ModelArgs, device: str, needs_hessian: bool):
+    def __init__(self, args: ModelArgs, device: str, needs_hessian: bool, dense_stages: Collection[str] = STAGES):
         self.args, self.device, self.needs_hessian = args, device, needs_hessian
+        self.dense_stages = frozenset(dense_stages)
 
     def apply(self, fn: Callable[..., torch.Tensor], *inputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         return [fn(*(x.to(self.device) for x in xs)).cpu() for xs in zip(*inputs)]
@@ -158,7 +162,11 @@ class LayerPass:
             dense_out = None
             if acts.dense is not None:  # first, while the layer still holds its dense weights
                 def record(stage: str, _linear: nn.Linear, inputs: Iterable[torch.Tensor]) -> None:
-                    dense_inputs[stage] = self.kept(inputs, stage, keep)
+                    if stage in self.dense_stages:
+                        dense_inputs[stage] = self.kept(inputs, stage, keep)
+                        return
+                    for _ in inputs:  # the MLP's activations reach its down projection only by being consumed
+                        pass
 
                 dense_out = self.stages(layer, acts.dense, record, last)
 

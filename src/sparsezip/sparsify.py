@@ -19,8 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import __version__
-from .calibrate import (Activations, LayerPass, embed_samples, load_layer, owl_allocation, owl_outlier_ratios,
-                        read_layer)
+from .calibrate import (STAGES, Activations, LayerPass, embed_samples, load_layer, owl_allocation,
+                        owl_outlier_ratios, read_layer)
 from .checkpoint import ShardedWriter, TensorReader, atomic_output_dir, check_output_path, release_freed_memory, to_fp16
 from .config import ModelArgs, SparsifyConfig
 from .data import calibration_samples, load_tokenizer
@@ -34,7 +34,6 @@ from .tp import SplitRule, global_rules, layer_rules, source_rows
 log = logging.getLogger("sparsezip")
 TRIM_GROWTH = 1.5  # hand freed heap memory back once the resident size grew this much over its low (trim_if_grown)
 DENSE_TARGET_TOKENS_PER_INPUT = 8
-STAGES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 def fits_dense_target(tokens: int, in_features: int) -> bool:
@@ -69,8 +68,7 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
     for i, (label, sl) in enumerate(calls):
         if stats is not None:
             stats.last_use = i == len(calls) - 1
-        dense_fit = (stats is not None and stats.dense_target is not None
-                     and fits_dense_target(stats.tokens, stats.dense_target.shape[0]))
+        dense_fit = stats is not None and stats.dense_target is not None  # only where dense_target_stages said
         fit = {"dense_target": stats.dense_target[:, sl]} if dense_fit else {}
         pruned[label] = method.prune(weight[sl], stats, sparsity, config.nm, **fit).to(torch.float16)
     parts = {name: pruned["fused"][sl] for name, sl in rows} if method.row_local else pruned
@@ -126,18 +124,18 @@ def calibration_batches(model_path: Path, reader: TensorReader, config: Sparsify
     return embed_samples(reader, samples), tokens, len(samples)
 
 
-def dense_targets_fit(args: ModelArgs, config: SparsifyConfig, tokens: int) -> bool:
-    """Whether any linear takes a dense target (then the dense activations travel beside the pruned ones); says
-    which linears keep the original fit under `--targets dense`."""
+def dense_target_stages(args: ModelArgs, config: SparsifyConfig, tokens: int) -> tuple[str, ...]:
+    """The stages whose linears fit the dense model's outputs (with any, the dense activations travel beside the
+    pruned ones); says which linears keep the original fit under `--targets dense`."""
     if config.targets != "dense":
-        return False
+        return ()
     local = linears_without_dense_target(args, tokens)
     if local:
         log.warning("--targets dense: %s keep%s the original fit: %d calibration tokens are fewer than %d per input; "
                     "more calibration tokens (--calib_samples, --calib_seqlen) fit %s to the dense outputs",
                     ", ".join(local), "s" * (len(local) == 1), tokens, DENSE_TARGET_TOKENS_PER_INPUT,
                     "it" if len(local) == 1 else "them")
-    return len(local) < len(STAGES)
+    return tuple(stage for stage in STAGES if stage not in local)
 
 
 def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = SparsifyConfig(),
@@ -159,8 +157,9 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
     if config.owl is not None:
         ratios = owl_outlier_ratios(args, reader, hidden, config.device, config.owl.threshold)
         layer_sparsity = owl_allocation(ratios, config.sparsity, config.owl.lam)
-    run = LayerPass(args, config.device, method.needs_hessian) if method.calibrated else None
-    acts = Activations(hidden, hidden if dense_targets_fit(args, config, tokens) else None)
+    dense_stages = dense_target_stages(args, config, tokens)
+    run = LayerPass(args, config.device, method.needs_hessian, dense_stages) if method.calibrated else None
+    acts = Activations(hidden, hidden if dense_stages else None)
     del hidden  # the first layer's pass may drop the embedded batches
     with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
         writer = ShardedWriter(tmp, SPARSE_STEM, int(config.part_file_size * 2**30))
