@@ -560,6 +560,31 @@ def test_real_process_prints_one_line_and_exits_non_zero(case, pipe, tmp_path):
     assert ("does not exist" if case == "missing-path" else "torchrun") in lines[0]
 
 
+@pytest.mark.parametrize("world_size, exit_through", [("2", "os._exit"), ("1", "sys.exit"), (None, "sys.exit"),
+                                                      ("two", "sys.exit")])
+def test_a_torchrun_process_exits_without_interpreter_teardown(monkeypatch, capsys, world_size, exit_through):
+    """Under torchrun the command's exit status leaves through os._exit once stdout is flushed (gloo's threads
+    aborted the interpreter's exit now and then); everywhere else through sys.exit."""
+    from sparsezip import cli
+
+    def exit_now(code):
+        raise SystemExit(("os._exit", code))
+
+    def finished_command():
+        print("the answer", end="")  # still in the buffer when the process leaves
+        return 3
+
+    monkeypatch.setattr(cli, "main", finished_command)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if world_size is not None:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.raises(SystemExit) as stop:
+        cli.run_as_process()
+    assert stop.value.code == (("os._exit", 3) if exit_through == "os._exit" else 3)
+    assert capsys.readouterr().out == "the answer"
+
+
 # ----------------------------------------------------------------------------- interruption
 
 

@@ -1,7 +1,5 @@
 """`python -m sparsezip` and `torchrun -m sparsezip`."""
 
-import sys
+from .cli import run_as_process
 
-from .cli import main
-
-sys.exit(main())
+run_as_process()

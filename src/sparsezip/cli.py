@@ -432,6 +432,32 @@ def main(argv: list[str] | None = None) -> int:
     return stopped[1]
 
 
+def run_as_process() -> NoReturn:
+    """The `sparsezip` command and `python -m sparsezip`: main(), then the process exit. A process of a torchrun
+    group leaves through os._exit once its output is flushed: at interpreter exit, after the command had finished
+    and left its process group, the C++ side of torch.distributed was now and then torn down mid-flight (SIGABRT,
+    "terminate called without an active exception"), which turned a finished command into a failed one."""
+    code = main()
+    if in_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def in_process_group() -> bool:
+    """Whether this process was started as one of several by torchrun. Only a process that imported torch can
+    have joined a group, so a command that never needed torch does not import it here."""
+    if "torch" not in sys.modules:
+        return False
+    from .tp import Dist
+
+    try:
+        return Dist.from_env().size > 1
+    except SparsezipError:  # main has already said what is wrong with the environment
+        return False
+
+
 def ignore_unraisable(_unraisable) -> None:
     """A signal can land inside a constructor (tqdm's, say); the half-built object's __del__ then fails when the
     unwound frames are freed, and Python would print that traceback after our one-line message."""

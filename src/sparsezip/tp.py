@@ -180,9 +180,9 @@ class Dist:
 
 @contextmanager
 def process_group(device: str) -> Iterator[Dist]:
-    """Join torchrun's process group for the block (gloo on CPU, nccl on CUDA) and leave it on every exit path:
-    left to the interpreter's exit, gloo's threads are sometimes torn down mid-flight and the process aborts
-    ("terminate called without an active exception")."""
+    """Join torchrun's process group for the block (gloo on CPU, nccl on CUDA) and leave it on every exit path,
+    so that its threads are stopped while the interpreter is whole (and an in-process caller may join again). The
+    process itself then leaves through cli.run_as_process."""
     dist_info = Dist.from_env()
     if dist_info.size == 1:
         yield dist_info
