@@ -315,6 +315,47 @@ def test_a_damaged_long_exception_list(kernel_level, damage):
         linear(torch.randn(2, 128), damaged)
 
 
+ESCAPED = (3, 4, 5, 31, 40)  # values of one tile row that escape: three side by side and the last of a 32-value step
+
+
+def escapes_inside_vector_steps() -> tuple[np.ndarray, EncodedWeight]:
+    """One full-width tile row: 15 symbols 8 or 9 times each take the codebook, and the values ESCAPED hold rare
+    symbols (0x70..0x74) and alternate signs: several escapes inside the native decoder's 32-value steps."""
+    bits = np.array([[(0x30 + i % 15) << 8 for i in range(128)]], np.uint16)
+    for j, at in enumerate(ESCAPED):
+        bits[0, at] = (0x70 + j) << 8 | (j % 2) << 15
+    return bits, V3.encode(as_half(bits), backend="numpy")
+
+
+def test_escapes_inside_a_vector_step_decode_in_order_at_every_kernel_level(kernel_level):
+    bits, enc = escapes_inside_vector_steps()
+    payload = payload_of(enc)
+    assert payload[-len(ESCAPED):] == bytes(range(0x70, 0x75))  # mode 1 without exceptions: the escape bytes end the tile
+    np.testing.assert_array_equal(bits_of(V3.decode(enc, backend="native")), bits)
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(linear(x, enc), x @ as_half(bits).float().T, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_escape_byte_inside_a_vector_step(kernel_level):
+    _, enc = escapes_inside_vector_steps()
+    payload = bytearray(payload_of(enc))
+    payload[-len(ESCAPED) + 1] = 0x90  # value 4's escape byte: no symbol
+    with pytest.raises(SparsezipError, match="escape|symbol"):
+        V3.decode(with_payload(enc, bytes(payload)), backend="native")
+    with pytest.raises(SparsezipError, match="escape|symbol"):
+        linear(torch.randn(1, 128), with_payload(enc, bytes(payload)))
+
+
+def test_a_code_missing_from_the_codebook_inside_a_vector_step(kernel_level):
+    bits = np.array([[(0x30 + i % 10) << 8 for i in range(128)]], np.uint16)  # codes 10..14 unused
+    payload = bytearray(payload_of(V3.encode(as_half(bits), backend="numpy")))
+    codes_at = BOOK + 6 + 16 + 16  # header, 16 bitmap bytes, 16 sign bytes
+    payload[codes_at + 10] = (payload[codes_at + 10] & 0xF0) | 12  # value 20: code 12
+    damaged = with_payload(V3.encode(as_half(bits), backend="numpy"), bytes(payload))
+    with pytest.raises(SparsezipError, match="codebook|code"):
+        V3.decode(damaged, backend="native")
+
+
 # a byte checked 32 at a time; the one byte past those steps but before the positions' scalar tail (at 40 entries
 # the 16-wide position steps end at entry 33); one in that tail
 @pytest.mark.parametrize("entry", [10, 32, LONG_LIST - 2])

@@ -49,8 +49,9 @@ static int symbols_scalar(const uint8_t *book, const uint8_t *codes, const uint8
 #ifdef SPZ_X86
 /* 32 values per step, all in registers: 16 code bytes widen to u16 lanes that hold their two codes in value order,
  * one pshufb through the codebook gives the symbols, and the 4 sign bytes become bit 7 of each symbol byte (the
- * sign of the fp16 pattern sym << 8). A step with a lane that comes out as UNUSED (an escape, or an invalid code)
- * takes the one-by-one path. */
+ * sign of the fp16 pattern sym << 8). A lane that comes out as UNUSED (an escape, or an invalid code) is then
+ * redone by the one-by-one path, alone: redoing its whole step cost a fifth of this function's time on the 1.5B
+ * model, where 1.4% of the steps hold an escape. */
 __attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, const uint8_t *codes,
                                                          const uint8_t *signs, int nnz, const uint8_t *esc, int n_esc,
                                                          int *e, uint16_t *vals) {
@@ -69,10 +70,8 @@ __attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, con
         /* u16 lane j = code byte b: its low byte takes b & 15 (value 2j), its high byte b >> 4 (value 2j + 1) */
         const __m256i code = _mm256_and_si256(_mm256_or_si256(wide, _mm256_slli_epi16(wide, 4)), nibbles);
         const __m256i sym = _mm256_shuffle_epi8(table, code);
-        if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(sym, unused))) {
-            if (symbols_scalar(book, codes, signs, i, i + 32, esc, n_esc, e, vals)) return -1;
-            continue;
-        }
+        /* bit j = value i + j: byte j of sym holds value j's symbol */
+        uint32_t odd = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(sym, unused));
         uint32_t sign_bits;
         memcpy(&sign_bits, sign_at, 4);
         const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)sign_bits), sign_byte);
@@ -81,6 +80,10 @@ __attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, con
         const __m256i first = _mm256_unpacklo_epi8(zero, high), second = _mm256_unpackhi_epi8(zero, high);
         _mm256_storeu_si256((__m256i *)out, _mm256_permute2x128_si256(first, second, 0x20));
         _mm256_storeu_si256((__m256i *)(out + 16), _mm256_permute2x128_si256(first, second, 0x31));
+        for (; odd; odd &= odd - 1) { /* in value order, so that escapes are taken in order */
+            const int at = i + __builtin_ctz(odd);
+            if (symbols_scalar(book, codes, signs, at, at + 1, esc, n_esc, e, vals)) return -1;
+        }
     }
     return symbols_scalar(book, codes, signs, i, nnz, esc, n_esc, e, vals);
 }
