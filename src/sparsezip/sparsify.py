@@ -185,7 +185,7 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         description.metadata = config.metadata(tokens, n_samples, layer_sparsity, provenance)
         if config.targets == "dense":  # the linears that kept the original fit
-            description.metadata["local_fit"] = linears_without_dense_target(args, tokens)
+            description.metadata["local_fit"] = [stage for stage in STAGES if stage not in dense_stages]
         write_description(tmp, description)
         write_fp16_config(model_path, tmp, FolderKind.W16A16S)
         copy_side_files(model_path, tmp)
