@@ -211,16 +211,37 @@ def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(tiny_dir, 
     assert miss["dense"] < 0.99 * miss["local"], miss
 
 
+def test_admm_rho_reaches_the_pruner_and_the_description(tiny_dir, text_file, tmp_path, monkeypatch):
+    folder = tiny_dir("llama")
+    config = SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=4, calib_seqlen=32,
+                            rounding="none")
+    seen = []
+    real = pruners.METHODS["float_sparse"].prune
+
+    def spy(w, stats, ratio, pattern, **kwargs):
+        seen.append(kwargs["rho"])
+        return real(w, stats, ratio, pattern, **kwargs)
+
+    monkeypatch.setitem(pruners.METHODS, "float_sparse", replace(pruners.METHODS["float_sparse"], prune=spy))
+    out = {rho: sparsify(folder, tmp_path / str(rho), replace(config, admm_rho=rho)) for rho in (1.0, 0.6)}
+    assert config.admm_rho == 1.0  # the original's penalty stays the default
+    assert seen and set(seen) == {1.0, 0.6} and seen.count(0.6) == len(seen) // 2
+    assert read_json(out[0.6] / "quant_model_description.json")["metadata"]["admm_rho"] == 0.6
+    assert read_json(out[1.0] / "quant_model_description.json")["metadata"]["admm_rho"] == 1.0
+    differ = [name for name, w in linears(out[0.6]).items() if not torch.equal(w, linears(out[1.0])[name])]
+    assert differ  # another penalty, other weights
+
+
 def test_dense_targets_only_where_the_calibration_has_8_tokens_per_input(tiny_dir, text_file, tmp_path, monkeypatch,
                                                                          caplog):
     # 8 x 64 calibration tokens: 8 per input of the 64-wide linears, 4 per input of down_proj (128 wide)
     seen = []
     original = pruners.METHODS["float_sparse"]
 
-    def spy(w, stats, ratio, pattern, dense_target=None):
+    def spy(w, stats, ratio, pattern, dense_target=None, **kwargs):
         assert (stats.dense_target is None) == (dense_target is None)  # no unused target was accumulated
         seen.append((stats.tokens, w.shape[1], dense_target is not None))
-        return original.prune(w, stats, ratio, pattern, dense_target=dense_target)
+        return original.prune(w, stats, ratio, pattern, dense_target=dense_target, **kwargs)
 
     monkeypatch.setitem(pruners.METHODS, "float_sparse", replace(original, prune=spy))
     with caplog.at_level(logging.WARNING, logger="sparsezip"):

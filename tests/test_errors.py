@@ -449,6 +449,10 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--part_file_size", "0"], "--part_file_size must be above 0"),
     (["--calib_samples", "0"], "--calib_samples"),
     (["--method", "wanda", "--targets", "dense"], "--targets dense needs --method float_sparse"),
+    (["--admm_rho", "0"], "--admm_rho must be a positive number"),
+    (["--admm_rho", "nan"], "--admm_rho must be a positive number"),
+    (["--admm_rho", "inf"], "--admm_rho must be a positive number"),
+    (["--method", "sparsegpt", "--admm_rho", "0.6"], "--method sparsegpt has none"),
 ], ids=lambda v: v if isinstance(v, str) else "=".join(v))
 def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_path):
     out = tmp_path / "s"

@@ -154,6 +154,15 @@ def test_float_sparse_follows_the_admm_recipe():
     assert float((got.double() - want).norm() / want.norm()) < 1e-3
 
 
+def test_float_sparse_follows_the_admm_recipe_at_another_penalty():
+    w, x, stats = problem(16, 48, tokens=2048, seed=5)
+    got = float_sparse(w, stats, 0.5, None, rho=0.6)
+    want = reference_admm(w, stats.H, 0.5, rho=0.6)
+    assert ((got == 0) == (want == 0)).float().mean() > 0.99
+    assert float((got.double() - want).norm() / want.norm()) < 1e-3
+    assert float((got.double() - reference_admm(w, stats.H, 0.5)).norm() / want.norm()) > 1e-2  # rho matters
+
+
 def test_float_sparse_with_its_own_outputs_as_dense_target_is_the_original():
     w, x, stats = problem(16, 48, tokens=2048, seed=5)
     own = x.T @ (x @ w.T)  # X^T Y with Y = X W^T: what the original fits

@@ -70,8 +70,8 @@ def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
     from .runtime import pick_device
 
     settings = dict(calib=tuple(ns.calib or ()), device=pick_device(ns.device))
-    for name in ("method", "sparsity", "pattern", "rounding", "targets", "calib_samples", "calib_seqlen", "seed",
-                 "part_file_size"):
+    for name in ("method", "sparsity", "pattern", "rounding", "targets", "admm_rho", "calib_samples", "calib_seqlen",
+                 "seed", "part_file_size"):
         if hasattr(ns, name):
             settings[name] = getattr(ns, name)
     if getattr(ns, "owl", False):
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
          "original algorithm, the default) or the dense model's output of each linear, which also corrects the "
          "error of the pruned layers before it, for linears with at least 8 calibration tokens per input (dense: "
          "better on the demo model, BENCHMARKS.md)")
+    flag(p, "--admm_rho", type=float, default=1.0,
+         help="float_sparse's ADMM penalty on the normalised Hessian (default: 1.0, the original's; 0.6 was better "
+         "on the demo model, BENCHMARKS.md)")
     flag(p, "--owl", action="store_true", help="OWL: give layers with more activation outliers less sparsity")
     flag(p, "--owl_threshold", type=float, default=5.0, help="OWL outlier threshold M x layer mean (default: 5)")
     flag(p, "--owl_lambda", type=float, default=0.08, help="OWL max deviation from --sparsity (default: 0.08)")

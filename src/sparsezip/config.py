@@ -232,6 +232,8 @@ class SparsifyConfig:
     # what float_sparse's update fits: "local", the linear's own dense weights on the pruned model's inputs (the
     # original), or "dense", the dense model's outputs of the linear
     targets: str = "local"
+    # float_sparse's ADMM penalty on the normalised Hessian: 1 is the original's (see pruners.float_sparse)
+    admm_rho: float = 1.0
     calib: tuple[Path, ...] = ()
     calib_samples: int = 32
     calib_seqlen: int = 512
@@ -278,6 +280,10 @@ class SparsifyConfig:
         if self.targets == "dense" and self.method != "float_sparse":
             raise SparsezipError(f"--targets dense needs --method float_sparse (the only method that refits the "
                                  f"weights to a target), not {self.method}")
+        if not 0.0 < self.admm_rho < math.inf:  # also refuses NaN
+            raise SparsezipError(f"--admm_rho must be a positive number, got {self.admm_rho}")
+        if self.admm_rho != 1.0 and self.method != "float_sparse":
+            raise SparsezipError(f"--admm_rho is float_sparse's ADMM penalty; --method {self.method} has none")
         if self.owl is not None and (nm is not None or not method.calibrated):
             raise SparsezipError("--owl allocates unstructured sparsity from activations: it needs a calibrated "
                                  "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
@@ -295,6 +301,8 @@ class SparsifyConfig:
                   "rounding": self.rounding_mode, "targets": self.targets, "calibration_tokens": tokens,
                   "calibration_samples": samples,
                   "calibration_files": [Path(c).name for c in self.calib], **provenance}
+        if self.method == "float_sparse":
+            record["admm_rho"] = self.admm_rho
         if self.owl is not None:
             record["owl"] = {"threshold_m": self.owl.threshold, "lambda": self.owl.lam,
                              "layer_sparsity": [round(x, 6) for x in layer_sparsity]}
