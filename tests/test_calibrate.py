@@ -232,6 +232,28 @@ def test_admm_rho_reaches_the_pruner_and_the_description(tiny_dir, text_file, tm
     assert differ  # another penalty, other weights
 
 
+def test_mask_scope_reaches_the_pruner_and_the_description(tiny_dir, text_file, tmp_path, monkeypatch):
+    folder = tiny_dir("llama")
+    config = SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=4, calib_seqlen=32,
+                            rounding="none")
+    seen = []
+    real = pruners.METHODS["float_sparse"].prune
+
+    def spy(w, stats, ratio, pattern, **kwargs):
+        seen.append(kwargs["row_masks"])
+        return real(w, stats, ratio, pattern, **kwargs)
+
+    monkeypatch.setitem(pruners.METHODS, "float_sparse", replace(pruners.METHODS["float_sparse"], prune=spy))
+    out = {scope: sparsify(folder, tmp_path / scope, replace(config, mask_scope=scope)) for scope in ("matrix", "row")}
+    assert config.mask_scope == "matrix"  # the original's whole-matrix ranking stays the default
+    assert seen and seen.count(True) == seen.count(False) == len(seen) // 2
+    for scope, path in out.items():
+        assert read_json(path / "quant_model_description.json")["metadata"]["mask_scope"] == scope
+    rows = linears(out["row"])
+    assert all(int((w == 0).sum(1).min()) == int((w == 0).sum(1).max()) for w in rows.values())  # equal per row
+    assert any(int((w == 0).sum(1).min()) != int((w == 0).sum(1).max()) for w in linears(out["matrix"]).values())
+
+
 def test_dense_targets_only_where_the_calibration_has_8_tokens_per_input(tiny_dir, text_file, tmp_path, monkeypatch,
                                                                          caplog):
     # 8 x 64 calibration tokens: 8 per input of the 64-wide linears, 4 per input of down_proj (128 wide)

@@ -453,6 +453,8 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--admm_rho", "nan"], "--admm_rho must be a positive number"),
     (["--admm_rho", "inf"], "--admm_rho must be a positive number"),
     (["--method", "sparsegpt", "--admm_rho", "0.6"], "--method sparsegpt has none"),
+    (["--method", "wanda", "--mask_scope", "row"], "--mask_scope chooses float_sparse's mask ranking"),
+    (["--mask_scope", "column"], "--mask_scope"),
 ], ids=lambda v: v if isinstance(v, str) else "=".join(v))
 def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_path):
     out = tmp_path / "s"

@@ -123,8 +123,9 @@ def test_hessian_methods_refuse_stats_without_hessian(method):
 # float_sparse
 
 
-def reference_admm(w, h, ratio, iters=20, mask_iters=15, rho=1.0):
-    """The DESIGN's ADMM written plainly in float64 (linalg.solve, argsort ranking), unstructured only."""
+def reference_admm(w, h, ratio, iters=20, mask_iters=15, rho=1.0, row_masks=False):
+    """The DESIGN's ADMM written plainly in float64 (linalg.solve, argsort ranking), unstructured only; with
+    `row_masks` each output row (a column of wn) keeps its own largest entries."""
     w, h = w.double(), h.double()
     d = h.diagonal().sqrt()
     hn = h / torch.outer(d, d)
@@ -135,7 +136,10 @@ def reference_admm(w, h, ratio, iters=20, mask_iters=15, rho=1.0):
     u = torch.zeros_like(wn)
     n_zero = int(wn.numel() * ratio)
     for it in range(iters):
-        if it < mask_iters:
+        if it < mask_iters and row_masks:
+            order = torch.argsort((wn + u).abs(), dim=0)[:int(wn.shape[0] * ratio)]  # per column of wn
+            mask = torch.ones_like(wn).scatter_(0, order, 0.0)
+        elif it < mask_iters:
             order = torch.argsort((wn + u).abs().flatten())
             mask = torch.ones(wn.numel(), dtype=torch.float64)
             mask[order[:n_zero]] = 0
@@ -161,6 +165,18 @@ def test_float_sparse_follows_the_admm_recipe_at_another_penalty():
     assert ((got == 0) == (want == 0)).float().mean() > 0.99
     assert float((got.double() - want).norm() / want.norm()) < 1e-3
     assert float((got.double() - reference_admm(w, stats.H, 0.5)).norm() / want.norm()) > 1e-2  # rho matters
+
+
+def test_float_sparse_with_row_masks_prunes_every_output_row_equally():
+    w, x, stats = problem(16, 48, tokens=2048, seed=5)
+    w = w * torch.linspace(0.05, 2.0, 16)[:, None]  # rows of very different norms: a whole-matrix rank favours big ones
+    got = float_sparse(w, stats, 0.5, None, rho=0.6, row_masks=True)
+    want = reference_admm(w, stats.H, 0.5, rho=0.6, row_masks=True)
+    assert ((got == 0) == (want == 0)).float().mean() > 0.99
+    assert float((got.double() - want).norm() / want.norm()) < 1e-3
+    assert (got == 0).sum(1).tolist() == [24] * 16  # exactly half of every row
+    matrix_scope = float_sparse(w, stats, 0.5, None, rho=0.6)
+    assert int((matrix_scope == 0).sum()) == 16 * 24 and len(set((matrix_scope == 0).sum(1).tolist())) > 1
 
 
 def test_float_sparse_with_its_own_outputs_as_dense_target_is_the_original():

@@ -70,8 +70,8 @@ def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
     from .runtime import pick_device
 
     settings = dict(calib=tuple(ns.calib or ()), device=pick_device(ns.device))
-    for name in ("method", "sparsity", "pattern", "rounding", "targets", "admm_rho", "calib_samples", "calib_seqlen",
-                 "seed", "part_file_size"):
+    for name in ("method", "sparsity", "pattern", "rounding", "targets", "admm_rho", "mask_scope", "calib_samples",
+                 "calib_seqlen", "seed", "part_file_size"):
         if hasattr(ns, name):
             settings[name] = getattr(ns, name)
     if getattr(ns, "owl", False):
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag(p, "--admm_rho", type=float, default=1.0,
          help="float_sparse's ADMM penalty on the normalised Hessian (default: 1.0, the original's; 0.6 was better "
          "on the demo model and on Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
+    flag(p, "--mask_scope", choices=("matrix", "row"), default="matrix",
+         help="what float_sparse's mask ranks: each whole matrix (matrix, the original's, the default) or each "
+         "output row on its own, as SparseGPT and Wanda do (row)")
     flag(p, "--owl", action="store_true", help="OWL: give layers with more activation outliers less sparsity")
     flag(p, "--owl_threshold", type=float, default=5.0, help="OWL outlier threshold M x layer mean (default: 5)")
     flag(p, "--owl_lambda", type=float, default=0.08, help="OWL max deviation from --sparsity (default: 0.08)")

@@ -234,6 +234,8 @@ class SparsifyConfig:
     targets: str = "local"
     # float_sparse's ADMM penalty on the normalised Hessian: 1 is the original's (see pruners.float_sparse)
     admm_rho: float = 1.0
+    # what float_sparse's mask ranks: "matrix", each whole matrix (the original), or "row", each output row
+    mask_scope: str = "matrix"
     calib: tuple[Path, ...] = ()
     calib_samples: int = 32
     calib_seqlen: int = 512
@@ -284,6 +286,11 @@ class SparsifyConfig:
             raise SparsezipError(f"--admm_rho must be a positive number, got {self.admm_rho}")
         if self.admm_rho != 1.0 and self.method != "float_sparse":
             raise SparsezipError(f"--admm_rho is float_sparse's ADMM penalty; --method {self.method} has none")
+        if self.mask_scope not in ("matrix", "row"):
+            raise SparsezipError(f"--mask_scope must be matrix or row, got {self.mask_scope!r}")
+        if self.mask_scope != "matrix" and self.method != "float_sparse":
+            raise SparsezipError(f"--mask_scope chooses float_sparse's mask ranking; --method {self.method} ranks "
+                                 f"its own way")
         if self.owl is not None and (nm is not None or not method.calibrated):
             raise SparsezipError("--owl allocates unstructured sparsity from activations: it needs a calibrated "
                                  "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
@@ -303,6 +310,7 @@ class SparsifyConfig:
                   "calibration_files": [Path(c).name for c in self.calib], **provenance}
         if self.method == "float_sparse":
             record["admm_rho"] = self.admm_rho
+            record["mask_scope"] = self.mask_scope
         if self.owl is not None:
             record["owl"] = {"threshold_m": self.owl.threshold, "lambda": self.owl.lam,
                              "layer_sparsity": [round(x, 6) for x in layer_sparsity]}

@@ -189,14 +189,18 @@ def _with_damping(attempt: Callable[[float], T | None], damp: float, method: str
 
 
 def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
-                 dense_target: torch.Tensor | None = None, rho: float = 1.0, iters: int = 20, mask_iters: int = 15,
-                 damp: float = 0.1) -> torch.Tensor:
+                 dense_target: torch.Tensor | None = None, rho: float = 1.0, row_masks: bool = False,
+                 iters: int = 20, mask_iters: int = 15, damp: float = 0.1) -> torch.Tensor:
     """The original W16A16S sparsifier: Wanda scores ranked over the whole matrix (or N:M groups) with an
     ADMM weight reconstruction (Boza 2024) on the diagonally normalised Hessian.
 
     The reconstruction fits X W^T by default (the original). With `dense_target` = X^T Y [in, out] for w's rows,
     where Y are the dense model's outputs of this linear, it fits those instead: min ||X W'^T - Y||, so each
     linear also undoes what the pruned layers before it changed in its inputs.
+
+    The mask ranks the whole matrix (the original) or, with `row_masks`, each output row on its own. A
+    whole-matrix ranking minimises the total error but can prune an output row of small norm almost entirely
+    (up to 93% on Qwen2.5-1.5B's o_proj), which leaves that output channel mostly error.
 
     All maths in fp32 on w's device, the inverse included: after the normalisation diag(Hn) = 1, the
     damping and rho = 1 put every eigenvalue of the inverted matrix at >= 1.1 while the largest is at most
@@ -241,7 +245,7 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
     for it in range(iters):
         v = wn + u
         if it < mask_iters or keep is None:
-            keep = make_mask(v.abs().T, ratio, pattern, per_row=False).T  # [in, out]; N:M along the inputs
+            keep = make_mask(v.abs().T, ratio, pattern, per_row=row_masks).T  # [in, out]; N:M along the inputs
         z = apply_mask(v, keep)
         u += wn - z
         wn = hinv @ (xy + rho * (z - u))
