@@ -455,6 +455,7 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--method", "sparsegpt", "--admm_rho", "0.6"], "--method sparsegpt has none"),
     (["--method", "wanda", "--mask_scope", "row"], "--mask_scope chooses float_sparse's mask ranking"),
     (["--mask_scope", "column"], "--mask_scope"),
+    (["--pattern", "2:4", "--mask_scope", "row"], "--mask_scope row applies to unstructured masks"),
 ], ids=lambda v: v if isinstance(v, str) else "=".join(v))
 def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_path):
     out = tmp_path / "s"

@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="float_sparse's ADMM penalty on the normalised Hessian (default: 1.0, the original's; 0.6 was better "
          "on the demo model and on Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
     flag(p, "--mask_scope", choices=("matrix", "row"), default="matrix",
-         help="what float_sparse's mask ranks: each whole matrix (matrix, the original's, the default) or each "
-         "output row on its own, as SparseGPT and Wanda do (row)")
+         help="what float_sparse's unstructured mask ranks: each whole matrix (matrix, the original's, the "
+         "default) or each output row on its own, as SparseGPT and Wanda do (row: better on the demo model, "
+         "BENCHMARKS.md)")
     flag(p, "--owl", action="store_true", help="OWL: give layers with more activation outliers less sparsity")
     flag(p, "--owl_threshold", type=float, default=5.0, help="OWL outlier threshold M x layer mean (default: 5)")
     flag(p, "--owl_lambda", type=float, default=0.08, help="OWL max deviation from --sparsity (default: 0.08)")

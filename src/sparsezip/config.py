@@ -291,6 +291,9 @@ class SparsifyConfig:
         if self.mask_scope != "matrix" and self.method != "float_sparse":
             raise SparsezipError(f"--mask_scope chooses float_sparse's mask ranking; --method {self.method} ranks "
                                  f"its own way")
+        if self.mask_scope != "matrix" and nm is not None:
+            raise SparsezipError(f"--mask_scope row applies to unstructured masks; an {nm[0]}:{nm[1]} mask already "
+                                 f"prunes every row alike")
         if self.owl is not None and (nm is not None or not method.calibrated):
             raise SparsezipError("--owl allocates unstructured sparsity from activations: it needs a calibrated "
                                  "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
