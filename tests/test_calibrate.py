@@ -211,18 +211,27 @@ def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(tiny_dir, 
     assert miss["dense"] < 0.99 * miss["local"], miss
 
 
-def test_admm_rho_reaches_the_pruner_and_the_description(tiny_dir, text_file, tmp_path, monkeypatch):
-    folder = tiny_dir("llama")
-    config = SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=4, calib_seqlen=32,
-                            rounding="none")
+def spy_on_float_sparse(monkeypatch, keyword: str) -> list:
+    """The values of one keyword argument in every float_sparse call, in order, while the pruner still runs."""
     seen = []
     real = pruners.METHODS["float_sparse"].prune
 
     def spy(w, stats, ratio, pattern, **kwargs):
-        seen.append(kwargs["rho"])
+        seen.append(kwargs[keyword])
         return real(w, stats, ratio, pattern, **kwargs)
 
     monkeypatch.setitem(pruners.METHODS, "float_sparse", replace(pruners.METHODS["float_sparse"], prune=spy))
+    return seen
+
+
+def float_sparse_config(text_file) -> SparsifyConfig:
+    return SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=4, calib_seqlen=32,
+                          rounding="none")
+
+
+def test_admm_rho_reaches_the_pruner_and_the_description(tiny_dir, text_file, tmp_path, monkeypatch):
+    folder, config = tiny_dir("llama"), float_sparse_config(text_file)
+    seen = spy_on_float_sparse(monkeypatch, "rho")
     out = {rho: sparsify(folder, tmp_path / str(rho), replace(config, admm_rho=rho)) for rho in (1.0, 0.6)}
     assert config.admm_rho == 1.0  # the original's penalty stays the default
     assert seen and set(seen) == {1.0, 0.6} and seen.count(0.6) == len(seen) // 2
@@ -233,17 +242,8 @@ def test_admm_rho_reaches_the_pruner_and_the_description(tiny_dir, text_file, tm
 
 
 def test_mask_scope_reaches_the_pruner_and_the_description(tiny_dir, text_file, tmp_path, monkeypatch):
-    folder = tiny_dir("llama")
-    config = SparsifyConfig(method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=4, calib_seqlen=32,
-                            rounding="none")
-    seen = []
-    real = pruners.METHODS["float_sparse"].prune
-
-    def spy(w, stats, ratio, pattern, **kwargs):
-        seen.append(kwargs["row_masks"])
-        return real(w, stats, ratio, pattern, **kwargs)
-
-    monkeypatch.setitem(pruners.METHODS, "float_sparse", replace(pruners.METHODS["float_sparse"], prune=spy))
+    folder, config = tiny_dir("llama"), float_sparse_config(text_file)
+    seen = spy_on_float_sparse(monkeypatch, "row_masks")
     out = {scope: sparsify(folder, tmp_path / scope, replace(config, mask_scope=scope)) for scope in ("matrix", "row")}
     assert config.mask_scope == "matrix"  # the original's whole-matrix ranking stays the default
     assert seen and seen.count(True) == seen.count(False) == len(seen) // 2
