@@ -164,14 +164,17 @@ def interpreted_triton():
 
 
 @pytest.fixture(scope="session")
-def sparsezip_cli():
-    """Run `python -m sparsezip -q ...` as a real process (under torchrun with nproc > 1); returns the result."""
+def sparsezip_cli(tmp_path_factory):
+    """Run `python -m sparsezip -q ...` as a real process (under torchrun with nproc > 1); returns the result.
+    TMPDIR points into pytest's temporary folder: torchrun leaves a torchelastic_* folder in it on every launch."""
     import os
     import subprocess
     import sys
 
+    tmp = str(tmp_path_factory.mktemp("processes"))
+
     def run(*argv: str, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), TMPDIR=tmp)
         launcher = [sys.executable, "-m", "sparsezip"] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
             "-m", "sparsezip"]

@@ -51,8 +51,9 @@ class Server:
 
 
 def launch(model_dir: Path, log: Path, nproc: int = 1) -> Server:
-    """Start `sparsezip serve --port 0` (any free port), in one process or under torchrun."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    """Start `sparsezip serve --port 0` (any free port), in one process or under torchrun (whose torchelastic_*
+    folder goes beside the log, not into the system's temporary folder)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), TMPDIR=str(log.parent))
     launcher = [sys.executable, "-m", "sparsezip"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", "-m",
         "sparsezip"]
