@@ -276,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
          "on the demo model and on Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
     flag(p, "--mask_scope", choices=("matrix", "row"), default="matrix",
          help="what float_sparse's unstructured mask ranks: each whole matrix (matrix, the original's, the "
-         "default) or each output row on its own, as SparseGPT and Wanda do (row: better on the demo model, "
-         "BENCHMARKS.md)")
+         "default) or each output row on its own, as SparseGPT and Wanda do (row: better on the demo model and on "
+         "Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
     flag(p, "--owl", action="store_true", help="OWL: give layers with more activation outliers less sparsity")
     flag(p, "--owl_threshold", type=float, default=5.0, help="OWL outlier threshold M x layer mean (default: 5)")
     flag(p, "--owl_lambda", type=float, default=0.08, help="OWL max deviation from --sparsity (default: 0.08)")
