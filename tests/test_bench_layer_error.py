@@ -1,0 +1,47 @@
+"""bench/layer_error.py: method specs reach the pruner's keyword arguments, bad specs are refused, and the
+held-out error is the relative output error it claims to be."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import layer_error  # noqa: E402
+
+
+def test_float_sparse_settings_become_pruner_keywords():
+    assert layer_error.parse_method("sparsegpt") == ("sparsegpt", {})
+    name, kwargs = layer_error.parse_method("float_sparse:rho=0.6,mask_scope=row,iters=40")
+    assert name == "float_sparse"
+    assert kwargs == {"rho": 0.6, "row_masks": True, "iters": 40}
+    assert layer_error.parse_method("float_sparse:mask_scope=matrix")[1] == {"row_masks": False}
+
+
+@pytest.mark.parametrize("spec", ["nope", "float_sparse:bad=1", "float_sparse:mask_scope=col", "wanda:rho=1"])
+def test_bad_specs_exit_with_a_message(spec):
+    with pytest.raises(SystemExit) as e:
+        layer_error.parse_method(spec)
+    assert spec in str(e.value)
+
+
+def test_held_out_error_is_relative_output_energy_lost():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    w = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    pruned = torch.tensor([[0.0, 4.0], [1.0, 0.0]])  # channel 0 loses 9 of its 25; channel 1 loses nothing
+    rel, worst = layer_error.held_out_error(w, pruned, x)
+    assert rel == pytest.approx(9 / 26)
+    assert worst == pytest.approx(9 / 25)
+    assert layer_error.held_out_error(w, w, x) == (0.0, 0.0)
+
+
+def test_prune_once_reaches_the_sparsity_from_calibration_inputs():
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 16), torch.randn(256, 16)
+    pruned = layer_error.prune_once("float_sparse:mask_scope=row", w, x, 0.5)
+    assert ((pruned == 0).sum(1) == 8).all()  # row masks: half of every row
+    assert layer_error.held_out_error(w, pruned, x)[0] < layer_error.held_out_error(w, w * (pruned != 0), x)[0]
