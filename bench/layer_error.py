@@ -61,10 +61,18 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
+class LastLayerDone(Exception):
+    """Raised after the last chosen layer: the layers above it and the head need not run."""
+
+
+def stop_forward(*_):
+    raise LastLayerDone
+
+
 def capture_inputs(model, layers: list[int], samples) -> dict[tuple[int, str], torch.Tensor]:
     """{(layer, linear): its inputs over all samples [tokens, in]} for the first linear of each shared input."""
     store = {(layer, name): [] for layer in layers for name in SHARED_INPUTS}
-    hooks = []
+    hooks = [model.model.layers[max(layers)].register_forward_hook(stop_forward)]
     for layer, name in store:
         module = model.model.layers[layer].get_submodule(name)
         hooks.append(module.register_forward_hook(
@@ -72,7 +80,10 @@ def capture_inputs(model, layers: list[int], samples) -> dict[tuple[int, str], t
     try:
         with torch.no_grad():
             for sample in tqdm(samples, desc="dense forward", unit="sample", leave=False):
-                model(torch.as_tensor(sample)[None], use_cache=False)
+                try:
+                    model(torch.as_tensor(sample)[None], use_cache=False)
+                except LastLayerDone:
+                    pass
     finally:
         for hook in hooks:
             hook.remove()

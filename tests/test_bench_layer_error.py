@@ -45,3 +45,21 @@ def test_prune_once_reaches_the_sparsity_from_calibration_inputs():
     pruned = layer_error.prune_once("float_sparse:mask_scope=row", w, x, 0.5)
     assert ((pruned == 0).sum(1) == 8).all()  # row masks: half of every row
     assert layer_error.held_out_error(w, pruned, x)[0] < layer_error.held_out_error(w, w * (pruned != 0), x)[0]
+
+
+def test_capture_stops_after_the_last_chosen_layer_and_keeps_each_shared_input():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config).eval()
+    ran = []
+    model.model.layers[3].register_forward_hook(lambda *_: ran.append(3))
+    samples = [torch.arange(10), torch.arange(5, 12)]
+    inputs = layer_error.capture_inputs(model, [0, 1], samples)
+    assert not ran  # layer 3 never ran: the forward stopped after layer 1
+    assert inputs[(1, "mlp.down_proj")].shape == (17, 32)  # every token of both samples, the MLP's width
+    with torch.no_grad():  # the layer-0 input of q_proj is the input layernorm of the embeddings
+        expected = model.model.layers[0].input_layernorm(model.model.embed_tokens(samples[0]))
+    torch.testing.assert_close(inputs[(0, "self_attn.q_proj")][:10], expected)
