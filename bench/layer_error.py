@@ -98,24 +98,31 @@ def held_out_error(w: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> tu
     return float(err.square().sum() / ref.square().sum()), float(per_channel.max())
 
 
-def prune_once(spec: str, w: torch.Tensor, calib_x: torch.Tensor, sparsity: float) -> torch.Tensor:
-    name, kwargs = parse_method(spec)
-    method = get_method(name)
-    stats = LinearStats(w.shape[1], w.device, hessian=method.needs_hessian)
+def input_stats(calib_x: torch.Tensor) -> LinearStats:
+    """One linear input's statistics, Hessian included, for every method: no pruner call takes them over
+    (`last_use` stays False), so the linears that share the input and every method reuse them."""
+    stats = LinearStats(calib_x.shape[1], calib_x.device, hessian=True)
     for i in range(0, calib_x.shape[0], STATS_BATCH):
         stats.add_batch(calib_x[i:i + STATS_BATCH])
-    return method.prune(w, stats, sparsity, None, **kwargs)
+    return stats
+
+
+def prune_once(spec: str, w: torch.Tensor, stats: LinearStats, sparsity: float) -> torch.Tensor:
+    name, kwargs = parse_method(spec)
+    return get_method(name).prune(w, stats, sparsity, None, **kwargs)
 
 
 def error_table(model, layers: list[int], methods: list[str], calib_x, held_x, sparsity: float) -> str:
     jobs = [(layer, source, linear) for layer in layers for source, linears in SHARED_INPUTS.items()
             for linear in linears]
-    rows, totals = [], {spec: [] for spec in methods}
+    rows, totals, stats = [], {spec: [] for spec in methods}, {}
     for layer, source, linear in tqdm(jobs, desc="prune", unit="linear"):
         w = model.model.layers[layer].get_submodule(linear).weight.data.float()
+        if (layer, source) not in stats:
+            stats = {(layer, source): input_stats(calib_x[(layer, source)])}  # one shared input at a time
         cells = []
         for spec in methods:
-            rel, worst = held_out_error(w, prune_once(spec, w, calib_x[(layer, source)], sparsity),
+            rel, worst = held_out_error(w, prune_once(spec, w, stats[(layer, source)], sparsity),
                                         held_x[(layer, source)])
             totals[spec].append(rel)
             cells.append(f"{rel:.5f} ({worst:.3f})")
@@ -143,12 +150,20 @@ def main(argv=None) -> None:
     methods = args.methods.split(";")
     for spec in methods:
         parse_method(spec)
+    try:
+        layers = [int(i) for i in args.layers.split(",")]
+    except ValueError:
+        raise SystemExit(f"--layers {args.layers!r}: give comma-separated layer indices, e.g. 0,10") from None
     from transformers import AutoModelForCausalLM  # imported late: --help and bad specs answer at once
-    tokenizer = load_tokenizer(args.model_path)
-    calib = calibration_samples(tokenizer, args.calib, args.calib_samples, args.calib_seqlen)
-    held = eval_windows(tokenizer, [args.held_out], args.calib_seqlen, args.held_out_windows)
+    try:
+        tokenizer = load_tokenizer(args.model_path)
+        calib = calibration_samples(tokenizer, args.calib, args.calib_samples, args.calib_seqlen)
+        held = eval_windows(tokenizer, [args.held_out], args.calib_seqlen, args.held_out_windows)
+    except (SparsezipError, OSError) as e:
+        raise SystemExit(f"layer_error: {e}") from None
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).eval()
-    layers = [int(i) for i in args.layers.split(",")]
+    if not all(0 <= i < len(model.model.layers) for i in layers):
+        raise SystemExit(f"--layers {args.layers}: this model has layers 0 to {len(model.model.layers) - 1}")
     table = error_table(model, layers, methods, capture_inputs(model, layers, calib),
                         capture_inputs(model, layers, held), args.sparsity)
     print(f"{args.model_path.name}, {args.sparsity:.0%}: held-out relative output error (worst output channel); "

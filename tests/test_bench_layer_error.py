@@ -42,7 +42,10 @@ def test_held_out_error_is_relative_output_energy_lost():
 def test_prune_once_reaches_the_sparsity_from_calibration_inputs():
     torch.manual_seed(0)
     w, x = torch.randn(8, 16), torch.randn(256, 16)
-    pruned = layer_error.prune_once("float_sparse:mask_scope=row", w, x, 0.5)
+    stats = layer_error.input_stats(x)
+    pruned = layer_error.prune_once("float_sparse:mask_scope=row", w, stats, 0.5)
+    again = layer_error.prune_once("float_sparse:mask_scope=row", w, stats, 0.5)
+    assert torch.equal(pruned, again)  # the statistics survive a pruner call, so methods can share them
     assert ((pruned == 0).sum(1) == 8).all()  # row masks: half of every row
     assert layer_error.held_out_error(w, pruned, x)[0] < layer_error.held_out_error(w, w * (pruned != 0), x)[0]
 
@@ -63,3 +66,12 @@ def test_capture_stops_after_the_last_chosen_layer_and_keeps_each_shared_input()
     with torch.no_grad():  # the layer-0 input of q_proj is the input layernorm of the embeddings
         expected = model.model.layers[0].input_layernorm(model.model.embed_tokens(samples[0]))
     torch.testing.assert_close(inputs[(0, "self_attn.q_proj")][:10], expected)
+
+
+def test_bad_layers_and_missing_files_exit_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        layer_error.main(["--model_path", str(tmp_path), "--layers", "ten", "--calib", "a", "--held_out", "b"])
+    assert "--layers 'ten'" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        layer_error.main(["--model_path", str(tmp_path), "--calib", str(tmp_path / "none.txt"), "--held_out", "b"])
+    assert str(e.value).startswith("layer_error: ")
