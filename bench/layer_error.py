@@ -10,7 +10,7 @@ The inputs are the dense model's, so errors do not carry from layer to layer as 
 pruner settings, it does not predict a perplexity.
 
 Methods: `sparsegpt`, `wanda`, `magnitude`, or `float_sparse` with optional settings after a colon, e.g.
-`float_sparse:rho=0.6,mask_scope=row,damp=0.1,iters=20,mask_iters=15`.
+`float_sparse:rho=0.6,mask_scope=row,damp=0.1,iters=20,mask_iters=15` (damp=auto: as `sparsify --admm_damp auto`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from sparsezip.data import calibration_samples, eval_windows, load_tokenizer  # noqa: E402
 from sparsezip.errors import SparsezipError  # noqa: E402
-from sparsezip.pruners import LinearStats, get_method  # noqa: E402
+from sparsezip.pruners import LinearStats, damping_setting, get_method  # noqa: E402
 
 # a layer's linears, grouped by the input they share (q, k and v read the same input; so do gate and up)
 SHARED_INPUTS = {
@@ -35,7 +35,7 @@ SHARED_INPUTS = {
     "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"],
     "mlp.down_proj": ["mlp.down_proj"],
 }
-FLOAT_SPARSE_SETTINGS = {"rho": float, "damp": float, "iters": int, "mask_iters": int}
+FLOAT_SPARSE_SETTINGS = {"rho": float, "damp": damping_setting, "iters": int, "mask_iters": int}
 STATS_BATCH = 1024  # tokens per Hessian update
 
 
@@ -54,7 +54,10 @@ def parse_method(spec: str) -> tuple[str, dict]:
         if key == "mask_scope" and value in ("row", "matrix"):
             kwargs["row_masks"] = value == "row"
         elif key in FLOAT_SPARSE_SETTINGS:
-            kwargs[key] = FLOAT_SPARSE_SETTINGS[key](value)
+            try:
+                kwargs[key] = FLOAT_SPARSE_SETTINGS[key](value)
+            except (ValueError, SparsezipError) as e:
+                raise SystemExit(f"{spec}: bad value in {item!r}: {e}") from None
         else:
             raise SystemExit(f"{spec}: unknown setting {item!r}; float_sparse takes mask_scope=row|matrix and "
                              + ", ".join(FLOAT_SPARSE_SETTINGS))

@@ -20,9 +20,12 @@ def test_float_sparse_settings_become_pruner_keywords():
     assert name == "float_sparse"
     assert kwargs == {"rho": 0.6, "row_masks": True, "iters": 40}
     assert layer_error.parse_method("float_sparse:mask_scope=matrix")[1] == {"row_masks": False}
+    assert layer_error.parse_method("float_sparse:damp=auto")[1] == {"damp": "auto"}
+    assert layer_error.parse_method("float_sparse:damp=0.3")[1] == {"damp": 0.3}
 
 
-@pytest.mark.parametrize("spec", ["nope", "float_sparse:bad=1", "float_sparse:mask_scope=col", "wanda:rho=1"])
+@pytest.mark.parametrize("spec", ["nope", "float_sparse:bad=1", "float_sparse:mask_scope=col", "wanda:rho=1",
+                                  "float_sparse:rho=high", "float_sparse:damp=0", "float_sparse:iters=1.5"])
 def test_bad_specs_exit_with_a_message(spec):
     with pytest.raises(SystemExit) as e:
         layer_error.parse_method(spec)

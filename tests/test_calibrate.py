@@ -254,6 +254,22 @@ def test_mask_scope_reaches_the_pruner_and_the_description(tiny_dir, text_file, 
     assert any(int((w == 0).sum(1).min()) != int((w == 0).sum(1).max()) for w in linears(out["matrix"]).values())
 
 
+def test_auto_damping_changes_only_the_linears_with_fewer_tokens_than_inputs(tiny_dir, text_file, tmp_path,
+                                                                             monkeypatch):
+    # 4 x 16 calibration tokens: as many as the 64-wide linears' inputs, fewer than down_proj's 128
+    folder = tiny_dir("llama")
+    config = replace(float_sparse_config(text_file), calib_seqlen=16)
+    seen = spy_on_float_sparse(monkeypatch, "damp")
+    out = {str(d): sparsify(folder, tmp_path / str(d), replace(config, admm_damp=d)) for d in (0.1, "auto")}
+    assert config.admm_damp == 0.1  # the original's damping stays the default
+    assert set(seen) == {0.1, "auto"}
+    assert read_json(out["auto"] / "quant_model_description.json")["metadata"]["admm_damp"] == "auto"
+    auto, fixed = linears(out["auto"]), linears(out["0.1"])
+    # layer 0's inputs are the same in both runs; later layers see the changed down projections' outputs
+    differ = {name.split(".")[-2] for name in auto if ".layers.0." in name and not torch.equal(auto[name], fixed[name])}
+    assert differ == {"down_proj"}
+
+
 def test_dense_targets_only_where_the_calibration_has_8_tokens_per_input(tiny_dir, text_file, tmp_path, monkeypatch,
                                                                          caplog):
     # 8 x 64 calibration tokens: 8 per input of the 64-wide linears, 4 per input of down_proj (128 wide)

@@ -10,7 +10,7 @@ import torch
 from sparsezip.errors import SparsezipError
 from sparsezip.kernels.cpu import prune as cpu_prune
 from sparsezip.pruners import (METHODS, LinearStats, _inverse_lower, _inverse_upper_factor, _prune_block, add_hessian,
-                               float_sparse, magnitude, sparsegpt, wanda)
+                               damping_setting, float_sparse, float_sparse_damping, magnitude, sparsegpt, wanda)
 
 
 def problem(out: int, inp: int, tokens: int = 4096, seed: int = 0, rank: int | None = None):
@@ -123,14 +123,14 @@ def test_hessian_methods_refuse_stats_without_hessian(method):
 # float_sparse
 
 
-def reference_admm(w, h, ratio, iters=20, mask_iters=15, rho=1.0, row_masks=False):
+def reference_admm(w, h, ratio, iters=20, mask_iters=15, rho=1.0, row_masks=False, damp=0.1):
     """The DESIGN's ADMM written plainly in float64 (linalg.solve, argsort ranking), unstructured only; with
     `row_masks` each output row (a column of wn) keeps its own largest entries."""
     w, h = w.double(), h.double()
     d = h.diagonal().sqrt()
     hn = h / torch.outer(d, d)
     wn = (w * d).T.clone()
-    hn = hn + 0.1 * hn.diagonal().mean() * torch.eye(len(d), dtype=torch.float64)
+    hn = hn + damp * hn.diagonal().mean() * torch.eye(len(d), dtype=torch.float64)
     xy = hn @ wn
     a = hn + rho * torch.eye(len(d), dtype=torch.float64)
     u = torch.zeros_like(wn)
@@ -165,6 +165,28 @@ def test_float_sparse_follows_the_admm_recipe_at_another_penalty():
     assert ((got == 0) == (want == 0)).float().mean() > 0.99
     assert float((got.double() - want).norm() / want.norm()) < 1e-3
     assert float((got.double() - reference_admm(w, stats.H, 0.5)).norm() / want.norm()) > 1e-2  # rho matters
+
+
+def test_float_sparse_auto_damping_follows_the_recipe_at_the_damping_the_token_count_gives():
+    # 40 tokens for 48 inputs: a singular X^T X, where "auto" damps with 0.3; 2048 tokens: the original's 0.1
+    for tokens, damp in ((40, 0.3), (2048, 0.1)):
+        w, x, stats = problem(16, 48, tokens=tokens, seed=6)
+        got = float_sparse(w, stats, 0.5, None, damp="auto")
+        want = reference_admm(w, stats.H, 0.5, damp=damp)
+        assert ((got == 0) == (want == 0)).float().mean() > 0.99
+        assert float((got.double() - want).norm() / want.norm()) < 1e-3
+    w, x, stats = problem(16, 48, tokens=40, seed=6)
+    assert float((float_sparse(w, stats, 0.5, None, damp=0.1).double() - want).norm() / want.norm()) > 1e-2
+
+
+def test_damping_rule_and_its_parsing():
+    assert float_sparse_damping("auto", tokens=8191, in_features=8192) == 0.3
+    assert float_sparse_damping("auto", tokens=8192, in_features=8192) == 0.1
+    assert float_sparse_damping(0.05, tokens=10, in_features=8192) == 0.05  # a number is used as it is
+    assert damping_setting("auto") == "auto" and damping_setting("0.25") == 0.25
+    for bad in ("0", "-1", "nan", "inf", "lots"):
+        with pytest.raises(SparsezipError, match="--admm_damp must be auto or a positive number"):
+            damping_setting(bad)
 
 
 def test_float_sparse_with_row_masks_prunes_every_output_row_equally():

@@ -67,6 +67,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
     from .config import OwlConfig, SparsifyConfig
+    from .pruners import damping_setting
     from .runtime import pick_device
 
     settings = dict(calib=tuple(ns.calib or ()), device=pick_device(ns.device))
@@ -74,6 +75,8 @@ def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
                  "calib_seqlen", "seed", "part_file_size"):
         if hasattr(ns, name):
             settings[name] = getattr(ns, name)
+    if hasattr(ns, "admm_damp"):
+        settings["admm_damp"] = damping_setting(ns.admm_damp)
     if getattr(ns, "owl", False):
         settings["owl"] = OwlConfig(ns.owl_threshold, ns.owl_lambda)
     return SparsifyConfig(**(settings | fixed))
@@ -278,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="what float_sparse's unstructured mask ranks: each whole matrix (matrix, the original's, the "
          "default) or each output row on its own, as SparseGPT and Wanda do (row: better on the demo model and on "
          "Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
+    flag(p, "--admm_damp", default="0.1",
+         help="float_sparse's damping of the normalised Hessian: a number (default: 0.1, the original's) or auto, "
+         "0.3 on linears with fewer calibration tokens than inputs and 0.1 on the others (auto: better on "
+         "Qwen2.5-Coder-1.5B's down projections, BENCHMARKS.md)")
     flag(p, "--owl", action="store_true", help="OWL: give layers with more activation outliers less sparsity")
     flag(p, "--owl_threshold", type=float, default=5.0, help="OWL outlier threshold M x layer mean (default: 5)")
     flag(p, "--owl_lambda", type=float, default=0.08, help="OWL max deviation from --sparsity (default: 0.08)")

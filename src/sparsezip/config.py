@@ -236,6 +236,8 @@ class SparsifyConfig:
     admm_rho: float = 1.0
     # what float_sparse's mask ranks: "matrix", each whole matrix (the original), or "row", each output row
     mask_scope: str = "matrix"
+    # float_sparse's relative damping: a number (0.1, the original's) or "auto" (pruners.float_sparse_damping)
+    admm_damp: float | str = 0.1
     calib: tuple[Path, ...] = ()
     calib_samples: int = 32
     calib_seqlen: int = 512
@@ -259,7 +261,7 @@ class SparsifyConfig:
 
     def checked(self, args: ModelArgs) -> SparsifyConfig:
         """Refuse impossible settings before any calibration work, so a typo costs a second, not a run."""
-        from .pruners import get_method
+        from .pruners import FLOAT_SPARSE_DAMPING, damping_setting, get_method
 
         method = get_method(self.method)
         if not 0.0 <= self.sparsity < 1.0:  # also refuses NaN
@@ -286,6 +288,10 @@ class SparsifyConfig:
             raise SparsezipError(f"--admm_rho must be a positive number, got {self.admm_rho}")
         if self.admm_rho != 1.0 and self.method != "float_sparse":
             raise SparsezipError(f"--admm_rho is float_sparse's ADMM penalty; --method {self.method} has none")
+        if self.admm_damp != FLOAT_SPARSE_DAMPING:
+            damping_setting(str(self.admm_damp))  # refuses what is neither auto nor a positive number
+            if self.method != "float_sparse":
+                raise SparsezipError(f"--admm_damp is float_sparse's damping; --method {self.method} has its own")
         if self.mask_scope not in ("matrix", "row"):
             raise SparsezipError(f"--mask_scope must be matrix or row, got {self.mask_scope!r}")
         if self.mask_scope != "matrix" and self.method != "float_sparse":
@@ -314,6 +320,7 @@ class SparsifyConfig:
         if self.method == "float_sparse":
             record["admm_rho"] = self.admm_rho
             record["mask_scope"] = self.mask_scope
+            record["admm_damp"] = self.admm_damp
         if self.owl is not None:
             record["owl"] = {"threshold_m": self.owl.threshold, "lambda": self.owl.lam,
                              "layer_sparsity": [round(x, 6) for x in layer_sparsity]}
