@@ -208,10 +208,10 @@ def damping_setting(text: str) -> float | str:
 
 
 def float_sparse_damping(setting: float | str, tokens: int, in_features: int) -> float:
-    """The relative damping float_sparse applies to one linear: `setting` itself, or with "auto" the original's 0.1
-    where the calibration tokens outnumber the linear's inputs and 0.3 where they do not. With fewer tokens than
-    inputs X^T X is singular and the damping alone decides the fit in its null space: on Qwen2.5-Coder-1.5B's down
-    projections (0.9 tokens per input) 0.3 left 10% less held-out error than 0.1 and 1.0 left 40-60% more, while on
+    """The relative damping float_sparse applies to one linear: `setting` itself, or with "auto" 0.3 where the
+    linear has fewer calibration tokens than inputs and the original's 0.1 elsewhere. With fewer tokens than inputs
+    X^T X is singular and the damping alone decides the fit in its null space: on Qwen2.5-Coder-1.5B's down
+    projections (0.9 tokens per input) 0.3 left 10% less held-out error than 0.1 and 1.0 about 40% more, while on
     its other linears (5.3 tokens per input) 0.1 was best (bench/layer_error.py, BENCHMARKS.md)."""
     if setting != AUTO_DAMPING:
         return float(setting)
