@@ -414,6 +414,15 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def end_progress_bars() -> None:
+    """Close the bars a signal left drawn, so that their line ends and the stop message stands on a line of its own
+    (a signal that lands while a bar is drawing leaves it open, mid-line). tqdm keeps its live bars in a WeakSet."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         ns = build_parser().parse_args(argv)
@@ -442,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.unraisablehook = previous_hook
     if stopped is None:
         return 0
+    end_progress_bars()
     print(stopped[0], file=sys.stderr)
     return stopped[1]
 
