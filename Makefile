@@ -89,7 +89,7 @@ bench-quality: $(STAMP)
 
 # Real models at scale: Qwen2.5-Coder-1.5B (and DeepSeek-R1-Distill-Qwen-7B, once all its GGUF parts are on PyPI)
 # converted, sparsified by each method, scored, compressed at TP 1 and 2 and run: times, peak RSS, perplexity and
-# the answers. About 4 hours on 2 cores; finished steps are kept in out/bench-scale, so a rerun resumes
+# the answers. About 6 hours on 2 cores; finished steps are kept in out/bench-scale, so a rerun resumes
 # (`bench/scale.py --report_only --out BENCHMARKS.md` writes the section from the steps finished so far).
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py --out BENCHMARKS.md

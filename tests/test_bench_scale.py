@@ -33,12 +33,37 @@ def test_report_rows_for_finished_and_missing_steps(tmp_path):
     r.put(scale.FP16_RUN, {"answer": "Deep learning is...", "decode_tok_s": 3.0, "peak_gib": 4.4, "loaded_gib": 4.0})
     r.put("sparsegpt 50%", {"ppl": 14.0, "sparsify": {"seconds": 300, "cpu_s": 590, "peak_gib": 2.0}})
     r.put("float_sparse 50%", {"ppl": 12.0, "sparsify": {"seconds": 900, "cpu_s": 1790, "peak_gib": 1.0}})
+    r.put("float_sparse 50%, tuned", {"ppl": 11.0, "sparsify": {"seconds": 950, "cpu_s": 1890, "peak_gib": 1.1}})
     text = "\n".join(scale.model_section("m", r, ns))
     assert "| sparsegpt 50% | 14.000 | +40.0% | 300 | 590 | 2.00 | 0.50 |" in text
-    assert "float_sparse closes 50% of SparseGPT's gap" in text
+    assert "- 50%: float_sparse 12.000 against SparseGPT 14.000; it closes 50% of SparseGPT's gap" in text
+    assert ("- 50%: float_sparse `--admm_rho 0.6 --mask_scope row --admm_damp auto` 11.000 against SparseGPT 14.000; "
+            "it closes 75% of SparseGPT's gap") in text
+    assert "| float_sparse 2:4, tuned | not run |" in text and "2:4: float_sparse" not in text
     assert "| wanda 2:4 | not run |" in text and "| 2 | not run |" in text
     assert "| dense model, fp16 | 3.00 | 4.00 | 1.00 | 4.40 | 1.10 |" in text
     assert "**dense model, fp16**: Deep learning is..." in text
+
+
+def test_every_config_is_a_valid_sparsify_command(tmp_path, monkeypatch, tiny_dir):
+    """Each CONFIGS row's flags pass sparsify's own parser and settings checks (on a tiny model's shapes)."""
+    from sparsezip.cli import build_parser, sparsify_config
+    from sparsezip.config import ModelArgs
+
+    args = ModelArgs.from_dir(tiny_dir())
+
+    commands = []
+    monkeypatch.setattr(scale, "measured", lambda step, cmd: commands.append(cmd) or ("", {}))
+    ns = scale.parse_args([])
+    for config in scale.CONFIGS:
+        scale.sparsify(tmp_path / "dense", config, ns, tmp_path)
+    assert len(commands) == len(scale.CONFIGS)
+    for cmd in commands:
+        argv = cmd[cmd.index("sparsify"):]
+        config = sparsify_config(build_parser().parse_args(argv)).checked(args)  # raises on a refused setting
+        assert config.method in ("wanda", "sparsegpt", "float_sparse")
+    tuned = [c for c in commands if "--admm_damp" in c]
+    assert len(tuned) == 2 and all(c[c.index("--admm_damp") + 1] == "auto" for c in tuned)
 
 
 def test_a_model_that_cannot_be_converted_is_reported_with_its_error(tmp_path):
