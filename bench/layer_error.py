@@ -10,7 +10,8 @@ The inputs are the dense model's, so errors do not carry from layer to layer as 
 pruner settings, it does not predict a perplexity.
 
 Methods: `sparsegpt`, `wanda`, `magnitude`, or `float_sparse` with optional settings after a colon, e.g.
-`float_sparse:rho=0.6,mask_scope=row,damp=0.1,iters=20,mask_iters=15` (damp=auto: as `sparsify --admm_damp auto`).
+`float_sparse:rho=0.6,mask_scope=row,damp=0.1,iters=20,mask_iters=15,mask_score=obs` (damp=auto: as `sparsify
+--admm_damp auto`; mask_score: as `sparsify --mask_score`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from sparsezip.data import calibration_samples, eval_windows, load_tokenizer  # noqa: E402
 from sparsezip.errors import SparsezipError  # noqa: E402
-from sparsezip.pruners import LinearStats, damping_setting, get_method  # noqa: E402
+from sparsezip.pruners import MASK_SCORES, LinearStats, damping_setting, get_method  # noqa: E402
 
 # a layer's linears, grouped by the input they share (q, k and v read the same input; so do gate and up)
 SHARED_INPUTS = {
@@ -35,7 +36,14 @@ SHARED_INPUTS = {
     "mlp.gate_proj": ["mlp.gate_proj", "mlp.up_proj"],
     "mlp.down_proj": ["mlp.down_proj"],
 }
-FLOAT_SPARSE_SETTINGS = {"rho": float, "damp": damping_setting, "iters": int, "mask_iters": int}
+def mask_score_setting(text: str) -> str:
+    if text not in MASK_SCORES:
+        raise ValueError(f"mask_score is one of {', '.join(MASK_SCORES)}")
+    return text
+
+
+FLOAT_SPARSE_SETTINGS = {"rho": float, "damp": damping_setting, "iters": int, "mask_iters": int,
+                         "mask_score": mask_score_setting}
 STATS_BATCH = 1024  # tokens per Hessian update
 
 

@@ -254,6 +254,19 @@ def test_mask_scope_reaches_the_pruner_and_the_description(tiny_dir, text_file, 
     assert any(int((w == 0).sum(1).min()) != int((w == 0).sum(1).max()) for w in linears(out["matrix"]).values())
 
 
+def test_mask_score_reaches_the_pruner_and_the_description(tiny_dir, text_file, tmp_path, monkeypatch):
+    folder, config = tiny_dir("llama"), float_sparse_config(text_file)
+    seen = spy_on_float_sparse(monkeypatch, "mask_score")
+    out = {score: sparsify(folder, tmp_path / score, replace(config, mask_score=score))
+           for score in ("magnitude", "obs")}
+    assert config.mask_score == "magnitude"  # the original's score stays the default
+    assert seen and seen.count("obs") == seen.count("magnitude") == len(seen) // 2
+    for score, path in out.items():
+        assert read_json(path / "quant_model_description.json")["metadata"]["mask_score"] == score
+    assert linears(out["obs"]).keys() == linears(out["magnitude"]).keys()
+    assert any(not torch.equal(w, linears(out["magnitude"])[name]) for name, w in linears(out["obs"]).items())
+
+
 def test_auto_damping_changes_only_the_linears_with_fewer_tokens_than_inputs(tiny_dir, text_file, tmp_path,
                                                                              monkeypatch):
     # 4 x 16 calibration tokens: as many as the 64-wide linears' inputs, fewer than down_proj's 128

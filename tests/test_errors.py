@@ -460,6 +460,8 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--method", "wanda", "--mask_scope", "row"], "--mask_scope chooses float_sparse's mask ranking"),
     (["--mask_scope", "column"], "--mask_scope"),
     (["--pattern", "2:4", "--mask_scope", "row"], "--mask_scope row applies to unstructured masks"),
+    (["--mask_score", "size"], "--mask_score must be magnitude or obs, got 'size'"),
+    (["--method", "sparsegpt", "--mask_score", "obs"], "--mask_score chooses float_sparse's mask score"),
 ], ids=lambda v: v if isinstance(v, str) else "=".join(v))
 def test_bad_sparsify_options(capsys, option, expected, pipe, text_file, tmp_path):
     out = tmp_path / "s"

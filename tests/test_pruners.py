@@ -123,24 +123,26 @@ def test_hessian_methods_refuse_stats_without_hessian(method):
 # float_sparse
 
 
-def reference_admm(w, h, ratio, iters=20, mask_iters=15, rho=1.0, row_masks=False, damp=0.1):
+def reference_admm(w, h, ratio, iters=20, mask_iters=15, rho=1.0, row_masks=False, damp=0.1, obs=False):
     """The DESIGN's ADMM written plainly in float64 (linalg.solve, argsort ranking), unstructured only; with
-    `row_masks` each output row (a column of wn) keeps its own largest entries."""
+    `row_masks` each output row (a column of wn) keeps its own largest entries; with `obs` the ranking divides
+    each entry by sqrt([(damped Hn)^-1]_jj)."""
     w, h = w.double(), h.double()
     d = h.diagonal().sqrt()
     hn = h / torch.outer(d, d)
     wn = (w * d).T.clone()
     hn = hn + damp * hn.diagonal().mean() * torch.eye(len(d), dtype=torch.float64)
     xy = hn @ wn
+    scale = torch.linalg.inv(hn).diagonal()[:, None] ** -0.5 if obs else 1.0
     a = hn + rho * torch.eye(len(d), dtype=torch.float64)
     u = torch.zeros_like(wn)
     n_zero = int(wn.numel() * ratio)
     for it in range(iters):
         if it < mask_iters and row_masks:
-            order = torch.argsort((wn + u).abs(), dim=0)[:int(wn.shape[0] * ratio)]  # per column of wn
+            order = torch.argsort((wn + u).abs() * scale, dim=0)[:int(wn.shape[0] * ratio)]  # per column of wn
             mask = torch.ones_like(wn).scatter_(0, order, 0.0)
         elif it < mask_iters:
-            order = torch.argsort((wn + u).abs().flatten())
+            order = torch.argsort(((wn + u).abs() * scale).flatten())
             mask = torch.ones(wn.numel(), dtype=torch.float64)
             mask[order[:n_zero]] = 0
             mask = mask.view_as(wn)
@@ -177,6 +179,33 @@ def test_float_sparse_auto_damping_follows_the_recipe_at_the_damping_the_token_c
         assert float((got.double() - want).norm() / want.norm()) < 1e-3
     w, x, stats = problem(16, 48, tokens=40, seed=6)
     assert float((float_sparse(w, stats, 0.5, None, damp=0.1).double() - want).norm() / want.norm()) > 1e-2
+
+
+@pytest.mark.parametrize("row_masks", [False, True])
+def test_float_sparse_obs_mask_score_follows_the_recipe(row_masks):
+    w, x, stats = problem(16, 48, tokens=2048, seed=5)
+    got = float_sparse(w, stats, 0.5, None, row_masks=row_masks, mask_score="obs")
+    want = reference_admm(w, stats.H, 0.5, row_masks=row_masks, obs=True)
+    assert ((got == 0) == (want == 0)).float().mean() > 0.99
+    assert float((got.double() - want).norm() / want.norm()) < 1e-3
+    magnitude = reference_admm(w, stats.H, 0.5, row_masks=row_masks)
+    assert ((got == 0) != (magnitude == 0)).float().mean() > 0.02  # another score, another mask
+
+
+def test_obs_mask_score_prunes_the_input_another_one_can_take_over():
+    # inputs 0 and 1 nearly equal, 2 and 3 independent; one weight of four goes in each row. By magnitude an
+    # independent input goes, whose share of the output nothing can restore; by OBS one of the twins, whose
+    # weight the other twin takes over
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2048, 3, generator=g)
+    x = torch.stack([z[:, 0], z[:, 0] + 0.05 * torch.randn(2048, generator=g), z[:, 1], z[:, 2]], 1)
+    w = torch.tensor([[1.0, 1.0, 0.9, 0.9], [1.0, 1.0, -0.9, 0.95]])
+    stats = stats_of(x)
+    by_magnitude = float_sparse(w, stats, 0.25, None, row_masks=True)
+    by_obs = float_sparse(w, stats, 0.25, None, row_masks=True, mask_score="obs")
+    assert (by_magnitude[:, 2:] == 0).sum(1).tolist() == [1, 1]
+    assert (by_obs[:, :2] == 0).sum(1).tolist() == [1, 1]
+    assert out_err(x, w, by_obs) < 0.2 * out_err(x, w, by_magnitude)
 
 
 def test_damping_rule_and_its_parsing():

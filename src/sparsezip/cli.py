@@ -71,8 +71,8 @@ def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
     from .runtime import pick_device
 
     settings = dict(calib=tuple(ns.calib or ()), device=pick_device(ns.device))
-    for name in ("method", "sparsity", "pattern", "rounding", "targets", "admm_rho", "mask_scope", "calib_samples",
-                 "calib_seqlen", "seed", "part_file_size"):
+    for name in ("method", "sparsity", "pattern", "rounding", "targets", "admm_rho", "mask_scope", "mask_score",
+                 "calib_samples", "calib_seqlen", "seed", "part_file_size"):
         if hasattr(ns, name):
             settings[name] = getattr(ns, name)
     if hasattr(ns, "admm_damp"):
@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="what float_sparse's unstructured mask ranks: each whole matrix (matrix, the original's, the "
          "default) or each output row on its own, as SparseGPT and Wanda do (row: better on the demo model and on "
          "Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
+    flag(p, "--mask_score", default="magnitude",
+         help="what float_sparse's mask ranks its weights by: magnitude on the normalised Hessian (the original's, "
+         "the default) or obs, that magnitude over the square root of the inverse Hessian's diagonal, OBS's "
+         "saliency (obs: 1%% less held-out layer error on the demo model, BENCHMARKS.md)")
     flag(p, "--admm_damp", default="0.1",
          help="float_sparse's damping of the normalised Hessian: a number (default: 0.1, the original's) or auto, "
          "0.3 on linears with fewer calibration tokens than inputs and 0.1 on the others (auto: better on "

@@ -238,6 +238,8 @@ class SparsifyConfig:
     mask_scope: str = "matrix"
     # float_sparse's relative damping: a number (0.1, the original's) or "auto" (pruners.float_sparse_damping)
     admm_damp: float | str = 0.1
+    # what float_sparse's mask ranks its entries by: "magnitude" (the original) or "obs" (pruners.float_sparse)
+    mask_score: str = "magnitude"
     calib: tuple[Path, ...] = ()
     calib_samples: int = 32
     calib_seqlen: int = 512
@@ -261,7 +263,7 @@ class SparsifyConfig:
 
     def checked(self, args: ModelArgs) -> SparsifyConfig:
         """Refuse impossible settings before any calibration work, so a typo costs a second, not a run."""
-        from .pruners import FLOAT_SPARSE_DAMPING, damping_setting, get_method
+        from .pruners import FLOAT_SPARSE_DAMPING, MASK_SCORES, damping_setting, get_method
 
         method = get_method(self.method)
         if not 0.0 <= self.sparsity < 1.0:  # also refuses NaN
@@ -300,6 +302,11 @@ class SparsifyConfig:
         if self.mask_scope != "matrix" and nm is not None:
             raise SparsezipError(f"--mask_scope row applies to unstructured masks; an {nm[0]}:{nm[1]} mask already "
                                  f"prunes every row alike")
+        if self.mask_score not in MASK_SCORES:
+            raise SparsezipError(f"--mask_score must be {' or '.join(MASK_SCORES)}, got {self.mask_score!r}")
+        if self.mask_score != MASK_SCORES[0] and self.method != "float_sparse":
+            raise SparsezipError(f"--mask_score chooses float_sparse's mask score; --method {self.method} scores "
+                                 f"its own way")
         if self.owl is not None and (nm is not None or not method.calibrated):
             raise SparsezipError("--owl allocates unstructured sparsity from activations: it needs a calibrated "
                                  "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
@@ -321,6 +328,7 @@ class SparsifyConfig:
             record["admm_rho"] = self.admm_rho
             record["mask_scope"] = self.mask_scope
             record["admm_damp"] = self.admm_damp
+            record["mask_score"] = self.mask_score
         if self.owl is not None:
             record["owl"] = {"threshold_m": self.owl.threshold, "lambda": self.owl.lam,
                              "layer_sparsity": [round(x, 6) for x in layer_sparsity]}

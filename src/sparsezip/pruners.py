@@ -192,6 +192,7 @@ def _with_damping(attempt: Callable[[float], T | None], damp: float, method: str
 FLOAT_SPARSE_DAMPING = 0.1  # the original's relative damping of the normalised Hessian
 SCARCE_TOKENS_DAMPING = 0.3  # "auto" damping of a linear with fewer calibration tokens than inputs
 AUTO_DAMPING = "auto"
+MASK_SCORES = ("magnitude", "obs")  # float_sparse's mask scores (see float_sparse): the original's first
 
 
 def damping_setting(text: str) -> float | str:
@@ -220,7 +221,8 @@ def float_sparse_damping(setting: float | str, tokens: int, in_features: int) ->
 
 def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
                  dense_target: torch.Tensor | None = None, rho: float = 1.0, row_masks: bool = False,
-                 iters: int = 20, mask_iters: int = 15, damp: float | str = FLOAT_SPARSE_DAMPING) -> torch.Tensor:
+                 iters: int = 20, mask_iters: int = 15, damp: float | str = FLOAT_SPARSE_DAMPING,
+                 mask_score: str = "magnitude") -> torch.Tensor:
     """The original W16A16S sparsifier: Wanda scores ranked over the whole matrix (or N:M groups) with an
     ADMM weight reconstruction (Boza 2024) on the diagonally normalised Hessian.
 
@@ -231,6 +233,10 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
     The mask ranks the whole matrix (the original) or, with `row_masks`, each output row on its own. A
     whole-matrix ranking minimises the total error but can prune an output row of small norm almost entirely
     (up to 93% on Qwen2.5-1.5B's o_proj), which leaves that output channel mostly error.
+
+    The mask ranks the ADMM iterate's magnitude on the normalised Hessian (the original's Wanda-like score), or
+    with `mask_score` "obs" that magnitude divided by sqrt([(Hn + damping)^-1]_jj): OBS's saliency, which
+    prunes first the inputs whose loss the other inputs can take over (those correlated with others).
 
     All maths in fp32 on w's device, the inverse included: after the normalisation diag(Hn) = 1, the
     damping and rho = 1 put every eigenvalue of the inverted matrix at >= 1.1 while the largest is at most
@@ -262,11 +268,18 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
         hn.diagonal().copy_(undamped).add_(rel * mean_diag)  # damped Hn
         # the damping pulls towards the dense weights whichever the target: (Hn + lambda I) wn = Hn wn + lambda wn
         xy = hn @ wn if dense_target is None else (dense_target / d[:, None]).add_(wn, alpha=float(rel * mean_diag))
+        score_scale = None
+        if mask_score == MASK_SCORES[1]:
+            score_scale = _inverse_diagonal(hn)
+            if score_scale is None:
+                return None
+            score_scale = score_scale.rsqrt_()[:, None]  # [in, 1]
         hn.diagonal().add_(rho)
         chol = _cholesky(hn)
-        return None if chol is None else (xy, chol)
+        return None if chol is None else (xy, chol, score_scale)
 
-    xy, chol = _with_damping(factor, damp, "float_sparse")  # [in, out], lower factor L of damped Hn + rho I
+    # [in, out], lower factor L of damped Hn + rho I, the mask score's factor per input (or None)
+    xy, chol, score_scale = _with_damping(factor, damp, "float_sparse")
     del hn
     low_inv = _inverse_lower(chol)  # in GEMMs: torch's CPU cholesky_inverse takes several times as long
     del chol
@@ -277,7 +290,8 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
     for it in range(iters):
         v = wn + u
         if it < mask_iters or keep is None:
-            keep = make_mask(v.abs().T, ratio, pattern, per_row=row_masks).T  # [in, out]; N:M along the inputs
+            score = v.abs() if score_scale is None else v.abs() * score_scale
+            keep = make_mask(score.T, ratio, pattern, per_row=row_masks).T  # [in, out]; N:M along the inputs
         z = apply_mask(v, keep)
         u += wn - z
         wn = hinv @ (xy + rho * (z - u))
@@ -361,6 +375,18 @@ def _inverse_upper_factor(h: torch.Tensor, damping: float = 0.0) -> torch.Tensor
         return None
     u = _inverse_lower(chol).flip(0, 1)
     return u if _all_finite(u) else None
+
+
+def _inverse_diagonal(a: torch.Tensor) -> torch.Tensor | None:
+    """diag(a^-1) of a positive definite a, or None where its Cholesky factorisation fails:
+    a^-1 = L^-T L^-1, so [a^-1]_jj is the squared norm of column j of L^-1 (no [in, in] product)."""
+    chol = _cholesky(a)
+    if chol is None:
+        return None
+    low_inv = _inverse_lower(chol)
+    del chol
+    diag = low_inv.square().sum(0)
+    return diag if _all_finite(diag) else None
 
 
 def _inverse_lower(low: torch.Tensor) -> torch.Tensor:

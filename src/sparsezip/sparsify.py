@@ -74,6 +74,7 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
             fit["rho"] = config.admm_rho
             fit["row_masks"] = config.mask_scope == "row"
             fit["damp"] = config.admm_damp
+            fit["mask_score"] = config.mask_score
         pruned[label] = method.prune(weight[sl], stats, sparsity, config.nm, **fit).to(torch.float16)
     parts = {name: pruned["fused"][sl] for name, sl in rows} if method.row_local else pruned
     if config.rounding_mode == "l2":  # "the 2% of the matrix" is counted per Hugging Face matrix
