@@ -36,7 +36,7 @@ from measure import run_measured, write_section  # noqa: E402
 from run import machine  # noqa: E402
 
 # float_sparse's better settings on the 1.5B (README, Pruning methods); a row mask is what N:M already is
-TUNED_FLAGS = {"50%": ("--admm_rho", "0.6", "--mask_scope", "row", "--admm_damp", "auto"),
+TUNED_FLAGS = {"50%": ("--admm_rho", "0.6", "--mask_scope", "row", "--admm_damp", "auto", "--mask_score", "obs"),
                "2:4": ("--admm_rho", "0.6", "--admm_damp", "auto")}
 TUNED = ", tuned"
 # (label, method, sparsity, pattern, rounding, more sparsify flags); the first is the original's setting: compressed

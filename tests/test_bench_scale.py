@@ -37,8 +37,8 @@ def test_report_rows_for_finished_and_missing_steps(tmp_path):
     text = "\n".join(scale.model_section("m", r, ns))
     assert "| sparsegpt 50% | 14.000 | +40.0% | 300 | 590 | 2.00 | 0.50 |" in text
     assert "- 50%: float_sparse 12.000 against SparseGPT 14.000; it closes 50% of SparseGPT's gap" in text
-    assert ("- 50%: float_sparse `--admm_rho 0.6 --mask_scope row --admm_damp auto` 11.000 against SparseGPT 14.000; "
-            "it closes 75% of SparseGPT's gap") in text
+    assert ("- 50%: float_sparse `--admm_rho 0.6 --mask_scope row --admm_damp auto --mask_score obs` 11.000 against "
+            "SparseGPT 14.000; it closes 75% of SparseGPT's gap") in text
     assert "| float_sparse 2:4, tuned | not run |" in text and "2:4: float_sparse" not in text
     assert "| wanda 2:4 | not run |" in text and "| 2 | not run |" in text
     assert "| dense model, fp16 | 3.00 | 4.00 | 1.00 | 4.40 | 1.10 |" in text
