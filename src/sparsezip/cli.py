@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag(p, "--mask_score", default="magnitude",
          help="what float_sparse's mask ranks its weights by: magnitude on the normalised Hessian (the original's, "
          "the default) or obs, that magnitude over the square root of the inverse Hessian's diagonal, OBS's "
-         "saliency (obs: 1%% less held-out layer error on the demo model, BENCHMARKS.md)")
+         "saliency (obs: better on the demo model and on Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
     flag(p, "--admm_damp", default="0.1",
          help="float_sparse's damping of the normalised Hessian: a number (default: 0.1, the original's) or auto, "
          "0.3 on linears with fewer calibration tokens than inputs and 0.1 on the others (auto: better on "
