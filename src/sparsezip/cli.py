@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="what float_sparse's unstructured mask ranks: each whole matrix (matrix, the original's, the "
          "default) or each output row on its own, as SparseGPT and Wanda do (row: better on the demo model and on "
          "Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
-    flag(p, "--mask_score", default="magnitude",
+    flag(p, "--mask_score", default="magnitude", metavar="{magnitude,obs}",
          help="what float_sparse's mask ranks its weights by: magnitude on the normalised Hessian (the original's, "
          "the default) or obs, that magnitude over the square root of the inverse Hessian's diagonal, OBS's "
          "saliency (obs: better on the demo model and on Qwen2.5-Coder-1.5B, BENCHMARKS.md)")
