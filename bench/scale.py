@@ -37,7 +37,7 @@ from run import machine  # noqa: E402
 
 # float_sparse's better settings on the 1.5B (README, Pruning methods); a row mask is what N:M already is
 TUNED_FLAGS = {"50%": ("--admm_rho", "0.6", "--mask_scope", "row", "--admm_damp", "auto", "--mask_score", "obs"),
-               "2:4": ("--admm_rho", "0.6", "--admm_damp", "auto")}
+               "2:4": ("--admm_rho", "0.6", "--admm_damp", "auto", "--mask_score", "obs")}
 TUNED = ", tuned"
 # (label, method, sparsity, pattern, rounding, more sparsify flags); the first is the original's setting: compressed
 # and run. The cheap methods before float_sparse, whose 20 ADMM products per matrix make it the longest by far
