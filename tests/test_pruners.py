@@ -9,8 +9,8 @@ import torch
 
 from sparsezip.errors import SparsezipError
 from sparsezip.kernels.cpu import prune as cpu_prune
-from sparsezip.pruners import (METHODS, LinearStats, _inverse_lower, _inverse_upper_factor, _prune_block, add_hessian,
-                               damping_setting, float_sparse, float_sparse_damping, magnitude, sparsegpt, wanda)
+from sparsezip.pruners import (METHODS, LinearStats, _inverse_diagonal, _inverse_lower, _inverse_upper_factor,
+                               _prune_block, add_hessian, damping_setting, float_sparse, float_sparse_damping, magnitude, sparsegpt, wanda)
 
 
 def problem(out: int, inp: int, tokens: int = 4096, seed: int = 0, rank: int | None = None):
@@ -91,6 +91,15 @@ def test_sparsegpt_factor_is_the_upper_cholesky_of_the_inverse():
     assert torch.equal(u, torch.triu(u))
     torch.testing.assert_close(u.double(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
     assert _inverse_upper_factor(h - 2 * float(h.diagonal().max()) * torch.eye(60)) is None  # indefinite
+
+
+def test_inverse_diagonal_is_the_diagonal_of_the_inverse():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(300, 150, generator=g) * torch.exp(torch.randn(150, generator=g))
+    h = x.T @ x
+    want = torch.linalg.inv(h.double()).diagonal()
+    torch.testing.assert_close(_inverse_diagonal(h).double(), want, rtol=1e-3, atol=0)
+    assert _inverse_diagonal(h - 2 * float(h.diagonal().max()) * torch.eye(150)) is None  # indefinite
 
 
 @pytest.mark.parametrize("n", [1, 128, 129, 300, 517])

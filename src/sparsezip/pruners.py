@@ -385,7 +385,7 @@ def _inverse_diagonal(a: torch.Tensor) -> torch.Tensor | None:
         return None
     low_inv = _inverse_lower(chol)
     del chol
-    diag = low_inv.square().sum(0)
+    diag = torch.linalg.vector_norm(low_inv, dim=0).square_()  # no squared [in, in] copy
     return diag if _all_finite(diag) else None
 
 
