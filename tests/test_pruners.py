@@ -10,7 +10,8 @@ import torch
 from sparsezip.errors import SparsezipError
 from sparsezip.kernels.cpu import prune as cpu_prune
 from sparsezip.pruners import (METHODS, LinearStats, _inverse_diagonal, _inverse_lower, _inverse_upper_factor,
-                               _prune_block, add_hessian, damping_setting, float_sparse, float_sparse_damping, magnitude, sparsegpt, wanda)
+                               _prune_block, add_hessian, damping_setting, float_sparse, float_sparse_damping,
+                               magnitude, sparsegpt, wanda)
 
 
 def problem(out: int, inp: int, tokens: int = 4096, seed: int = 0, rank: int | None = None):
