@@ -25,15 +25,19 @@ def check_eval_settings(args: ModelArgs, seqlen: int, batch_size: int, max_windo
 
 
 @torch.no_grad()
-def perplexity(model: Transformer, windows: torch.Tensor, batch_size: int = 1, show_progress: bool = True) -> float:
-    """exp(mean next-token loss) over all windows [K, L]; every window is scored on its own."""
+def window_losses(model: Transformer, windows: torch.Tensor, batch_size: int = 1,
+                  show_progress: bool = True) -> torch.Tensor:
+    """Each window's mean next-token loss, float64 [K]; every window is scored on its own."""
     device = model.model.norm.weight.device
-    total, count = 0.0, 0
+    losses = []
     for start in tqdm(range(0, len(windows), batch_size), desc="eval", unit="batch", disable=not show_progress):
         batch = windows[start:start + batch_size].to(device)
         logits = model(batch).float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                               reduction="sum")
-        total += float(loss)
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
+        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")  # [b, L - 1]
+        losses.append(loss.double().mean(1).cpu())
+    return torch.cat(losses)
+
+
+def perplexity(model: Transformer, windows: torch.Tensor, batch_size: int = 1, show_progress: bool = True) -> float:
+    """exp(mean next-token loss) over all windows [K, L] (of equal length, so the mean of their means)."""
+    return math.exp(float(window_losses(model, windows, batch_size, show_progress).mean()))
