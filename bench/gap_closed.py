@@ -42,10 +42,15 @@ def perplexity(losses: torch.Tensor) -> torch.Tensor:
     return losses.mean(-1).exp()
 
 
+def share_closed(dense, base, cand):
+    """The share of the baseline's perplexity gap to dense that the candidate closes, from three perplexities
+    (floats or tensors): (base - cand) / (base - dense)."""
+    return (base - cand) / (base - dense)
+
+
 def gap_closed(dense: torch.Tensor, base: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """(ppl_base - ppl_cand) / (ppl_base - ppl_dense) over the last axis."""
-    p_dense, p_base, p_cand = perplexity(dense), perplexity(base), perplexity(cand)
-    return (p_base - p_cand) / (p_base - p_dense)
+    """share_closed of the perplexities of per-window losses, over the last axis."""
+    return share_closed(perplexity(dense), perplexity(base), perplexity(cand))
 
 
 def bootstrap_interval(dense: torch.Tensor, base: torch.Tensor, cand: torch.Tensor, resamples: int,

@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
+from gap_closed import share_closed  # noqa: E402
 from measure import run_measured, write_section  # noqa: E402
 from run import machine  # noqa: E402
 
@@ -212,7 +213,7 @@ def run_original(pruned: Path, ns: argparse.Namespace, results: Results) -> None
 
 def gap_closed(dense: float, baseline: float, ours: float) -> str:
     """Share of the baseline's perplexity gap to dense that `ours` closes."""
-    return f"{(baseline - ours) / (baseline - dense):.0%}" if baseline > dense else "-"
+    return f"{share_closed(dense, baseline, ours):.0%}" if baseline > dense else "-"
 
 
 def model_section(name: str, r: Results, ns: argparse.Namespace) -> list[str]:
