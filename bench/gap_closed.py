@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from sparsezip.data import auto_tokenizer, eval_windows  # noqa: E402
+from sparsezip.errors import SparsezipError  # noqa: E402
 from sparsezip.evaluate import window_losses  # noqa: E402
 from sparsezip.runtime import load_model  # noqa: E402
 
@@ -100,10 +101,15 @@ def main(argv=None) -> None:
     for folder in folders:
         if not (folder / "config.json").is_file():
             raise SystemExit(f"gap_closed: {folder} is not a model folder (no config.json)")
+    if not args.data.is_file():
+        raise SystemExit(f"gap_closed: {args.data}: no such text file")
     losses = {}
     for name, folder in zip(names, folders):
         print(f"scoring {name}", file=sys.stderr)
-        losses[name] = folder_losses(folder, args.data, args.seqlen, args.windows, args.batch_size)
+        try:
+            losses[name] = folder_losses(folder, args.data, args.seqlen, args.windows, args.batch_size)
+        except SparsezipError as e:
+            raise SystemExit(f"gap_closed: {folder}: {e}") from None
     if any(not math.isfinite(float(v.sum())) for v in losses.values()):
         raise SystemExit("gap_closed: a folder gave a non-finite loss")
     print(report(names, losses, args.resamples))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,10 +76,23 @@ def test_report_scores_every_folder_on_the_same_windows(tiny_dir, text_file, tmp
     assert re.search(rf"\| {re.escape(str(folders[2]))} \| {share:.1%} \| ", table)
 
 
-def test_refuses_a_folder_named_twice_or_not_a_model(tiny_dir, text_file, tmp_path):
+def test_refuses_a_folder_named_twice_a_non_model_or_missing_text(tiny_dir, text_file, tmp_path):
     dense = str(tiny_dir("llama"))
     with pytest.raises(SystemExit, match="named once"):
         gap_closed.main(["--dense", dense, "--baseline", dense, "--candidates", dense, "--data", str(text_file)])
     with pytest.raises(SystemExit, match="not a model folder"):
         gap_closed.main(["--dense", dense, "--baseline", str(tmp_path), "--candidates", dense + "x",
                          "--data", str(text_file)])
+    with pytest.raises(SystemExit, match="missing.txt: no such text file"):
+        gap_closed.main(["--dense", dense, "--baseline", str(tiny_dir("llama", seed=1)), "--candidates",
+                         str(tiny_dir("llama", seed=2)), "--data", str(tmp_path / "missing.txt")])
+
+
+def test_a_damaged_folder_is_a_one_line_error(tiny_dir, text_file, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir("llama"), broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=rf"gap_closed: {re.escape(str(broken))}: "):
+        gap_closed.main(["--dense", str(tiny_dir("llama")), "--baseline", str(broken), "--candidates",
+                         str(tiny_dir("llama", seed=1)), "--data", str(text_file)])
