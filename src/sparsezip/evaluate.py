@@ -33,8 +33,11 @@ def window_losses(model: Transformer, windows: torch.Tensor, batch_size: int = 1
     for start in tqdm(range(0, len(windows), batch_size), desc="eval", unit="batch", disable=not show_progress):
         batch = windows[start:start + batch_size].to(device)
         logits = model(batch).float()
-        loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")  # [b, L - 1]
-        losses.append(loss.double().mean(1).cpu())
+        # over [tokens, vocab] rows: cross_entropy over the class axis of a [b, vocab, L] view loses ~1e-4 of the
+        # perplexity in fp32 against a float64 reference
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               reduction="none")
+        losses.append(loss.view(len(batch), -1).double().mean(1).cpu())
     return torch.cat(losses)
 
 
