@@ -8,7 +8,7 @@ from a paired bootstrap over the windows: each resample draws K windows with rep
 for every folder, so what the folders share (hard and easy passages) cancels out.
 
     python bench/gap_closed.py --dense DENSE --baseline SPARSEGPT --candidates FS1 FS2 --data prideprejudice.txt \\
-        --seqlen 512 --windows 32 --json out/gap_closed.json
+        --seqlen 512 --max_windows 32 --json out/gap_closed.json
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from sparsezip.config import ModelArgs  # noqa: E402
 from sparsezip.data import auto_tokenizer, eval_windows  # noqa: E402
 from sparsezip.errors import SparsezipError  # noqa: E402
-from sparsezip.evaluate import window_losses  # noqa: E402
+from sparsezip.evaluate import check_eval_settings, window_losses  # noqa: E402
 from sparsezip.runtime import load_model  # noqa: E402
 
 FIRST_WINDOWS = 8  # the scale protocol's windows, reported beside the whole set
@@ -89,7 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--candidates", type=Path, nargs="+", required=True, help="pruned folders to compare")
     p.add_argument("--data", type=Path, required=True, help=".txt file the windows come from")
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=32, help="the first N windows of --seqlen tokens")
+    p.add_argument("--max_windows", type=int, default=32, help="the first N windows of --seqlen tokens")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--resamples", type=int, default=10000)
     p.add_argument("--json", type=Path, help="also write every folder's per-window losses here")
@@ -103,11 +105,15 @@ def main(argv=None) -> None:
             raise SystemExit(f"gap_closed: {folder} is not a model folder (no config.json)")
     if not args.data.is_file():
         raise SystemExit(f"gap_closed: {args.data}: no such text file")
+    try:
+        check_eval_settings(ModelArgs.from_dir(args.dense), args.seqlen, args.batch_size, args.max_windows)
+    except SparsezipError as e:
+        raise SystemExit(f"gap_closed: {e}") from None
     losses = {}
     for name, folder in zip(names, folders):
         print(f"scoring {name}", file=sys.stderr)
         try:
-            losses[name] = folder_losses(folder, args.data, args.seqlen, args.windows, args.batch_size)
+            losses[name] = folder_losses(folder, args.data, args.seqlen, args.max_windows, args.batch_size)
         except SparsezipError as e:
             raise SystemExit(f"gap_closed: {folder}: {e}") from None
     if any(not math.isfinite(float(v.sum())) for v in losses.values()):
@@ -115,8 +121,10 @@ def main(argv=None) -> None:
     print(report(names, losses, args.resamples))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"data": str(args.data), "seqlen": args.seqlen,
-                                         "losses": {n: v.tolist() for n, v in losses.items()}}, indent=1))
+        tmp = args.json.with_name(args.json.name + ".tmp")  # renamed once whole: never a half-written file
+        tmp.write_text(json.dumps({"data": str(args.data), "seqlen": args.seqlen,
+                                   "losses": {n: v.tolist() for n, v in losses.items()}}, indent=1))
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

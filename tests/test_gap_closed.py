@@ -62,9 +62,10 @@ def test_report_scores_every_folder_on_the_same_windows(tiny_dir, text_file, tmp
     folders = [tiny_dir("llama", seed=s) for s in (0, 1, 2)]
     out = tmp_path / "losses.json"
     gap_closed.main(["--dense", str(folders[0]), "--baseline", str(folders[1]), "--candidates", str(folders[2]),
-                     "--data", str(text_file), "--seqlen", "24", "--windows", "10", "--resamples", "200",
+                     "--data", str(text_file), "--seqlen", "24", "--max_windows", "10", "--resamples", "200",
                      "--json", str(out)])
     table = capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["losses.json"]  # no temporary file left
     saved = json.loads(out.read_text())["losses"]
     for folder in folders:
         windows = eval_windows(auto_tokenizer(folder), [text_file], 24, 10)
@@ -83,6 +84,11 @@ def test_refuses_a_folder_named_twice_a_non_model_or_missing_text(tiny_dir, text
     with pytest.raises(SystemExit, match="not a model folder"):
         gap_closed.main(["--dense", dense, "--baseline", str(tmp_path), "--candidates", dense + "x",
                          "--data", str(text_file)])
+    for flag, value in (("--max_windows", "0"), ("--seqlen", "1"), ("--batch_size", "0")):
+        with pytest.raises(SystemExit, match=f"gap_closed: {flag}"):
+            gap_closed.main(["--dense", dense, "--baseline", str(tiny_dir("llama", seed=1)), "--candidates",
+                             str(tiny_dir("llama", seed=2)), "--data", str(text_file), "--seqlen", "24",
+                             flag, value])
     with pytest.raises(SystemExit, match="missing.txt: no such text file"):
         gap_closed.main(["--dense", dense, "--baseline", str(tiny_dir("llama", seed=1)), "--candidates",
                          str(tiny_dir("llama", seed=2)), "--data", str(tmp_path / "missing.txt")])
@@ -95,4 +101,4 @@ def test_a_damaged_folder_is_a_one_line_error(tiny_dir, text_file, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(SystemExit, match=rf"gap_closed: {re.escape(str(broken))}: "):
         gap_closed.main(["--dense", str(tiny_dir("llama")), "--baseline", str(broken), "--candidates",
-                         str(tiny_dir("llama", seed=1)), "--data", str(text_file)])
+                         str(tiny_dir("llama", seed=1)), "--data", str(text_file), "--seqlen", "24"])
