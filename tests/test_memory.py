@@ -209,6 +209,21 @@ def test_a_tied_embedding_table_is_held_not_mapped(tiny_dir):
         assert torch.equal(table, f.get_tensor("model.embed_tokens.weight"))
 
 
+def test_loading_a_model_does_not_import_the_compiler_stack(tiny_dir):
+    """torch's compiler stack (dynamo, inductor, triton) costs ~150 MiB resident: a CPU load and a generation must
+    not pull it in (a random init of the embedding table on the meta device did). In a fresh process: this one's
+    other tests may have imported it."""
+    folder = tiny_dir("llama")
+    script = ("import sys, torch\n"
+              "from sparsezip.runtime import load_model\n"
+              f"model = load_model({str(folder)!r}, 'cpu', weights='dense')\n"
+              "with torch.inference_mode():\n    model(torch.tensor([[1, 2, 3]]))\n"
+              "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'triton') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_hold_copies_a_matrix_into_its_held_dtype():
     from sparsezip.layouts.dense import hold
 

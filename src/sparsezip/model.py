@@ -219,7 +219,10 @@ class Backbone(nn.Module):
 
     def __init__(self, args: ModelArgs, dist: Dist):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size // dist.size, args.hidden_size)
+        rows = args.vocab_size // dist.size
+        # given a table, nn.Embedding skips its random init, which the loaded weights replace anyway; on the meta
+        # device that init alone would import torch's compiler stack (dynamo, inductor, triton: ~150 MiB resident)
+        self.embed_tokens = nn.Embedding(rows, args.hidden_size, _weight=torch.empty(rows, args.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(args, dist) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
