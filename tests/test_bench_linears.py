@@ -1,0 +1,72 @@
+"""bench/linears.py: it times every linear of the model once per pass in the layout asked for, its report's rates
+and ratios are the arithmetic it claims, and bad cases are one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import linears  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sparse_tiny(tiny_dir, tmp_path_factory):
+    from sparsezip.config import SparsifyConfig
+    from sparsezip.sparsify import sparsify
+
+    return sparsify(tiny_dir("llama"), tmp_path_factory.mktemp("linears") / "sparse",
+                    SparsifyConfig(method="magnitude", sparsity=0.5))
+
+
+def decoder_weights(config) -> int:
+    """Weights of the decoder layers' linears from the config alone (the head is not a layout module)."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    return config.num_hidden_layers * (h * h + 2 * kv * h + h * h + 3 * h * i)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_measure_covers_every_decoder_linear_in_its_layout(sparse_tiny, layout):
+    from transformers import AutoConfig
+
+    args = argparse.Namespace(rounds=2, repeats=3, cached_kib=1024)
+    result = linears.measure(linears.parse_case(f"{sparse_tiny}:{layout}"), args)
+    assert result["weights"] == decoder_weights(AutoConfig.from_pretrained(sparse_tiny))
+    assert result["seconds"] > 0 and result["cached_s_per_weight"] > 0
+    dense_bytes = 2 * result["weights"]
+    # the sparse layout holds about 6-11 bits per weight at 50%, the dense one 16
+    assert (result["bytes"] < 0.8 * dense_bytes) if layout == "sparse" else (result["bytes"] >= dense_bytes)
+
+
+def test_table_rates_and_ratios():
+    results = [
+        {"case": "a:dense", "weights": 1000, "bytes": 2000, "seconds": 2e-6, "cached_s_per_weight": 1e-12},
+        {"case": "b:sparse", "weights": 1000, "bytes": 1000, "seconds": 1e-6, "cached_s_per_weight": None},
+    ]
+    text = linears.table(results, bandwidth=2e9, threads=1)
+    # 2000 bytes in 2 us = 1.0 GB/s, half the 2 GB/s probe; 2 us / 1000 weights = 2000 ps per weight
+    assert "| a:dense | 0 | 0.0 | 2000.0 | 1.0 | 1.0 (50%) | 1.00x |" in text
+    assert "| b:sparse | 0 | 0.0 | 1000.0 | - | 1.0 (50%) | 2.00x |" in text
+
+
+@pytest.mark.parametrize("case, message", [
+    ("{folder}", "give FOLDER:LAYOUT"),
+    ("{folder}:packed", "give FOLDER:LAYOUT"),
+    ("{missing}:dense", "is not a model folder"),
+])
+def test_bad_cases_are_one_line_errors(tmp_path, case, message):
+    with pytest.raises(SystemExit) as e:
+        linears.parse_case(case.format(folder=tmp_path, missing=tmp_path / "nope"))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dense_folder_in_the_compressed_layout_is_refused(tiny_dir):
+    with pytest.raises(SystemExit) as e:
+        linears.measure(linears.parse_case(f"{tiny_dir('llama')}:compressed"),
+                        argparse.Namespace(rounds=1, repeats=1, cached_kib=1))
+    assert str(e.value).startswith("linears: ") and "\n" not in str(e.value)
