@@ -180,6 +180,16 @@ def test_sparse_layout_round_trips_and_picks_its_value_width(shape, e5m2, monkey
     assert not any(a.flags.writeable for a in sparse.arrays())  # the kernel trusts the arrays: nobody may edit them
 
 
+def test_sparse_layout_is_one_allocation():
+    """The four arrays of a matrix lie in one buffer, each on a 64-byte step from the first, so that large matrices'
+    codes share the values' huge pages."""
+    sparse = gemv.pack_sparse(pruned((200, 300), seed=3, e5m2=True))
+    starts = [a.ctypes.data for a in sparse.arrays()]
+    assert starts == sorted(starts) and all((s - starts[0]) % 64 == 0 for s in starts)
+    ends = [s + a.nbytes for s, a in zip(starts, sparse.arrays())]
+    assert all(end <= nxt < end + 64 for end, nxt in zip(ends, starts[1:]))  # adjacent: no gap of a separate block
+
+
 def test_sparse_layout_is_lossless_for_every_fp16_pattern(monkeypatch, kernel_level):
     """All 65536 bit patterns (-0.0, subnormals, inf, NaN payloads), in both value widths."""
     every = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16)
