@@ -5,11 +5,11 @@ layout is bound by its bytes or by its instructions.
     python bench/linears.py DENSE_FOLDER:dense PACKED_FOLDER:sparse [PACKED_FOLDER:compressed ...] --threads 1
 
 Streamed: one pass over every linear in model order (each matrix is read once, as in a decode step; a 1B model's
-weights are far larger than the caches), median of --rounds passes. Cached: each linear small enough to stay in a cache
-(fp16 size at most --cached_kib; a model's fused projections are often larger than L2, so the default admits L3)
-multiplied --repeats times in a row, the first call not counted. The layout is
-bound by its instructions when its streamed time per weight is close to its cached one, and by memory when the
-streamed rate is close to the probed bandwidth. The first case is the baseline of the ratio column.
+weights are far larger than the caches), median of --rounds passes. Cached: each linear small enough to stay in a
+cache (fp16 size at most --cached_kib; a model's fused projections are often larger than L2, so the default admits
+L3) multiplied --repeats times in a row, the first call not counted. A layout is bound by its instructions when its
+streamed time per weight is close to its cached one, and by memory when its streamed rate is close to the probed
+bandwidth. The first case is the baseline of the ratio column.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def measure(case: Case, args) -> dict:
         raise SystemExit(f"linears: {case.label}: the model has no linear layers")
     weights = sum(m.in_features * m.out_features for m in linears)
     seconds = streamed_seconds(linears, args.rounds)
-    return {"case": case.label, "linears": len(linears), "weights": weights,
+    return {"case": case.label, "weights": weights,
             "bytes": sum(m.resident_bytes() for m in linears), "seconds": seconds,
             "cached_s_per_weight": cached_seconds_per_weight(linears, args.cached_kib * 1024, args.repeats)}
 
@@ -110,14 +110,14 @@ def table(results: list[dict], bandwidth: float, threads: int) -> str:
     """Markdown rows: streamed ms per pass, ps per weight streamed and cached, GB/s and its share of the probe, and
     the streamed speed against the first case."""
     base = results[0]["seconds"]
-    lines = [f"Linears alone, one activation row, {threads} thread(s); read bandwidth probe {bandwidth / 1e9:.1f} GB/s.",
-             "", "| layout | MB | streamed ms / pass | ps / weight streamed | ps / weight cached | GB/s streamed "
+    lines = [f"Linears alone, one activation row, {threads} thread(s); read bandwidth probe "
+             f"{bandwidth / 1e9:.1f} GB/s.", "", "| layout | MB | streamed ms / pass | ps / weight streamed | ps / weight cached | GB/s streamed "
              "(% of probe) | speed vs first |", "|---|---|---|---|---|---|---|"]
     for r in results:
         rate = r["bytes"] / r["seconds"]
-        cached = r["cached_s_per_weight"]
+        cached = "-" if r["cached_s_per_weight"] is None else f"{r['cached_s_per_weight'] * 1e12:.1f}"
         lines.append(f"| {r['case']} | {r['bytes'] / 1e6:.0f} | {r['seconds'] * 1e3:.1f} | "
-                     f"{r['seconds'] / r['weights'] * 1e12:.1f} | {'-' if cached is None else f'{cached * 1e12:.1f}'} | "
+                     f"{r['seconds'] / r['weights'] * 1e12:.1f} | {cached} | "
                      f"{rate / 1e9:.1f} ({rate / bandwidth:.0%}) | {base / r['seconds']:.2f}x |")
     return "\n".join(lines)
 

@@ -122,8 +122,9 @@ def pack_sparse(weight: torch.Tensor) -> SparseWeight:
     row_start = np.concatenate([[0], np.cumsum(tile_bytes.sum(1))]).astype(np.int64)
     tile_start = (np.cumsum(tile_bytes, axis=1) - tile_bytes).astype(np.uint32)
     held = one_buffer([codes, (int(row_start[-1]) + VALUE_PAD,), row_start, tile_start])
-    held[0][...], held[2][...], held[3][...] = codes, row_start, tile_start
-    np.concatenate(streams + [np.zeros(VALUE_PAD, np.uint8)], out=held[1])
+    held_codes, values, held_row_start, held_tile_start = held
+    held_codes[...], held_row_start[...], held_tile_start[...] = codes, row_start, tile_start
+    np.concatenate(streams + [np.zeros(VALUE_PAD, np.uint8)], out=values)  # straight into place: no second copy
     for a in held:
         a.flags.writeable = False
     return SparseWeight((n, k), *held)
@@ -131,10 +132,10 @@ def pack_sparse(weight: torch.Tensor) -> SparseWeight:
 
 def one_buffer(parts: list) -> list[np.ndarray]:
     """One view for each part (an array, for its shape and dtype, or a shape of bytes) into one uint8 allocation,
-    each starting a multiple of 64 bytes from its start. Why one: numpy asks Linux for transparent huge pages only on allocations of 4 MiB or more, and
-    most matrices' codes alone are smaller; held with the values, they stream out of 2 MiB pages too (in one process,
-    alternating with separate arrays, the random 1.2B model's sparse linears took 2-3% less time a pass at one
-    thread)."""
+    each starting a multiple of 64 bytes from its start. Why one: numpy asks Linux for transparent huge pages only
+    on allocations of 4 MiB or more, and most matrices' codes alone are smaller; held with the values, they stream
+    out of 2 MiB pages too (in one process, alternating with separate arrays, the random 1.2B model's sparse linears
+    took 2-3% less time a pass at one thread)."""
     specs = [(p.shape, p.dtype) if isinstance(p, np.ndarray) else (p, np.dtype(np.uint8)) for p in parts]
     sizes = [int(np.prod(shape)) * dtype.itemsize for shape, dtype in specs]
     starts = np.concatenate([[0], np.cumsum([-(-size // 64) * 64 for size in sizes])])
