@@ -1,6 +1,6 @@
-"""GPU benchmark of the Triton kernels (sparsezip.kernels.triton.codec) on Qwen3-32B linear shapes.
+"""GPU benchmark of the Triton kernels (sparsezip.kernels.triton.codec) on square and Qwen3-32B linear shapes.
 
-For every linear of a Qwen3-32B layer (hidden 5120, intermediate 25600, 64 query / 8 key-value heads of
+For an n x n matrix of each --square size (default 4096) and every linear of a Qwen3-32B layer (hidden 5120, intermediate 25600, 64 query / 8 key-value heads of
 128) as one tensor-parallel rank holds it at TP 1, 2 and 4 (qkv_proj and gate_up_proj split by output
 rows, o_proj and down_proj by input columns), a random weight is 50% magnitude pruned per row (variant
 "pruned") and optionally L2-rounded to E5M2 values with 2% kept exact (variant "l2", sparsezip.rounding),
@@ -13,8 +13,9 @@ Timing: CUDA events around single calls, each call after an L2 flush (a 256 MiB 
 first, median of --iters. Effective bandwidth = bytes the call must read (compressed weight + tables
 for fused, 2 bytes/weight for cublas) / time, against the card's peak (looked up from its name).
 
-  python bench/gpu.py [--codec bitmap-v1 huff-v2] [--variant pruned l2] [--tp 1 2 4] [--batch 1 8 32]
-                      [--out BENCHMARKS.md]          # writes the <!-- bench:gpu --> section
+  python bench/gpu.py [--codec bitmap-v1 huff-v2] [--variant pruned l2] [--square 4096] [--tp 1 2 4]
+                      [--batch 1 8 32] [--out BENCHMARKS.md]   # writes the <!-- bench:gpu --> section
+  python bench/gpu.py --sweep 8 [--square 4096]   # every strip shape and split of the fused kernel, 8 fastest
 Needs a CUDA GPU and triton; exits with a one-line message otherwise.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
+import itertools
 import statistics
 import sys
 import time
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
+from measure import write_section  # noqa: E402
 
 HIDDEN, INTERMEDIATE, Q_HEADS, KV_HEADS, HEAD_DIM = 5120, 25600, 64, 8, 128
 SECTION = "gpu"
@@ -62,6 +64,12 @@ def qwen3_32b_linears(tp: int) -> list[Linear]:
         Linear("gate_up_proj", 2 * INTERMEDIATE // tp, HIDDEN),
         Linear("down_proj", HIDDEN, INTERMEDIATE // tp),
     ]
+
+
+def linears(args: argparse.Namespace) -> list[tuple[int | str, Linear]]:
+    """(TP, linear) pairs to measure: the square matrices of --square, then Qwen3-32B's at each --tp."""
+    square = [("-", Linear(f"{n}x{n}", n, n)) for n in args.square]
+    return square + [(tp, lin) for tp in args.tp for lin in qwen3_32b_linears(tp)]
 
 
 def make_weight(n: int, k: int, variant: str, seed: int, device: str) -> torch.Tensor:
@@ -116,34 +124,60 @@ def run(args: argparse.Namespace, device: str = "cuda") -> str:
     peak = peak_tbps(name)
     flush = torch.empty(256 * 2**20 if device == "cuda" else 1, dtype=torch.uint8, device=device)
     rows = []
-    for tp in args.tp:
-        for lin in qwen3_32b_linears(tp):
-            for variant in args.variant:
-                w = make_weight(lin.n, lin.k, variant, seed=lin.n * 7 + lin.k, device=device)
-                for codec_name in args.codec:
-                    t0 = time.perf_counter()
-                    enc = codec.encode(w.cpu(), codec_name)
-                    dw = tk.prepare(enc, device, verify=not args.no_verify)
-                    setup_s = time.perf_counter() - t0
-                    assert torch.equal(tk.decode(dw).view(torch.int16), w.view(torch.int16)), "decode mismatch"
-                    bits = 8 * dw.nbytes / w.numel()
-                    for batch in args.batch:
-                        x = torch.randn(batch, lin.k, device=device).half()
-                        err = check_close(tk.linear(x, dw, max_fused_m=args.max_fused_m), x, w)
-                        fused = gpu_time_us(lambda: tk.linear(x, dw, max_fused_m=args.max_fused_m),
-                                            args.iters, args.warmup, flush)
-                        dense = gpu_time_us(lambda: F.linear(x, w), args.iters, args.warmup, flush)
-                        dec_mm = gpu_time_us(lambda: F.linear(x, tk.decode(dw)), args.iters, args.warmup, flush)
-                        gbps = dw.nbytes / fused / 1e3  # bytes / us / 1e3 = GB/s
-                        dense_gbps = 2 * w.numel() / dense / 1e3
-                        rows.append([
-                            lin.name, tp, f"{lin.n}x{lin.k}", codec_name, variant, batch, f"{bits:.2f}",
-                            f"{fused:.1f}", f"{dense:.1f}", f"{dec_mm:.1f}", f"{dense / fused:.2f}",
-                            f"{gbps:.0f}", f"{100 * gbps / (peak * 1e3):.0f}%" if peak else "-",
-                            f"{dense_gbps:.0f}", f"{err:.1e}",
-                        ])
-                        print(" | ".join(str(c) for c in rows[-1]), f"(setup {setup_s:.1f} s)", file=sys.stderr)
+    for tp, lin in linears(args):
+        for variant in args.variant:
+            w = make_weight(lin.n, lin.k, variant, seed=lin.n * 7 + lin.k, device=device)
+            for codec_name in args.codec:
+                t0 = time.perf_counter()
+                enc = codec.encode(w.cpu(), codec_name)
+                dw = tk.prepare(enc, device, verify=not args.no_verify)
+                setup_s = time.perf_counter() - t0
+                assert torch.equal(tk.decode(dw).view(torch.int16), w.view(torch.int16)), "decode mismatch"
+                bits = 8 * dw.nbytes / w.numel()
+                for batch in args.batch:
+                    x = torch.randn(batch, lin.k, device=device).half()
+                    err = check_close(tk.linear(x, dw, max_fused_m=args.max_fused_m), x, w)
+                    fused = gpu_time_us(lambda: tk.linear(x, dw, max_fused_m=args.max_fused_m),
+                                        args.iters, args.warmup, flush)
+                    dense = gpu_time_us(lambda: F.linear(x, w), args.iters, args.warmup, flush)
+                    dec_mm = gpu_time_us(lambda: F.linear(x, tk.decode(dw)), args.iters, args.warmup, flush)
+                    gbps = dw.nbytes / fused / 1e3  # bytes / us / 1e3 = GB/s
+                    dense_gbps = 2 * w.numel() / dense / 1e3
+                    rows.append([
+                        lin.name, tp, f"{lin.n}x{lin.k}", codec_name, variant, batch, f"{bits:.2f}",
+                        f"{fused:.1f}", f"{dense:.1f}", f"{dec_mm:.1f}", f"{dense / fused:.2f}",
+                        f"{gbps:.0f}", f"{100 * gbps / (peak * 1e3):.0f}%" if peak else "-",
+                        f"{dense_gbps:.0f}", f"{err:.1e}",
+                    ])
+                    print(" | ".join(str(c) for c in rows[-1]), f"(setup {setup_s:.1f} s)", file=sys.stderr)
     return table(rows, name, peak, args)
+
+
+def sweep(args: argparse.Namespace, device: str = "cuda") -> str:
+    """Fused-kernel time at batch 1 for every strip shape and split on each --square matrix (l2 weights), fastest
+    first: tells a retune from a kernel bound by its own work."""
+    from sparsezip import codec
+    from sparsezip.kernels.triton import codec as tk
+
+    flush = torch.empty(256 * 2**20 if device == "cuda" else 1, dtype=torch.uint8, device=device)
+    lines = ["| n x n | codec | block rows | tiles per step | split-k | fused us | vs cuBLAS |",
+             "|---|---|---|---|---|---|---|"]
+    for n in args.square:
+        w = make_weight(n, n, "l2", seed=n, device=device)
+        x = torch.randn(1, n, device=device).half()
+        dense = gpu_time_us(lambda: F.linear(x, w), args.iters, args.warmup, flush)
+        for codec_name in args.codec:
+            dw = tk.prepare(codec.encode(w.cpu(), codec_name), device, verify=False)
+            n_tc = dw.tile_grid[1]
+            timed = []
+            for rows, tiles, split in itertools.product((16, 32, 64, 128), (1, 2, 4, 8),
+                                                        sorted({1, max(1, n_tc // 8), max(1, n_tc // 2), n_tc})):
+                us = gpu_time_us(lambda: tk.linear(x, dw, split_k=split, block_rows=rows, tile_cols=tiles),
+                                 args.iters, args.warmup, flush)
+                timed.append((us, rows, tiles, split))
+            lines += [f"| {n}x{n} | {codec_name} | {rows} | {tiles} | {split} | {us:.1f} | {dense / us:.2f} |"
+                      for us, rows, tiles, split in sorted(timed)[:args.sweep]]
+    return "\n".join(lines) + "\n"
 
 
 def table(rows: list[list[object]], device_name: str, peak: float | None, args: argparse.Namespace) -> str:
@@ -155,8 +189,8 @@ def table(rows: list[list[object]], device_name: str, peak: float | None, args: 
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Command: `python bench/gpu.py "
         f"{' '.join(sys.argv[1:])}`",
         "",
-        "Qwen3-32B linears of one TP rank, random weights 50% magnitude-pruned per row (`l2`: then L2-rounded, "
-        "2% exact). Median of "
+        "Square n x n matrices (TP -) and Qwen3-32B linears of one TP rank, random weights 50% magnitude-pruned per "
+        "row (`l2`: then L2-rounded, 2% exact). Median of "
         f"{args.iters} calls, each after an L2 flush, CUDA events. GB/s = bytes read (compressed weight + tables "
         "for fused, fp16 weight for cuBLAS) / time; device bits/w counts the same compressed bytes per weight. "
         "cuBLAS/fused > 1 means the fused kernel is faster.",
@@ -168,37 +202,19 @@ def table(rows: list[list[object]], device_name: str, peak: float | None, args: 
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, markdown: str) -> None:
-    """Put the table in the `gpu` section of path (bench/measure.py's helper when it is there)."""
-    try:
-        from measure import write_section
-    except ImportError:
-        write_section = _write_section
-    write_section(path, SECTION, markdown)
-
-
-def _write_section(path: Path, name: str, markdown: str) -> None:
-    """Replace (or append) the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{start}\n{markdown.strip()}\n{end}"
-    i, j = text.find(start), text.find(end)
-    text = text[:i] + block + text[j + len(end):] if 0 <= i < j else text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--codec", nargs="+", default=["bitmap-v1", "huff-v2"])
     p.add_argument("--variant", nargs="+", default=["pruned", "l2"], choices=["pruned", "l2"])
     p.add_argument("--tp", nargs="+", type=int, default=[1, 2, 4], choices=[1, 2, 4, 8])
+    p.add_argument("--square", nargs="*", type=int, default=[4096], help="also n x n matrices of these sizes")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--max-fused-m", type=int, default=32, help="largest batch the fused kernel takes (<= 64)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-verify", action="store_true", help="skip the host reference decode in prepare()")
+    p.add_argument("--sweep", type=int, metavar="N", help="instead: time every strip shape and split on the --square "
+                   "matrices and print each codec's N fastest")
     p.add_argument("--out", type=Path, help="also write the table into this markdown file's gpu section")
     return p.parse_args(argv)
 
@@ -211,10 +227,13 @@ def main(argv: list[str] | None = None) -> None:
         import triton  # noqa: F401
     except ImportError:
         sys.exit("bench/gpu.py needs triton (pip install -r requirements.txt); nothing was measured")
+    if args.sweep:
+        print(sweep(args))
+        return
     markdown = run(args)
     print(markdown)
     if args.out:
-        write_markdown(args.out, markdown)
+        write_section(args.out, SECTION, markdown)
         print(f"wrote section <!-- bench:{SECTION} --> of {args.out}", file=sys.stderr)
 
 

@@ -76,8 +76,8 @@ def sparsezip_cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "sparsezip", "-q", *args], check=True)
 
 
-def make_large_model(folder: Path, demo: Path) -> Path:
-    """A random Llama-architecture fp16 model of the LARGE shape, with the demo model's tokenizer."""
+def make_large_model(folder: Path, demo: Path, shape: dict = LARGE) -> Path:
+    """A random Llama-architecture fp16 model of `shape`, with the demo model's tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -85,7 +85,7 @@ def make_large_model(folder: Path, demo: Path) -> Path:
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    config = LlamaConfig(**LARGE, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+    config = LlamaConfig(**shape, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
                          torch_dtype="float16")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).half()  # transformers initialises N(0, 0.02): a plausible weight scale
