@@ -6,9 +6,11 @@
 #   2. tests/test_triton.py compiled for the real GPU (TRITON_INTERPRET unset);
 #   3. bench/gpu.py: a 4096 x 4096 matrix and the Qwen3-32B shapes, both codecs, fused kernel against cuBLAS;
 #   4. bench/gpu_decode.py: decode tokens/s of dense and the compressed layouts on a random 1.2B-shaped model, its
-#      folders built in the background while the tests run. It needs the demo tokenizer: TOKENIZER=folder, or the
-#      demo model fetched by sparsezip_demo (online only); skipped when neither is there.
-# Results go under $OUT (default out/gpu_check): env.txt, pytest.log, bench.md, bench.log, decode.md, decode.log.
+#      folders built in the background while the tests run; each layout's op profile goes to decode.log. It needs the
+#      demo tokenizer: TOKENIZER=folder, or the demo model fetched by sparsezip_demo (online only); skipped when
+#      neither is there.
+# Results go under $OUT (default out/gpu_check): env.txt, native.log (OFFLINE), pytest.log, bench.md, bench.log,
+# decode.md, decode.log.
 # Usage: bash bench/gpu_check.sh [extra bench/gpu.py arguments, e.g. --tp 1 --batch 1 8]
 # Environment: PYTHON (default python3), VENV (default .venv-gpu; an existing one is reused), OFFLINE, TOKENIZER,
 # DECODE_LAYERS (default 24).
@@ -64,7 +66,7 @@ if [ -z "$TOKENIZER" ]; then
   echo "== bench/gpu_decode.py skipped: no demo tokenizer (set TOKENIZER=folder)"
 elif [ "$prep" != failed ]; then
   echo "== bench/gpu_decode.py"
-  "$PY" bench/gpu_decode.py "${decode_args[@]}" 2>> "$OUT/decode.log" | tee "$OUT/decode.md" \
+  "$PY" bench/gpu_decode.py "${decode_args[@]}" --profile 2>> "$OUT/decode.log" | tee "$OUT/decode.md" \
     || echo "bench/gpu_decode.py failed: see $OUT/decode.log" >&2
 fi
 echo "results in $OUT; bench/gpu.py --out BENCHMARKS.md and bench/gpu_decode.py --out BENCHMARKS.md fill its sections"

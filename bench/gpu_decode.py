@@ -82,8 +82,22 @@ def measure(folder: Path, weights: str, args, device: str = "cuda") -> dict:
     rate(8, 4)
     decode1, tokens = max(rate(1, args.new_tokens) for _ in range(args.repeats))
     decode8 = max(rate(8, args.new_tokens)[0] for _ in range(args.repeats))
-    return {"decode1": decode1, "decode8": decode8, "tokens": tokens, "weights_mib": weight_bytes(model) / 2**20,
-            "step_bytes": cpu_bench.sparsezip_step_bytes(model), "kv_element": 2}
+    result = {"decode1": decode1, "decode8": decode8, "tokens": tokens, "weights_mib": weight_bytes(model) / 2**20,
+              "step_bytes": cpu_bench.sparsezip_step_bytes(model), "kv_element": 2}
+    if args.profile:
+        result["profile"] = op_profile(lambda: rate(1, 9))  # a prefill and 8 decode steps
+    return result
+
+
+def op_profile(run) -> str:
+    """torch.profiler's table of what `run` spends its host time on, op by op, with the GPU's time per op beside
+    it: tells a step that waits on the host's launches from one that waits on its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        run()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50)
 
 
 def same_tokens(label: str, results: dict) -> str:
@@ -124,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="also print each layout's op profile of a prefill and 8 "
+                   "decode steps at batch 1 (to stderr)")
     p.add_argument("--prepare_only", action="store_true", help="build the folders and stop (CPU work, no GPU needed)")
     p.add_argument("--out", type=Path, help="also write the table into this markdown file's gpu-decode section")
     args = p.parse_args(argv)
@@ -151,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         results[label] = measure(folder, weights, args)
         print(f"  {label}: {results[label]['decode1']:.1f} / {results[label]['decode8']:.1f} tok/s",
               file=sys.stderr, flush=True)
+        if args.profile:
+            print(results[label]["profile"], file=sys.stderr, flush=True)
     markdown = report(results, shape, bandwidth, args, torch.cuda.get_device_name())
     print(markdown)
     if args.out:

@@ -49,12 +49,14 @@ def test_decode_report_limits_ratios_and_token_check():
     assert rows["compressed b"][8].strip(" |") == "no"
 
 
-def test_decode_measurement_runs_the_model(tiny_dir):
-    args = argparse.Namespace(prompt_len=8, new_tokens=5, repeats=1)
+@pytest.mark.parametrize("profile", [False, True])
+def test_decode_measurement_runs_the_model(tiny_dir, profile):
+    args = argparse.Namespace(prompt_len=8, new_tokens=5, repeats=1, profile=profile)
     r = gpu_decode.measure(tiny_dir("llama"), "dense", args, device="cpu")
     assert r["decode1"] > 0 and r["decode8"] > 0
     assert len(r["tokens"]) == args.new_tokens
     assert r["step_bytes"] >= r["weights_mib"] * 2**20 * 0.5  # every linear and the head are read each step
+    assert ("aten::" in r["profile"]) if profile else "profile" not in r
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
