@@ -1,9 +1,9 @@
 """GPU benchmark of the Triton kernels (sparsezip.kernels.triton.codec) on square and Qwen3-32B linear shapes.
 
-For an n x n matrix of each --square size (default 4096) and every linear of a Qwen3-32B layer (hidden 5120, intermediate 25600, 64 query / 8 key-value heads of
-128) as one tensor-parallel rank holds it at TP 1, 2 and 4 (qkv_proj and gate_up_proj split by output
-rows, o_proj and down_proj by input columns), a random weight is 50% magnitude pruned per row (variant
-"pruned") and optionally L2-rounded to E5M2 values with 2% kept exact (variant "l2", sparsezip.rounding),
+For an n x n matrix of each --square size (default 4096) and every linear of a Qwen3-32B layer (hidden 5120,
+intermediate 25600, 64 query / 8 key-value heads of 128) as one tensor-parallel rank holds it at TP 1, 2 and 4
+(qkv_proj and gate_up_proj split by output rows, o_proj and down_proj by input columns), a random weight is 50%
+magnitude pruned per row (variant "pruned") and optionally L2-rounded to E5M2 values with 2% kept exact (variant "l2", sparsezip.rounding),
 compressed with each codec, and y = x @ W.T is timed at each batch size for:
   fused      triton_codec.linear: reads the compressed tiles, never writes W (batch <= 16; larger
              batches use the fused kernel too here, with --max-fused-m)
@@ -15,7 +15,7 @@ for fused, 2 bytes/weight for cublas) / time, against the card's peak (looked up
 
   python bench/gpu.py [--codec bitmap-v1 huff-v2] [--variant pruned l2] [--square 4096] [--tp 1 2 4]
                       [--batch 1 8 32] [--out BENCHMARKS.md]   # writes the <!-- bench:gpu --> section
-  python bench/gpu.py --sweep 8 [--square 4096]   # every strip shape and split of the fused kernel, 8 fastest
+  python bench/gpu.py --sweep 8 --tp 1 [--square 4096]   # every strip shape and split of the fused kernel
 Needs a CUDA GPU and triton; exits with a one-line message otherwise.
 """
 
@@ -154,29 +154,32 @@ def run(args: argparse.Namespace, device: str = "cuda") -> str:
 
 
 def sweep(args: argparse.Namespace, device: str = "cuda") -> str:
-    """Fused-kernel time at batch 1 for every strip shape and split on each --square matrix (l2 weights), fastest
-    first: tells a retune from a kernel bound by its own work."""
+    """Fused-kernel time at batch 1 for every strip shape and split on each shape of --square and --tp (l2 weights):
+    the defaults' time, then the --sweep fastest. Tells a retune from a kernel bound by its own work."""
     from sparsezip import codec
     from sparsezip.kernels.triton import codec as tk
 
     flush = torch.empty(256 * 2**20 if device == "cuda" else 1, dtype=torch.uint8, device=device)
-    lines = ["| n x n | codec | block rows | tiles per step | split-k | fused us | vs cuBLAS |",
-             "|---|---|---|---|---|---|---|"]
-    for n in args.square:
-        w = make_weight(n, n, "l2", seed=n, device=device)
-        x = torch.randn(1, n, device=device).half()
+    lines = ["| linear | TP | n x k | codec | block rows | tiles per step | split-k | fused us | vs cuBLAS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for tp, lin in linears(args):
+        w = make_weight(lin.n, lin.k, "l2", seed=lin.n * 7 + lin.k, device=device)
+        x = torch.randn(1, lin.k, device=device).half()
         dense = gpu_time_us(lambda: F.linear(x, w), args.iters, args.warmup, flush)
         for codec_name in args.codec:
             dw = tk.prepare(codec.encode(w.cpu(), codec_name), device, verify=False)
             n_tc = dw.tile_grid[1]
+            row = lambda strip, us: (f"| {lin.name} | {tp} | {lin.n}x{lin.k} | {codec_name} | {strip} | {us:.1f} | "
+                                     f"{dense / us:.2f} |")
+            lines.append(row("default | default | default", gpu_time_us(lambda: tk.linear(x, dw), args.iters,
+                                                                          args.warmup, flush)))
             timed = []
             for rows, tiles, split in itertools.product((16, 32, 64, 128), (1, 2, 4, 8),
                                                         sorted({1, max(1, n_tc // 8), max(1, n_tc // 2), n_tc})):
                 us = gpu_time_us(lambda: tk.linear(x, dw, split_k=split, block_rows=rows, tile_cols=tiles),
                                  args.iters, args.warmup, flush)
                 timed.append((us, rows, tiles, split))
-            lines += [f"| {n}x{n} | {codec_name} | {rows} | {tiles} | {split} | {us:.1f} | {dense / us:.2f} |"
-                      for us, rows, tiles, split in sorted(timed)[:args.sweep]]
+            lines += [row(f"{rows} | {tiles} | {split}", us) for us, rows, tiles, split in sorted(timed)[:args.sweep]]
     return "\n".join(lines) + "\n"
 
 
@@ -213,8 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-verify", action="store_true", help="skip the host reference decode in prepare()")
-    p.add_argument("--sweep", type=int, metavar="N", help="instead: time every strip shape and split on the --square "
-                   "matrices and print each codec's N fastest")
+    p.add_argument("--sweep", type=int, metavar="N", help="instead: time every strip shape and split of the fused "
+                   "kernel at batch 1 on the shapes of --square and --tp and print each codec's N fastest")
     p.add_argument("--out", type=Path, help="also write the table into this markdown file's gpu section")
     return p.parse_args(argv)
 
