@@ -3,8 +3,8 @@
 For an n x n matrix of each --square size (default 4096) and every linear of a Qwen3-32B layer (hidden 5120,
 intermediate 25600, 64 query / 8 key-value heads of 128) as one tensor-parallel rank holds it at TP 1, 2 and 4
 (qkv_proj and gate_up_proj split by output rows, o_proj and down_proj by input columns), a random weight is 50%
-magnitude pruned per row (variant "pruned") and optionally L2-rounded to E5M2 values with 2% kept exact (variant "l2", sparsezip.rounding),
-compressed with each codec, and y = x @ W.T is timed at each batch size for:
+magnitude pruned per row (variant "pruned") and optionally L2-rounded to E5M2 values with 2% kept exact (variant
+"l2", sparsezip.rounding), compressed with each codec, and y = x @ W.T is timed at each batch size for:
   fused      triton_codec.linear: reads the compressed tiles, never writes W (batch <= 16; larger
              batches use the fused kernel too here, with --max-fused-m)
   cublas     torch.nn.functional.linear on the dense fp16 weight

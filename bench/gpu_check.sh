@@ -23,7 +23,8 @@ mkdir -p "$OUT"
 if [ "${OFFLINE:-0}" = 1 ]; then
   PY="${PYTHON:-python3}"
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" setup.py -q build_ext --inplace > "$OUT/native.log" 2>&1 || echo "native CPU codec not built (see $OUT/native.log)"
+  "$PY" setup.py -q build_ext --inplace > "$OUT/native.log" 2>&1 \
+    || echo "native CPU codec not built (see $OUT/native.log)"
 else
   if [ ! -x "$VENV/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
