@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from sparsezip.chat import chat_loop
+from sparsezip import layouts
 from sparsezip.compress import compress
 from sparsezip.config import ModelArgs
 from sparsezip.errors import SparsezipError
@@ -326,6 +327,24 @@ def test_time_layouts_times_each_layout_on_real_weights(packed):
                for name in ("dense", "sparse", "compressed")}
     seconds = runtime.time_layouts(classes, sources, LayoutContext("cpu", torch.float32), Dist())
     assert set(seconds) == set(classes) and all(0 < t < 10 for t in seconds.values())
+
+
+def test_auto_layout_on_cuda_takes_dense_when_it_fits_else_compressed(packed, monkeypatch, caplog):
+    """On CUDA nothing is timed: dense (cuBLAS) decoded faster than the fused compressed kernels on the GPU we
+    measured, so it wins whenever it fits, and the compressed layout serves a model that only fits compressed."""
+    import sparsezip.runtime as runtime
+
+    args, kind = ModelArgs.from_dir(packed[1]), FolderKind.W16A16SC
+    pruned, other = runtime.weight_counts(args, 1)
+    fp16_bytes = 2 * (pruned + other)
+    monkeypatch.setattr(runtime, "serving_class", lambda name, *rest: layouts.classes(name)[-1]
+                        if kind in layouts.classes(name)[0].folder_kinds else None)  # the GPU's classes, on the CPU
+    for free, chosen in ((10 * fp16_bytes, "dense"), (fp16_bytes, "compressed")):
+        monkeypatch.setattr(runtime, "free_memory", lambda device, free=free: free)
+        with caplog.at_level("INFO", logger="sparsezip"):
+            name = runtime.auto_layout(packed[1], kind, args, "cuda", torch.float16, Dist(), None)
+        assert name == chosen
+        assert f"weights: {chosen} (the first that fits in the registry's order" in caplog.records[-1].message
 
 
 def test_auto_layout_takes_the_smallest_when_memory_is_short(packed, monkeypatch, fake_layout_timings):

@@ -19,18 +19,19 @@ class LayoutSpec:
     summary: str  # one sentence for --help
     classes: tuple[str, ...]  # "module:Class" in this package, best first; the first that serves the device wins
     auto_rank: dict[str, int]  # the layouts `auto` considers per device type, in this order: CUDA takes the first that
-    # fits; on the CPU `auto` times them on the machine (runtime.time_layouts) and the order only breaks ties
+    # fits (dense, then compressed: on an H200 the fused kernels decoded at 0.35-0.68x cuBLAS, BENCHMARKS.md); on the
+    # CPU `auto` times them on the machine (runtime.time_layouts) and the order only breaks ties
 
 
 LAYOUTS = (
     LayoutSpec("dense", "fp16 matrices, decoded once at load (any folder; fastest prefill)",
-               ("dense:DenseLinear",), {"cpu": 2, "cuda": 1}),
+               ("dense:DenseLinear",), {"cpu": 2, "cuda": 0}),
     LayoutSpec("sparse", "bitmap + nonzero values (one byte each after L2 rounding), expanded inside each product "
                "(W16A16S/W16A16SC on CPU; about half the memory of dense)", ("sparse:SparseLinear",),
                {"cpu": 0}),
     LayoutSpec("compressed", "the stored codec bytes, decoded on the fly (W16A16SC; least memory; fused Triton "
                "kernels on CUDA)", ("triton_fused:FusedCompressedLinear", "compressed:CompressedLinear"),
-               {"cpu": 1, "cuda": 0}),
+               {"cpu": 1, "cuda": 1}),
 )
 AUTO = "auto"  # the fastest layout that fits in memory for the folder and the machine (runtime.auto_layout)
 
