@@ -37,7 +37,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
-from measure import write_section  # noqa: E402
+from measure import print_and_write  # noqa: E402
 
 HIDDEN, INTERMEDIATE, Q_HEADS, KV_HEADS, HEAD_DIM = 5120, 25600, 64, 8, 128
 SECTION = "gpu"
@@ -233,11 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         print(sweep(args))
         return
-    markdown = run(args)
-    print(markdown)
-    if args.out:
-        write_section(args.out, SECTION, markdown)
-        print(f"wrote section <!-- bench:{SECTION} --> of {args.out}", file=sys.stderr)
+    print_and_write(run(args), args.out, SECTION)
 
 
 if __name__ == "__main__":

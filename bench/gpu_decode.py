@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 import run as cpu_bench  # noqa: E402  (folder preparation, step bytes and limits are shared with the CPU benchmark)
-from measure import write_section  # noqa: E402
+from measure import print_and_write  # noqa: E402
 
 SECTION = "gpu-decode"
 DENSE = "dense fp16 (cuBLAS)"  # the speed baseline
@@ -169,11 +169,7 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr, flush=True)
         if args.profile:
             print(results[label]["profile"], file=sys.stderr, flush=True)
-    markdown = report(results, shape, bandwidth, args, torch.cuda.get_device_name())
-    print(markdown)
-    if args.out:
-        write_section(args.out, SECTION, markdown)
-        print(f"wrote section <!-- bench:{SECTION} --> of {args.out}", file=sys.stderr)
+    print_and_write(report(results, shape, bandwidth, args, torch.cuda.get_device_name()), args.out, SECTION)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ writing one section of BENCHMARKS.md."""
 from __future__ import annotations
 
 import os
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -52,3 +53,11 @@ def write_section(path: Path, name: str, markdown: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def print_and_write(markdown: str, out: Path | None, name: str) -> None:
+    """Print a benchmark's markdown and, given `out`, also put it in that file's section `name`."""
+    print(markdown)
+    if out:
+        write_section(out, name, markdown)
+        print(f"wrote section <!-- bench:{name} --> of {out}", file=sys.stderr)

@@ -82,3 +82,15 @@ def test_decode_rejects_bad_arguments(argv, tmp_path, capsys):
         gpu_decode.parse_args(["--tokenizer", str(tmp_path), *argv])
     assert exit_info.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_tables_are_printed_and_written_into_their_section(tmp_path, capsys):
+    from measure import print_and_write
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# notes\n", encoding="utf-8")
+    print_and_write("| a |\n", out, gpu_decode.SECTION)
+    print_and_write("| b |\n", None, gpu_decode.SECTION)  # printed only
+    assert out.read_text(encoding="utf-8") == "# notes\n\n<!-- bench:gpu-decode -->\n| a |\n<!-- /bench:gpu-decode -->\n"
+    printed = capsys.readouterr()
+    assert "| a |" in printed.out and "| b |" in printed.out and "wrote section" in printed.err
