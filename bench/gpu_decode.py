@@ -83,7 +83,8 @@ def measure(folder: Path, weights: str, args, device: str = "cuda") -> dict:
     decode1, tokens = max(rate(1, args.new_tokens) for _ in range(args.repeats))
     decode8 = max(rate(8, args.new_tokens)[0] for _ in range(args.repeats))
     result = {"decode1": decode1, "decode8": decode8, "tokens": tokens, "weights_mib": weight_bytes(model) / 2**20,
-              "step_bytes": cpu_bench.sparsezip_step_bytes(model), "kv_element": 2}
+              "step_bytes": cpu_bench.sparsezip_step_bytes(model),
+              "kv_element": model.model.norm.weight.element_size()}  # the cache holds the compute dtype
     if args.profile:
         result["profile"] = op_profile(lambda: rate(1, 9))  # a prefill and 8 decode steps
     return result
@@ -113,7 +114,9 @@ def report(results: dict, shape: dict, bandwidth: float, args, device_name: str)
         f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.  ",
         f"Command: `python bench/gpu_decode.py {' '.join(sys.argv[1:])}`", "",
-        f"Random Llama model, hidden 2048, {args.layers} layers, GQA 32/4, MLP 5632, tied 49152-token head; "
+        f"Random Llama model, hidden {shape['hidden']}, {args.layers} layers, GQA "
+        f"{cpu_bench.LARGE['num_attention_heads']}/{shape['kv_heads']}, MLP {cpu_bench.LARGE['intermediate_size']}, "
+        "tied head; "
         f"prompt of {args.prompt_len} fixed token ids, greedy, {args.new_tokens} new tokens, best of {args.repeats}; "
         "tokens/s counts every row of the batch. Limit = copy bandwidth ÷ bytes a step reads. 'Same tokens': batch "
         "1's greedy tokens equal those of cuBLAS on the same 50% + L2 weights (in fp16 compute the fused kernel's "
