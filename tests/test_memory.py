@@ -97,10 +97,12 @@ print((peak - before) / (n * n * 4))
 """
 
 
-@pytest.mark.parametrize("method, use, copies", [("float_sparse", "shared", 3.25), ("sparsegpt", "shared", 4.5),
-                                                ("float_sparse", "last", 2.25), ("sparsegpt", "last", 3.5)])
+@pytest.mark.parametrize("method, use, copies", [("float_sparse", "shared", 1.75), ("sparsegpt", "shared", 1.75),
+                                                ("float_sparse", "last", 0.75), ("sparsegpt", "last", 0.75)])
 def test_hessian_pruners_hold_few_copies_of_the_hessian(method, use, copies):
-    """Copies beyond H while it is shared with later calls (q, k, v), and on its last use, where H is taken over."""
+    """Copies beyond H while it is shared with later calls (q, k, v): one working copy, and on its last use, where
+    H is taken over: none, the factorisations overwrite it (inplace_linalg). torch's own linalg functions held
+    2-3 more."""
     result = subprocess.run([sys.executable, "-c", PRUNER_PEAK, "3072", method, use], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     used = float(result.stdout.split()[-1])

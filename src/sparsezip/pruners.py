@@ -15,6 +15,8 @@ from typing import Callable, TypeVar
 import torch
 
 from .errors import SparsezipError
+from .inplace_linalg import (cholesky_lower_, inverse_from_cholesky_, invert_lower_, lower_column_sq_norms,
+                             mirror_lower, mirror_upper, restore_symmetric, reverse_)
 from .kernels.cpu import prune as cpu_prune
 from .masks import apply_mask, make_mask
 
@@ -23,8 +25,6 @@ T = TypeVar("T")
 
 CHOLESKY_TRIES = 6  # damping grows x10 per failed try: up to 1e5 times the method's own damping
 HESSIAN_BLOCKS = 4  # row bands of the X^T X accumulation (see add_hessian)
-TRIANGULAR_LEAF = 128  # _inverse_lower hands blocks this small to LAPACK (128 and 256 timed alike)
-MIRROR_BAND = 512  # rows per step of mirror_upper
 OBS_SUB_BLOCK = 16  # columns of SparseGPT's rank-1 updates between two GEMM updates of the rest of a block
 WANDA_ROWS = 1024  # rows per step of wanda: its temporaries take about 16 bytes x WANDA_ROWS x in_features
 
@@ -102,17 +102,6 @@ def add_hessian(h: torch.Tensor, x: torch.Tensor, blocks: int = HESSIAN_BLOCKS) 
             h[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
 
 
-def mirror_upper(h: torch.Tensor, band: int = MIRROR_BAND) -> None:
-    """Copy the upper triangle of a square h onto its lower one, in place, a band of rows at a time: the
-    temporaries are one band, not whole copies of an [in, in] matrix that can take gigabytes."""
-    n = h.shape[0]
-    for lo in range(0, n, band):
-        hi = min(lo + band, n)
-        h[lo:hi, :lo] = h[:lo, lo:hi].mT
-        block = h[lo:hi, lo:hi]
-        block.copy_(torch.triu(block) + torch.triu(block, 1).mT)
-
-
 @dataclass(frozen=True)
 class Method:
     prune: Callable[[torch.Tensor, LinearStats, float, tuple[int, int] | None], torch.Tensor]
@@ -167,12 +156,10 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum()))
 
 
-def _cholesky(a: torch.Tensor) -> torch.Tensor | None:
-    """Lower Cholesky factor of `a`, or None when `a` is not (numerically) positive definite."""
-    factor, info = torch.linalg.cholesky_ex(a)
-    if info.item() != 0 or not _all_finite(factor):
-        return None
-    return factor
+def _cholesky_(a: torch.Tensor) -> bool:
+    """Overwrite a's lower triangle with its Cholesky factor (inplace_linalg.cholesky_lower_); False when a is
+    not (numerically) positive definite."""
+    return cholesky_lower_(a) and _all_finite(a)
 
 
 def _with_damping(attempt: Callable[[float], T | None], damp: float, method: str) -> T:
@@ -263,28 +250,28 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
     undamped = hn.diagonal().clone()
 
     def factor(rel: float):
-        # the damping goes on hn's diagonal in place and comes off by restoring it: [in, in] matrices take
-        # gigabytes at 7B, so only hn and the factor exist at once (and H, which belongs to the caller)
-        hn.diagonal().copy_(undamped).add_(rel * mean_diag)  # damped Hn
+        # hn is the only [in, in] matrix: each factorisation overwrites its lower triangle, and its strict upper
+        # triangle with the saved diagonal rebuilds it for the next one (or for a retry with more damping)
+        damped = undamped + rel * mean_diag
+        restore_symmetric(hn, damped)
         # the damping pulls towards the dense weights whichever the target: (Hn + lambda I) wn = Hn wn + lambda wn
         xy = hn @ wn if dense_target is None else (dense_target / d[:, None]).add_(wn, alpha=float(rel * mean_diag))
         score_scale = None
         if mask_score == MASK_SCORES[1]:
-            score_scale = _inverse_diagonal(hn)
+            score_scale = _inverse_diagonal_(hn)
             if score_scale is None:
                 return None
             score_scale = score_scale.rsqrt_()[:, None]  # [in, 1]
+            restore_symmetric(hn, damped)
         hn.diagonal().add_(rho)
-        chol = _cholesky(hn)
-        return None if chol is None else (xy, chol, score_scale)
+        return (xy, score_scale) if _cholesky_(hn) else None
 
-    # [in, out], lower factor L of damped Hn + rho I, the mask score's factor per input (or None)
-    xy, chol, score_scale = _with_damping(factor, damp, "float_sparse")
+    # [in, out], the mask score's factor per input (or None); hn's lower triangle: the factor L of damped Hn + rho I
+    xy, score_scale = _with_damping(factor, damp, "float_sparse")
+    inverse_from_cholesky_(hn)
+    mirror_lower(hn)
+    hinv = hn  # [in, in]: (L L^T)^-1
     del hn
-    low_inv = _inverse_lower(chol)  # in GEMMs: torch's CPU cholesky_inverse takes several times as long
-    del chol
-    hinv = low_inv.T @ low_inv  # [in, in]: (L L^T)^-1 = L^-T L^-1
-    del low_inv
     u = torch.zeros_like(wn)
     keep = None
     for it in range(iters):
@@ -327,9 +314,9 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
     mean_diag = h.diagonal().mean()
 
     def factor(rel: float):
-        return _inverse_upper_factor(h, rel * mean_diag)
+        return h if _inverse_upper_factor_(h, rel * mean_diag) else None
 
-    hinv = _with_damping(factor, damp, "sparsegpt")  # upper triangular, H^-1 = hinv^T hinv
+    hinv = _with_damping(factor, damp, "sparsegpt")  # h overwritten: upper triangular, H^-1 = hinv^T hinv
     del h
     Wt = W.T.contiguous()  # [in, out]: one input column is one contiguous row, for the per-column updates
     for i1 in range(0, cols, block):
@@ -357,53 +344,35 @@ def _prune_block(w1: torch.Tensor, h1: torch.Tensor, dead1: torch.Tensor, prune_
     return err1
 
 
-def _inverse_upper_factor(h: torch.Tensor, damping: float = 0.0) -> torch.Tensor | None:
-    """The upper triangular U with U^T U = (H + damping I)^-1 (SparseGPT's factor), or None when that matrix is
-    not positive definite.
+def _inverse_upper_factor_(h: torch.Tensor, damping: float = 0.0) -> bool:
+    """Overwrite a symmetric h with the upper triangular U, U^T U = (H + damping I)^-1 (SparseGPT's factor), or
+    return False, h unchanged, when that matrix is not positive definite.
 
     With J the order-reversing permutation and J H J = L L^T: H^-1 = J L^-T L^-1 J = (J L^-1 J)^T (J L^-1 J), and
     J L^-1 J is upper triangular with a positive diagonal, so it is that (unique) factor. One Cholesky and one
-    triangular inverse instead of Cholesky, cholesky_inverse and a second Cholesky (torch's CPU cholesky_inverse
-    alone costs several times this whole function). The damping goes on the flipped copy, the only [in, in] copy
-    made before the factor: at 7B these matrices take gigabytes.
+    triangular inverse, both in h's own memory: at 7B an [in, in] matrix takes gigabytes.
     """
-    flipped = h.flip(0, 1)
-    flipped.diagonal().add_(damping)
-    chol = _cholesky(flipped)
-    del flipped
-    if chol is None:
-        return None
-    u = _inverse_lower(chol).flip(0, 1)
-    return u if _all_finite(u) else None
+    reverse_(h)
+    diagonal = h.diagonal().clone()
+    h.diagonal().add_(damping)
+    if _cholesky_(h):
+        invert_lower_(h)
+        if _all_finite(h):
+            reverse_(h.tril_())
+            return True
+    restore_symmetric(h, diagonal)
+    reverse_(h)
+    return False
 
 
-def _inverse_diagonal(a: torch.Tensor) -> torch.Tensor | None:
-    """diag(a^-1) of a positive definite a, or None where its Cholesky factorisation fails:
-    a^-1 = L^-T L^-1, so [a^-1]_jj is the squared norm of column j of L^-1 (no [in, in] product)."""
-    chol = _cholesky(a)
-    if chol is None:
+def _inverse_diagonal_(a: torch.Tensor) -> torch.Tensor | None:
+    """diag(a^-1) of a positive definite a, or None where its Cholesky factorisation fails: a^-1 = L^-T L^-1, so
+    [a^-1]_jj is the squared norm of column j of L^-1. Overwrites a's lower triangle (with L^-1)."""
+    if not _cholesky_(a):
         return None
-    low_inv = _inverse_lower(chol)
-    del chol
-    diag = torch.linalg.vector_norm(low_inv, dim=0).square_()  # no squared [in, in] copy
+    invert_lower_(a)
+    diag = lower_column_sq_norms(a)
     return diag if _all_finite(diag) else None
-
-
-def _inverse_lower(low: torch.Tensor) -> torch.Tensor:
-    """L^-1 of a lower triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]].
-
-    LAPACK's triangular solve against the identity does n^3 flops (n^3 / 3 are needed) at a fraction of GEMM
-    speed; the halves spend ~2n^3 / 3 in GEMMs, with the same accuracy.
-    """
-    n = low.shape[0]
-    if n <= TRIANGULAR_LEAF:
-        return torch.linalg.solve_triangular(low, torch.eye(n, dtype=low.dtype, device=low.device), upper=False)
-    half = n // 2
-    a_inv, c_inv = _inverse_lower(low[:half, :half]), _inverse_lower(low[half:, half:])
-    inv = torch.zeros_like(low)
-    inv[:half, :half], inv[half:, half:] = a_inv, c_inv
-    inv[half:, :half].addmm_(c_inv, low[half:, :half] @ a_inv, beta=0, alpha=-1)
-    return inv
 
 
 def _obs_score(w1: torch.Tensor, d1: torch.Tensor, dead1: torch.Tensor) -> torch.Tensor:
