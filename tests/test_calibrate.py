@@ -39,7 +39,9 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
     g = torch.Generator().manual_seed(0)
     hidden = [torch.randn(3, 12, args.hidden_size, generator=g), torch.randn(1, 7, args.hidden_size, generator=g)]
     seen = []
-    out = LayerPass(args, "cpu", needs_hessian=False)(layer, Activations(hidden), lambda name, *_: seen.append(name))
+    given = list(hidden)
+    out = LayerPass(args, "cpu", needs_hessian=False)(layer, Activations(given), lambda name, *_: seen.append(name))
+    assert given == []  # the pass empties its input list: nothing holds the batches to the end of the layer
     assert out.dense is None
     out = out.pruned
     stages = ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
@@ -50,8 +52,8 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
             want = layer(x, *rope_cos_sin(args, pos, x.dtype), attention_mask(args, pos, x.shape[1]))
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     seen.clear()
-    assert LayerPass(args, "cpu", needs_hessian=False)(layer, Activations(hidden), lambda name, *_: seen.append(name),
-                                                       last=True).pruned == []
+    assert LayerPass(args, "cpu", needs_hessian=False)(layer, Activations(list(hidden)),
+                                                       lambda name, *_: seen.append(name), last=True).pruned == []
     assert seen == stages  # the final layer's linears are all still calibrated
 
 
@@ -99,7 +101,7 @@ def test_dense_stream_gives_each_linear_the_dense_models_outputs_as_target(tiny_
         targets[name] = stats.dense_target
         linear.weight.data[:, ::2] = 0
 
-    out = LayerPass(args, "cpu", needs_hessian=True)(layer, Activations(pruned_in, dense_in), prune_half)
+    out = LayerPass(args, "cpu", needs_hessian=True)(layer, Activations(list(pruned_in), list(dense_in)), prune_half)
     assert list(targets) == ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
     assert [tuple(t.shape) for t in targets.values()] == [
         (lin.in_features, lin.out_features) for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
@@ -125,7 +127,7 @@ def test_dense_stream_gives_targets_only_to_the_stages_asked_for(tiny_dir):
         linear.weight.data[:, ::2] = 0
 
     run = LayerPass(args, "cpu", needs_hessian=True, dense_stages=("self_attn.o_proj",))
-    out = run(layer, Activations([x.clone() for x in dense_in], dense_in), prune_half)
+    out = run(layer, Activations([x.clone() for x in dense_in], list(dense_in)), prune_half)
     assert [name for name, t in targets.items() if t is not None] == ["self_attn.o_proj"]
     assert len(targets) == 4
     # the dense stream still went through the whole dense layer, its MLP included
@@ -140,11 +142,17 @@ def test_mlp_activations_are_not_held_while_the_down_projection_is_pruned(tiny_d
     hidden = [torch.randn(2, 9, args.hidden_size) for _ in range(3)]
     held = {}
 
+    inputs = {}
+
     def on_linear(name, *_):
         held[name] = live_activation_batches(args.intermediate_size)
+        inputs[name] = live_activation_batches(args.hidden_size)
 
-    out = LayerPass(args, "cpu", needs_hessian=True)(layer, Activations(hidden), on_linear).pruned
+    given = [x.clone() for x in hidden]  # held by the pass alone, as sparsify hands them over
+    out = LayerPass(args, "cpu", needs_hessian=True)(layer, Activations(given), on_linear).pruned
     assert held["mlp.down_proj"] == 0, "the MLP activations stay in memory during the down projection's pruning"
+    # `hidden` here (3 batches) and the residual stream (3): the layer's own input batches are gone
+    assert inputs["mlp.down_proj"] == 2 * len(hidden), inputs
     assert len(out) == len(hidden)
 
 

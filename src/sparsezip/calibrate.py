@@ -187,8 +187,9 @@ class LayerPass:
 
     def stages(self, layer: DecoderLayer, hidden: list[torch.Tensor], on_inputs: StageHook,
                last: bool) -> list[torch.Tensor]:
-        """hidden: batches [B, L, hidden] -> the layer's output batches. Before each linear's forward,
-        `on_inputs(stage, linear, its input batches)` consumes the inputs once and may prune the linear."""
+        """hidden: batches [B, L, hidden] -> the layer's output batches; `hidden` is emptied once read. Before each
+        linear's forward, `on_inputs(stage, linear, its input batches)` consumes the inputs once and may prune the
+        linear."""
         attn, mlp = layer.self_attn, layer.mlp
 
         def attend(h: torch.Tensor) -> torch.Tensor:
@@ -202,6 +203,7 @@ class LayerPass:
         # residual sums in place into the fresh linear output (y + x and x + y are the same floats)
         resid = self.apply(lambda x, a: attn.o_proj(a).add_(x), hidden, attended)
         del attended
+        hidden.clear()  # consumed: the layer's input batches are not needed again, and sparsify's peak is ahead
         normed = self.apply(layer.post_attention_layernorm, resid)
         on_inputs("mlp.gate_up_proj", mlp.gate_up_proj, normed)
         with Spill() as spill:
@@ -230,6 +232,7 @@ def owl_outlier_ratios(args: ModelArgs, reader: TensorReader, hidden: list[torch
                        threshold: float) -> list[float]:
     """Share of Wanda scores above `threshold` x their layer mean, per layer, on the dense model."""
     run = LayerPass(args, device, needs_hessian=False)
+    hidden = list(hidden)  # a pass empties the list it reads; the caller's batches are the pruning pass's input
     ratios = []
     for i in tqdm(range(args.num_layers), desc="OWL outlier scan", unit="layer"):
         layer = load_layer(args, read_layer(args, reader, i), i, device)

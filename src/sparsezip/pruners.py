@@ -272,17 +272,20 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
     mirror_lower(hn)
     hinv = hn  # [in, in]: (L L^T)^-1
     del hn
-    u = torch.zeros_like(wn)
+    # the ADMM iterates, each [in, out]: five such buffers, every step written into them (the same operations in
+    # the same order as `v = wn + u; z = mask(v); u += wn - z; wn = hinv @ (xy + rho * (z - u))`, so the same bits)
+    u, v, z = torch.zeros_like(wn), torch.empty_like(wn), torch.empty_like(wn)
+    zero = torch.zeros((), dtype=wn.dtype, device=wn.device)
     keep = None
     for it in range(iters):
-        v = wn + u
+        torch.add(wn, u, out=v)
         if it < mask_iters or keep is None:
-            score = v.abs() if score_scale is None else v.abs() * score_scale
+            score = torch.abs(v, out=z) if score_scale is None else torch.abs(v, out=z).mul_(score_scale)
             keep = make_mask(score.T, ratio, pattern, per_row=row_masks).T  # [in, out]; N:M along the inputs
-        z = apply_mask(v, keep)
-        u += wn - z
-        wn = hinv @ (xy + rho * (z - u))
-    out = apply_mask(wn + u, keep).T / d[None, :]  # +0.0 / d = +0.0
+        torch.where(keep, v, zero, out=z)  # apply_mask
+        u.add_(torch.sub(wn, z, out=v))
+        torch.matmul(hinv, torch.sub(z, u, out=z).mul_(rho).add_(xy), out=wn)
+    out = apply_mask(wn.add_(u), keep).T / d[None, :]  # +0.0 / d = +0.0
     return out.to(w.dtype).contiguous()  # row-major, as safetensors needs
 
 
@@ -297,8 +300,7 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
     N:M: the mask of every M columns is chosen when the first of them is reached. fp32 throughout (as the
     paper's reference), with the damping raised x10 when a Cholesky factorisation fails.
     """
-    W = w.to(torch.float32).clone()  # [out, in]
-    rows, cols = W.shape
+    rows, cols = w.shape
     if pattern is not None:
         n, m = pattern
         if cols % m:
@@ -318,7 +320,8 @@ def sparsegpt(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *, blo
 
     hinv = _with_damping(factor, damp, "sparsegpt")  # h overwritten: upper triangular, H^-1 = hinv^T hinv
     del h
-    Wt = W.T.contiguous()  # [in, out]: one input column is one contiguous row, for the per-column updates
+    # [in, out], the only copy of w: one input column is one contiguous row, for the per-column updates
+    Wt = w.T.to(torch.float32).contiguous()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = Wt[i1:i2]  # [b, rows], updated in place

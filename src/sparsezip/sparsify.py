@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
@@ -86,20 +87,23 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
 
 
 def prune_layer(args: ModelArgs, index: int, layer: nn.Module, acts: Activations, run: LayerPass | None,
-                config: SparsifyConfig, method: Method, sparsity: float) -> tuple[dict[str, torch.Tensor], Activations]:
-    """Prune the 7 linears of one layer; returns their HF-named fp16 weights and the layer's pruned output."""
+                config: SparsifyConfig, method: Method, sparsity: float,
+                save: Callable[[str, torch.Tensor], None]) -> Activations:
+    """Prune the 7 linears of one layer, handing each HF-named fp16 weight to `save` as soon as it is pruned (not
+    held until the layer ends: they would sit beside the down projection's Hessian, at sparsify's peak); returns
+    the layer's pruned output."""
     rules = {r.target: r for r in layer_rules(args, index)}
-    pruned: dict[str, torch.Tensor] = {}
 
     def on_linear(stage: str, linear: nn.Linear, stats: LinearStats | None) -> None:
         rule = rules[f"model.layers.{index}.{stage}.weight"]
-        pruned.update(prune_linear(linear, rule, stats, config, method, sparsity, args))
+        for name, weight in prune_linear(linear, rule, stats, config, method, sparsity, args).items():
+            save(name, weight)
 
     if run is None:  # uncalibrated (magnitude): no activations to propagate
         for stage in STAGES:
             on_linear(stage, layer.get_submodule(stage), None)
-        return pruned, acts
-    return pruned, run(layer, acts, on_linear, last=index == args.num_layers - 1)
+        return acts
+    return run(layer, acts, on_linear, last=index == args.num_layers - 1)
 
 
 def unpruned_tensors(args: ModelArgs, index: int, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,7 +130,9 @@ def calibration_batches(model_path: Path, reader: TensorReader, config: Sparsify
     tokens = sum(len(s) for s in samples)
     if tokens < 2048:
         log.warning("only %d calibration tokens; at least 2048 are recommended (the inverse can fail)", tokens)
-    return embed_samples(reader, samples), tokens, len(samples)
+    hidden = embed_samples(reader, samples)
+    release_freed_memory()  # the tokenizer's heap (0.1-0.2 GB for a 150k vocabulary) stays resident otherwise
+    return hidden, tokens, len(samples)
 
 
 def dense_target_stages(args: ModelArgs, config: SparsifyConfig, tokens: int) -> tuple[str, ...]:
@@ -164,23 +170,26 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
         layer_sparsity = owl_allocation(ratios, config.sparsity, config.owl.lam)
     dense_stages = dense_target_stages(args, config, tokens)
     run = LayerPass(args, config.device, method.needs_hessian, dense_stages) if method.calibrated else None
-    acts = Activations(hidden, hidden if dense_stages else None)
+    acts = Activations(hidden, list(hidden) if dense_stages else None)  # two lists: each pass empties its own
     del hidden  # the first layer's pass may drop the embedded batches
     with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
         writer = ShardedWriter(tmp, SPARSE_STEM, int(config.part_file_size * 2**30))
         description = Description(FolderKind.W16A16S)
+
+        def save(name: str, tensor: torch.Tensor, kind: str = FolderKind.W16A16S.value) -> None:
+            writer.add(name, tensor.cpu())
+            description.add(name, kind)
+
         low_rss = None
         for i in tqdm(range(args.num_layers), desc=f"sparsify {config.method}", unit="layer"):
             fused = read_layer(args, reader, i)
             layer = load_layer(args, fused, i, config.device)
             unpruned = unpruned_tensors(args, i, fused)
             del fused  # the fp32 layer holds the weights now; keep peak memory at one copy
-            pruned, acts = prune_layer(args, i, layer, acts, run, config, method, layer_sparsity[i])
-            for tensors, kind in ((pruned, FolderKind.W16A16S.value), (unpruned, FLOAT)):
-                for name, t in tensors.items():
-                    writer.add(name, t.cpu())
-                    description.add(name, kind)
-            del layer, pruned, unpruned
+            acts = prune_layer(args, i, layer, acts, run, config, method, layer_sparsity[i], save)
+            for name, t in unpruned.items():
+                save(name, t, FLOAT)
+            del layer, unpruned
             low_rss = trim_if_grown(low_rss)
         for rule in global_rules(args):
             writer.add(rule.target, to_fp16(rule.target, reader.get(rule.target)))
