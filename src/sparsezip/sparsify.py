@@ -191,6 +191,7 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
                 save(name, t, FLOAT)
             del layer, unpruned
             low_rss = trim_if_grown(low_rss)
+        release_freed_memory()  # the layers' freed heap, before the embedding table (0.5-1 GB) comes in whole
         for rule in global_rules(args):
             writer.add(rule.target, to_fp16(rule.target, reader.get(rule.target)))
             description.add(rule.target, FLOAT)
