@@ -285,6 +285,7 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
         torch.where(keep, v, zero, out=z)  # apply_mask
         u.add_(torch.sub(wn, z, out=v))
         torch.matmul(hinv, torch.sub(z, u, out=z).mul_(rho).add_(xy), out=wn)
+    del hinv, xy, v, z, score  # before the result's copies: the [in, in] inverse is the largest thing held
     out = apply_mask(wn.add_(u), keep).T / d[None, :]  # +0.0 / d = +0.0
     return out.to(w.dtype).contiguous()  # row-major, as safetensors needs
 
