@@ -38,13 +38,18 @@ def test_kth_smallest_falls_back_to_torch_off_the_fast_path():
     assert cpu_prune.kth_smallest(values, 10).item() == torch.kthvalue(values, 10).values.item()
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 0.999, 1.0])
-def test_whole_matrix_mask_prunes_exactly_and_breaks_ties_in_index_order(ratio):
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("ratio", [0.0, 0.005, 0.3, 0.5, 0.999, 1.0])
+def test_whole_matrix_mask_prunes_exactly_and_breaks_ties_in_index_order(ratio, transposed):
+    """Also on a transposed view (float_sparse's [in, out] iterate seen as [out, in]): ties go in the view's own
+    index order, not in its memory order."""
     g = torch.Generator().manual_seed(1)
-    score = torch.randint(0, 4, (37, 53), generator=g).float()  # few distinct values: ties at every threshold
+    score = torch.randint(0, 4, (53, 37) if transposed else (37, 53), generator=g).float()  # ties at every threshold
+    if transposed:
+        score = score.T
     keep = keep_largest_per_matrix(score, ratio)
     n_zero = int(score.numel() * ratio)
     order = torch.argsort(score.flatten(), stable=True)  # ascending score, then index
     want = torch.ones(score.numel(), dtype=torch.bool)
     want[order[:n_zero]] = False
-    assert torch.equal(keep.flatten(), want)
+    assert keep.shape == score.shape and torch.equal(keep.flatten(), want)

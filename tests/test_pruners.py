@@ -465,3 +465,15 @@ def test_wanda_in_row_blocks_equals_one_pass_over_the_matrix(pattern, monkeypatc
     want = apply_mask(w, make_mask(w.abs() * stats.sq_norm.sqrt()[None, :], 0.5, pattern, per_row=True))
     assert torch.equal(got, want)
     assert (got == 0).sum() == w.numel() // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_pruners_leave_the_callers_weight_untouched(method, dtype):
+    """The weight may be a mapped file or the dense model's own tensor: a pruner works on its own copy, also where
+    converting to fp32 would be no copy at all."""
+    w, _, stats = problem(24, 32, tokens=256, seed=9)
+    w = w.to(dtype)
+    before = w.clone()
+    METHODS[method].prune(w, stats, 0.5, None)
+    assert torch.equal(w, before)

@@ -123,7 +123,7 @@ def wanda(w: torch.Tensor, stats: LinearStats, ratio: float, pattern) -> torch.T
 
     Row-local, so it goes WANDA_ROWS rows at a time: the scores, the top-k indices (int64) and the mask of a fused
     gate/up matrix at once would be several times its own size."""
-    norm = stats.sq_norm.sqrt().to(w)[None, :]
+    norm = stats.sq_norm.sqrt().to(device=w.device, dtype=torch.promote_types(w.dtype, torch.float32))[None, :]
     out = torch.empty_like(w)
     for r in range(0, w.shape[0], WANDA_ROWS):
         block = w[r:r + WANDA_ROWS]
@@ -234,7 +234,6 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
     """
     h, owned = _hessian(stats, "float_sparse", w.device)  # [in, in]
     damp = float_sparse_damping(damp, stats.tokens, w.shape[1])
-    W = w.to(torch.float32)  # [out, in]
     live = h.diagonal() > 0
     d = h.diagonal().clamp_min(0).sqrt()  # ||X_j||; no view of h kept: once hn is freed, so is h's memory
     # a never-activated column (H row and column all 0) gets a tiny positive norm: its score |W|*d ranks it
@@ -245,7 +244,7 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
     hn = h.div_(d[:, None]) if owned else h / d[:, None]
     hn /= d[None, :]  # D^-1 H D^-1, unit diagonal on live columns
     del h
-    wn = (W * d[None, :]).T  # [in, out]; |wn| is the Wanda score
+    wn = w.to(torch.float32, copy=True).mul_(d[None, :]).T  # [in, out], a view of [out, in] memory; |wn|: Wanda score
     mean_diag = hn.diagonal().mean()
     undamped = hn.diagonal().clone()
 
@@ -272,21 +271,25 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
     mirror_lower(hn)
     hinv = hn  # [in, in]: (L L^T)^-1
     del hn
-    # the ADMM iterates, each [in, out]: five such buffers, every step written into them (the same operations in
-    # the same order as `v = wn + u; z = mask(v); u += wn - z; wn = hinv @ (xy + rho * (z - u))`, so the same bits)
-    u, v, z = torch.zeros_like(wn), torch.empty_like(wn), torch.empty_like(wn)
+    # the ADMM iterates, each [in, out]: four such buffers, every step written into them (the same operations in
+    # the same order as `v = wn + u; z = mask(v); u += wn - z; wn = hinv @ (xy + rho * (z - u))`, so the same bits;
+    # v is formed twice on a step that remakes the mask rather than held)
+    u, z = torch.zeros_like(wn), torch.empty_like(wn)
     zero = torch.zeros((), dtype=wn.dtype, device=wn.device)
     keep = None
     for it in range(iters):
-        torch.add(wn, u, out=v)
         if it < mask_iters or keep is None:
-            score = torch.abs(v, out=z) if score_scale is None else torch.abs(v, out=z).mul_(score_scale)
+            keep = None  # the old mask goes before the new one is made
+            score = torch.add(wn, u, out=z).abs_()
+            if score_scale is not None:
+                score.mul_(score_scale)
             keep = make_mask(score.T, ratio, pattern, per_row=row_masks).T  # [in, out]; N:M along the inputs
-        torch.where(keep, v, zero, out=z)  # apply_mask
-        u.add_(torch.sub(wn, z, out=v))
-        torch.matmul(hinv, torch.sub(z, u, out=z).mul_(rho).add_(xy), out=wn)
-    del hinv, xy, v, z, score  # before the result's copies: the [in, in] inverse is the largest thing held
-    out = apply_mask(wn.add_(u), keep).T / d[None, :]  # +0.0 / d = +0.0
+        torch.where(keep, torch.add(wn, u, out=z), zero, out=z)  # apply_mask
+        u.add_(wn.sub_(z))  # wn's memory holds wn - z until the product below overwrites it
+        torch.matmul(hinv, z.sub_(u).mul_(rho).add_(xy), out=wn)
+    del hinv, xy, z, score  # before the result's copies: the [in, in] inverse is the largest thing held
+    out = torch.where(keep, wn.add_(u), zero, out=u).T.div_(d[None, :])  # apply_mask in place; +0.0 / d = +0.0
+    del wn
     return out.to(w.dtype).contiguous()  # row-major, as safetensors needs
 
 
