@@ -57,6 +57,29 @@ def test_stage_by_stage_pass_equals_the_layer_forward(tiny_dir):
     assert seen == stages  # the final layer's linears are all still calibrated
 
 
+def test_calibration_layer_holds_fp16_matrices_and_computes_the_fp32_layers_floats(tiny_dir):
+    """Half an fp32 layer's memory, and the same floats for every batch size: few rows included, where an fp16
+    DenseLinear would take the native GEMV (another summation order)."""
+    from sparsezip.model import DecoderLayer
+    from sparsezip.tp import Dist
+
+    folder = tiny_dir("qwen2")
+    args = ModelArgs.from_dir(folder)
+    state = read_layer(args, TensorReader(safetensors_files(folder)), 0)
+    held = load_layer(args, state, 0, "cpu")
+    with torch.device("meta"):
+        fp32 = DecoderLayer(args, Dist())
+    fp32.load_state_dict({k[len("model.layers.0."):]: v.float() for k, v in state.items()}, strict=True, assign=True)
+    matrices = [p for p in held.parameters() if p.dim() == 2]
+    assert len(matrices) == 4 and all(p.dtype == torch.float16 for p in matrices)
+    assert all(p.dtype == torch.float32 for p in held.parameters() if p.dim() == 1)
+    g = torch.Generator().manual_seed(3)
+    hidden = [torch.randn(1, 3, args.hidden_size, generator=g), torch.randn(2, 12, args.hidden_size, generator=g)]
+    got = LayerPass(args, "cpu", needs_hessian=False)(held, Activations(list(hidden)), lambda *_: None).pruned
+    want = LayerPass(args, "cpu", needs_hessian=False)(fp32, Activations(list(hidden)), lambda *_: None).pruned
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_spill_gives_back_every_tensor_exactly_and_leaves_no_file():
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(2, 5, 7, generator=g), torch.tensor([float("nan"), -0.0, float("inf")]), torch.randn(3, 1)]
@@ -94,7 +117,7 @@ def test_dense_stream_gives_each_linear_the_dense_models_outputs_as_target(tiny_
     # the dense inputs of the first linear, and what its dense weights make of them
     x_p = torch.cat([layer.input_layernorm(x).flatten(0, 1) for x in pruned_in]).detach()
     x_d = torch.cat([layer.input_layernorm(x).flatten(0, 1) for x in dense_in]).detach()
-    want_qkv = x_p.T @ (x_d @ layer.self_attn.qkv_proj.weight.detach().T)
+    want_qkv = x_p.T @ (x_d @ layer.self_attn.qkv_proj.weight.detach().float().T)
     targets = {}
 
     def prune_half(name, linear, stats):

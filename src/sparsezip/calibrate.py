@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import TensorReader, to_fp16
 from .config import ModelArgs
+from .layouts.dense import DenseLinear
 from .model import DecoderLayer, attention_mask, rope_cos_sin
 from .pruners import LinearStats
 from .tp import EMBEDDING, Dist, layer_rules, shard
@@ -44,12 +45,27 @@ def read_layer(args: ModelArgs, reader: TensorReader, index: int) -> dict[str, t
     return {r.target: shard(r, lambda n: to_fp16(n, reader.get(n)), 0, 1) for r in layer_rules(args, index)}
 
 
+class HeldLinear(DenseLinear):
+    """A calibration layer's linear. It holds its fp16 weight, half an fp32 one's memory (0.44 GB of a 7B layer,
+    held beside the down projection's pruning), and multiplies by its exact fp32 upcast whatever the row count,
+    so its floats are an fp32 layer's: DenseLinear's native GEMV for few rows sums in another order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
 def load_layer(args: ModelArgs, state: dict[str, torch.Tensor], index: int, device: str) -> DecoderLayer:
-    """A tp=1 decoder layer in fp32 from its fused fp16 tensors (keys with the layer prefix)."""
+    """A tp=1 decoder layer from its fused fp16 tensors (keys with the layer prefix): the linears' weights (the
+    matrices) stay fp16 in HeldLinears, the norms and biases become fp32."""
     with torch.device("meta"):
         layer = DecoderLayer(args, Dist())
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, DenseLinear):
+                layer.set_submodule(name, HeldLinear(module.in_features, module.out_features,
+                                                     bias=module.bias is not None))
     prefix = f"model.layers.{index}."
-    local = {k[len(prefix):]: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
+    local = {k[len(prefix):]: v.to(device=device, dtype=torch.float16 if v.dim() == 2 else torch.float32)
+             for k, v in state.items()}
     layer.load_state_dict(local, strict=True, assign=True)
     return layer.eval()
 
@@ -144,7 +160,8 @@ class LayerPass:
             x = x.to(self.device)
             stats.add_batch(x)
             if x_dense is not None:  # no bias: the pruned linear keeps it, so it cancels out of the fit
-                stats.add_dense_target(x, F.linear(x_dense.to(self.device), linear.weight))
+                x_dense = x_dense.to(self.device)
+                stats.add_dense_target(x, F.linear(x_dense, linear.weight.to(x_dense.dtype)))
         return stats
 
     def rope_and_mask(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -239,7 +256,8 @@ def owl_outlier_ratios(args: ModelArgs, reader: TensorReader, hidden: list[torch
         scores: list[torch.Tensor] = []
 
         def record(_name: str, linear: nn.Linear, stats: LinearStats) -> None:
-            scores.append((linear.weight.abs() * stats.sq_norm.sqrt().to(linear.weight)[None, :]).flatten())
+            norm = stats.sq_norm.sqrt().to(device=linear.weight.device, dtype=torch.float32)
+            scores.append((linear.weight.abs() * norm[None, :]).flatten())  # fp32 products of the fp16 weight
 
         hidden = run(layer, Activations(hidden), record, last=i == args.num_layers - 1).pruned
         flat = torch.cat(scores)

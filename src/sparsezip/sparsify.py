@@ -60,7 +60,7 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
     Row-local methods prune the fused matrix in one call (identical per row, fewer passes); the others rank
     over each matrix, so q, k and v (gate and up) are pruned one by one.
     """
-    weight = linear.weight.data  # fp32 [out, in]
+    weight = linear.weight.data  # fp16 [out, in] (calibrate.HeldLinear)
     rows = source_rows(rule, args)
     # row-local methods take the fused matrix in one call; the others take q, k and v (gate and up) one by one,
     # sharing the statistics, so only the last call may take over their Hessian
@@ -185,7 +185,7 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
             fused = read_layer(args, reader, i)
             layer = load_layer(args, fused, i, config.device)
             unpruned = unpruned_tensors(args, i, fused)
-            del fused  # the fp32 layer holds the weights now; keep peak memory at one copy
+            del fused  # the layer holds the weights now (the same fp16 tensors): one copy
             acts = prune_layer(args, i, layer, acts, run, config, method, layer_sparsity[i], save)
             for name, t in unpruned.items():
                 save(name, t, FLOAT)
