@@ -192,6 +192,47 @@ def test_mapping_a_file_truncated_after_opening_is_a_clear_error(tmp_path):
         reader.mapped("a")
 
 
+def test_reading_rows_gives_those_rows_of_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from sparsezip.checkpoint import TensorReader
+
+    tensors = {"t": torch.randn(10, 3, 4).half(), "v": torch.randn(7), "s": torch.tensor(2.0)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    reader = TensorReader([tmp_path / "t.safetensors"])
+    for rows in (slice(0, 5), slice(5, 10), slice(3, 4), slice(8, 20), slice(4, 4), slice(None)):
+        assert torch.equal(reader.get("t", rows=rows), tensors["t"][rows])
+    assert torch.equal(reader.get("v", rows=slice(2, 6)), tensors["v"][2:6])
+    with pytest.raises(ValueError):
+        reader.get("t", rows=slice(0, 10, 2))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_compress_reads_only_its_ranks_rows_of_a_row_split_table(tiny_dir, tmp_path, monkeypatch, tp):
+    """A rank's share of the embedding table and lm_head, read as just those rows: reading the whole table to
+    cut it held it twice at once (1 GB plus the rank's copy at 7B, above compress's target)."""
+    from sparsezip.checkpoint import TensorReader
+    from sparsezip.compress import Source
+    from sparsezip.config import SparsifyConfig
+    from sparsezip.sparsify import sparsify
+    from sparsezip.tp import all_rules, shard
+
+    folder = sparsify(tiny_dir("llama"), tmp_path / "s", SparsifyConfig(method="magnitude", sparsity=0.5))
+    src = Source.open(folder)
+    whole = []
+    real_get = TensorReader.get
+    monkeypatch.setattr(TensorReader, "get", lambda self, name, rows=None: (rows is None and whole.append(name))
+                        or real_get(self, name, rows))
+    row_split = [r for r in all_rules(src.args) if r.dim == 0 and len(r.sources) == 1]
+    assert any(r.target == "model.embed_tokens.weight" for r in row_split)
+    for rule in row_split:
+        for rank in range(tp):
+            whole.clear()
+            got = src.read_shard(rule, rank, tp)
+            assert whole == []
+            assert torch.equal(got, shard(rule, src.read, rank, tp))
+
+
 def test_reading_a_file_truncated_after_opening_is_a_clear_error(tmp_path):
     from safetensors.torch import save_file
 

@@ -100,19 +100,26 @@ class TensorReader:
         begin, stop = header[name]["data_offsets"]
         return path, start + begin, start + stop, header[name]
 
-    def get(self, name: str) -> torch.Tensor:
-        """A fresh tensor read with one positioned read (no memory map kept)."""
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """A fresh tensor read with one positioned read (no memory map kept); with `rows` (a step-1 slice of the
+        first dimension) only those rows are read: a rank's share of a 1 GB embedding table, not the table."""
         path, begin, stop, entry = self.locate(name)
+        dtype, shape = DTYPES[entry["dtype"]], list(entry["shape"])
+        if rows is not None:
+            first, last, step = rows.indices(shape[0]) if shape else (0, 0, 0)
+            if step != 1:
+                raise ValueError(f"rows must be a step-1 slice of the first dimension, got {rows}")
+            row_bytes = (stop - begin) // max(1, shape[0])
+            begin, stop, shape[0] = begin + first * row_bytes, begin + max(first, last) * row_bytes, max(0, last - first)
         data = bytearray(stop - begin)  # read into place: bytearray(f.read()) would hold the tensor twice
         with open(path, "rb") as f:
             f.seek(begin)
             got = f.readinto(data)
         if got != stop - begin:
             raise SparsezipError(f"{path} was truncated while reading {name}")
-        dtype = DTYPES[entry["dtype"]]
         if not data:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"])
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
     def mapped(self, name: str) -> torch.Tensor:
         """The tensor as a private memory map of its file: a page is read when first touched, so the rows of an

@@ -56,6 +56,15 @@ class Source:
     def read(self, name: str) -> torch.Tensor:
         return to_fp16(name, self.reader.get(name))
 
+    def read_shard(self, rule: SplitRule, rank: int, tp: int) -> torch.Tensor:
+        """This rank's tensor for `rule`. A one-source split along the rows (the embedding table, lm_head) reads
+        only the rank's rows, torch.chunk's share: at 7B the whole table is 1 GB."""
+        if tp == 1 or rule.dim != 0 or len(rule.sources) != 1:
+            return shard(rule, self.read, rank, tp)
+        name = rule.sources[0]
+        size = -(-self.reader.shape(name)[0] // tp)
+        return to_fp16(name, self.reader.get(name, rows=slice(rank * size, (rank + 1) * size)))
+
     def is_sparse(self, rule: SplitRule) -> bool:
         return rule.compressed and any(self.description.is_sparse(s) for s in rule.sources)
 
@@ -75,7 +84,7 @@ class PartStats:
 def encode_rule(src: Source, rule: SplitRule, rank: int, tp: int, codec_name: str,
                 verify: bool) -> tuple[str, torch.Tensor | codec.EncodedWeight, PartStats]:
     """One per-rank entry: (tensor name, FLOAT tensor) or (linear prefix, its encoded weight)."""
-    tensor = shard(rule, src.read, rank, tp)
+    tensor = src.read_shard(rule, rank, tp)
     if not src.is_sparse(rule):
         return rule.target, tensor, PartStats()
     enc = codec.encode(tensor, codec_name)
