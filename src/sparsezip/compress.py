@@ -27,7 +27,7 @@ from .errors import SparsezipError
 from .formats import (Description, FolderKind, check_weights_match_config, copy_side_files, detect_kind,
                       linear_prefix, part_dir_name, part_metadata, read_description, weight_files, write_fp16_config,
                       PartWriter)
-from .tp import Dist, SplitRule, all_rules, check_tp_size, shard
+from .tp import Dist, SplitRule, all_rules, check_tp_size, rank_share, shard
 
 log = logging.getLogger("sparsezip")
 T, R = TypeVar("T"), TypeVar("R")
@@ -58,12 +58,12 @@ class Source:
 
     def read_shard(self, rule: SplitRule, rank: int, tp: int) -> torch.Tensor:
         """This rank's tensor for `rule`. A one-source split along the rows (the embedding table, lm_head) reads
-        only the rank's rows, torch.chunk's share: at 7B the whole table is 1 GB."""
+        only the rank's rows: at 7B the whole table is 1 GB."""
         if tp == 1 or rule.dim != 0 or len(rule.sources) != 1:
             return shard(rule, self.read, rank, tp)
         name = rule.sources[0]
-        size = -(-self.reader.shape(name)[0] // tp)
-        return to_fp16(name, self.reader.get(name, rows=slice(rank * size, (rank + 1) * size)))
+        rows = rank_share(self.reader.shape(name)[0], rank, tp)
+        return to_fp16(name, self.reader.get(name, rows=rows))
 
     def is_sparse(self, rule: SplitRule) -> bool:
         return rule.compressed and any(self.description.is_sparse(s) for s in rule.sources)

@@ -116,6 +116,13 @@ def check_tp_size(args: ModelArgs, tp: int) -> None:
         )
 
 
+def rank_share(size: int, rank: int, tp: int) -> slice:
+    """The indices a rank holds of a split dimension of `size` entries. check_tp_size makes tp divide every split
+    dimension, so each rank holds an equal, contiguous share."""
+    width = size // tp
+    return slice(rank * width, (rank + 1) * width)
+
+
 def shard(rule: SplitRule, read: Callable[[str], torch.Tensor], rank: int, tp: int) -> torch.Tensor:
     """This rank's tensor for one rule; `read(name)` returns a full Hugging Face tensor."""
     pieces = [read(name) for name in rule.sources]
@@ -123,7 +130,9 @@ def shard(rule: SplitRule, read: Callable[[str], torch.Tensor], rank: int, tp: i
         return pieces[0]
     if len(pieces) == 1 and tp == 1:  # no copy: a memory-mapped table stays mapped
         return pieces[0]
-    return torch.cat([p.chunk(tp, dim=rule.dim)[rank] for p in pieces], dim=rule.dim).contiguous()
+    shares = [rank_share(p.shape[rule.dim], rank, tp) for p in pieces]
+    return torch.cat([p.narrow(rule.dim, s.start, s.stop - s.start) for p, s in zip(pieces, shares)],
+                     dim=rule.dim).contiguous()
 
 
 def unshard(rule: SplitRule, pieces: list[torch.Tensor],
@@ -132,7 +141,8 @@ def unshard(rule: SplitRule, pieces: list[torch.Tensor],
     if rule.dim is None:
         yield rule.sources[0], pieces[0]
         return
-    widths = [shapes[name][rule.dim] // len(pieces) for name in rule.sources]
+    shares = [rank_share(shapes[name][rule.dim], 0, len(pieces)) for name in rule.sources]
+    widths = [share.stop - share.start for share in shares]
     for rank, piece in enumerate(pieces):
         if piece.dim() <= rule.dim or piece.shape[rule.dim] != sum(widths):
             raise SparsezipError(f"part {rank}: {rule.target} has shape {list(piece.shape)}; config.json implies "
