@@ -101,7 +101,12 @@ def test_hand_checked_values(value, expected):
     assert bits(got).item() == bits(torch.tensor([[expected]], dtype=torch.float16)).item(), float(got)
 
 
-def test_keeps_exactly_floor_count_with_largest_weighted_error():
+@pytest.mark.parametrize("rows_per_block", [None, 3])  # the default blocks hold the whole matrix; 3: 4 blocks
+def test_keeps_exactly_floor_count_with_largest_weighted_error(rows_per_block, monkeypatch):
+    from sparsezip import masks
+
+    if rows_per_block:
+        monkeypatch.setattr(masks, "BLOCK_ENTRIES", 13 * rows_per_block)
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(10, 13, generator=g) * 0.05).to(torch.float16)  # 130 entries: 2.6 -> floor 2 (round: 3)
     norm = torch.rand(13, generator=g) * 10 + 0.1

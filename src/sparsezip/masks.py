@@ -60,7 +60,7 @@ def _keep_first_true_(flags: torch.Tensor, count: int) -> None:
     """Leave only the first `count` True entries of a 2-D boolean matrix, in row-major order. Counted by blocks
     of rows: a running count over every entry costs 8 bytes each (as does sum() of booleans; count_nonzero does
     not copy)."""
-    for block in flags.split(max(1, BLOCK_ENTRIES // flags.shape[1])):
+    for _, block in row_blocks(flags):
         here = int(block.count_nonzero())
         if count == 0:
             block.zero_()
@@ -74,7 +74,7 @@ def keep_largest_per_row(score: torch.Tensor, ratio: float) -> torch.Tensor:
     n_zero = int(score.shape[1] * ratio)
     keep = torch.ones_like(score, dtype=torch.bool, memory_format=torch.contiguous_format)
     if n_zero:
-        for rows, block in _row_blocks(score):
+        for rows, block in row_blocks(score):
             keep[rows].scatter_(1, torch.topk(block, n_zero, dim=1, largest=False).indices, False)
     return keep
 
@@ -85,18 +85,18 @@ def keep_n_of_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise SparsezipError(f"a matrix with {cols} inputs cannot take a {n}:{m} pattern ({cols} % {m} != 0)")
     keep = torch.zeros((rows, cols // m, m), dtype=torch.bool, device=score.device)
-    for at, block in _row_blocks(score):
+    for at, block in row_blocks(score):
         groups = block.reshape(-1, cols // m, m)
         keep[at].scatter_(2, torch.topk(groups, n, dim=2).indices, True)
     return keep.view(rows, cols)
 
 
-def _row_blocks(score: torch.Tensor):
-    """(slice, rows) blocks of about BLOCK_ENTRIES entries: a top-k's values and int64 indices take 12 bytes per
-    selected entry, several times the score itself on the ADMM iterate of a 7B's down projection."""
-    step = max(1, BLOCK_ENTRIES // max(1, score.shape[1]))
-    for start in range(0, score.shape[0], step):
-        yield slice(start, start + step), score[start:start + step]
+def row_blocks(matrix: torch.Tensor):
+    """(slice, rows) blocks of about BLOCK_ENTRIES entries of a 2-D tensor: a top-k's values and int64 indices take
+    12 bytes per selected entry, several times the score itself on the ADMM iterate of a 7B's down projection."""
+    step = max(1, BLOCK_ENTRIES // max(1, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], step):
+        yield slice(start, start + step), matrix[start:start + step]
 
 
 def make_mask(score: torch.Tensor, ratio: float, pattern: tuple[int, int] | None, per_row: bool) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .masks import row_blocks
+
 E5M2_MAX_BITS = 0x7B00  # 57344 = 1.75 * 2^15, the largest finite E5M2 value
 SMALL_EXP = 7  # biased fp16 exponent of 2^-8: |w| below it (but normal) becomes a power of two
 
@@ -59,16 +61,21 @@ def l2_round(w: torch.Tensor, col_norm: torch.Tensor, keep_fraction: float = 0.0
         raise ValueError(f"col_norm must have shape ({w.shape[1]},), got {tuple(col_norm.shape)}")
     if not 0.0 <= keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
-    u = w.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # [out, in] bit patterns
-    q = _q_bits(u)
+    w = w.contiguous()
     k = int(w.numel() * keep_fraction)
+    norm = col_norm.to(device=w.device, dtype=torch.float32)[None, :]
+    out = torch.empty_like(w)
+    err = torch.empty(w.shape, dtype=torch.float32, device=w.device) if k else None
+    # by blocks of rows: the bit maths holds several int32 matrices at once, 0.27 GB each for a whole 7B gate matrix
+    for rows, block in row_blocks(w):
+        out[rows] = _to_fp16(_q_bits(block.view(torch.int16).to(torch.int32) & 0xFFFF))
+        if k:
+            wf = block.float()
+            e = (wf - out[rows].float()).abs_().mul_(norm)  # an inf or NaN weight's error is 0
+            err[rows] = torch.where(torch.isfinite(wf), e, torch.zeros((), device=w.device)).nan_to_num_(0.0)
     if k:
-        wf = w.float()
-        err = (wf - _to_fp16(q).float()).abs() * col_norm.to(device=w.device, dtype=torch.float32)[None, :]
-        err = torch.where(torch.isfinite(wf), err, torch.zeros((), device=w.device)).nan_to_num(0.0)  # inf/NaN: 0
-        flat = err.flatten()
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep[torch.topk(flat, k).indices] = True
-        keep &= flat > 0
-        q = torch.where(keep.view_as(u), u, q)
-    return _to_fp16(q)
+        flat = err.view(-1)
+        kept = torch.topk(flat, k).indices
+        kept = kept[flat[kept] > 0]
+        out.view(-1)[kept] = w.view(-1)[kept]
+    return out
