@@ -180,8 +180,9 @@ print((rss() - before) / 2**20)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_sparsify_maps_large_blocks_so_freeing_them_returns_their_memory():
-    """The setting sparsify makes (map_large_allocations): freed 8 MiB blocks between live 1 MiB ones leave no
-    resident memory behind. Without it glibc keeps them, which the second run checks, so the first can fail."""
+    """The setting the sparsify command makes (map_large_allocations): freed 8 MiB blocks between live 1 MiB ones
+    leave no resident memory behind. Without it glibc keeps them, which the second run checks, so the first can
+    fail."""
     kept = {}
     for mode in ("map", "default"):
         result = subprocess.run([sys.executable, "-c", HEAP_KEPT, mode], capture_output=True, text=True, timeout=120)

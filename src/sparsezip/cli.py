@@ -82,9 +82,18 @@ def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
     return SparsifyConfig(**(settings | fixed))
 
 
+def own_allocator_for_sparsify() -> None:
+    """sparsify's process is ours: map its large blocks (checkpoint.map_large_allocations), so the memory each
+    layer frees goes back to the OS. A process-wide setting, so the library's sparsify() leaves it to its caller."""
+    from .checkpoint import map_large_allocations
+
+    map_large_allocations()
+
+
 def cmd_sparsify(ns: argparse.Namespace) -> None:
     from .sparsify import sparsify
 
+    own_allocator_for_sparsify()
     sparsify(ns.model_path, ns.save_path, sparsify_config(ns), overwrite=ns.overwrite)
     print(f"saved W16A16S model to {ns.save_path}")
 
@@ -101,6 +110,7 @@ def cmd_quant(ns: argparse.Namespace) -> None:
         actual = ModelArgs.from_dir(ns.model_path).model_type
         if ns.model_type.lower().split("-")[0].rstrip("0123456789.") not in actual:
             raise SparsezipError(f"--model_type {ns.model_type} does not match config.json's model_type {actual}")
+    own_allocator_for_sparsify()
     sparsify(ns.model_path, ns.save_path, sparsify_config(ns, method="float_sparse", sparsity=0.4),
              overwrite=ns.overwrite)
     print(f"saved W16A16S model to {ns.save_path}")

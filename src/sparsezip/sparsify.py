@@ -22,8 +22,7 @@ from tqdm import tqdm
 from . import __version__
 from .calibrate import (STAGES, Activations, LayerPass, embed_samples, load_layer, owl_allocation,
                         owl_outlier_ratios, read_layer)
-from .checkpoint import (ShardedWriter, TensorReader, atomic_output_dir, check_output_path, map_large_allocations,
-                         release_freed_memory, to_fp16)
+from .checkpoint import ShardedWriter, TensorReader, atomic_output_dir, check_output_path, release_freed_memory, to_fp16
 from .config import ModelArgs, SparsifyConfig
 from .data import calibration_samples, load_tokenizer
 from .errors import SparsezipError
@@ -152,9 +151,7 @@ def dense_target_stages(args: ModelArgs, config: SparsifyConfig, tokens: int) ->
 
 def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = SparsifyConfig(),
              overwrite: bool = False) -> Path:
-    """Prune the 7 linears of every decoder layer of a dense checkpoint and save a W16A16S folder. Sets this
-    process's allocator to map large blocks (map_large_allocations): the memory its layers free goes back."""
-    map_large_allocations()
+    """Prune the 7 linears of every decoder layer of a dense checkpoint and save a W16A16S folder."""
     model_path, save_path = Path(model_path), Path(save_path)
     if detect_kind(model_path) != FolderKind.DENSE:
         raise SparsezipError(f"{model_path} is already sparse; sparsify takes a dense Hugging Face folder")
