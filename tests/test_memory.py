@@ -57,18 +57,27 @@ def write_big_model(folder: Path, tokenizer_from: Path) -> int:
     return total
 
 
-@pytest.mark.slow
-def test_sparsify_peak_memory_is_below_half_the_model(tmp_path, text_file, tiny_dir):
-    model_bytes = write_big_model(tmp_path / "big", tiny_dir("llama"))
-    assert model_bytes > 1.5e9
-    command = [sys.executable, "-m", "sparsezip", "-q", "sparsify", "--model_path", str(tmp_path / "big"),
-               "--save_path", str(tmp_path / "s"), "--method", "wanda", "--calib", str(text_file),
+@pytest.fixture(scope="module")
+def big_sparsified(tmp_path_factory, text_file, tiny_dir):
+    """A 1.5 GB random checkpoint sparsified by the command line into 0.5 GB shards, its input deleted (disk):
+    (W16A16S folder, model bytes, sparsify's peak RSS in bytes). Made once for both streaming tests."""
+    root = tmp_path_factory.mktemp("big")
+    model_bytes = write_big_model(root / "big", tiny_dir("llama"))
+    command = [sys.executable, "-m", "sparsezip", "-q", "sparsify", "--model_path", str(root / "big"),
+               "--save_path", str(root / "s"), "--method", "wanda", "--calib", str(text_file),
                "--calib_samples", "2", "--calib_seqlen", "32", "--part_file_size", "0.5"]
     result = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    peak = int(result.stdout.split()[-1]) * 1024
-    shards = sorted((tmp_path / "s").glob("quant_model_weights-*-of-*.safetensors"))
-    assert len(shards) >= 3 and (tmp_path / "s" / "quant_model_weights.safetensors.index.json").is_file()
+    shutil.rmtree(root / "big")
+    return root / "s", model_bytes, int(result.stdout.split()[-1]) * 1024
+
+
+@pytest.mark.slow
+def test_sparsify_peak_memory_is_below_half_the_model(big_sparsified):
+    folder, model_bytes, peak = big_sparsified
+    assert model_bytes > 1.5e9
+    shards = sorted(folder.glob("quant_model_weights-*-of-*.safetensors"))
+    assert len(shards) >= 3 and (folder / "quant_model_weights.safetensors.index.json").is_file()
     assert all(p.stat().st_size <= 0.5 * 2**30 for p in shards)
     assert peak < model_bytes / 2, f"peak RSS {peak / 2**20:.0f} MiB for a {model_bytes / 2**20:.0f} MiB model"
 
@@ -400,13 +409,10 @@ def test_loading_reads_each_pruned_linear_only_when_its_layout_is_built(kind, ti
 
 
 @pytest.mark.slow
-def test_compress_streams_each_part_to_disk(tmp_path, tiny_dir):
+def test_compress_streams_each_part_to_disk(tmp_path, big_sparsified):
     """compress holds about one tensor at a time, not a rank's whole encoded part (at 7B, one TP-1 part is 4 GB)."""
-    model_bytes = write_big_model(tmp_path / "big", tiny_dir("llama"))
-    subprocess.run([sys.executable, "-m", "sparsezip", "-q", "sparsify", "--model_path", str(tmp_path / "big"),
-                    "--save_path", str(tmp_path / "s"), "--method", "magnitude"], check=True)
-    shutil.rmtree(tmp_path / "big")
-    command = [sys.executable, "-m", "sparsezip", "-q", "compress", "--model_path", str(tmp_path / "s"),
+    folder, model_bytes, _ = big_sparsified
+    command = [sys.executable, "-m", "sparsezip", "-q", "compress", "--model_path", str(folder),
                "--save_directory", str(tmp_path / "c")]
     result = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
