@@ -303,17 +303,17 @@ def atomic_output_dir(out: Path, overwrite: bool = False, inputs: tuple[Path, ..
 
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
-LARGE_ALLOCATION = 4 << 20
+LARGE_ALLOCATION = 1 << 20
 
 
 def map_large_allocations(threshold: int = LARGE_ALLOCATION) -> None:
     """Give every allocation of `threshold` bytes or more a mapping of its own, returned to the OS when freed.
 
     glibc otherwise raises this threshold to the largest block freed so far (up to 32 MiB) and serves the blocks
-    below it from a heap that keeps what is freed: sparsify's calibration batches (6-15 MB each from 1.5B to 7B)
-    and attention blocks then stay resident beside a layer's Hessian, 0.1-0.2 GB more peak at 1.5B. Smaller blocks
-    stay on the heap, where mapping each would cost its page faults again. Process-wide, like every allocator
-    setting; a no-op where the C library is not glibc."""
+    below it from a heap that keeps what is freed and fragments: sparsify's calibration batches and the per-sample
+    and per-head blocks of the attention (1-15 MB from 1.5B to 7B) then stay resident beside a layer's Hessian.
+    Smaller blocks stay on the heap, where mapping each would cost its page faults again. Process-wide, like every
+    allocator setting; a no-op where the C library is not glibc."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
     except (OSError, AttributeError):
