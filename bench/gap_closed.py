@@ -9,6 +9,9 @@ for every folder, so what the folders share (hard and easy passages) cancels out
 
     python bench/gap_closed.py --dense DENSE --baseline SPARSEGPT --candidates FS1 FS2 --data prideprejudice.txt \\
         --seqlen 512 --max_windows 32 --json out/gap_closed.json
+
+A later comparison against the same dense and baseline folders can take their losses from that file instead of
+scoring them again (`--reuse out/gap_closed.json`): on a 1.5B model each folder takes minutes.
 """
 
 from __future__ import annotations
@@ -66,6 +69,21 @@ def bootstrap_interval(dense: torch.Tensor, base: torch.Tensor, cand: torch.Tens
     return low, high
 
 
+def reusable_losses(path: Path | None, data: Path, seqlen: int, windows: int) -> dict[str, torch.Tensor]:
+    """The per-window losses that an earlier run's --json holds for the same text, window length and at least as
+    many windows (the first `windows` of them: the windows are the text's first ones, so the same)."""
+    if path is None:
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        if saved["data"] != str(data) or saved["seqlen"] != seqlen:
+            return {}
+        return {name: torch.tensor(values[:windows], dtype=torch.float64)
+                for name, values in saved["losses"].items() if len(values) >= windows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"gap_closed: --reuse {path}: not a --json file of this script ({e})") from None
+
+
 def report(names: list[str], losses: dict[str, torch.Tensor], resamples: int) -> str:
     """Markdown: each folder's perplexity on all windows and on the first 8, then each candidate's share."""
     dense, base, *candidates = names
@@ -95,6 +113,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--resamples", type=int, default=10000)
     p.add_argument("--json", type=Path, help="also write every folder's per-window losses here")
+    p.add_argument("--reuse", type=Path, help="take the losses of folders already scored on the same windows from "
+                   "this earlier --json file (only if the folders have not changed since)")
     args = p.parse_args(argv)
     folders = [args.dense, args.baseline, *args.candidates]
     names = [str(f) for f in folders]
@@ -109,8 +129,13 @@ def main(argv=None) -> None:
         check_eval_settings(ModelArgs.from_dir(args.dense), args.seqlen, args.batch_size, args.max_windows)
     except SparsezipError as e:
         raise SystemExit(f"gap_closed: {e}") from None
+    reused = reusable_losses(args.reuse, args.data, args.seqlen, args.max_windows)
     losses = {}
     for name, folder in zip(names, folders):
+        if name in reused:
+            print(f"{name}: losses from {args.reuse}", file=sys.stderr)
+            losses[name] = reused[name]
+            continue
         print(f"scoring {name}", file=sys.stderr)
         try:
             losses[name] = folder_losses(folder, args.data, args.seqlen, args.max_windows, args.batch_size)

@@ -235,6 +235,8 @@ def test_dense_targets_bring_the_pruned_model_closer_to_the_dense_one(tiny_dir, 
     assert read_json(fitted["dense"] / "quant_model_description.json")["metadata"]["targets"] == "dense"
     assert read_json(fitted["local"] / "quant_model_description.json")["metadata"]["targets"] == "local"
     assert config.targets == "local"  # the original's fit stays the default
+    assert "target_blend" not in read_json(fitted["local"] / "quant_model_description.json")["metadata"]
+    assert read_json(fitted["dense"] / "quant_model_description.json")["metadata"]["target_blend"] == 1.0
     tokens = torch.randint(0, 320, (4, 48), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = load_model(folder)(tokens)
@@ -323,13 +325,14 @@ def test_dense_targets_only_where_the_calibration_has_8_tokens_per_input(tiny_di
     def spy(w, stats, ratio, pattern, dense_target=None, **kwargs):
         assert (stats.dense_target is None) == (dense_target is None)  # no unused target was accumulated
         seen.append((stats.tokens, w.shape[1], dense_target is not None))
+        assert kwargs.get("target_blend") == (0.5 if dense_target is not None else None)
         return original.prune(w, stats, ratio, pattern, dense_target=dense_target, **kwargs)
 
     monkeypatch.setitem(pruners.METHODS, "float_sparse", replace(original, prune=spy))
     with caplog.at_level(logging.WARNING, logger="sparsezip"):
         out = sparsify(tiny_dir("llama"), tmp_path / "s", SparsifyConfig(
             method="float_sparse", sparsity=0.5, calib=[text_file], calib_samples=8, calib_seqlen=64,
-            rounding="none", targets="dense"))
+            rounding="none", targets="dense", target_blend=0.5))
     assert {(tokens, width) for tokens, width, _ in seen} == {(512, 64), (512, 128)}
     assert all(fitted_dense == (width == 64) for _, width, fitted_dense in seen), seen
     assert "mlp.down_proj keeps the original fit" in caplog.text

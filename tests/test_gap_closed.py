@@ -77,6 +77,35 @@ def test_report_scores_every_folder_on_the_same_windows(tiny_dir, text_file, tmp
     assert re.search(rf"\| {re.escape(str(folders[2]))} \| {share:.1%} \| ", table)
 
 
+def test_reuse_takes_the_losses_of_folders_scored_on_the_same_windows(tiny_dir, text_file, tmp_path, capsys,
+                                                                       monkeypatch):
+    folders = [str(tiny_dir("llama", seed=s)) for s in (0, 1, 2, 3)]
+    first = tmp_path / "first.json"
+    common = ["--data", str(text_file), "--seqlen", "24", "--resamples", "200"]
+    gap_closed.main(["--dense", folders[0], "--baseline", folders[1], "--candidates", folders[2], "--max_windows",
+                     "10", "--json", str(first), *common])
+    whole = capsys.readouterr().out
+    scored = []
+    real = gap_closed.folder_losses
+    monkeypatch.setattr(gap_closed, "folder_losses", lambda folder, *a: scored.append(str(folder)) or real(folder, *a))
+    gap_closed.main(["--dense", folders[0], "--baseline", folders[1], "--candidates", folders[2], folders[3],
+                     "--max_windows", "10", "--reuse", str(first), *common])
+    assert scored == [folders[3]]
+    again = capsys.readouterr().out
+    assert whole.splitlines()[2:5] == again.splitlines()[2:5]  # the three folders' perplexities, as scored
+    scored.clear()  # fewer windows: the first 6 of the saved 10; other settings: nothing reused
+    gap_closed.main(["--dense", folders[0], "--baseline", folders[1], "--candidates", folders[2],
+                     "--max_windows", "6", "--reuse", str(first), *common])
+    assert scored == []
+    gap_closed.main(["--dense", folders[0], "--baseline", folders[1], "--candidates", folders[2],
+                     "--max_windows", "12", "--reuse", str(first), *common])
+    assert scored == folders[:3]
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="--reuse .*bad.json: not a --json file of this script"):
+        gap_closed.main(["--dense", folders[0], "--baseline", folders[1], "--candidates", folders[2],
+                         "--reuse", str(tmp_path / "bad.json"), *common])
+
+
 def test_refuses_a_folder_named_twice_a_non_model_or_missing_text(tiny_dir, text_file, tmp_path):
     dense = str(tiny_dir("llama"))
     with pytest.raises(SystemExit, match="named once"):

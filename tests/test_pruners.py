@@ -247,6 +247,22 @@ def test_float_sparse_with_its_own_outputs_as_dense_target_is_the_original():
     assert float((got - want).norm() / want.norm()) < 1e-4
 
 
+@pytest.mark.parametrize("blend", [0.25, 0.5])
+def test_float_sparse_with_a_blended_target_fits_the_blend_of_the_two_outputs(blend):
+    """A blend b fits b Y + (1 - b) X W^T: the same as a dense target made of that mix, and neither of the two."""
+    w, x_dense, _ = problem(24, 64, seed=6)
+    g = torch.Generator().manual_seed(7)
+    x = x_dense + 0.3 * x_dense.std() * torch.randn(x_dense.shape, generator=g)
+    y = x_dense @ w.T
+    stats = stats_of(x)
+    got = float_sparse(w, stats, 0.5, None, dense_target=x.T @ y, target_blend=blend)
+    mix = float_sparse(w, stats, 0.5, None, dense_target=x.T @ (blend * y + (1 - blend) * (x @ w.T)))
+    assert ((got == 0) == (mix == 0)).float().mean() > 0.99
+    assert float((got - mix).norm() / mix.norm()) < 1e-3
+    for end in (float_sparse(w, stats, 0.5, None, dense_target=x.T @ y), float_sparse(w, stats, 0.5, None)):
+        assert float((got - end).norm() / end.norm()) > 1e-2
+
+
 def test_float_sparse_fits_the_dense_models_outputs_from_changed_inputs():
     """The inputs moved (earlier layers were pruned): fitting the dense outputs Y gets closer to Y than fitting
     the linear's own outputs on the moved inputs."""

@@ -71,7 +71,7 @@ def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
     from .runtime import pick_device
 
     settings = dict(calib=tuple(ns.calib or ()), device=pick_device(ns.device))
-    for name in ("method", "sparsity", "pattern", "rounding", "targets", "admm_rho", "mask_scope", "mask_score",
+    for name in ("method", "sparsity", "pattern", "rounding", "targets", "target_blend", "admm_rho", "mask_scope", "mask_score",
                  "calib_samples", "calib_seqlen", "seed", "part_file_size"):
         if hasattr(ns, name):
             settings[name] = getattr(ns, name)
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
          "original algorithm, the default) or the dense model's output of each linear, which also corrects the "
          "error of the pruned layers before it, for linears with at least 8 calibration tokens per input (dense: "
          "better on the demo model, BENCHMARKS.md)")
+    flag(p, "--target_blend", type=float, default=1.0,
+         help="with --targets dense, the share of float_sparse's target taken from the dense model's outputs, the "
+         "rest from the linear's own output on the pruned inputs (default: 1.0, all dense)")
     flag(p, "--admm_rho", type=float, default=1.0,
          help="float_sparse's ADMM penalty on the normalised Hessian (default: 1.0, the original's; 0.6 was better "
          "on the demo model and on Qwen2.5-Coder-1.5B, BENCHMARKS.md)")

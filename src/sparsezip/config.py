@@ -232,6 +232,9 @@ class SparsifyConfig:
     # what float_sparse's update fits: "local", the linear's own dense weights on the pruned model's inputs (the
     # original), or "dense", the dense model's outputs of the linear
     targets: str = "local"
+    # with dense targets, the share of the target taken from the dense model's outputs; the rest is the linear's own
+    # output on the pruned inputs (pruners.float_sparse)
+    target_blend: float = 1.0
     # float_sparse's ADMM penalty on the normalised Hessian: 1 is the original's (see pruners.float_sparse)
     admm_rho: float = 1.0
     # what float_sparse's mask ranks: "matrix", each whole matrix (the original), or "row", each output row
@@ -286,6 +289,11 @@ class SparsifyConfig:
         if self.targets == "dense" and self.method != "float_sparse":
             raise SparsezipError(f"--targets dense needs --method float_sparse (the only method that refits the "
                                  f"weights to a target), not {self.method}")
+        if not 0.0 < self.target_blend <= 1.0:  # also refuses NaN
+            raise SparsezipError(f"--target_blend must be in (0, 1], got {self.target_blend}")
+        if self.target_blend != 1.0 and self.targets != "dense":
+            raise SparsezipError("--target_blend mixes the dense model's outputs into float_sparse's target: it "
+                                 "needs --targets dense")
         if not 0.0 < self.admm_rho < math.inf:  # also refuses NaN
             raise SparsezipError(f"--admm_rho must be a positive number, got {self.admm_rho}")
         if self.admm_rho != 1.0 and self.method != "float_sparse":
@@ -329,6 +337,8 @@ class SparsifyConfig:
             record["mask_scope"] = self.mask_scope
             record["admm_damp"] = self.admm_damp
             record["mask_score"] = self.mask_score
+        if self.targets == "dense":
+            record["target_blend"] = self.target_blend
         if self.owl is not None:
             record["owl"] = {"threshold_m": self.owl.threshold, "lambda": self.owl.lam,
                              "layer_sparsity": [round(x, 6) for x in layer_sparsity]}

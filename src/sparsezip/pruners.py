@@ -206,8 +206,19 @@ def float_sparse_damping(setting: float | str, tokens: int, in_features: int) ->
     return SCARCE_TOKENS_DAMPING if tokens < in_features else FLOAT_SPARSE_DAMPING
 
 
+def blended_target(dense: torch.Tensor, hn: torch.Tensor, wn: torch.Tensor, blend: float,
+                   damping: float) -> torch.Tensor:
+    """float_sparse's right-hand side for a dense target, in place of `dense` (D^-1 X^T Y [in, out]): blend of it
+    plus 1 - blend of the linear's own, Hn wn. hn holds the damped Hn + damping I, and the damping pulls towards the
+    dense weights whichever the target: the result is blend D^-1 X^T Y + (1 - blend) Hn wn + damping wn."""
+    if blend == 1.0:
+        return dense.add_(wn, alpha=damping)
+    return dense.mul_(blend).addmm_(hn, wn, alpha=1.0 - blend).add_(wn, alpha=blend * damping)
+
+
 def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
-                 dense_target: torch.Tensor | None = None, rho: float = 1.0, row_masks: bool = False,
+                 dense_target: torch.Tensor | None = None, target_blend: float = 1.0, rho: float = 1.0,
+                 row_masks: bool = False,
                  iters: int = 20, mask_iters: int = 15, damp: float | str = FLOAT_SPARSE_DAMPING,
                  mask_score: str = "magnitude") -> torch.Tensor:
     """The original W16A16S sparsifier: Wanda scores ranked over the whole matrix (or N:M groups) with an
@@ -215,7 +226,8 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
 
     The reconstruction fits X W^T by default (the original). With `dense_target` = X^T Y [in, out] for w's rows,
     where Y are the dense model's outputs of this linear, it fits those instead: min ||X W'^T - Y||, so each
-    linear also undoes what the pruned layers before it changed in its inputs.
+    linear also undoes what the pruned layers before it changed in its inputs. `target_blend` b < 1 fits
+    b Y + (1 - b) X W^T instead: a fit between the two, for calibration too scarce to pin the dense one down.
 
     The mask ranks the whole matrix (the original) or, with `row_masks`, each output row on its own. A
     whole-matrix ranking minimises the total error but can prune an output row of small norm almost entirely
@@ -253,8 +265,8 @@ def float_sparse(w: torch.Tensor, stats: LinearStats, ratio: float, pattern, *,
         # triangle with the saved diagonal rebuilds it for the next one (or for a retry with more damping)
         damped = undamped + rel * mean_diag
         restore_symmetric(hn, damped)
-        # the damping pulls towards the dense weights whichever the target: (Hn + lambda I) wn = Hn wn + lambda wn
-        xy = hn @ wn if dense_target is None else (dense_target / d[:, None]).add_(wn, alpha=float(rel * mean_diag))
+        xy = hn @ wn if dense_target is None else blended_target(dense_target / d[:, None], hn, wn, target_blend,
+                                                                  float(rel * mean_diag))
         score_scale = None
         if mask_score == MASK_SCORES[1]:
             score_scale = _inverse_diagonal_(hn)

@@ -70,7 +70,7 @@ def prune_linear(linear: nn.Linear, rule: SplitRule, stats: LinearStats | None, 
         if stats is not None:
             stats.last_use = i == len(calls) - 1
         dense_fit = stats is not None and stats.dense_target is not None  # only where dense_target_stages said
-        fit = {"dense_target": stats.dense_target[:, sl]} if dense_fit else {}
+        fit = {"dense_target": stats.dense_target[:, sl], "target_blend": config.target_blend} if dense_fit else {}
         if config.method == "float_sparse":
             fit["rho"] = config.admm_rho
             fit["row_masks"] = config.mask_scope == "row"
