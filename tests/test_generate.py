@@ -17,6 +17,8 @@ from sparsezip.errors import SparsezipError
 from sparsezip.formats import FolderKind
 from sparsezip.generate import (SamplingParams, Sampler, TextStream, chat_ids, generate_batch, prompt_ids,
                                 stop_ids, truncate)
+from sparsezip.kernels import cpu
+from sparsezip.kernels.cpu import gemv
 from sparsezip.layouts.compressed import CompressedLinear
 from sparsezip.layouts.dense import DenseLinear
 from sparsezip.layouts.sparse import SparseLinear
@@ -227,6 +229,27 @@ def test_sparse_mode_gives_identical_logits_and_tokens(packed, which):
                        isinstance(m, torch.nn.Linear))
     assert weight_bytes(lean) == weight_bytes(dense) - pruned_dense + sum(m.resident_bytes() for m in sparse) + \
         sparse[0].scratch.nbytes  # the scratch buffer is counted once
+
+
+@pytest.mark.skipif(not cpu.available(), reason="native extension not built")
+def test_wide_linears_held_in_column_blocks_give_the_same_logits_and_tokens(tiny_dir, monkeypatch):
+    """An MLP wider than gemv.WIDE_COLS: its down projection is held in column blocks and must give the floats of
+    the row-major matrix on every path (many rows unblocked for torch, one row through the one-call decode step,
+    a few rows through the GEMV)."""
+    folder = tiny_dir("llama", intermediate_size=gemv.WIDE_COLS + 64, num_hidden_layers=1)
+    blocked = load_model(folder)
+    monkeypatch.setattr(gemv, "WIDE_COLS", 2**30)
+    plain = load_model(folder)
+    assert blocked.model.layers[0].mlp.down_proj.column_blocked
+    assert not any(getattr(m, "column_blocked", False) for m in plain.modules())
+    tokens = torch.randint(0, 320, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for rows in (tokens, tokens[:1, :1], tokens[:, :3]):
+            assert torch.equal(blocked(rows), plain(rows))
+    tok = AutoTokenizer.from_pretrained(folder)
+    answers = [generate_batch(m, tok, [tokens[0, :9].tolist()], GREEDY, set())[0].tokens for m in (blocked, plain)]
+    assert answers[0] == answers[1]
+    assert weight_bytes(blocked) == weight_bytes(plain)
 
 
 def test_sparse_mode_refuses_dense_folders(tiny_dir):

@@ -87,7 +87,7 @@ def test_native_gemv_with_many_rows():
     gen = torch.Generator().manual_seed(8)
     w, x = torch.randn(50, 70, generator=gen).half(), torch.randn(40, 70, generator=gen)
     y = torch.empty(40, 50)
-    cpu.native.gemv_f16(w.numpy(), x.numpy(), y.numpy(), 50, 70, 40, 2)
+    cpu.native.gemv_f16(w.numpy(), x.numpy(), y.numpy(), 50, 70, 40, False, 2)
     torch.testing.assert_close(y.double(), reference(x, w), rtol=1e-5, atol=1e-4)
 
 
@@ -105,18 +105,61 @@ def test_row_bands_give_the_same_floats_as_every_layout(rows, kernel_level):
     results = []
     for threads in (1, 2):
         dense, from_sparse = torch.empty(rows, n), torch.empty(rows, n)
-        cpu.native.gemv_f16(w.view(torch.int16).numpy(), x.numpy(), dense.numpy(), n, k, rows, threads)
+        cpu.native.gemv_f16(w.view(torch.int16).numpy(), x.numpy(), dense.numpy(), n, k, rows, False, threads)
         cpu.native.sparse_gemv(*sparse.arrays(), x.numpy(), from_sparse.numpy(), n, k, rows, threads)
         results += [dense, from_sparse]
     if rows <= 16:
         results.append(codec.linear(x, codec.encode(w, "nibble-v3")))
     for b in (0, rows - 1):  # a row alone: one weight row at a time, each tile's lanes added one row at a time
         alone = torch.empty(1, n)
-        cpu.native.gemv_f16(w.view(torch.int16).numpy(), x[b:b + 1].numpy(), alone.numpy(), n, k, 1, 1)
+        cpu.native.gemv_f16(w.view(torch.int16).numpy(), x[b:b + 1].numpy(), alone.numpy(), n, k, 1, False, 1)
         results.append(torch.cat([results[0][:b], alone, results[0][b + 1:]]))
     torch.testing.assert_close(results[0].double(), reference(x, w), rtol=1e-5, atol=1e-4)
     for other in results[1:]:
         assert torch.equal(other, results[0])
+
+
+@needs_native
+def test_column_blocks_hold_the_matrix():
+    """Blocks of BLOCK_COLS columns one after the other, each row-major; a short last block; and back."""
+    n, k = 3, 2 * cpu.native.BLOCK_COLS + 5
+    w = torch.arange(n * k, dtype=torch.float32).view(n, k).half()
+    flat = gemv.block_columns(w)
+    width = cpu.native.BLOCK_COLS
+    assert flat.shape == (n * k,)
+    assert torch.equal(flat[:width], w[0, :width]) and torch.equal(flat[width:2 * width], w[1, :width])
+    assert torch.equal(flat[2 * n * width:2 * n * width + 5], w[0, 2 * width:])
+    assert torch.equal(gemv.unblock_columns(flat, n, k), w)
+    assert not gemv.blocks_columns(gemv.WIDE_COLS) and gemv.blocks_columns(gemv.WIDE_COLS + 1)
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 13, 40])
+def test_column_blocked_gemv_gives_the_row_major_floats(rows, kernel_level):
+    """A wide matrix held in column blocks, its products added block after block into y, must give the same floats
+    as the row-major matrix in one pass (every row's tile sums still added in column order), at every kernel level,
+    row count (one row, bands of 8, a partial pass) and thread count; k = 2 blocks, 7 tiles and 13 columns."""
+    n, k = 21, 2 * cpu.native.BLOCK_COLS + 7 * 128 + 13
+    gen = torch.Generator().manual_seed(rows)
+    w, x, bias = torch.randn(n, k, generator=gen).half(), torch.randn(rows, k, generator=gen), torch.randn(n, generator=gen)
+    flat = gemv.block_columns(w)
+    expected = torch.empty(rows, n)
+    cpu.native.gemv_f16(w.view(torch.int16).numpy(), x.numpy(), expected.numpy(), n, k, rows, False, 1)
+    torch.testing.assert_close(expected.double(), reference(x, w), rtol=1e-5, atol=1e-4)
+    for threads in (1, 2):
+        got = torch.empty(rows, n)
+        cpu.native.gemv_f16(flat.view(torch.int16).numpy(), x.numpy(), got.numpy(), n, k, rows, True, threads)
+        assert torch.equal(got, expected)
+    assert torch.equal(gemv.blocked_linear(x, flat, n, bias), mixed_linear(x, w, bias))
+
+
+@needs_native
+def test_column_blocked_linear_with_many_rows_unblocks_for_torch():
+    """Past the GEMV's rows the matrix is unblocked for torch's matmul, as mixed_linear converts the plain one."""
+    n, k = 9, cpu.native.BLOCK_COLS + 300
+    gen = torch.Generator().manual_seed(3)
+    w, x = torch.randn(n, k, generator=gen).half(), torch.randn(GEMV_MAX_ROWS + 1, k, generator=gen)
+    assert torch.equal(gemv.blocked_linear(x, gemv.block_columns(w), n, None), mixed_linear(x, w))
 
 
 # ----------------------------------------------------------------------------- sparse layout (pack_sparse)

@@ -180,9 +180,12 @@ def hold_tables_in_fp16(model: nn.Module, where: Path) -> None:
     head_half = half if tied else head.weight.detach().to(torch.float16)
     if not torch.equal(head_half.to(compute), head.weight):
         return
-    layer = DenseLinear.build(LinearSource("lm_head", where, dense=head_half), None, LayoutContext(DEVICE, compute))
-    if tied:
-        layer.weight = embedding.weight  # still one parameter, as transformers tied them
+    if tied:  # still one parameter, as transformers tied them: the table's rows, never held in column blocks
+        with torch.device("meta"):
+            layer = DenseLinear(half.shape[1], half.shape[0], bias=False)
+        layer.weight = embedding.weight
+    else:
+        layer = DenseLinear.build(LinearSource("lm_head", where, dense=head_half), None, LayoutContext(DEVICE, compute))
     model.set_output_embeddings(layer)
 
 

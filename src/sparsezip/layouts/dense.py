@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..kernels.cpu.decode import dense_product
-from ..kernels.cpu.gemv import mixed_linear
+from ..kernels.cpu.gemv import block_columns, blocked_linear, blocks_columns, mixed_linear
 from ..formats import FolderKind
 from .base import FolderFacts, LayoutContext, LinearSource, WeightLayout
 
@@ -41,9 +41,12 @@ def hold(tensor: torch.Tensor, compute: torch.dtype, device: str) -> torch.Tenso
 
 
 class DenseLinear(nn.Linear, WeightLayout):
-    """nn.Linear whose weight may stay fp16 under fp32 activations on the CPU (native fp16 GEMV for few rows)."""
+    """nn.Linear whose weight may stay fp16 under fp32 activations on the CPU (native fp16 GEMV for few rows).
+    A wide one built by `build` there holds its weight flat in column blocks (`column_blocked`; kernels/cpu/gemv.py's
+    block_columns), which only its own products read."""
 
     folder_kinds = ALL_KINDS
+    column_blocked = False
 
     @classmethod
     def supports(cls, device: str, dtype: torch.dtype) -> bool:
@@ -55,7 +58,11 @@ class DenseLinear(nn.Linear, WeightLayout):
         n, k = weight.shape
         with torch.device("meta"):
             layer = cls(k, n, bias=bias is not None)
-        layer.weight = nn.Parameter(hold(weight, ctx.dtype, ctx.device), requires_grad=False)
+        held = hold(weight, ctx.dtype, ctx.device)
+        layer.column_blocked = held.dtype == torch.float16 and held.device.type == "cpu" and blocks_columns(k)
+        if layer.column_blocked:  # in numpy's memory too, for the same huge pages
+            held = torch.from_numpy(np.empty(n * k, np.float16)).copy_(block_columns(held))
+        layer.weight = nn.Parameter(held, requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)
         return layer
@@ -65,10 +72,12 @@ class DenseLinear(nn.Linear, WeightLayout):
         return 16.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.column_blocked:
+            return blocked_linear(x, self.weight, self.out_features, self.bias)
         return mixed_linear(x, self.weight, self.bias)
 
     def native_product(self) -> tuple | None:
-        return dense_product(self.bias, self.weight)
+        return dense_product(self.bias, self.weight, self.column_blocked)
 
     def resident_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size() + self.bias_bytes(self.bias)

@@ -80,12 +80,13 @@ def takes_bias(bias: torch.Tensor | None) -> bool:
     return bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu")
 
 
-def dense_product(bias: torch.Tensor | None, weight: torch.Tensor) -> Product | None:
-    """A contiguous fp16 CPU matrix, as mixed_linear's native GEMV takes it; None when the call cannot take it."""
+def dense_product(bias: torch.Tensor | None, weight: torch.Tensor, blocked: bool) -> Product | None:
+    """A contiguous fp16 CPU matrix (in column blocks when `blocked`), as the native GEMV takes it; None when the call
+    cannot take it."""
     if (weight.dtype != torch.float16 or weight.device.type != "cpu" or not weight.is_contiguous()
             or not takes_bias(bias)):
         return None
-    return native.PRODUCT_DENSE, native_bias(bias), weight.detach().numpy()
+    return native.PRODUCT_DENSE, native_bias(bias), weight.detach().numpy(), blocked
 
 
 def sparse_product(bias: torch.Tensor | None, arrays: tuple[np.ndarray, ...]) -> Product | None:

@@ -28,6 +28,7 @@ from . import native, threads_for
 GEMV_MAX_ROWS = 16
 GEMV_MAX_ROWS_LARGE = 128
 LARGE_WEIGHT = 4 * 2**20  # elements
+WIDE_COLS = 4096  # columns above which a CPU fp16 matrix is held in column blocks (blocks_columns)
 
 
 def gemv_max_rows(weight_numel: int) -> int:
@@ -39,16 +40,49 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """x [..., k] @ weight[n, k]^T (+ bias) -> [..., n] in x's dtype; the weight may be fp16 under fp32 x."""
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
-    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    rows = x.numel() // x.shape[-1]
     if (native is None or rows > gemv_max_rows(weight.numel()) or x.dtype != torch.float32
             or weight.dtype != torch.float16 or x.device.type != "cpu" or not weight.is_contiguous()):
         return F.linear(x, weight.to(x.dtype), bias)
-    n = weight.shape[0]
+    return native_gemv(x, weight, weight.shape[0], False, bias)
+
+
+def native_gemv(x: torch.Tensor, weight: torch.Tensor, n: int, blocked: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 x [..., k] @ W^T (+ bias) by the native fp16 GEMV; weight holds W's n * k fp16 values, in column blocks
+    when `blocked`."""
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
     y = torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)  # the kernel sees x and y as [rows, k] and [rows, n]
-    native.gemv_f16(weight.numpy(), x.contiguous().numpy(), y.numpy(), n, k, rows, threads_for(n * k * rows))
+    native.gemv_f16(weight.numpy(), x.contiguous().numpy(), y.numpy(), n, k, rows, blocked, threads_for(n * k * rows))
     if bias is not None:
         y += bias
     return y
+
+
+def blocks_columns(k: int) -> bool:
+    """Whether a CPU fp16 matrix of k columns is held in column blocks (native/gemv.c): one fp32 activation row of
+    more than WIDE_COLS columns (16 KB) does not stay in L1 beside the streamed weights, and reading it from L2 for
+    every weight row halved the matrix's streaming speed on an AMD Zen 4."""
+    return native is not None and k > WIDE_COLS
+
+
+def block_columns(weight: torch.Tensor) -> torch.Tensor:
+    """The [n, k] matrix's values in column blocks of native.BLOCK_COLS, flat: the block of columns [c, c + b) at
+    element c * n, row-major."""
+    return torch.cat([weight[:, c:c + native.BLOCK_COLS].reshape(-1) for c in range(0, weight.shape[1], native.BLOCK_COLS)])
+
+
+def unblock_columns(flat: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The [n, k] matrix held flat in column blocks (block_columns' inverse), as a new tensor."""
+    width = native.BLOCK_COLS
+    return torch.cat([flat[c * n:(c + min(width, k - c)) * n].view(n, -1) for c in range(0, k, width)], dim=1)
+
+
+def blocked_linear(x: torch.Tensor, flat: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., k] @ W^T (+ bias) for fp32 x and W held flat in column blocks; as mixed_linear with the [n, k] W."""
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
+    if rows > gemv_max_rows(flat.numel()):
+        return F.linear(x, unblock_columns(flat, n, k).to(x.dtype), bias)
+    return native_gemv(x, flat, n, True, bias)
 
 
 VALUE_PAD = 16  # bytes readable past the last value (a group's values are loaded 16 at a time); native/gemv.c's

@@ -12,7 +12,10 @@
  * Summation order: spz.h's, which the product straight from codec tiles (codec.c) follows too, so the dense and
  * sparse kernels here and the compressed layout give bit-identical results at a given kernel level.
  *
- * gemv_f16(w, x, y, n, k, m, threads): w uint16 [n, k] (fp16 bit patterns), x float32 [m, k], y float32 [m, n].
+ * gemv_f16(w, x, y, n, k, m, blocked, threads): w uint16 [n, k] (fp16 bit patterns), x float32 [m, k], y float32
+ * [m, n]. A blocked w holds the matrix in column blocks of SPZ_BLOCK_COLS (spz.h), the block of columns [c, c + b)
+ * at element c * n as a row-major [n, b] matrix: rows wider than L1 holds in fp32 x then stay one sequential
+ * stream whose activations are read from L1 (see spz_gemv_dense).
  *
  * The sparse layout (built by kernels/cpu/gemv.py's pack_sparse, held read-only): per weight row r
  *   codes   uint16 [n, kb], kb = ceil(k / 8): one per group of 8 columns; bits 0-4 = the group's bytes of values
@@ -66,8 +69,10 @@ typedef struct {
     const uint8_t *values;
     const uint32_t *tile_start;
     const int64_t *row_start;
-    const float *x;      /* [m, k] */
+    const float *x;      /* [m, xk]: the job's k columns of each activation row */
     float *y;            /* [m, n] */
+    int64_t xk;          /* x's row stride: k, or the whole width for one column block of a blocked matrix */
+    int acc;             /* add the products to y instead of writing them: a block after the first */
     void *out;           /* unpack: [n, k] fp16 or fp32 */
     int out_f32;
     int64_t n, k, m, kb, tiles;
@@ -93,9 +98,9 @@ static void expand_scalar(Cursor *c, int64_t c0, int64_t cols, uint16_t *buf) {
 static void dense_rows_portable(const Job *j, int64_t row_begin, int64_t row_end) {
     for (int64_t r = row_begin; r < row_end; r++)
         for (int64_t b = 0; b < j->m; b++) {
-            float total = 0.0f;
+            float total = j->acc ? j->y[b * j->n + r] : 0.0f;
             for (int64_t c0 = 0; c0 < j->k; c0 += TILE)
-                total += spz_dot_scalar(j->w + r * j->k + c0, j->x + b * j->k + c0, tile_cols(j->k, c0));
+                total += spz_dot_scalar(j->w + r * j->k + c0, j->x + b * j->xk + c0, tile_cols(j->k, c0));
             j->y[b * j->n + r] = total;
         }
 }
@@ -109,7 +114,7 @@ static void sparse_rows_portable(const Job *j, int64_t row_begin, int64_t row_en
             for (int64_t c0 = 0; c0 < j->k; c0 += TILE) {
                 const int64_t cols = tile_cols(j->k, c0);
                 expand_scalar(&c, c0, cols, buf);
-                total += spz_dot_scalar(buf, j->x + b * j->k + c0, cols);
+                total += spz_dot_scalar(buf, j->x + b * j->xk + c0, cols);
             }
             j->y[b * j->n + r] = total;
         }
@@ -229,13 +234,13 @@ AVX2 void band_chunk_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t r
     Cursor c[TILES];
     for (int64_t i = 0; i < rows; i++) {
         if (dense) {
-            dense_tiles_avx2(w + i * j->k, x, j->k, c0, cols, nt, nb, total[i]);
+            dense_tiles_avx2(w + i * j->k, x, j->xk, c0, cols, nt, nb, total[i]);
             continue;
         }
         for (int t = 0; t < nt; t++) c[t] = tile_cursor(j, r0 + i, c0 / TILE + t);
         for (int l = 0; l < SPARSE_PREFETCH_LINES; l++)
             _mm_prefetch((const char *)c[0].v + SPARSE_PREFETCH_BYTES + 64 * l, _MM_HINT_T0);
-        sparse_tiles_avx2(c, x, j->k, c0, cols, nt, nb, total[i]);
+        sparse_tiles_avx2(c, x, j->xk, c0, cols, nt, nb, total[i]);
     }
 }
 
@@ -246,10 +251,10 @@ AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, i
                     const int dense) {
     const int tiles = dense ? DENSE_TILES : TILES, nt = nb >= tiles ? 1 : tiles / nb;
     const int64_t k = j->k;
-    const float *x = j->x + b0 * k;
+    const float *x = j->x + b0 * j->xk;
     float total[BAND][X_BLOCK];
     for (int64_t i = 0; i < rows; i++)
-        for (int b = 0; b < nb; b++) total[i][b] = 0.0f;
+        for (int b = 0; b < nb; b++) total[i][b] = j->acc ? j->y[(b0 + b) * j->n + r0 + i] : 0.0f;
     int64_t c0 = 0;
     for (; c0 + nt * TILE <= k; c0 += nt * TILE) band_chunk_avx2(j, w, r0, rows, x, c0, TILE, nt, nb, dense, total);
     for (; c0 < k; c0 += TILE) band_chunk_avx2(j, w, r0, rows, x, c0, tile_cols(k, c0), 1, nb, dense, total);
@@ -392,14 +397,26 @@ static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, int threads) {
 #define unpack_rows_avx2 unpack_rows_portable
 #endif
 
-void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t m, int threads) {
-    Job job = {.w = w, .x = x, .y = y, .n = n, .k = k, .m = m};
-    run_rows(&job, dense_rows_portable, dense_rows_avx2, threads);
+/* A blocked matrix goes one column block at a time, each block's products added to the previous blocks' in y:
+ * every row's tile sums are still added in column order, so the floats are those of the row-major matrix. Read row
+ * by row, a row wider than L1 holds in fp32 x made every x load miss L1 (k = 8960: 35 KB), and the fp16 matrix
+ * streamed at less than half the speed of a narrow one on an AMD Zen 4 (32 KB of L1 data); going through the rows
+ * block by block in the same row-major order, one column range at a time, broke the single stream and was slower
+ * still; blocks stored one after the other keep it. */
+void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t m, int blocked,
+                    int threads) {
+    const int64_t width = blocked ? SPZ_BLOCK_COLS : k;
+    for (int64_t c = 0; c < k; c += width) {
+        const int64_t cols = k - c < width ? k - c : width;
+        Job job = {.w = w + c * n, .x = x + c, .y = y, .n = n, .k = cols, .m = m, .xk = k, .acc = c > 0};
+        run_rows(&job, dense_rows_portable, dense_rows_avx2, threads);
+    }
 }
 
 void spz_gemv_sparse(const SpzSparse *s, const float *x, float *y, int64_t m, int threads) {
     Job job = {.codes = s->codes, .values = s->values, .row_start = s->row_start, .tile_start = s->tile_start,
-               .x = x, .y = y, .n = s->n, .k = s->k, .m = m, .kb = (s->k + 7) / 8, .tiles = (s->k + TILE - 1) / TILE};
+               .x = x, .y = y, .n = s->n, .k = s->k, .m = m, .kb = (s->k + 7) / 8, .tiles = (s->k + TILE - 1) / TILE,
+               .xk = s->k};
     run_rows(&job, sparse_rows_portable, sparse_rows_avx2, threads);
 }
 
@@ -407,15 +424,15 @@ PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer w, x, y;
     long long n, k, m;
-    int threads;
-    if (!PyArg_ParseTuple(args, "y*y*w*LLLi", &w, &x, &y, &n, &k, &m, &threads)) return NULL;
+    int threads, blocked;
+    if (!PyArg_ParseTuple(args, "y*y*w*LLLpi", &w, &x, &y, &n, &k, &m, &blocked, &threads)) return NULL;
     PyObject *result = NULL;
     if (n < 1 || k < 1 || m < 1 || w.len != n * k * 2 || x.len != m * k * 4 || y.len != m * n * 4) {
         PyErr_SetString(PyExc_ValueError, "gemv_f16: buffer sizes do not match n, k, m");
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    spz_gemv_dense(w.buf, x.buf, y.buf, n, k, m, threads);
+    spz_gemv_dense(w.buf, x.buf, y.buf, n, k, m, blocked, threads);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -454,7 +471,7 @@ static PyObject *sparse_call(PyObject *args, int unpack) {
     PyObject *result = NULL;
     Job job = {.codes = b[0].buf, .values = b[1].buf, .row_start = b[2].buf, .tile_start = b[3].buf, .x = x.buf,
                .y = unpack ? NULL : y.buf, .out = unpack ? y.buf : NULL, .out_f32 = out_f32, .n = n, .k = k, .m = m,
-               .kb = (k + 7) / 8, .tiles = (k + TILE - 1) / TILE};
+               .kb = (k + 7) / 8, .tiles = (k + TILE - 1) / TILE, .xk = k};
     const SpzSparse sparse = {b[0].buf, b[1].buf, b[2].buf, b[3].buf, n, k};
     if (spz_sparse_check(&sparse, b[0].len, b[1].len, b[2].len, b[3].len)) goto done;
     if (m < 1 || (unpack && y.len != n * k * (out_f32 ? 4 : 2)) || (!unpack && (x.len != m * k * 4 || y.len != m * n * 4))) {

@@ -16,7 +16,8 @@
  *   x       float32 [batch, tokens, hidden], updated in place: the hidden states after the last layer
  *   layers  a sequence, per layer the tuple (input_norm, post_attention_norm, q_norm, k_norm, qkv, o, gate_up, down,
  *           k_cache, v_cache): norms float32 [hidden] (q_norm and k_norm [head_dim], or None); caches as decode.c's
- *           attend takes them. A product is (PRODUCT_DENSE, bias, w) with w the fp16 matrix [n, k],
+ *           attend takes them. A product is (PRODUCT_DENSE, bias, w, blocked) with w the fp16 matrix [n, k] (in
+ *           column blocks when blocked is true: gemv.c),
  *           (PRODUCT_SPARSE, bias, codes, values, row_start, tile_start) in gemv.c's sparse layout, or
  *           (PRODUCT_CODEC, bias, codec_id, payload, offsets), a codec stream multiplied straight from its tiles
  *           (codec.c); bias float32 [n] or None.
@@ -69,15 +70,16 @@ typedef struct {
     int kind;
     int64_t n, k;
     const uint16_t *w;    /* dense fp16 [n, k] */
+    int blocked;          /* w in gemv.c's column blocks */
     SpzSparse s;          /* sparse layout */
     DecCtx *stream;       /* codec stream, opened */
     const float *bias;    /* [n] or NULL */
 } Product;
 
-/* (PRODUCT_DENSE, bias, w), (PRODUCT_SPARSE, bias, codes, values, row_start, tile_start) or
+/* (PRODUCT_DENSE, bias, w, blocked), (PRODUCT_SPARSE, bias, codes, values, row_start, tile_start) or
  * (PRODUCT_CODEC, bias, codec_id, payload, offsets). */
 static int parse_product(Held *h, PyObject *spec, int64_t n, int64_t k, const char *what, Product *p) {
-    static const Py_ssize_t ITEMS[] = {3, 6, 5};
+    static const Py_ssize_t ITEMS[] = {4, 6, 5};
     const Py_ssize_t items = PyTuple_Check(spec) ? PyTuple_GET_SIZE(spec) : 0;
     const long kind = items ? PyLong_AsLong(PyTuple_GET_ITEM(spec, 0)) : -1;
     if (kind == -1 && PyErr_Occurred()) return -1;
@@ -88,7 +90,10 @@ static int parse_product(Held *h, PyObject *spec, int64_t n, int64_t k, const ch
     PyObject **item = &PyTuple_GET_ITEM(spec, 0);
     *p = (Product){.kind = (int)kind, .n = n, .k = k};
     if (item[1] != Py_None && !(p->bias = hold(h, item[1], 0, n * 4, what))) return -1;
-    if (kind == PRODUCT_DENSE) return (p->w = hold(h, item[2], 0, n * k * 2, what)) ? 0 : -1;
+    if (kind == PRODUCT_DENSE) {
+        if ((p->blocked = PyObject_IsTrue(item[3])) < 0) return -1;
+        return (p->w = hold(h, item[2], 0, n * k * 2, what)) ? 0 : -1;
+    }
     if (kind == PRODUCT_CODEC) {
         const long codec_id = PyLong_AsLong(item[2]);
         const uint8_t *payload = hold(h, item[3], 0, -1, what);
@@ -119,7 +124,7 @@ static int product(const Product *p, const float *x, float *y, int64_t rows, int
     } else {
         threads = spz_threads_for(threads, p->n * p->k * rows);
         if (p->kind == PRODUCT_SPARSE) spz_gemv_sparse(&p->s, x, y, rows, threads);
-        else spz_gemv_dense(p->w, x, y, p->n, p->k, rows, threads);
+        else spz_gemv_dense(p->w, x, y, p->n, p->k, rows, p->blocked, threads);
     }
     if (p->bias)
         for (int64_t r = 0; r < rows; r++)

@@ -20,6 +20,7 @@
 #endif
 
 #define SPZ_TILE 128        /* the codec's tile edge: the unit of the summation order below */
+#define SPZ_BLOCK_COLS 2048 /* columns per block of a column-blocked dense matrix (gemv.c): 8 KB of fp32 x, a whole number of tiles */
 #define SPZ_MAX_THREADS 64
 
 /* ------------------------------------------------------------------ CPU features (features.c) */
@@ -158,7 +159,8 @@ typedef struct {
 } SpzSparse;
 
 /* y[m, n] = x[m, k] . W^T from a dense fp16 W (gemv.c). */
-void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t m, int threads);
+void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t m, int blocked,
+                    int threads);
 /* The same from the sparse layout, bit-identical (gemv.c). */
 void spz_gemv_sparse(const SpzSparse *s, const float *x, float *y, int64_t m, int threads);
 /* O(1) checks of the sparse layout's array sizes against its shape; -1 with a Python error set (GIL held). */
