@@ -141,7 +141,8 @@ def test_column_blocked_gemv_gives_the_row_major_floats(rows, kernel_level):
     row count (one row, bands of 8, a partial pass) and thread count; k = 2 blocks, 7 tiles and 13 columns."""
     n, k = 21, 2 * cpu.native.BLOCK_COLS + 7 * 128 + 13
     gen = torch.Generator().manual_seed(rows)
-    w, x, bias = torch.randn(n, k, generator=gen).half(), torch.randn(rows, k, generator=gen), torch.randn(n, generator=gen)
+    w, x = torch.randn(n, k, generator=gen).half(), torch.randn(rows, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
     flat = gemv.block_columns(w)
     expected = torch.empty(rows, n)
     cpu.native.gemv_f16(w.view(torch.int16).numpy(), x.numpy(), expected.numpy(), n, k, rows, False, 1)

@@ -47,7 +47,8 @@ def mixed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return native_gemv(x, weight, weight.shape[0], False, bias)
 
 
-def native_gemv(x: torch.Tensor, weight: torch.Tensor, n: int, blocked: bool, bias: torch.Tensor | None) -> torch.Tensor:
+def native_gemv(x: torch.Tensor, weight: torch.Tensor, n: int, blocked: bool,
+                bias: torch.Tensor | None) -> torch.Tensor:
     """fp32 x [..., k] @ W^T (+ bias) by the native fp16 GEMV; weight holds W's n * k fp16 values, in column blocks
     when `blocked`."""
     rows, k = x.numel() // x.shape[-1], x.shape[-1]
@@ -68,7 +69,8 @@ def blocks_columns(k: int) -> bool:
 def block_columns(weight: torch.Tensor) -> torch.Tensor:
     """The [n, k] matrix's values in column blocks of native.BLOCK_COLS, flat: the block of columns [c, c + b) at
     element c * n, row-major."""
-    return torch.cat([weight[:, c:c + native.BLOCK_COLS].reshape(-1) for c in range(0, weight.shape[1], native.BLOCK_COLS)])
+    width = native.BLOCK_COLS
+    return torch.cat([weight[:, c:c + width].reshape(-1) for c in range(0, weight.shape[1], width)])
 
 
 def unblock_columns(flat: torch.Tensor, n: int, k: int) -> torch.Tensor:

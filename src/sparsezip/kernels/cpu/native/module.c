@@ -34,7 +34,8 @@ static PyMethodDef METHODS[] = {
     {"decode", spz_py_decode, METH_VARARGS,
      "decode(codec_id, payload, offsets, n, k, out, out_kind, threads[, x]): out_kind 0 fp16 [n, k], 1 fp32 "
      "[n, k], 2 fused linear (out = fp32 y [n] = W x for fp32 x [k])"},
-    {"gemv_f16", spz_py_gemv_f16, METH_VARARGS, "gemv_f16(w, x, y, n, k, m, blocked, threads): y[m,n] = x[m,k] . w[n,k]^T (w in column blocks if blocked)"},
+    {"gemv_f16", spz_py_gemv_f16, METH_VARARGS,
+     "gemv_f16(w, x, y, n, k, m, blocked, threads): y[m,n] = x[m,k] . w[n,k]^T, w in column blocks if blocked"},
     {"sparse_gemv", spz_py_sparse_gemv, METH_VARARGS,
      "sparse_gemv(codes, values, row_start, x, y, n, k, m, threads): y[m,n] = x[m,k] . W^T (gemv.c's layout)"},
     {"sparse_unpack", spz_py_sparse_unpack, METH_VARARGS,

@@ -20,7 +20,8 @@
 #endif
 
 #define SPZ_TILE 128        /* the codec's tile edge: the unit of the summation order below */
-#define SPZ_BLOCK_COLS 2048 /* columns per block of a column-blocked dense matrix (gemv.c): 8 KB of fp32 x, a whole number of tiles */
+/* Columns per block of a column-blocked dense matrix (gemv.c): 8 KB of fp32 x, a whole number of tiles. */
+#define SPZ_BLOCK_COLS 2048
 #define SPZ_MAX_THREADS 64
 
 /* ------------------------------------------------------------------ CPU features (features.c) */
