@@ -58,10 +58,12 @@ class DenseLinear(nn.Linear, WeightLayout):
         n, k = weight.shape
         with torch.device("meta"):
             layer = cls(k, n, bias=bias is not None)
-        held = hold(weight, ctx.dtype, ctx.device)
-        layer.column_blocked = held.dtype == torch.float16 and held.device.type == "cpu" and blocks_columns(k)
+        # only CPU matrices are held in fp16 under fp32 compute
+        layer.column_blocked = held_dtype(weight, ctx.dtype, ctx.device) == torch.float16 and blocks_columns(k)
         if layer.column_blocked:  # in numpy's memory too, for the same huge pages
-            held = torch.from_numpy(np.empty(n * k, np.float16)).copy_(block_columns(held))
+            held = torch.from_numpy(np.empty(n * k, np.float16)).copy_(block_columns(weight))
+        else:
+            held = hold(weight, ctx.dtype, ctx.device)
         layer.weight = nn.Parameter(held, requires_grad=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias, requires_grad=False)
