@@ -94,10 +94,11 @@ def test_native_gemv_with_many_rows():
 @needs_native
 @pytest.mark.parametrize("rows", [4, 8, 13, 40])
 def test_row_bands_give_the_same_floats_as_every_layout(rows, kernel_level):
-    """Activations wider than L1 make the dense kernel walk bands of 8 weight rows chunk by chunk (and a sparse
-    prefill expand such bands): the sums must stay those of the shared order. 21 rows = two bands and a partial one;
+    """Activations wider than L1 make the dense kernel walk bands of 9 weight rows chunk by chunk (and a sparse
+    prefill expand such bands), at the AVX-512 level 3 weight rows per step: the sums must stay those of the shared
+    order. 23 rows = two bands and a partial one of 5 (3 rows, then 2 one by one); on 2 threads 11 and 12 rows;
     k = 2100 = 16 tiles and 52 columns, not a multiple of 8; 1 and 2 threads."""
-    n, k = 21, 2100
+    n, k = 23, 2100
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(rows)).half()
     w[torch.rand(n, k, generator=torch.Generator().manual_seed(99)) < 0.5] = 0
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows + 1))
@@ -138,8 +139,8 @@ def test_column_blocks_hold_the_matrix():
 def test_column_blocked_gemv_gives_the_row_major_floats(rows, kernel_level):
     """A wide matrix held in column blocks, its products added block after block into y, must give the same floats
     as the row-major matrix in one pass (every row's tile sums still added in column order), at every kernel level,
-    row count (one row, bands of 8, a partial pass) and thread count; k = 2 blocks, 7 tiles and 13 columns."""
-    n, k = 21, 2 * cpu.native.BLOCK_COLS + 7 * 128 + 13
+    row count (one row, bands of 9, a partial pass) and thread count; k = 2 blocks, 7 tiles and 13 columns."""
+    n, k = 23, 2 * cpu.native.BLOCK_COLS + 7 * 128 + 13
     gen = torch.Generator().manual_seed(rows)
     w, x = torch.randn(n, k, generator=gen).half(), torch.randn(rows, k, generator=gen)
     bias = torch.randn(n, generator=gen)
@@ -334,7 +335,7 @@ def test_thread_pool_survives_fork_and_concurrent_callers():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (AVX2 code: no kernel has an AVX-512 path)"),
+@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (batches and prompts of dense rows in AVX-512 registers"),
                                           ("avx2", "level avx2; best for")])
 def test_info_says_which_code_the_kernels_run(monkeypatch, capsys, level, shown):
     from sparsezip.cli import main

@@ -36,7 +36,10 @@
  * streamed the 1.5B model's matrices faster than 4 (with 4 the sparse kernel, bound by its instructions, ran faster) */
 #define DENSE_TILES 2
 #define X_BLOCK 8  /* activation rows per pass over a weight row: 8 accumulators fit in registers */
-#define BAND 8     /* weight rows that take each chunk of columns in turn when the activations overflow L1 */
+/* Weight rows that take each chunk of columns in turn when the activations overflow L1: a multiple of ROWS_AVX512 */
+#define BAND 9
+#define ROWS_AVX512 3 /* weight rows per step of the AVX-512 band kernel: 3 x 8 accumulators of its 32 registers */
+#define ROWS_MAX ROWS_AVX512
 #define X_L1_BYTES 32768 /* activations (fp32) up to which every weight row may read all of them from L1 */
 #define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
 /* How far ahead of the dense kernel's reads each line is prefetched when 2 or more activation rows share a pass,
@@ -139,7 +142,9 @@ static void unpack_rows_portable(const Job *j, int64_t row_begin, int64_t row_en
 /* ------------------------------------------------------------------ AVX2 kernels */
 
 #ifdef SPZ_X86
-#define AVX2 __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), always_inline)) static inline
+#define TARGET_AVX2 "avx2,fma,f16c,popcnt,bmi2"
+#define TARGET_AVX512 TARGET_AVX2 ",avx512f,avx512vl"
+#define AVX2 __attribute__((target(TARGET_AVX2), always_inline)) static inline
 
 /* The 8 columns of a sparse row's group whose code is `code` and whose values start at v (the caller then steps v by
  * code & 31: taking v by address instead made GCC keep the kernel's pointers on the stack). */
@@ -173,30 +178,36 @@ AVX2 void add_tile_sums(const __m256 *acc, const uint16_t *tail, const float *x,
     }
 }
 
-/* nt consecutive tiles of one dense weight row w from column c0, each `cols` columns (fewer than TILE only when nt
- * is 1), against nb activation rows: nt * nb independent accumulators. A cache line (4 groups) of one tile, then of
- * the next: each chain's products stay in column order and the reads stay close to one sequential stream. Turning
- * tiles every group, so that every step touched nt lines, streamed a matrix from memory at two thirds of the speed.
- * Always inlined with constant nt and nb. */
-AVX2 void dense_tiles_avx2(const uint16_t *w, const float *x, int64_t k, int64_t c0, int64_t cols, const int nt,
-                           const int nb, float *total) {
+/* nt consecutive tiles of nr dense weight rows (row r at w + r * wk) from column c0, each `cols` columns (fewer than
+ * TILE only when nt is 1), against nb activation rows: nr * nt * nb independent accumulators, row r's sums into
+ * total[r]. A cache line (4 groups) of one tile, then of the next: each chain's products stay in column order and
+ * the reads stay close to one sequential stream. Turning tiles every group, so that every step touched nt lines,
+ * streamed a matrix from memory at two thirds of the speed. Each loaded activation vector feeds nr rows' FMAs.
+ * Always inlined with constant nr, nt and nb. */
+AVX2 void dense_tiles_avx2(const uint16_t *w, int64_t wk, const float *x, int64_t k, int64_t c0, int64_t cols,
+                           const int nr, const int nt, const int nb, float (*total)[X_BLOCK]) {
     const int64_t full = cols & ~(int64_t)7, groups = full >> 3, turns = groups & ~(int64_t)(GROUPS_PER_TURN - 1);
-    const uint16_t *wrow = w + c0;
+    const uint16_t *wt = w + c0;
     const float *xt = x + c0;
-    __m256 acc[TILES * X_BLOCK];
-    for (int a = 0; a < nt * nb; a++) acc[a] = _mm256_setzero_ps();
+    __m256 acc[ROWS_MAX * TILES * X_BLOCK];
+    for (int a = 0; a < nr * nt * nb; a++) acc[a] = _mm256_setzero_ps();
     for (int64_t g0 = 0; g0 < groups; g0 += GROUPS_PER_TURN)
         for (int i = 0; i < nt; i++) {
-            if (nb >= PREFETCH_MIN_ROWS)
-                _mm_prefetch((const char *)(wrow + i * TILE + 8 * g0) + PREFETCH_BYTES, _MM_HINT_NTA);
+            for (int r = 0; nb >= PREFETCH_MIN_ROWS && r < nr; r++)
+                _mm_prefetch((const char *)(wt + r * wk + i * TILE + 8 * g0) + PREFETCH_BYTES, _MM_HINT_NTA);
             for (int64_t g = g0; g < (g0 < turns ? g0 + GROUPS_PER_TURN : groups); g++) {
-                const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wrow + i * TILE + 8 * g)));
-                for (int b = 0; b < nb; b++)
-                    acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * k + i * TILE + 8 * g),
-                                                      acc[i * nb + b]);
+                __m256 wv[ROWS_MAX];
+                for (int r = 0; r < nr; r++)
+                    wv[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wt + r * wk + i * TILE + 8 * g)));
+                for (int b = 0; b < nb; b++) {
+                    const __m256 xv = _mm256_loadu_ps(xt + b * k + i * TILE + 8 * g);
+                    for (int r = 0; r < nr; r++)
+                        acc[(r * nt + i) * nb + b] = _mm256_fmadd_ps(wv[r], xv, acc[(r * nt + i) * nb + b]);
+                }
             }
         }
-    add_tile_sums(acc, wrow + full, x, k, c0, cols, nt, nb, total);
+    for (int r = 0; r < nr; r++)
+        add_tile_sums(acc + r * nt * nb, wt + r * wk + full, x, k, c0, cols, nt, nb, total[r]);
 }
 
 /* The same from the sparse layout, the tiles expanded through their cursors c[0 .. nt). Here tiles turn every
@@ -227,16 +238,20 @@ AVX2 void sparse_tiles_avx2(Cursor *c, const float *x, int64_t k, int64_t c0, in
 }
 
 /* One chunk of columns from c0 (nt tiles of `cols` columns; fewer than TILE only when nt is 1) of each of the
- * band's rows in turn, into total[i]. The rows are w (dense: row i at w + i * k) or expanded from the sparse layout.
- * Always inlined with constant nt and nb. */
+ * band's rows in turn, into total[i]. The rows are w (dense: row i at w + i * k, nr rows per step, the rest one by
+ * one) or expanded from the sparse layout. Always inlined with constant nr, nt and nb. */
 AVX2 void band_chunk_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, const float *x, int64_t c0,
-                          int64_t cols, const int nt, const int nb, const int dense, float (*total)[X_BLOCK]) {
+                          int64_t cols, const int nr, const int nt, const int nb, const int dense,
+                          float (*total)[X_BLOCK]) {
+    if (dense) {
+        int64_t i = 0;
+        for (; nr > 1 && i + nr <= rows; i += nr)
+            dense_tiles_avx2(w + i * j->k, j->k, x, j->xk, c0, cols, nr, nt, nb, total + i);
+        for (; i < rows; i++) dense_tiles_avx2(w + i * j->k, j->k, x, j->xk, c0, cols, 1, nt, nb, total + i);
+        return;
+    }
     Cursor c[TILES];
     for (int64_t i = 0; i < rows; i++) {
-        if (dense) {
-            dense_tiles_avx2(w + i * j->k, x, j->xk, c0, cols, nt, nb, total[i]);
-            continue;
-        }
         for (int t = 0; t < nt; t++) c[t] = tile_cursor(j, r0 + i, c0 / TILE + t);
         for (int l = 0; l < SPARSE_PREFETCH_LINES; l++)
             _mm_prefetch((const char *)c[0].v + SPARSE_PREFETCH_BYTES + 64 * l, _MM_HINT_T0);
@@ -248,7 +263,7 @@ AVX2 void band_chunk_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t r
  * tiles (several tiles of a row in flight when nb is small: independent chains), each chunk for every row of the
  * band, so that the chunk's activations are read from L1 by all of them. */
 AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0, const int nb,
-                    const int dense) {
+                    const int dense, const int nr) {
     const int tiles = dense ? DENSE_TILES : TILES, nt = nb >= tiles ? 1 : tiles / nb;
     const int64_t k = j->k;
     const float *x = j->x + b0 * j->xk;
@@ -256,25 +271,33 @@ AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, i
     for (int64_t i = 0; i < rows; i++)
         for (int b = 0; b < nb; b++) total[i][b] = j->acc ? j->y[(b0 + b) * j->n + r0 + i] : 0.0f;
     int64_t c0 = 0;
-    for (; c0 + nt * TILE <= k; c0 += nt * TILE) band_chunk_avx2(j, w, r0, rows, x, c0, TILE, nt, nb, dense, total);
-    for (; c0 < k; c0 += TILE) band_chunk_avx2(j, w, r0, rows, x, c0, tile_cols(k, c0), 1, nb, dense, total);
+    for (; c0 + nt * TILE <= k; c0 += nt * TILE)
+        band_chunk_avx2(j, w, r0, rows, x, c0, TILE, nr, nt, nb, dense, total);
+    for (; c0 < k; c0 += TILE) band_chunk_avx2(j, w, r0, rows, x, c0, tile_cols(k, c0), nr, 1, nb, dense, total);
     for (int64_t i = 0; i < rows; i++)
         for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r0 + i] = total[i][b];
 }
 
 /* band_avx2 for each constant nb and kind, each its own function: inlined all into one, the register allocator
  * kept the sparse kernel's pointers on the stack. A band of one row (every sparse one) is compiled as such: with a
- * loop over the band's rows around it, the one-row kernel took about 7% more instructions (callgrind). */
+ * loop over the band's rows around it, the one-row kernel took about 7% more instructions (callgrind). The AVX-512
+ * level's dense bands are the same code compiled with AVX-512VL's 32 vector registers, which hold the accumulators
+ * of ROWS_AVX512 weight rows at once: each loaded activation vector then feeds 3 rows' FMAs instead of 1 (with
+ * AVX2's 16 registers 2 rows ran slower than 1). The vectors stay 256 bits wide, so the sums are AVX2's. */
 typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0);
 #define BAND_FNS(NB)                                                                                                 \
-    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void dense_band##NB(                       \
-        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
-        if (rows == 1) band_avx2(j, w, r0, 1, b0, NB, 1);                                                            \
-        else band_avx2(j, w, r0, rows, b0, NB, 1);                                                                   \
+    __attribute__((target(TARGET_AVX2), noinline)) static void dense_band##NB(const Job *j, const uint16_t *w,       \
+                                                                             int64_t r0, int64_t rows, int64_t b0) { \
+        if (rows == 1) band_avx2(j, w, r0, 1, b0, NB, 1, 1);                                                         \
+        else band_avx2(j, w, r0, rows, b0, NB, 1, 1);                                                                \
     }                                                                                                                \
-    __attribute__((target("avx2,fma,f16c,popcnt,bmi2"), noinline)) static void sparse_band##NB(                      \
+    __attribute__((target(TARGET_AVX512), noinline)) static void dense_band_avx512_##NB(                             \
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
-        for (int64_t i = 0; i < rows; i++) band_avx2(j, w, r0 + i, 1, b0, NB, 0);                                    \
+        band_avx2(j, w, r0, rows, b0, NB, 1, ROWS_AVX512);                                                           \
+    }                                                                                                                \
+    __attribute__((target(TARGET_AVX2), noinline)) static void sparse_band##NB(const Job *j, const uint16_t *w,      \
+                                                                              int64_t r0, int64_t rows, int64_t b0) {\
+        for (int64_t i = 0; i < rows; i++) band_avx2(j, w, r0 + i, 1, b0, NB, 0, 1);                                 \
     }
 BAND_FNS(1)
 BAND_FNS(2)
@@ -286,6 +309,9 @@ BAND_FNS(7)
 BAND_FNS(8)
 static const BandFn DENSE_BANDS[X_BLOCK + 1] = {NULL, dense_band1, dense_band2, dense_band3, dense_band4,
                                                 dense_band5, dense_band6, dense_band7, dense_band8};
+static const BandFn DENSE_BANDS_AVX512[X_BLOCK + 1] = {
+    NULL, dense_band_avx512_1, dense_band_avx512_2, dense_band_avx512_3, dense_band_avx512_4,
+    dense_band_avx512_5, dense_band_avx512_6, dense_band_avx512_7, dense_band_avx512_8};
 static const BandFn SPARSE_BANDS[X_BLOCK + 1] = {NULL, sparse_band1, sparse_band2, sparse_band3, sparse_band4,
                                                  sparse_band5, sparse_band6, sparse_band7, sparse_band8};
 
@@ -317,29 +343,32 @@ AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int 
     const int expand = !dense && (j->m > X_BLOCK || (j->m == X_BLOCK && overflow));
     const int64_t band = (dense || expand) && j->m >= X_BLOCK / 2 && overflow ? BAND : 1;
     uint16_t *expanded = expand ? spz_scratch((size_t)(band * j->k) * sizeof(uint16_t)) : NULL;
+    const BandFn *bands = !dense && !expanded                      ? SPARSE_BANDS
+                          : band > 1 && spz_level() >= SPZ_AVX512 ? DENSE_BANDS_AVX512
+                                                                  : DENSE_BANDS;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += band) {
         const int64_t rows = row_end - r0 < band ? row_end - r0 : band;
         const uint16_t *w = dense ? j->w + r0 * j->k : expanded;
         for (int64_t i = 0; expanded && i < rows; i++) expand_row_avx2(j, r0 + i, expanded + i * j->k);
         for (int64_t b0 = 0; b0 < j->m; b0 += X_BLOCK) {
             const int nb = j->m - b0 < X_BLOCK ? (int)(j->m - b0) : X_BLOCK;
-            (dense || expanded ? DENSE_BANDS : SPARSE_BANDS)[nb](j, w, r0, rows, b0);
+            bands[nb](j, w, r0, rows, b0);
         }
     }
 }
 
-__attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void dense_rows_avx2(const Job *j, int64_t row_begin,
+__attribute__((target(TARGET_AVX2))) static void dense_rows_avx2(const Job *j, int64_t row_begin,
                                                                                 int64_t row_end) {
     rows_avx2(j, row_begin, row_end, 1);
 }
 
-__attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void sparse_rows_avx2(const Job *j, int64_t row_begin,
+__attribute__((target(TARGET_AVX2))) static void sparse_rows_avx2(const Job *j, int64_t row_begin,
                                                                                  int64_t row_end) {
     rows_avx2(j, row_begin, row_end, 0);
 }
 
 /* The dense matrix of rows [row_begin, row_end): 8 columns per pshufb, converted to fp32 when asked. */
-__attribute__((target("avx2,fma,f16c,popcnt,bmi2"))) static void unpack_rows_avx2(const Job *j, int64_t row_begin,
+__attribute__((target(TARGET_AVX2))) static void unpack_rows_avx2(const Job *j, int64_t row_begin,
                                                                                  int64_t row_end) {
     const int64_t full = j->k & ~(int64_t)7;
     for (int64_t r = row_begin; r < row_end; r++) {
