@@ -204,6 +204,10 @@ def rss() -> int:
 def worker(spec: dict) -> dict:
     threads = spec["threads"]
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by sparsezip's kernels: set before they are asked
+    if spec["kind"] == "sparsezip":
+        from sparsezip.cli import prefer_passive_openmp
+
+        prefer_passive_openmp()  # as the sparsezip command does
     import torch
 
     torch.set_num_threads(threads)

@@ -593,6 +593,7 @@ def test_a_torchrun_process_exits_without_interpreter_teardown(monkeypatch, caps
 
     monkeypatch.setattr(cli, "main", finished_command)
     monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # undone after the test: run_as_process sets it when absent
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     if world_size is not None:
         monkeypatch.setenv("WORLD_SIZE", world_size)
@@ -600,6 +601,24 @@ def test_a_torchrun_process_exits_without_interpreter_teardown(monkeypatch, caps
         cli.run_as_process()
     assert stop.value.code == (("os._exit", 3) if exit_through == "os._exit" else 3)
     assert capsys.readouterr().out == "the answer"
+
+
+@pytest.mark.parametrize("chosen, seen", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_lets_openmp_threads_sleep_unless_told_otherwise(monkeypatch, chosen, seen):
+    """torch's OpenMP threads spin after each op by default and then share the cores with the native kernels'
+    threads: the command asks for passive waiting before torch loads, and keeps a policy the user set."""
+    from sparsezip import cli
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "placeholder")  # so that the test's change is undone afterwards
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    if chosen is not None:
+        monkeypatch.setenv("OMP_WAIT_POLICY", chosen)
+    policies = []
+    monkeypatch.setattr(cli, "main", lambda: policies.append(os.environ.get("OMP_WAIT_POLICY")) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        cli.run_as_process()
+    assert policies == [seen]
 
 
 # ----------------------------------------------------------------------------- interruption

@@ -473,11 +473,20 @@ def main(argv: list[str] | None = None) -> int:
     return stopped[1]
 
 
+def prefer_passive_openmp() -> None:
+    """Let torch's OpenMP threads sleep as soon as an op is done, unless the user chose otherwise. By default they
+    spin for a while after each op, and a prompt or a pruning step alternates torch ops with the native kernels,
+    whose own threads then share the cores with spinning ones. Read once, when torch loads OpenMP: so set before
+    torch is imported (the command does not import it before main)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def run_as_process() -> NoReturn:
     """The `sparsezip` command and `python -m sparsezip`: main(), then the process exit. A process of a torchrun
     group leaves through os._exit once its output is flushed: at interpreter exit, after the command had finished
     and left its process group, the C++ side of torch.distributed was now and then torn down mid-flight (SIGABRT,
     "terminate called without an active exception"), which turned a finished command into a failed one."""
+    prefer_passive_openmp()
     code = main()
     if in_process_group():
         sys.stdout.flush()
