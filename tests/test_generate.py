@@ -200,6 +200,33 @@ def test_compressed_mode_gives_identical_logits_and_holds_less(packed):
     assert weight_bytes(lean) < weight_bytes(dense)
 
 
+@pytest.mark.skipif(not cpu.available(), reason="no C extension")
+def test_compressed_layout_multiplies_a_prompt_from_its_decoded_matrix_with_the_dense_floats(monkeypatch):
+    """Up to TILE_PRODUCT_MAX_ROWS rows multiply straight from the tiles; a longer prompt, up to the native kernel's
+    row limit for a large matrix, decodes the matrix once as fp16 into the scratch buffer for the dense kernel. Both
+    give the dense layout's floats; 2048 x 2048 is a large matrix (128 rows)."""
+    from sparsezip import codec
+    from sparsezip.layouts import compressed
+    from sparsezip.layouts.base import Scratch
+
+    n = k = 2048
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k, generator=gen).half()
+    w[torch.rand(n, k, generator=gen) < 0.5] = 0
+    bias = torch.randn(n, generator=gen)
+    scratch = Scratch("cpu")
+    scratch.reserve(n * k, torch.float32)
+    lean = CompressedLinear(codec.encode(w, "nibble-v3"), bias, scratch)
+    dense = DenseLinear(k, n)
+    dense.weight, dense.bias = torch.nn.Parameter(w, requires_grad=False), torch.nn.Parameter(bias, requires_grad=False)
+    from_tiles, tile_product = [], codec.linear
+    monkeypatch.setattr(compressed.codec, "linear", lambda *a: from_tiles.append(a) or tile_product(*a))
+    for rows in (compressed.TILE_PRODUCT_MAX_ROWS, compressed.TILE_PRODUCT_MAX_ROWS + 1, 40, 128):
+        x = torch.randn(rows, k, generator=gen)
+        assert torch.equal(lean(x), dense(x)), rows
+    assert len(from_tiles) == 1  # only the first size
+
+
 def test_compressed_mode_refuses_uncompressed_folders(packed):
     sparse, _ = packed
     with pytest.raises(SparsezipError, match="W16A16SC"):

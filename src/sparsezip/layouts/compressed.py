@@ -10,9 +10,15 @@ import torch.nn.functional as F
 
 from .. import codec
 from ..kernels.cpu.decode import codec_product
-from ..kernels.cpu.gemv import gemv_max_rows
+from ..kernels.cpu.gemv import gemv_max_rows, mixed_linear
 from ..formats import FolderKind
 from .base import FolderFacts, LayoutContext, LinearSource, Scratch, WeightLayout
+
+
+# Most activation rows multiplied straight from the tiles. That product walks each tile row's compact values again
+# for every pass of 8 rows, so from a few passes on, decoding the matrix once into the scratch buffer (fp16) and
+# running the dense kernel over it is faster (the crossover measured between 16 and 32 rows: BENCHMARKS.md).
+TILE_PRODUCT_MAX_ROWS = 24
 
 
 class CompressedLinear(WeightLayout):
@@ -43,7 +49,10 @@ class CompressedLinear(WeightLayout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // k <= gemv_max_rows(n * k):
+        rows = x.numel() // k
+        if x.device.type == "cpu" and x.dtype == torch.float32 and rows <= gemv_max_rows(n * k):
+            if rows > TILE_PRODUCT_MAX_ROWS:  # a prompt: decoded once as fp16, then the dense kernel's bands
+                return mixed_linear(x, self.decoded(torch.float16), self.bias)
             # the few rows of a decode step: multiply straight from the tiles, each decoded once, no scratch write
             y = codec.linear(x.reshape(-1, k), self.opened, self.bias)
             return y.view(*x.shape[:-1], n)
@@ -56,7 +65,8 @@ class CompressedLinear(WeightLayout):
         return codec_product(self.bias, stream.codec_id, stream.payload, stream.offsets)
 
     def decoded(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in the scratch buffer as `dtype` (decoded straight to fp32 for a CPU matmul of many rows)."""
+        """The weight in the scratch buffer as `dtype` (decoded straight to fp32 for a CPU matmul of many rows, to
+        fp16 for the native kernel's)."""
         out = self.scratch.view((self.out_features, self.in_features), dtype)
         if out.device.type == "cpu":  # the stream was CRC-checked once at load; skip that here
             return codec.decode_into(self.stored, out, check_crc=False)
