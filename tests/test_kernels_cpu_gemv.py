@@ -72,7 +72,9 @@ def test_many_rows_and_same_dtypes_take_torch_path():
 def test_gemv_is_bit_identical_to_the_fused_compressed_linear(codec_name, shape, rows, kernel_level):
     """Dense mode (fp16 GEMV) and compressed mode (multiply from the tiles) must agree to the bit for the few rows
     of a decode step (one row; several, each tile row multiplied from its compact values in passes of up to 8: 13
-    rows take two), at every kernel level."""
+    rows take two), at every kernel level. At the AVX-512 level several rows take 3 tile rows per step: the 128-row
+    tiles end in 2 rows one by one, the 44-row ones of 300 too, the 2-row ones of 130 have no step of 3; and the
+    tile's sums go into y by vectors of 8 rows and a remainder (44 = 5 x 8 + 4)."""
     gen = torch.Generator().manual_seed(sum(shape))
     w = torch.randn(*shape, generator=gen).half()
     w[torch.rand(*shape, generator=gen) < 0.5] = 0
@@ -335,7 +337,8 @@ def test_thread_pool_survives_fork_and_concurrent_callers():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (batches and prompts of dense rows in AVX-512 registers"),
+@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (batches and prompts of dense rows, and batches from "
+                                                     "compressed tiles, in AVX-512 registers"),
                                           ("avx2", "level avx2; best for")])
 def test_info_says_which_code_the_kernels_run(monkeypatch, capsys, level, shown):
     from sparsezip.cli import main

@@ -351,13 +351,16 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
 }
 
 #ifdef SPZ_X86
-#define AVX2 __attribute__((target("avx2,f16c,fma,popcnt,bmi2"), always_inline)) static inline
+#define CODEC_AVX2 "avx2,f16c,fma,popcnt,bmi2"
+#define CODEC_AVX512 CODEC_AVX2 ",avx512f,avx512vl"
+#define AVX2 __attribute__((target(CODEC_AVX2), always_inline)) static inline
 /* ROWS tile rows at once (independent FMA chains), each in the shared order: 8 lanes over the whole groups of 8
  * columns, lanes added by spz_hsum8, then the tail. Each row's values are a cursor that steps by the popcount of
  * its bitmap byte, and the rows' bitmap bytes are one pointer plus multiples of the row stride: with indexes into
  * shared arrays instead, GCC kept them on the stack and a group cost half as many instructions again. */
 #define ROWS 4
 #define X_ROWS 8 /* activation rows per pass over a tile row: 8 accumulators fit in registers */
+#define ROWS_WIDE 3 /* tile rows per step of the multi-row product with AVX-512's registers: 3 x 8 accumulators */
 
 /* The 8 columns of a group whose bitmap byte is m, its present values starting at v, as fp32 (absent ones 0). */
 AVX2 __m256 group_values(const uint16_t *v, unsigned m) {
@@ -417,51 +420,94 @@ __attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void dot_tile_avx2(c
     else dot_rows_of_tile(g, g->row_bytes, bm, row_cnt, vals, x, part);
 }
 
-/* y[b * n] += the lanes of acc[b] added by spz_hsum8, plus tail[b] (the sum of the row's last cols % 8 products;
- * NULL when there are none), for nb activation rows: all 8 in one reduction when there is no tail. */
-AVX2 void add_row_sums(const __m256 *acc, const float *tail, const int nb, float *y, int64_t n) {
+/* sums[b * TILE] = the lanes of acc[b] added by spz_hsum8, plus tail[b] (the sum of the row's last cols % 8
+ * products; NULL when there are none), for nb activation rows: all 8 in one reduction when there is no tail. */
+AVX2 void store_row_sums(const __m256 *acc, const float *tail, const int nb, float *sums) {
     if (nb == X_ROWS && !tail) {
-        float sums[X_ROWS];
-        _mm256_storeu_ps(sums, spz_hsum8x8(acc));
-        for (int b = 0; b < nb; b++) y[b * n] += sums[b];
+        float lanes[X_ROWS];
+        _mm256_storeu_ps(lanes, spz_hsum8x8(acc));
+        for (int b = 0; b < nb; b++) sums[b * TILE] = lanes[b];
         return;
     }
-    for (int b = 0; b < nb; b++) y[b * n] += tail ? spz_hsum8(acc[b]) + tail[b] : spz_hsum8(acc[b]);
+    for (int b = 0; b < nb; b++) sums[b * TILE] = tail ? spz_hsum8(acc[b]) + tail[b] : spz_hsum8(acc[b]);
 }
 
-/* A tile row straight from its bitmap bytes and compact values v against nb activation rows, whose tile columns
- * were copied to xt (TILE floats apart, so each row's operand is one pointer plus a constant offset): y[b * n] +=
- * each row's tile sum in the shared order. Always inlined with a constant nb. */
-AVX2 void compact_row_sums_avx2(const uint8_t *bm, int cols, const uint16_t *v, const float *xt, const int nb,
-                                float *y, int64_t n) {
-    __m256 acc[X_ROWS];
-    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+/* nr tile rows straight from their bitmap bytes (row i's at bm + i * row_bytes) and compact values vals[i] against
+ * nb activation rows, whose tile columns were copied to xt (TILE floats apart, so each row's operand is one pointer
+ * plus a constant offset): sums[b * TILE + i] = row i's tile sum against activation row b in the shared order. Each
+ * loaded activation vector feeds the nr rows' FMAs. Always inlined with constant nr and nb. */
+AVX2 void compact_rows_sums_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const uint16_t *const *vals,
+                                 const float *xt, const int nr, const int nb, float *sums) {
+    __m256 acc[ROWS_WIDE * X_ROWS];
+    const uint16_t *v[ROWS_WIDE];
+    for (int i = 0; i < nr; i++) v[i] = vals[i];
+    for (int a = 0; a < nr * nb; a++) acc[a] = _mm256_setzero_ps();
     const int full = cols >> 3;
     for (int g = 0; g < full; g++) {
-        const unsigned m = bm[g];
-        const __m256 wv = group_values(v, m);
-        v += POP8[m];
-        for (int b = 0; b < nb; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * TILE + 8 * g), acc[b]);
+        __m256 wv[ROWS_WIDE];
+        for (int i = 0; i < nr; i++) {
+            const unsigned m = bm[i * row_bytes + g];
+            wv[i] = group_values(v[i], m);
+            v[i] += POP8[m];
+        }
+        for (int b = 0; b < nb; b++) {
+            const __m256 xv = _mm256_loadu_ps(xt + b * TILE + 8 * g);
+            for (int i = 0; i < nr; i++) acc[i * nb + b] = _mm256_fmadd_ps(wv[i], xv, acc[i * nb + b]);
+        }
     }
-    float tail[X_ROWS];
-    for (int b = 0; (cols & 7) && b < nb; b++) tail[b] = dot_scalar(bm + full, cols & 7, v, xt + b * TILE + 8 * full);
-    add_row_sums(acc, cols & 7 ? tail : NULL, nb, y, n);
+    for (int i = 0; i < nr; i++) {
+        float tail[X_ROWS];
+        for (int b = 0; (cols & 7) && b < nb; b++)
+            tail[b] = dot_scalar(bm + i * row_bytes + full, cols & 7, v[i], xt + b * TILE + 8 * full);
+        store_row_sums(acc + i * nb, cols & 7 ? tail : NULL, nb, sums + i);
+    }
 }
 
-/* Every row of a tile against nb activation rows, the tile never expanded. Always inlined with a constant nb. */
+/* Every row of a tile against nb activation rows, the tile never expanded, nr rows per step and the rest one by one:
+ * y[b * n + r] += row r's tile sum against activation row b. The sums are added into y after the tile's last row,
+ * a vector at a time, not as each is made: y's rows are n floats apart and share their low address bits when n * 4
+ * is a multiple of 4096, so a load from row b + 1 waited on the store just made to row b. Always inlined with
+ * constant nr and nb. */
 AVX2 void compact_tile_rows_avx2(const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals,
-                                 const float *xt, const int nb, float *y, int64_t n) {
-    for (int r = 0; r < g->rows; r++) {
-        compact_row_sums_avx2(bm + r * g->row_bytes, g->cols, vals, xt, nb, y + r, n);
+                                 const float *xt, const int nr, const int nb, float *y, int64_t n) {
+    float sums[X_ROWS * TILE];
+    const uint16_t *rows[ROWS_WIDE];
+    int r = 0;
+    for (; nr > 1 && r + nr <= g->rows; r += nr) {
+        for (int i = 0; i < nr; i++) {
+            rows[i] = vals;
+            vals += row_cnt[r + i];
+        }
+        compact_rows_sums_avx2(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, xt, nr, nb, sums + r);
+    }
+    for (; r < g->rows; r++) {
+        rows[0] = vals;
         vals += row_cnt[r];
+        compact_rows_sums_avx2(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, xt, 1, nb, sums + r);
+    }
+    const int full = g->rows & ~7;
+    for (int b = 0; b < nb; b++) {
+        float *yb = y + b * n;
+        const float *sb = sums + b * TILE;
+        for (int i = 0; i < full; i += 8)
+            _mm256_storeu_ps(yb + i, _mm256_add_ps(_mm256_loadu_ps(yb + i), _mm256_loadu_ps(sb + i)));
+        for (int i = full; i < g->rows; i++) yb[i] += sb[i];
     }
 }
 
+/* One function per constant nb. The AVX-512 level's are the same code compiled with AVX-512VL's 32 vector
+ * registers, which hold ROWS_WIDE tile rows' accumulators at once (with AVX2's 16, one row's); the vectors stay
+ * 256 bits wide, so the sums are AVX2's. */
 #define COMPACT_TILE_FN(NB)                                                                                          \
-    __attribute__((target("avx2,f16c,fma,popcnt,bmi2"), noinline)) static void compact_tile##NB(                     \
+    __attribute__((target(CODEC_AVX2), noinline)) static void compact_tile##NB(                                      \
         const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals, const float *xt, float *y,       \
         int64_t n) {                                                                                                 \
-        compact_tile_rows_avx2(g, bm, row_cnt, vals, xt, NB, y, n);                                                  \
+        compact_tile_rows_avx2(g, bm, row_cnt, vals, xt, 1, NB, y, n);                                               \
+    }                                                                                                                \
+    __attribute__((target(CODEC_AVX512), noinline)) static void compact_tile_wide##NB(                               \
+        const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals, const float *xt, float *y,       \
+        int64_t n) {                                                                                                 \
+        compact_tile_rows_avx2(g, bm, row_cnt, vals, xt, ROWS_WIDE, NB, y, n);                                       \
     }
 COMPACT_TILE_FN(1)
 COMPACT_TILE_FN(2)
@@ -476,6 +522,9 @@ typedef void (*CompactTileFn)(const Geom *g, const uint8_t *bm, const int *row_c
 static const CompactTileFn COMPACT_TILES[X_ROWS + 1] = {NULL,          compact_tile1, compact_tile2, compact_tile3,
                                                         compact_tile4, compact_tile5, compact_tile6, compact_tile7,
                                                         compact_tile8};
+static const CompactTileFn COMPACT_TILES_WIDE[X_ROWS + 1] = {
+    NULL, compact_tile_wide1, compact_tile_wide2, compact_tile_wide3, compact_tile_wide4, compact_tile_wide5,
+    compact_tile_wide6, compact_tile_wide7, compact_tile_wide8};
 #endif
 
 /* One activation row: each tile row's sum straight from the compact values. */
@@ -508,7 +557,7 @@ static void tile_times_rows(const DecCtx *c, const Geom *g, const uint8_t *bm, c
             const int nb = c->m - b0 < X_ROWS ? (int)(c->m - b0) : X_ROWS;
             for (int b = 0; b < nb; b++)
                 memcpy(xt + b * TILE, x + (b0 + b) * c->k, (size_t)g->cols * sizeof(float));
-            COMPACT_TILES[nb](g, bm, row_cnt, vals, xt, y + b0 * c->n, c->n);
+            (c->wide ? COMPACT_TILES_WIDE : COMPACT_TILES)[nb](g, bm, row_cnt, vals, xt, y + b0 * c->n, c->n);
         }
         return;
     }
@@ -617,7 +666,8 @@ DecCtx *codec_open(int codec_id, const uint8_t *payload, Py_ssize_t payload_len,
         return NULL;
     }
     *ctx = (DecCtx){.payload = payload, .payload_len = payload_len, .offsets = offsets, .n = n, .k = k, .tiles = tiles,
-                    .simd = spz_level() >= SPZ_AVX2, .expand = expand_fn(0), .decode_one = coder->decode_one};
+                    .simd = spz_level() >= SPZ_AVX2, .wide = spz_level() >= SPZ_AVX512, .expand = expand_fn(0),
+                    .decode_one = coder->decode_one};
     codec_err_init(&ctx->err);
     /* Offsets must lie in the payload and not decrease; tile sizes are then checked per tile. */
     if (payload_len < coder->first || offsets[0] != coder->first) {
