@@ -351,9 +351,6 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
 }
 
 #ifdef SPZ_X86
-#define CODEC_AVX2 "avx2,f16c,fma,popcnt,bmi2"
-#define CODEC_AVX512 CODEC_AVX2 ",avx512f,avx512vl"
-#define AVX2 __attribute__((target(CODEC_AVX2), always_inline)) static inline
 /* ROWS tile rows at once (independent FMA chains), each in the shared order: 8 lanes over the whole groups of 8
  * columns, lanes added by spz_hsum8, then the tail. Each row's values are a cursor that steps by the popcount of
  * its bitmap byte, and the rows' bitmap bytes are one pointer plus multiples of the row stride: with indexes into
@@ -412,7 +409,7 @@ AVX2 void dot_rows_of_tile(const Geom *g, int64_t row_bytes, const uint8_t *bm, 
     }
 }
 
-__attribute__((target("avx2,f16c,fma,popcnt,bmi2"))) static void dot_tile_avx2(const Geom *g, const uint8_t *bm,
+__attribute__((target(SPZ_TARGET_AVX2))) static void dot_tile_avx2(const Geom *g, const uint8_t *bm,
                                                                                  const int *row_cnt,
                                                                                  const uint16_t *vals, const float *x,
                                                                                  float *part) {
@@ -499,12 +496,12 @@ AVX2 void compact_tile_rows_avx2(const Geom *g, const uint8_t *bm, const int *ro
  * registers, which hold ROWS_WIDE tile rows' accumulators at once (with AVX2's 16, one row's); the vectors stay
  * 256 bits wide, so the sums are AVX2's. */
 #define COMPACT_TILE_FN(NB)                                                                                          \
-    __attribute__((target(CODEC_AVX2), noinline)) static void compact_tile##NB(                                      \
+    __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void compact_tile##NB(                                 \
         const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals, const float *xt, float *y,       \
         int64_t n) {                                                                                                 \
         compact_tile_rows_avx2(g, bm, row_cnt, vals, xt, 1, NB, y, n);                                               \
     }                                                                                                                \
-    __attribute__((target(CODEC_AVX512), noinline)) static void compact_tile_wide##NB(                               \
+    __attribute__((target(SPZ_TARGET_AVX512), noinline)) static void compact_tile_wide##NB(                          \
         const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals, const float *xt, float *y,       \
         int64_t n) {                                                                                                 \
         compact_tile_rows_avx2(g, bm, row_cnt, vals, xt, ROWS_WIDE, NB, y, n);                                       \

@@ -142,9 +142,6 @@ static void unpack_rows_portable(const Job *j, int64_t row_begin, int64_t row_en
 /* ------------------------------------------------------------------ AVX2 kernels */
 
 #ifdef SPZ_X86
-#define TARGET_AVX2 "avx2,fma,f16c,popcnt,bmi2"
-#define TARGET_AVX512 TARGET_AVX2 ",avx512f,avx512vl"
-#define AVX2 __attribute__((target(TARGET_AVX2), always_inline)) static inline
 
 /* The 8 columns of a sparse row's group whose code is `code` and whose values start at v (the caller then steps v by
  * code & 31: taking v by address instead made GCC keep the kernel's pointers on the stack). */
@@ -286,17 +283,17 @@ AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, i
  * AVX2's 16 registers 2 rows ran slower than 1). The vectors stay 256 bits wide, so the sums are AVX2's. */
 typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0);
 #define BAND_FNS(NB)                                                                                                 \
-    __attribute__((target(TARGET_AVX2), noinline)) static void dense_band##NB(const Job *j, const uint16_t *w,       \
-                                                                             int64_t r0, int64_t rows, int64_t b0) { \
+    __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void dense_band##NB(                                   \
+        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
         if (rows == 1) band_avx2(j, w, r0, 1, b0, NB, 1, 1);                                                         \
         else band_avx2(j, w, r0, rows, b0, NB, 1, 1);                                                                \
     }                                                                                                                \
-    __attribute__((target(TARGET_AVX512), noinline)) static void dense_band_avx512_##NB(                             \
+    __attribute__((target(SPZ_TARGET_AVX512), noinline)) static void dense_band_avx512_##NB(                         \
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
         band_avx2(j, w, r0, rows, b0, NB, 1, ROWS_AVX512);                                                           \
     }                                                                                                                \
-    __attribute__((target(TARGET_AVX2), noinline)) static void sparse_band##NB(const Job *j, const uint16_t *w,      \
-                                                                              int64_t r0, int64_t rows, int64_t b0) {\
+    __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void sparse_band##NB(                                  \
+        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
         for (int64_t i = 0; i < rows; i++) band_avx2(j, w, r0 + i, 1, b0, NB, 0, 1);                                 \
     }
 BAND_FNS(1)
@@ -357,19 +354,19 @@ AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int 
     }
 }
 
-__attribute__((target(TARGET_AVX2))) static void dense_rows_avx2(const Job *j, int64_t row_begin,
-                                                                                int64_t row_end) {
+__attribute__((target(SPZ_TARGET_AVX2))) static void dense_rows_avx2(const Job *j, int64_t row_begin,
+                                                                     int64_t row_end) {
     rows_avx2(j, row_begin, row_end, 1);
 }
 
-__attribute__((target(TARGET_AVX2))) static void sparse_rows_avx2(const Job *j, int64_t row_begin,
-                                                                                 int64_t row_end) {
+__attribute__((target(SPZ_TARGET_AVX2))) static void sparse_rows_avx2(const Job *j, int64_t row_begin,
+                                                                      int64_t row_end) {
     rows_avx2(j, row_begin, row_end, 0);
 }
 
 /* The dense matrix of rows [row_begin, row_end): 8 columns per pshufb, converted to fp32 when asked. */
-__attribute__((target(TARGET_AVX2))) static void unpack_rows_avx2(const Job *j, int64_t row_begin,
-                                                                                 int64_t row_end) {
+__attribute__((target(SPZ_TARGET_AVX2))) static void unpack_rows_avx2(const Job *j, int64_t row_begin,
+                                                                      int64_t row_end) {
     const int64_t full = j->k & ~(int64_t)7;
     for (int64_t r = row_begin; r < row_end; r++) {
         if (!j->out_f32) {

@@ -29,6 +29,12 @@
 /* Kernel levels, each a superset of the one before. AVX2 means AVX2 + FMA + F16C + POPCNT + BMI2 (and SSSE3),
  * all enabled by the OS; AVX512 adds AVX-512 F/BW/VL/VBMI2 with the OS saving the ZMM state. */
 enum { SPZ_SCALAR = 0, SPZ_AVX2 = 1, SPZ_AVX512 = 2, SPZ_LEVELS = 3 };
+/* The instructions a level's code is compiled with (function target attributes); features.c grants each level
+ * only when the CPU has them and the OS enabled them. */
+#define SPZ_TARGET_AVX2 "avx2,fma,f16c,popcnt,bmi2"
+#define SPZ_TARGET_AVX512 SPZ_TARGET_AVX2 ",avx512f,avx512vl"
+/* A helper of the AVX2 kernels, inlined into each (also into the AVX-512 level's, whose target includes AVX2's). */
+#define AVX2 __attribute__((target(SPZ_TARGET_AVX2), always_inline)) static inline
 
 void spz_features_init(void);
 int spz_level(void);                    /* the level kernels use now: the best detected, capped by spz_set_level */
