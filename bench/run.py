@@ -16,9 +16,11 @@ Engines, each in its own process so that its resident memory is its own:
   sparse (E5M2)                sparsezip --weights sparse on the 50% + L2 folder
   compressed nibble-v3 / huff-v2   sparsezip --weights compressed on the 50% + L2 folder, per codec
 Measured per thread count: prefill tokens/s (batch 1), greedy decode tokens/s at batch 1 and 8 (all rows), resident
-memory. The limit of a decode step is the read bandwidth (a C loop over 512 MiB, probed here at 1 and at all
-threads) divided by the bytes a step reads: every linear as held (layout bytes), the output head, one embedding
-row and the KV cache at mid-decode.
+memory. The limit of a decode step is the read bandwidth (a C loop over 512 MiB) divided by the bytes a step reads:
+every linear as held (layout bytes), the output head, one embedding row and the KV cache at mid-decode. The
+bandwidth is probed right before and right after each engine's run at its thread count, and a row's limit uses the
+higher of its two probes: on a shared machine it swings (2-thread probes of 36 and 64 GB/s minutes apart on one
+VM), and one probe at the start made rows measured later read "more than their limit".
 """
 
 from __future__ import annotations
@@ -293,20 +295,36 @@ def measure(engine: Engine, folders: dict[str, Path], threads: int, args, tied: 
 # ------------------------------------------------------------------ bandwidth, limits, report
 
 
-def read_bandwidth(threads: int, mib: int = 512, repeats: int = 5) -> float:
-    """Bytes per second of the best of `repeats` passes of a C loop reading `mib` MiB (far beyond the caches)."""
+def probe_buffer(mib: int = 512):
+    """The buffer read_bandwidth reads: `mib` MiB, far beyond the caches, allocated once per run."""
     import numpy as np
 
     from sparsezip.kernels import cpu
 
     cpu.require()
-    buffer = np.ones(mib * 2**20 // 8, np.uint64)
+    return np.ones(mib * 2**20 // 8, np.uint64)
+
+
+def read_bandwidth(buffer, threads: int, repeats: int = 5) -> float:
+    """Bytes per second of the best of `repeats` passes of a C loop reading `buffer` on `threads` threads."""
+    from sparsezip.kernels import cpu
+
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         cpu.native.read_sum(buffer, threads)
         best = min(best, time.perf_counter() - t0)
     return buffer.nbytes / best
+
+
+def measure_between_probes(engine: Engine, folders: dict[str, Path], threads: int, args, tied: bool,
+                           buffer) -> dict:
+    """measure(), with the read bandwidth at its thread count probed right before and right after it: the row's
+    "bandwidth" is the higher of the two, "probes" both."""
+    before = read_bandwidth(buffer, threads)
+    result = measure(engine, folders, threads, args, tied)
+    after = read_bandwidth(buffer, threads)
+    return {**result, "bandwidth": max(before, after), "probes": [before, after]}
 
 
 def limits(r: dict, shape: dict, bandwidth: float, args) -> tuple[float, float]:
@@ -329,31 +347,43 @@ def machine() -> str:
             f"native kernels at level {level}, Python {platform.python_version()}, no GPU")
 
 
-def model_table(label: str, rows: dict, shape: dict, bandwidth: dict[int, float], args) -> list[str]:
+def model_table(label: str, rows: dict, shape: dict, args) -> list[str]:
     lines = [f"**{label}** — decode tokens/s (% of the bandwidth limit), ratio to {BASELINE} at the same threads", "",
-             "| engine | threads | MB read / token | prefill tok/s | decode b=1 | b=1 vs dense | decode b=8 "
-             "| b=8 vs dense | resident MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| engine | threads | read GB/s | MB read / token | prefill tok/s | decode b=1 | b=1 vs dense "
+             "| decode b=8 | b=8 vs dense | resident MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (name, threads), r in rows.items():
         base = rows.get((BASELINE, threads))
-        limit1, limit8 = limits(r, shape, bandwidth[threads], args)
+        limit1, limit8 = limits(r, shape, r["bandwidth"], args)
         ratio = lambda key: f"{r[key] / base[key]:.2f}x" if base else "–"
-        lines.append(f"| {name} | {threads} | {r['step_bytes'] / 1e6:.0f} | {r['prefill']:.0f} | "
+        lines.append(f"| {name} | {threads} | {r['bandwidth'] / 1e9:.1f} | {r['step_bytes'] / 1e6:.0f} | "
+                     f"{r['prefill']:.0f} | "
                      f"{r['decode1']:.1f} ({100 * r['decode1'] / limit1:.0f}%) | {ratio('decode1')} | "
                      f"{r['decode8']:.1f} ({100 * r['decode8'] / limit8:.0f}%) | {ratio('decode8')} | "
                      f"{r['resident_mib']:.0f} |")
     return lines + [""]
 
 
-def report(results: dict, shapes: dict, bandwidth: dict[int, float], args, seconds: float, notes: list[str]) -> str:
-    bw = ", ".join(f"{bandwidth[t] / 1e9:.1f} GB/s at {t} thread{'s' * (t > 1)}" for t in sorted(bandwidth))
+def probe_ranges(results: dict) -> str:
+    """The lowest and highest probe at each thread count over the whole run, as text."""
+    probes: dict[int, list[float]] = {}
+    for rows in results.values():
+        for (_, threads), r in rows.items():
+            probes.setdefault(threads, []).extend(r["probes"])
+    return ", ".join(f"{min(p) / 1e9:.1f}-{max(p) / 1e9:.1f} GB/s at {t} thread{'s' * (t > 1)}"
+                     for t, p in sorted(probes.items()))
+
+
+def report(results: dict, shapes: dict, args, seconds: float, notes: list[str]) -> str:
     lines = [
         "## Generation speed, memory and the bandwidth limit on CPU (`make bench-run`)", "",
         f"Machine: {machine()}.  ",
         f"Command: `make bench-run` (`python bench/run.py --models {','.join(args.models)} --threads "
         f"{','.join(map(str, args.threads))} --prompt_len {args.prompt_len} --new_tokens {args.new_tokens}`), "
         f"{seconds / 60:.0f} min.  ",
-        f"Date: {datetime.date.today().isoformat()}. Read bandwidth (C loop over 512 MiB): {bw}.", "",
+        f"Date: {datetime.date.today().isoformat()}. Read bandwidth (a C loop over 512 MiB, probed right before and "
+        f"after each engine's run; \"read GB/s\" is the higher of a row's two probes, its limit's bandwidth): "
+        f"{probe_ranges(results)} over the run.", "",
         "Prompt of fixed pseudo-random token ids; greedy decode; tokens/s counts every row of the batch; wall time "
         "around each engine's own step loop (an argmax per step included). The limit = read bandwidth ÷ bytes a "
         "step reads (every linear as held, the head, one embedding row, the KV cache at mid-decode; at batch 8 the "
@@ -362,7 +392,7 @@ def report(results: dict, shapes: dict, bandwidth: dict[int, float], args, secon
         f"![decode tokens/s against resident weight bytes]({PLOT.relative_to(REPO)})", "",
     ]
     for label, rows in results.items():
-        lines += model_table(label, rows, shapes[label], bandwidth, args)
+        lines += model_table(label, rows, shapes[label], args)
     return "\n".join(lines + notes)
 
 
@@ -431,16 +461,16 @@ def main(argv: list[str] | None = None) -> None:
                                       "(`python3 bench/llamacpp.py --setup`)."]
     engines = [e for e in ENGINES if (with_llamacpp or e.kind != "llama.cpp")
                and (not args.engines or any(s in e.label for s in args.engines))]
-    bandwidth = {t: read_bandwidth(t) for t in sorted(set(args.threads))}
+    buffer = probe_buffer()
     results, shapes = {}, {}
     for model in args.models:
         label = label_of(model)
         print(label, file=sys.stderr, flush=True)
         folders = prepare(model, args.work, with_llamacpp)
         shapes[label] = shape = model_shape(folders["dense"])
-        results[label] = {(e.label, t): measure(e, folders, t, args, shape["tied"])
+        results[label] = {(e.label, t): measure_between_probes(e, folders, t, args, shape["tied"], buffer)
                           for t in args.threads for e in engines}
-    text = report(results, shapes, bandwidth, args, time.perf_counter() - start, notes)
+    text = report(results, shapes, args, time.perf_counter() - start, notes)
     print(text)
     if args.out:
         plot(results, PLOT, max(args.threads))
