@@ -19,8 +19,8 @@ Measured per thread count: prefill tokens/s (batch 1), greedy decode tokens/s at
 memory. The limit of a decode step is the read bandwidth (a C loop over 512 MiB) divided by the bytes a step reads:
 every linear as held (layout bytes), the output head, one embedding row and the KV cache at mid-decode. The
 bandwidth is probed right before and right after each engine's run at its thread count, and a row's limit uses the
-higher of its two probes: on a shared machine it swings (2-thread probes of 36 and 64 GB/s minutes apart on one
-VM), and one probe at the start made rows measured later read "more than their limit".
+higher of its two probes: on a shared machine it can swing by a factor of two within minutes, and one probe at the
+start made rows measured later read "more than their limit".
 """
 
 from __future__ import annotations
