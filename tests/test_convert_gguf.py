@@ -269,6 +269,14 @@ def assert_refused(sources: list[Path], out: Path, match: str) -> None:
     assert leftovers(out.parent) == []
 
 
+@pytest.mark.parametrize("size", [0, -1, float("inf"), float("nan")])
+def test_a_shard_size_that_is_no_positive_number_is_refused(size, tiny_gguf, tmp_path):
+    _, path = tiny_gguf("llama")
+    with pytest.raises(SparsezipError, match="--part_file_size must be a positive number of GB"):
+        convert_gguf([path], tmp_path / "out", part_file_size=size)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("keep", [500, -100])
 def test_truncated_gguf_is_refused(keep, tiny_gguf, tmp_path):
     """Cut inside the header, or a few bytes short of the last tensor."""

@@ -344,11 +344,32 @@ def test_sparse_description_that_disagrees_with_the_weights(capsys, command, edi
     assert "disagrees with the weights" in line and name in line
 
 
+def edit_metadata(key: str, value):
+    def change(d):
+        if value is None:
+            d["metadata"].pop(key)
+        else:
+            d["metadata"][key] = value
+    return change
+
+
 PART_EDITS = {
     "missing": (drop_entry("model.layers.0.mlp.down_proj.index"), "model.layers.0.mlp.down_proj.index"),
     "extra": (add_entry("model.layers.0.mlp.extra.weight", "FLOAT"), "model.layers.0.mlp.extra.weight"),
     "outdim": (add_entry("model.layers.0.self_attn.qkv_proj.weight.outdim", 65), ".outdim is 65"),
     "no-outdim": (drop_entry("model.layers.0.self_attn.o_proj.weight.outdim"), "o_proj.weight.outdim"),
+    "stream-as-float": (add_entry("model.layers.0.self_attn.qkv_proj.weight", "FLOAT"),
+                        "model.layers.0.self_attn.qkv_proj.weight is described FLOAT, but a compressed linear"),
+    "all-three-float": (lambda d: d.update({f"model.layers.0.mlp.down_proj{s}": "FLOAT"
+                                             for s in (".weight", ".index", ".info")}),
+                        "model.layers.0.mlp.down_proj.weight is described FLOAT"),
+    "tp-size": (edit_metadata("tp_size", 2), "metadata tp_size is 2, but the folder is part0-of-1"),
+    "rank": (edit_metadata("rank", 1), "metadata rank is 1, but the folder is part0-of-1"),
+    "no-metadata": (lambda d: d.pop("metadata"), "metadata tp_size is None"),
+    "codec-name": (edit_metadata("codec", "huff-v2"), "metadata says codec 'huff-v2'"),
+    "codec-id": (edit_metadata("codec_id", 2), "id 2, but the streams are nibble-v3"),
+    "codec-version": (edit_metadata("codec_version", "9.9"), "version '9.9'"),
+    "format-version": (lambda d: d.update(version="9.0.0"), "is format version 9.0.0; this sparsezip reads"),
 }
 
 
@@ -360,6 +381,63 @@ def test_part_description_that_disagrees_with_the_weights(capsys, command, edit,
     edit_json(folder / "part0-of-1" / DESCRIPTION_FILE, change)
     line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], watch=(folder,))
     assert expected in line
+
+
+def test_swapped_part_folders_are_refused(capsys, pipe, text_file, tmp_path):
+    """Ranks renamed into each other's folders would run with the other rank's rows: the metadata says so."""
+    folder = clone(pipe.packed2, tmp_path / "c")
+    (folder / "part0-of-2").rename(folder / "swap")
+    (folder / "part1-of-2").rename(folder / "part0-of-2")
+    (folder / "swap").rename(folder / "part1-of-2")
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")["inspect"], watch=(folder,))
+    assert "metadata rank is 1, but the folder is part0-of-2" in line
+
+
+def shard(folder: Path) -> tuple[Path, dict]:
+    """A copy of the W16A16S folder's weights as two shards and an index; returns (index path, its JSON)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / SPARSE_FILE)
+    (folder / SPARSE_FILE).unlink()
+    names = sorted(tensors)
+    files = {f"{SPARSE_STEM}-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+    for file, part in files.items():
+        save_file({n: tensors[n] for n in part}, folder / file)
+    index = {"metadata": {}, "weight_map": {n: file for file, part in files.items() for n in part}}
+    write_json(folder / f"{SPARSE_FILE}.index.json", index)
+    return folder / f"{SPARSE_FILE}.index.json", index
+
+
+SHARD_EDITS = {
+    "wrong-shard": (lambda m, n: m.update({n[0]: m[n[1]]}), "mapped to another shard or not at all"),
+    "unmapped": (lambda m, n: m.pop(n[0]), "mapped to another shard or not at all"),
+    "made-up": (lambda m, n: m.update({"model.layers.5.mlp.up_proj.weight": m[n[0]]}),
+                "mapped but stored nowhere ['model.layers.5.mlp.up_proj.weight']"),
+    "outside": (lambda m, n: m.update({n[0]: "../elsewhere.safetensors"}), "is not a file name of this folder"),
+    "number": (lambda m, n: m.update({n[0]: 5}), "weight_map entry 5 is not a file name"),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "compress", "inspect"])
+@pytest.mark.parametrize("edit", sorted(SHARD_EDITS))
+def test_a_shard_index_that_disagrees_with_its_shards(capsys, command, edit, pipe, text_file, tmp_path):
+    folder = clone(pipe.sparse, tmp_path / "s")
+    index_path, index = shard(folder)
+    change, expected = SHARD_EDITS[edit]
+    weight_map = index["weight_map"]
+    first = min(weight_map)
+    names = [first, min(n for n in weight_map if weight_map[n] != weight_map[first])]  # one tensor of each shard
+    change(index["weight_map"], names)
+    write_json(index_path, index)
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], out=tmp_path / "out")
+    assert expected in line
+
+
+def test_a_sharded_folder_as_written_still_runs(capsys, pipe, text_file, tmp_path):
+    """The check above must not refuse a faithful index."""
+    folder = clone(pipe.sparse, tmp_path / "s")
+    shard(folder)
+    assert "Answer[0]:" in succeeds(capsys, commands_on(folder, text_file, tmp_path / "out")["run"])
 
 
 # ----------------------------------------------------------------------------- 9: output paths
@@ -395,6 +473,29 @@ def test_output_over_the_input_is_refused_and_the_input_untouched(capsys, comman
     assert ("lies inside the input" if target == "inside" else "would overwrite the input") in line
     assert fingerprint(tmp_path / "model") == before
     assert leftovers(tmp_path) == []
+
+
+def test_overwrite_never_replaces_the_calibration_text(capsys, pipe, text_file, tmp_path):
+    calib = tmp_path / "calib.txt"
+    shutil.copy(text_file, calib)
+    before = calib.read_bytes()
+    argv = ["sparsify", "--model_path", pipe.dense, "--save_path", calib, "--calib", calib, "--method", "wanda",
+            "--calib_samples", "2", "--calib_seqlen", "32", "--overwrite"]
+    line = refused(capsys, argv, watch=(calib,))
+    assert "would overwrite the input" in line
+    assert calib.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["compress", "--workers", "0"], "--workers must be at least 1, got 0"),
+    (["run", "--max_batch_size", "0"], "--max_batch_size must be at least 1, got 0"),
+], ids=["compress-workers", "run-batch"])
+def test_counts_below_one_are_refused_before_any_work(capsys, argv, expected, pipe, text_file, tmp_path):
+    """One line: refused before the model loads (whose progress lines would come first)."""
+    command, *option = argv
+    line = refused(capsys, commands_on(pipe.sparse, text_file, tmp_path / "out")[command] + option,
+                   out=tmp_path / "out")
+    assert expected in line
 
 
 # ----------------------------------------------------------------------------- 10, 11: compressed folder damage
@@ -446,7 +547,15 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--pattern", "1:3"], "1:3"),  # hidden 64, heads*head_dim 64, MLP 128: none divisible by 3
     (["--pattern", "2:256"], "2:256"),
     (["--calib_seqlen", "0"], "--calib_seqlen"),
-    (["--part_file_size", "0"], "--part_file_size must be above 0"),
+    (["--part_file_size", "0"], "--part_file_size must be a positive number of GB, got 0.0"),
+    (["--part_file_size", "inf"], "--part_file_size must be a positive number of GB, got inf"),
+    (["--part_file_size", "nan"], "--part_file_size must be a positive number of GB, got nan"),
+    (["--method", "wanda", "--owl", "--owl_lambda", "5"], "--owl_lambda must keep every layer's sparsity in [0, 1)"),
+    (["--method", "wanda", "--owl", "--owl_lambda", "0.25"], "it must be in [0, 0.25), got 0.25"),
+    (["--method", "wanda", "--owl", "--owl_lambda", "-0.1"], "--owl_lambda must keep"),
+    (["--method", "wanda", "--owl", "--owl_lambda", "nan"], "--owl_lambda must keep"),
+    (["--method", "wanda", "--owl", "--owl_threshold", "-1"], "--owl_threshold must be a positive number"),
+    (["--method", "wanda", "--owl", "--owl_threshold", "nan"], "--owl_threshold must be a positive number"),
     (["--calib_samples", "0"], "--calib_samples"),
     (["--method", "wanda", "--targets", "dense"], "--targets dense needs --method float_sparse"),
     (["--target_blend", "0.5"], "--target_blend mixes the dense model's outputs into float_sparse's target: it needs"),

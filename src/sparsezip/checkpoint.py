@@ -91,6 +91,14 @@ class TensorReader:
         """A tensor's shape, from the header."""
         return tuple(self.locate(name)[3]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's element type, from the header."""
+        return DTYPES[self.locate(name)[3]["dtype"]]
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds a tensor."""
+        return self.locate(name)[0]
+
     def locate(self, name: str) -> tuple[Path, int, int, dict]:
         """(file, first byte, end byte, header entry) of a tensor."""
         if name not in self.where:

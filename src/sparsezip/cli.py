@@ -167,9 +167,10 @@ def sampling_params(ns: argparse.Namespace, max_new_tokens: int):
 
 @inference
 def cmd_run(ns: argparse.Namespace, dist) -> None:
-    from .generate import generate_batch, memory_mb, peak_memory_mb, prompt_ids, stop_ids
+    from .generate import check_batch_size, generate_batch, memory_mb, peak_memory_mb, prompt_ids, stop_ids
 
     params = sampling_params(ns, ns.max_output_length)
+    check_batch_size(ns.max_batch_size)  # before the minutes a large model takes to load
     model, tokenizer, device = load_for_inference(ns, dist)
     loaded = memory_mb(device)
     prompts = [prompt_ids(tokenizer, text, use_chat_template=not ns.no_chat_template) for text in ns.input_texts]

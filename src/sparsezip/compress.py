@@ -142,6 +142,8 @@ def compress(model_path: Path, save_directory: Path, tp: int | None = None, work
              dist: Dist = Dist()) -> PartStats:
     """Compress a W16A16S folder into W16A16SC parts for TP size `tp` (default: 1, or the torchrun world size),
     published atomically. Under torchrun (`dist` from tp.process_group) each process builds its own part."""
+    if workers < 1:
+        raise SparsezipError(f"--workers must be at least 1, got {workers}")
     if dist.size > 1:
         if tp not in (None, dist.size):
             raise SparsezipError(f"--tp {tp} disagrees with the {dist.size} torchrun processes; drop --tp")

@@ -212,12 +212,30 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def part_file_bytes(gigabytes: float) -> int:
+    """--part_file_size, GB per output safetensors shard, in bytes: a positive, finite size."""
+    if not 0 < gigabytes < math.inf:  # also refuses NaN
+        raise SparsezipError(f"--part_file_size must be a positive number of GB, got {gigabytes}")
+    return max(1, int(gigabytes * 2**30))
+
+
 @dataclass(frozen=True)
 class OwlConfig:
     """OWL (Yin et al. 2024): layers with more activation outliers get less sparsity."""
 
     threshold: float = 5.0  # an outlier's Wanda score exceeds threshold x its layer's mean
     lam: float = 0.08  # largest deviation of a layer's sparsity from the target
+
+    def check(self, sparsity: float) -> None:
+        """A layer's sparsity moves at most 2 x lam from the target (calibrate.owl_allocation: outlier ratios
+        spread over [0, 2 lam], minus their mean), and must stay in [0, 1): a layer left dense or all zeros would
+        otherwise be recorded as an allocation."""
+        if not 0 < self.threshold < math.inf:  # also refuses NaN
+            raise SparsezipError(f"--owl_threshold must be a positive number, got {self.threshold}")
+        if not (0 <= self.lam and 2 * self.lam <= sparsity and sparsity + 2 * self.lam < 1):  # also refuses NaN
+            raise SparsezipError(f"--owl_lambda must keep every layer's sparsity in [0, 1): at --sparsity "
+                                 f"{sparsity} it must be in [0, {min(sparsity, 1 - sparsity) / 2:g}), "
+                                 f"got {self.lam}")
 
 
 @dataclass(frozen=True)
@@ -280,8 +298,7 @@ class SparsifyConfig:
             raise SparsezipError(f"--calib_samples must be at least 1, got {self.calib_samples}")
         if self.calib_seqlen < 2:
             raise SparsezipError(f"--calib_seqlen must be at least 2 tokens, got {self.calib_seqlen}")
-        if not self.part_file_size > 0:
-            raise SparsezipError(f"--part_file_size must be above 0 GB, got {self.part_file_size}")
+        part_file_bytes(self.part_file_size)
         if self.rounding_mode not in ("l2", "none"):
             raise SparsezipError(f"--rounding must be l2 or none, got {self.rounding!r}")
         if self.targets not in ("dense", "local"):
@@ -318,6 +335,8 @@ class SparsifyConfig:
         if self.owl is not None and (nm is not None or not method.calibrated):
             raise SparsezipError("--owl allocates unstructured sparsity from activations: it needs a calibrated "
                                  "method (wanda, sparsegpt, float_sparse) and --pattern unstructured")
+        if self.owl is not None:
+            self.owl.check(self.sparsity)
         if method.calibrated and not self.calib:
             raise SparsezipError(f"method {self.method} needs calibration text: pass --calib FILE")
         if method.calibrated and self.calib_seqlen > args.max_position_embeddings:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import ShardedWriter, TensorReader
-from .codec import EncodedWeight
+from .codec import EncodedWeight, codec_for_id
 from .config import ModelArgs, read_json, write_json
 from .errors import SparsezipError
 from .tp import source_shapes
@@ -112,10 +112,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     """Weight files of a dense or W16A16S folder, following a sharded index when there is one."""
     indexes = sorted(model_dir.glob("*.safetensors.index.json"))
     if indexes:
-        weight_map = read_json(indexes[0]).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise SparsezipError(f"{indexes[0]} has no weight_map")
-        return [model_dir / f for f in sorted(set(weight_map.values()))]
+        return indexed_weight_files(model_dir, indexes[0])
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -124,6 +121,25 @@ def weight_files(model_dir: Path) -> list[Path]:
                                  "when loaded and are never read here; convert them to safetensors first, e.g. with "
                                  "transformers' save_pretrained(..., safe_serialization=True) on a machine you trust")
         raise SparsezipError(f"{model_dir} has no .safetensors weights (only safetensors checkpoints are supported)")
+    return files
+
+
+def indexed_weight_files(model_dir: Path, index: Path) -> list[Path]:
+    """The shards a sharded index names, once its weight_map is checked against them: files of this folder only,
+    and every tensor mapped to the shard that holds it (a map that points elsewhere would load other weights)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise SparsezipError(f"{index} has no weight_map")
+    for file in weight_map.values():
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise SparsezipError(f"{index}: weight_map entry {file!r} is not a file name of this folder")
+    files = [model_dir / f for f in sorted(set(weight_map.values()))]
+    reader = TensorReader(files)
+    misplaced = sorted(name for name in reader.names() if weight_map.get(name) != reader.file_of(name).name)
+    unknown = sorted(set(weight_map) - set(reader.names()))
+    if misplaced or unknown:
+        raise SparsezipError(f"{index} disagrees with its shards: mapped to another shard or not at all "
+                             f"{misplaced[:3]}, mapped but stored nowhere {unknown[:3]}")
     return files
 
 
@@ -247,11 +263,15 @@ def read_description(folder: Path, expected_kind: FolderKind) -> Description:
     desc = Description.from_json(read_json(where), where)
     if desc.kind != expected_kind:
         raise SparsezipError(f"{where} is not a {expected_kind} description")
+    if desc.version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise SparsezipError(f"{where} is format version {desc.version}; this sparsezip reads versions "
+                             f"{FORMAT_VERSION.split('.')[0]}.x")
     desc.check_values(where)
     reader = TensorReader(description_weight_files(folder, expected_kind))
     check_description_matches(desc, reader.names(), where)
     if expected_kind == FolderKind.W16A16SC:
-        check_outdims(desc, reader, where)
+        check_part_entries(desc, reader, where)
+        check_part_metadata(desc, reader, Path(folder).name, where)
     return desc
 
 
@@ -267,11 +287,23 @@ def check_description_matches(desc: Description, names: list[str], where: Path) 
                              f"stored but not described {missing}")
 
 
-def check_outdims(desc: Description, reader: TensorReader, where: Path) -> None:
-    """Every compressed `<p>.weight` needs an integer `<p>.weight.outdim` equal to the rows `<p>.info` stores.
-
-    The 1-D stream cannot tell its shape, so a wrong outdim would otherwise build a wrongly sized model.
-    """
+def check_part_entries(desc: Description, reader: TensorReader, where: Path) -> None:
+    """A part's entries say what its tensors are: a compressed linear is `<p>.weight`, `.index` and `.info`, all
+    three W16A16SC, with an integer `<p>.weight.outdim` equal to the rows its `.info` stores (the 1-D stream cannot
+    tell its shape); a FLOAT tensor holds floats. Otherwise a stream would be read as a float tensor, or a wrongly
+    sized model built."""
+    tensors = desc.tensors
+    for name, kind in tensors.items():
+        suffix = next((s for s in (WEIGHT, INDEX, INFO) if name.endswith(s)), None)
+        prefix = name[: -len(suffix)] if suffix else name
+        if kind == FLOAT and (suffix is None or (suffix == WEIGHT and prefix + INDEX not in tensors)):
+            if not reader.dtype(name).is_floating_point:
+                raise SparsezipError(f"{where}: {name} is described FLOAT but stores {reader.dtype(name)}")
+            continue
+        kinds = [tensors.get(prefix + s) for s in (WEIGHT, INDEX, INFO)]
+        if suffix is None or kinds != [FolderKind.W16A16SC.value] * 3:
+            raise SparsezipError(f"{where}: {name} is described {kind}, but a compressed linear is {prefix}.weight, "
+                                 f".index and .info, all described W16A16SC (here {kinds})")
     for prefix in desc.compressed_linears():
         outdim = desc.outdim(prefix)
         info = reader.get(prefix + INFO).flatten().tolist()
@@ -279,6 +311,24 @@ def check_outdims(desc: Description, reader: TensorReader, where: Path) -> None:
         if type(outdim) is not int or outdim != stored:
             raise SparsezipError(f"{where}: {prefix}{OUTDIM} is {outdim!r} but the stored .info says {stored} "
                                  "output rows")
+
+
+def check_part_metadata(desc: Description, reader: TensorReader, folder_name: str, where: Path) -> None:
+    """A part's metadata must agree with its folder's name (a renamed or swapped rank would otherwise run with
+    another rank's rows) and name the codec, version and id its streams carry."""
+    meta, place = desc.metadata, PART_DIR.match(folder_name)
+    if place:
+        for key, value in (("tp_size", int(place[2])), ("rank", int(place[1]))):
+            if meta.get(key) != value:
+                raise SparsezipError(f"{where}: metadata {key} is {meta.get(key)!r}, but the folder is {folder_name}; "
+                                     "was a part folder renamed or moved?")
+    ids = {int(reader.get(prefix + INFO).flatten()[-1]) for prefix in desc.compressed_linears()}
+    for codec_id in sorted(ids):
+        coder = codec_for_id(codec_id)
+        said = (meta.get("codec"), meta.get("codec_version"), meta.get("codec_id"))
+        if said != (coder.name, coder.version, coder.codec_id):
+            raise SparsezipError(f"{where}: metadata says codec {said[0]!r} version {said[1]!r} id {said[2]!r}, but "
+                                 f"the streams are {coder.name} version {coder.version} (id {coder.codec_id})")
 
 
 # ---------------------------------------------------------------------------- W16A16SC parts

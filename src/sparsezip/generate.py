@@ -141,6 +141,11 @@ class TextStream:
         return new
 
 
+def check_batch_size(max_batch_size: int) -> None:
+    if max_batch_size < 1:
+        raise SparsezipError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+
+
 @torch.no_grad()
 def generate_batch(model: Transformer, tokenizer, prompts: list[list[int]], params: SamplingParams,
                    eos: set[int], on_text: OnText | None = None, max_batch_size: int = 8,
@@ -148,8 +153,7 @@ def generate_batch(model: Transformer, tokenizer, prompts: list[list[int]], para
     """Generate for every prompt, `max_batch_size` prompts at a time (left-padded into one batch); stop early,
     with what is there, as soon as `cancelled()` says nobody waits for the answers any more."""
     params.check()
-    if max_batch_size < 1:
-        raise SparsezipError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    check_batch_size(max_batch_size)
     if any(not p for p in prompts):
         raise SparsezipError("a prompt is empty after tokenization")
     results: list[Generation] = []

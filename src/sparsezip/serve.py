@@ -25,7 +25,7 @@ from typing import AsyncIterator, Awaitable, Callable, Literal
 from fastapi import Request  # at module level: FastAPI resolves handler annotations here
 
 from .errors import SparsezipError
-from .generate import Generation, SamplingParams, chat_ids, generate_batch, stop_ids
+from .generate import Generation, SamplingParams, chat_ids, check_batch_size, generate_batch, stop_ids
 from .model import Transformer
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, ServerInfo, ServerLimits, chat_body,
                          completion_body, message_text, sampling_for, sse, usage)
@@ -412,8 +412,7 @@ def serve(model: Transformer, tokenizer, dist: Dist, model_path, host: str = "12
           limits: ServerLimits = ServerLimits()) -> None:
     """Serve until Ctrl-C. Rank 0 runs the HTTP server; under torchrun the other ranks follow its worker."""
     limits.check()
-    if max_batch_size < 1:
-        raise SparsezipError(f"--max_batch_size must be at least 1, got {max_batch_size}")
+    check_batch_size(max_batch_size)
     eos = stop_ids(tokenizer, model_path)
     if not dist.is_main:
         follow(model, tokenizer, dist, eos, max_batch_size)

@@ -23,7 +23,7 @@ from . import __version__
 from .calibrate import (STAGES, Activations, LayerPass, embed_samples, load_layer, owl_allocation,
                         owl_outlier_ratios, read_layer)
 from .checkpoint import ShardedWriter, TensorReader, atomic_output_dir, check_output_path, release_freed_memory, to_fp16
-from .config import ModelArgs, SparsifyConfig
+from .config import ModelArgs, SparsifyConfig, part_file_bytes
 from .data import calibration_samples, load_tokenizer
 from .errors import SparsezipError
 from .formats import (FLOAT, SPARSE_STEM, Description, FolderKind, check_weights_match_config, copy_side_files,
@@ -155,7 +155,7 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
     model_path, save_path = Path(model_path), Path(save_path)
     if detect_kind(model_path) != FolderKind.DENSE:
         raise SparsezipError(f"{model_path} is already sparse; sparsify takes a dense Hugging Face folder")
-    check_output_path(save_path, overwrite, (model_path,))  # fail now, not after calibration
+    check_output_path(save_path, overwrite, (model_path, *config.calib))  # fail now, not after calibration
     args = ModelArgs.from_dir(model_path)
     config = config.checked(args)
     method = get_method(config.method)
@@ -172,8 +172,8 @@ def sparsify(model_path: Path, save_path: Path, config: SparsifyConfig = Sparsif
     run = LayerPass(args, config.device, method.needs_hessian, dense_stages) if method.calibrated else None
     acts = Activations(hidden, list(hidden) if dense_stages else None)  # two lists: each pass empties its own
     del hidden  # the first layer's pass may drop the embedded batches
-    with atomic_output_dir(save_path, overwrite, inputs=(model_path,)) as tmp:
-        writer = ShardedWriter(tmp, SPARSE_STEM, int(config.part_file_size * 2**30))
+    with atomic_output_dir(save_path, overwrite, inputs=(model_path, *config.calib)) as tmp:
+        writer = ShardedWriter(tmp, SPARSE_STEM, part_file_bytes(config.part_file_size))
         description = Description(FolderKind.W16A16S)
 
         def save(name: str, tensor: torch.Tensor, kind: str = FolderKind.W16A16S.value) -> None:

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import ShardedWriter, atomic_output_dir
+from ..config import part_file_bytes
 from ..errors import SparsezipError
 
 try:  # an optional dependency (the `demo` extra): say how to get it rather than fail with a traceback
@@ -354,6 +355,7 @@ def convert_gguf(sources: list[Path], save_path: Path, overwrite: bool = False,
 
     Everything is checked before the first tensor is written; the folder appears only when complete.
     """
+    shard_bytes = part_file_bytes(part_file_size)
     if isinstance(sources, (str, Path)):
         sources = [sources]
     if not sources:
@@ -376,7 +378,7 @@ def convert_gguf(sources: list[Path], save_path: Path, overwrite: bool = False,
         full = write_metadata_gguf(src, header, scratch / "tokenizer.gguf")
         write_tokenizer(full, config.get("max_position_embeddings"), tmp)
         shutil.rmtree(scratch)
-        writer = ShardedWriter(tmp, WEIGHTS_STEM, int(part_file_size * 2**30))
+        writer = ShardedWriter(tmp, WEIGHTS_STEM, shard_bytes)
         for t, name in tqdm(plan, desc="GGUF -> fp16", unit="tensor"):
             writer.add(name, convert_tensor(src, t, header))
         writer.close()
