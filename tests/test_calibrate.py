@@ -407,3 +407,13 @@ def test_quant_w16a16s_runs_float_sparse_at_ratio_0_4(tiny_dir, text_file, tmp_p
                  "--quant_type", "w16a16s", "--calib", str(text_file)]) == 0
     meta = read_json(out / "quant_model_description.json")["metadata"]
     assert (meta["method"], meta["sparsity"], meta["rounding"]) == ("float_sparse", 0.4, "l2")
+
+
+@pytest.mark.parametrize("n_samples, warned", [(4, False), (4000, True)])
+def test_windows_that_repeat_the_text_many_times_are_warned_of(n_samples, warned, tiny_dir, text_file, caplog):
+    from transformers import AutoTokenizer
+
+    with caplog.at_level(logging.WARNING, logger="sparsezip"):
+        samples = calibration_samples(AutoTokenizer.from_pretrained(tiny_dir("llama")), [text_file], n_samples, 64)
+    assert len(samples) == n_samples
+    assert ("calibration windows of 64 tokens draw" in caplog.text) == warned

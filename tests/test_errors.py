@@ -475,6 +475,20 @@ def test_output_over_the_input_is_refused_and_the_input_untouched(capsys, comman
     assert leftovers(tmp_path) == []
 
 
+def test_compressing_a_folder_without_a_tokenizer_warns(capsys, caplog, pipe, text_file, tmp_path):
+    folder = clone(pipe.sparse, tmp_path / "s")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    succeeds(capsys, commands_on(folder, text_file, tmp_path / "out")["compress"])
+    assert "has no tokenizer files" in caplog.text
+
+
+def test_stream_with_several_prompts_says_it_prints_them_when_done(capsys, caplog, pipe, text_file, tmp_path):
+    argv = commands_on(pipe.packed, text_file, tmp_path / "out")["run"] + ["--stream", "--input_texts", "a", "b"]
+    assert "Answer[1]:" in succeeds(capsys, argv)
+    assert "the answers to 2 prompts print when done" in caplog.text
+
+
 def test_overwrite_never_replaces_the_calibration_text(capsys, pipe, text_file, tmp_path):
     calib = tmp_path / "calib.txt"
     shutil.copy(text_file, calib)
@@ -531,6 +545,22 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     assert "missing part1-of-2" in line
 
 
+@pytest.mark.parametrize("command", ["run", "inspect"])
+def test_a_part_folder_beyond_the_tp_size(capsys, command, pipe, text_file, tmp_path):
+    folder = clone(pipe.packed2, tmp_path / "c")
+    (folder / "part2-of-2").mkdir()
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], watch=(folder,))
+    assert "has part2-of-2, a rank beyond its TP size 2" in line
+
+
+def test_a_missing_tensor_names_the_file(pipe):
+    from sparsezip.checkpoint import TensorReader
+    from sparsezip.errors import SparsezipError
+
+    with pytest.raises(SparsezipError, match=f"tensor model.bogus.weight is missing from .*{SPARSE_FILE}$"):
+        TensorReader([pipe.sparse / SPARSE_FILE]).get("model.bogus.weight")
+
+
 # ----------------------------------------------------------------------------- 12, 13: sparsify / quant options
 
 
@@ -556,6 +586,7 @@ def test_missing_part_folder(capsys, command, pipe, text_file, tmp_path):
     (["--method", "wanda", "--owl", "--owl_lambda", "nan"], "--owl_lambda must keep"),
     (["--method", "wanda", "--owl", "--owl_threshold", "-1"], "--owl_threshold must be a positive number"),
     (["--method", "wanda", "--owl", "--owl_threshold", "nan"], "--owl_threshold must be a positive number"),
+    (["--method", "wanda", "--owl_lambda", "0.1"], "--owl_threshold and --owl_lambda tune OWL: add --owl"),
     (["--calib_samples", "0"], "--calib_samples"),
     (["--method", "wanda", "--targets", "dense"], "--targets dense needs --method float_sparse"),
     (["--target_blend", "0.5"], "--target_blend mixes the dense model's outputs into float_sparse's target: it needs"),
@@ -622,6 +653,7 @@ def test_unusable_text_is_one_line_and_fast(capsys, command, name, data, expecte
     (["--seqlen", "100000"], "got 100000"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--max_windows", "0"], "--max_windows must be at least 1"),
+    (["--data", "."], "data file . is a folder; pass the text files in it"),
 ], ids=lambda v: v if isinstance(v, str) else "=".join(v))
 def test_bad_eval_options(capsys, option, expected, pipe, text_file):
     line = refused(capsys, ["eval", "--model_path", pipe.packed, "--data", text_file, "--seqlen", "32"] + option)

@@ -102,7 +102,9 @@ class TensorReader:
     def locate(self, name: str) -> tuple[Path, int, int, dict]:
         """(file, first byte, end byte, header entry) of a tensor."""
         if name not in self.where:
-            raise SparsezipError(f"tensor {name} is missing from the checkpoint")
+            files = sorted(self.headers)
+            more = f" (and {len(files) - 1} more files)" if len(files) > 1 else ""
+            raise SparsezipError(f"tensor {name} is missing from {files[0] if files else 'the checkpoint'}{more}")
         path = self.where[name]
         start, header = self.headers[path]
         begin, stop = header[name]["data_offsets"]

@@ -77,8 +77,12 @@ def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
             settings[name] = getattr(ns, name)
     if hasattr(ns, "admm_damp"):
         settings["admm_damp"] = damping_setting(ns.admm_damp)
+    owl_options = {name: value for name, value in (("threshold", getattr(ns, "owl_threshold", None)),
+                                                    ("lam", getattr(ns, "owl_lambda", None))) if value is not None}
     if getattr(ns, "owl", False):
-        settings["owl"] = OwlConfig(ns.owl_threshold, ns.owl_lambda)
+        settings["owl"] = OwlConfig(**owl_options)
+    elif owl_options:
+        raise SparsezipError("--owl_threshold and --owl_lambda tune OWL: add --owl, or drop them")
     return SparsifyConfig(**(settings | fixed))
 
 
@@ -175,6 +179,9 @@ def cmd_run(ns: argparse.Namespace, dist) -> None:
     loaded = memory_mb(device)
     prompts = [prompt_ids(tokenizer, text, use_chat_template=not ns.no_chat_template) for text in ns.input_texts]
     stream = dist.is_main and ns.stream and len(prompts) == 1
+    if ns.stream and len(prompts) > 1:
+        log.warning("--stream prints one prompt's answer as it comes; the answers to %d prompts print when done",
+                    len(prompts))
     on_text = (lambda _, text: print(text, end="", flush=True)) if stream else None
     if stream:
         print(f"Question[0]: {ns.input_texts[0]}\nAnswer[0]: ", end="", flush=True)
@@ -218,10 +225,12 @@ def cmd_serve(ns: argparse.Namespace, dist) -> None:
 @inference
 def cmd_eval(ns: argparse.Namespace, dist) -> None:
     from .config import ModelArgs
-    from .data import eval_windows
+    from .data import check_text_file, eval_windows
     from .evaluate import check_eval_settings, perplexity
 
     check_eval_settings(ModelArgs.from_dir(ns.model_path), ns.seqlen, ns.batch_size, ns.max_windows)
+    for path in ns.data:  # before the model loads
+        check_text_file(path)
     model, tokenizer, _ = load_for_inference(ns, dist)
     windows = eval_windows(tokenizer, ns.data, ns.seqlen, ns.max_windows)
     ppl = perplexity(model, windows, ns.batch_size, show_progress=dist.is_main)
@@ -304,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
          "0.3 on linears with fewer calibration tokens than inputs and 0.1 on the others (auto: better on "
          "Qwen2.5-Coder-1.5B's down projections, BENCHMARKS.md)")
     flag(p, "--owl", action="store_true", help="OWL: give layers with more activation outliers less sparsity")
-    flag(p, "--owl_threshold", type=float, default=5.0, help="OWL outlier threshold M x layer mean (default: 5)")
-    flag(p, "--owl_lambda", type=float, default=0.08, help="OWL max deviation from --sparsity (default: 0.08)")
+    flag(p, "--owl_threshold", type=float, help="OWL outlier threshold M x layer mean (default: 5)")
+    flag(p, "--owl_lambda", type=float, help="OWL max deviation from --sparsity (default: 0.08)")
     flag(p, "--part_file_size", type=float, default=5.0, help="GB per safetensors shard (default: 5)")
     flag(p, "--overwrite", action="store_true", help="replace an existing output folder")
     add_device(p)

@@ -24,9 +24,9 @@ from . import __version__, codec
 from .checkpoint import TensorReader, check_output_path, new_temp_dir, publish, to_fp16
 from .config import ModelArgs
 from .errors import SparsezipError
-from .formats import (Description, FolderKind, check_weights_match_config, copy_side_files, detect_kind,
-                      linear_prefix, part_dir_name, part_metadata, read_description, weight_files, write_fp16_config,
-                      PartWriter)
+from .formats import (TOKENIZER_FILES, Description, FolderKind, PartWriter, check_weights_match_config,
+                      copy_side_files, detect_kind, has_tokenizer, linear_prefix, part_dir_name, part_metadata,
+                      read_description, weight_files, write_fp16_config)
 from .tp import Dist, SplitRule, all_rules, check_tp_size, rank_share, shard
 
 log = logging.getLogger("sparsezip")
@@ -128,6 +128,9 @@ def build_part(src: Source, rank: int, tp: int, out: Path, codec_name: str, work
 def write_root_files(src: Source, out: Path, tp: int) -> None:
     write_fp16_config(src.path, out, FolderKind.W16A16SC, tp)
     copy_side_files(src.path, out)
+    if not has_tokenizer(src.path):
+        log.warning("%s has no tokenizer files (%s): the compressed folder will need one copied in before it can "
+                    "run", src.path, ", ".join(TOKENIZER_FILES))
 
 
 def log_summary(stats: PartStats) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -12,6 +13,8 @@ import torch
 from tokenizers import Encoding, Tokenizer, models, pre_tokenizers
 
 from .errors import SparsezipError
+
+log = logging.getLogger("sparsezip")
 
 JSONL_KEYS = ("text", "inputs_pretokenized")  # the original calibration set uses the latter
 # tokenizer_config.json classes that transformers builds straight from tokenizer.json, unchanged
@@ -50,10 +53,17 @@ def read_jsonl(path: Path) -> list[str]:
     return texts
 
 
-def read_text_file(path: Path) -> str:
+def check_text_file(path: Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise SparsezipError(f"data file {path} is a folder; pass the text files in it")
     if not path.is_file():
         raise SparsezipError(f"data file {path} does not exist")
+    return path
+
+
+def read_text_file(path: Path) -> str:
+    path = check_text_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -167,6 +177,10 @@ def calibration_samples(tokenizer, files: list[Path], n_samples: int = 32, seqle
         ids = tokenize(tokenizer, "\n\n".join(read_text_file(f) for f in txt))
         if len(ids) <= seqlen + 1:
             raise SparsezipError(f"calibration text has {len(ids)} tokens, fewer than --calib_seqlen {seqlen}")
+        if n_samples * seqlen > 2 * len(ids):
+            log.warning("%d calibration windows of %d tokens draw %.1f times the %d tokens of the text: they repeat "
+                        "it, which costs time and adds little; give more text or fewer --calib_samples",
+                        n_samples, seqlen, n_samples * seqlen / len(ids), len(ids))
         rng = random.Random(seed)
         for _ in range(n_samples):
             i = rng.randint(0, len(ids) - seqlen - 1)

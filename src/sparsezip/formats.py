@@ -40,6 +40,7 @@ ONE_FILE = 2**62  # a part is one safetensors file, whatever its size
 HEADER_KEYS = ("model_quant_type", "version", "metadata")
 QUANT_METHOD = "sparsezip"  # config.json's quantization_config.quant_method for W16A16S/W16A16SC folders
 TRANSFORMERS_WEIGHTS = "transformers_weights"  # config.json key: the weight file transformers reads
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one of them makes a tokenizer
 # Files other than weights that inference needs; copied as they are when present.
 SIDE_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -92,6 +93,9 @@ def part_dirs(model_dir: Path) -> list[Path]:
     missing = [part_dir_name(r, n) for r in range(n) if (r, n) not in found]
     if missing:
         raise SparsezipError(f"{model_dir} is missing {', '.join(missing)}")
+    stray = sorted(found[key].name for key in found if key[0] >= n)
+    if stray:
+        raise SparsezipError(f"{model_dir} has {', '.join(stray)}, a rank beyond its TP size {n}; remove it")
     return [found[(r, n)] for r in range(n)]
 
 
@@ -147,6 +151,10 @@ def copy_side_files(src: Path, dst: Path) -> None:
     for name in SIDE_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def write_fp16_config(src: Path, dst: Path, kind: FolderKind = FolderKind.DENSE, tp_size: int = 1) -> None:
