@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import math
 
 import pytest
@@ -105,6 +106,19 @@ def test_truncate_keeps_top_k_and_the_smallest_top_p_set():
     assert torch.isfinite(truncate(logits, 0, 0.7)).tolist() == [[True, False, True, False]]
     assert torch.isfinite(truncate(logits, 0, 0.85)).tolist() == [[True, False, True, True]]
     assert torch.isfinite(truncate(logits, 0, 1.0)).all()
+    # a top_p that float32 holds as 0 still keeps the likeliest token (it had dropped them all: NaN probabilities)
+    assert torch.isfinite(truncate(logits, 0, 1e-300)).tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize("narrow", [dict(temperature=1e-40), dict(temperature=1e-300),
+                                    dict(temperature=1.0, top_p=1e-300)])
+def test_vanishing_temperature_or_top_p_samples_the_greedy_token(narrow, llama):
+    """Logits divided by a temperature of 1e-40 overflowed to inf (NaN probabilities, a crash in multinomial)."""
+    model, tok = llama
+    prompts = prompts_of(tok, "It is a truth")
+    greedy = generate_batch(model, tok, prompts, SamplingParams(max_new_tokens=6), set())[0].tokens
+    got = generate_batch(model, tok, prompts, SamplingParams(max_new_tokens=6, seed=4, **narrow), set())[0].tokens
+    assert got == greedy
 
 
 def test_repetition_penalty_shrinks_seen_logits_by_sign():
@@ -156,7 +170,8 @@ def test_text_stream_never_emits_half_a_character():
 
 def test_sampling_params_are_checked():
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                dict(repetition_penalty=0), dict(stop=("",)), dict(temperature=math.nan)):
+                dict(repetition_penalty=0), dict(stop=("",)), dict(temperature=math.nan), dict(seed=2**63),
+                dict(seed=-2**63 - 1)):
         with pytest.raises(SparsezipError):
             SamplingParams(**bad).check()
 
@@ -298,6 +313,20 @@ def test_chat_keeps_history_resets_and_exits(tiny_dir):
     assert "(new conversation)" in out.getvalue() and next(lines) == "never read"
 
 
+def test_chat_survives_a_line_that_is_not_utf8(tiny_dir, monkeypatch):
+    """The terminal's bytes are read with surrogateescape; the line is refused in the session, which goes on."""
+    from sparsezip.chat import read_stdin_line
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hi \xff there\nHello\n"), encoding="utf-8"))
+    folder = tiny_dir("qwen3")
+    model, tok = load_model(folder), AutoTokenizer.from_pretrained(folder)
+    out = io.StringIO()
+    history = chat_loop(model, tok, SamplingParams(max_new_tokens=3), Dist(), folder, read_line=read_stdin_line,
+                        out=out)
+    assert "error: the text is not valid UTF-8" in out.getvalue()
+    assert [m["content"] for m in history if m["role"] == "user"] == ["Hello"]
+
+
 @pytest.mark.slow
 def test_run_cli_batches_streams_and_refuses_bad_flags(tiny_dir, sparsezip_cli, sparsezip_ok):
     folder = str(tiny_dir("llama"))
@@ -310,7 +339,7 @@ def test_run_cli_batches_streams_and_refuses_bad_flags(tiny_dir, sparsezip_cli, 
     answer = [line for line in result.stdout.splitlines() if line.startswith("Answer[1]")][0]
     assert "Answer[0]" + answer.removeprefix("Answer[1]") in streamed.stdout
     for bad in (["--top_p", "0"], ["--max_batch_size", "0"], ["--weights", "compressed"], ["--weights", "sparse"],
-                ["--temperature", "-2"]):
+                ["--temperature", "-2"], ["--seed", str(2**70)], ["--input_texts", "hi \udcff"]):
         failed = sparsezip_cli("run", "--model_path", folder, *bad)
         assert failed.returncode != 0 and failed.stderr.startswith("sparsezip: error:"), bad
         assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
@@ -406,3 +435,11 @@ def test_auto_layout_takes_the_smallest_when_memory_is_short(packed, monkeypatch
     assert any(isinstance(m, CompressedLinear) for m in model.modules())
     model = load_model(packed[0], weights="auto")  # W16A16S: the sparse layout is its smallest
     assert any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+def test_text_that_is_not_utf8_is_one_clear_error(llama):
+    """Undecodable bytes reach Python as lone surrogates (command line, terminal, JSON's \\ud800)."""
+    _, tok = llama
+    for text in ("hi \udcff there", "\ud800"):
+        with pytest.raises(SparsezipError, match="not valid UTF-8: an undecodable byte or lone surrogate at character"):
+            prompt_ids(tok, text, use_chat_template=False)

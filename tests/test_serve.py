@@ -263,6 +263,8 @@ def test_sampling_with_a_seed_repeats_and_takes_the_extensions(server):
     (b'{"prompt": "Hello", "max_tokens": 100000}', 400, "over this server's limit of 4096"),
     (b'{"prompt": "Hello", "max_tokens": 300}', 400, "context"),
     (json.dumps({"prompt": "word " * 400}).encode(), 400, "context"),
+    (b'{"prompt": "\\ud800"}', 400, "not valid UTF-8"),
+    (b'{"prompt": "Hello", "temperature": 1, "seed": 1180591620717411303424}', 400, "seed must fit in 64 bits"),
 ])
 def test_malformed_completion_gets_a_json_error(server, body, status, words):
     code, answer = http("POST", f"{server.url}/v1/completions", body)
@@ -275,6 +277,7 @@ def test_malformed_completion_gets_a_json_error(server, body, status, words):
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "role"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}', 400, "text"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}', 404, "does not exist"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid UTF-8"),
 ])
 def test_malformed_chat_gets_a_json_error(server, body, status, words):
     code, answer = http("POST", f"{server.url}/v1/chat/completions", body)

@@ -14,7 +14,10 @@ HELP = "Type a message and press Enter. /reset starts a new conversation, /exit 
 
 
 def read_stdin_line(prompt: str) -> str | None:
-    """The next line typed by the user, or None at end of input."""
+    """The next line typed by the user, or None at end of input. Bytes that are not UTF-8 come through as lone
+    surrogates, which the prompt's check (generate.check_text) turns into an error the session survives."""
+    if hasattr(sys.stdin, "reconfigure") and sys.stdin.errors != "surrogateescape":  # only before the first read
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         return input(prompt)
     except EOFError:

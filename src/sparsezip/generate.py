@@ -22,17 +22,31 @@ log = logging.getLogger("sparsezip")
 OnText = Callable[[int, str], None]
 
 
+def check_text(text: str) -> str:
+    """Text a tokenizer can take: bytes that were not UTF-8 reach Python as lone surrogates (from the command line,
+    a terminal, JSON's \\ud800), which tokenizers reject with an error about their input types."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SparsezipError(f"the text is not valid UTF-8: an undecodable byte or lone surrogate at character "
+                             f"{e.start}") from None
+    return text
+
+
 def prompt_ids(tokenizer, text: str, use_chat_template: bool = True) -> list[int]:
     """Token ids of a prompt, wrapped in the model's chat template when it has one."""
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         return chat_ids(tokenizer, [{"role": "user", "content": text}])
-    return tokenizer(text)["input_ids"]
+    return tokenizer(check_text(text))["input_ids"]
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation in the model's chat template, ending where the assistant's turn begins."""
     if not getattr(tokenizer, "chat_template", None):
         raise SparsezipError("this model's tokenizer has no chat template; use `sparsezip run` for plain prompts")
+    for message in messages:
+        if isinstance(message.get("content"), str):
+            check_text(message["content"])
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -76,6 +90,8 @@ class SamplingParams:
             raise SparsezipError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise SparsezipError("stop strings must not be empty")
+        if not -2**63 <= self.seed < 2**63:
+            raise SparsezipError(f"seed must fit in 64 bits (-2**63 to 2**63 - 1), got {self.seed}")
 
 
 @dataclass
@@ -281,7 +297,10 @@ class Sampler:
         if p.temperature <= 0:
             chosen = logits.argmax(-1)
         else:
-            chosen = torch.multinomial(torch.softmax(truncate(logits / p.temperature, p.top_k, p.top_p), -1), 1,
+            # relative to the top logit (so at most 0), in float64 (which holds any temperature a float can say):
+            # a tiny temperature then gives 0 and -inf, where float32 had made inf and NaN of it
+            scaled = (logits - logits.amax(-1, keepdim=True)).double() / p.temperature
+            chosen = torch.multinomial(torch.softmax(truncate(scaled, p.top_k, p.top_p), -1), 1,
                                        generator=self.generator)[:, 0]
         self.seen.scatter_(1, chosen[:, None], True)
         return chosen
@@ -295,8 +314,10 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_p < 1.0:
         ordered, order = logits.sort(dim=-1, descending=True)
         before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # probability mass ranked above each token
-        drop = torch.zeros_like(ordered, dtype=torch.bool).scatter(1, order, before >= top_p)
-        logits = logits.masked_fill(drop, -math.inf)  # the top token has mass 0 above it, so one always stays
+        beyond = before >= top_p
+        beyond[:, 0] = False  # the top token always stays, even for a top_p that is 0 in float32
+        drop = torch.zeros_like(ordered, dtype=torch.bool).scatter(1, order, beyond)
+        logits = logits.masked_fill(drop, -math.inf)
     return logits
 
 

@@ -25,7 +25,8 @@ from typing import AsyncIterator, Awaitable, Callable, Literal
 from fastapi import Request  # at module level: FastAPI resolves handler annotations here
 
 from .errors import SparsezipError
-from .generate import Generation, SamplingParams, chat_ids, check_batch_size, generate_batch, stop_ids
+from .generate import (Generation, SamplingParams, chat_ids, check_batch_size, check_text, generate_batch,
+                       stop_ids)
 from .model import Transformer
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, ServerInfo, ServerLimits, chat_body,
                          completion_body, message_text, sampling_for, sse, usage)
@@ -346,7 +347,10 @@ def build_app(engine: Engine, tokenizer, info: ServerInfo):
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not texts:
             raise ApiError(400, "prompt must not be an empty list")
-        prompts = [tokenizer(text)["input_ids"] for text in texts]
+        try:
+            prompts = [tokenizer(check_text(text))["input_ids"] for text in texts]
+        except SparsezipError as e:
+            raise ApiError(400, str(e)) from None
         job = await run(prompts, sampling_for(req, info, prompts, req.max_tokens), req.stream)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
