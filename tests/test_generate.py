@@ -295,7 +295,8 @@ def test_wide_linears_held_in_column_blocks_give_the_same_logits_and_tokens(tiny
 
 
 def test_sparse_mode_refuses_dense_folders(tiny_dir):
-    with pytest.raises(SparsezipError, match="W16A16S or W16A16SC"):
+    with pytest.raises(SparsezipError, match="W16A16S or W16A16SC folder, but this is a dense folder; sparsify it "
+                                             "first"):
         load_model(tiny_dir("llama"), weights="sparse")
 
 

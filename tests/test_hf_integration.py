@@ -115,6 +115,10 @@ def test_unknown_layout_and_a_format_that_disagrees_with_the_folder_are_refused(
     (lying / "config.json").write_text(json.dumps(config))
     with pytest.raises(SparsezipError, match="config.json says W16A16SC, but there are no part folders"):
         AutoModelForCausalLM.from_pretrained(lying)
+    config["quantization_config"].update(format="W16A16S", version="9.0.0")
+    (lying / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SparsezipError, match="is format version 9.0.0; this sparsezip reads versions 1.x"):
+        AutoModelForCausalLM.from_pretrained(lying)
 
 
 @pytest.mark.parametrize("first", ["import sparsezip", "import transformers.quantizers.auto"])
@@ -160,3 +164,47 @@ def test_damaged_folders_are_refused_before_any_weight_is_used(folders, tmp_path
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(SparsezipError, match="quant_model_weights.safetensors"):
         AutoModelForCausalLM.from_pretrained(sparse)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_forward_outside_no_grad_works_and_a_backward_is_refused(folders, which):
+    """transformers users call the model without torch.no_grad; our kernels read tensors as numpy arrays."""
+    hf = AutoModelForCausalLM.from_pretrained(folders["qwen2"][which])
+    ids = torch.tensor([[5, 77, 130, 9]])
+    with torch.no_grad():
+        expected = hf(ids).logits
+    got = hf(ids).logits
+    assert torch.equal(got.detach(), expected)
+    with pytest.raises(SparsezipError, match="pruned linears are for inference"):
+        got.sum().backward()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda t: t.pop("model.norm.weight"), "lacks tensor model.norm.weight"),
+    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:-1].clone()}), "model.norm.weight has shape"),
+], ids=["missing", "misshapen"])
+def test_a_part_without_a_tensor_transformers_needs_is_refused(folders, tmp_path, damage, expected):
+    """transformers would fill a missing tensor with fresh values and only print a report."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(folders["llama"][1], tmp_path / "c1"))
+    part = folder / "part0-of-1"
+    tensors = load_file(part / "quant_model_weight_w16a16sc.safetensors")
+    damage(tensors)
+    save_file(tensors, part / "quant_model_weight_w16a16sc.safetensors")
+    description = json.loads((part / "quant_model_description.json").read_text())
+    description = {k: v for k, v in description.items() if k in tensors or not k.startswith("model.norm")}
+    (part / "quant_model_description.json").write_text(json.dumps(description))
+    with pytest.raises(SparsezipError, match=expected):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_a_compressed_folder_computes_in_bfloat16_like_the_dense_layout(folders):
+    ids = torch.tensor([[5, 77, 130, 9]])
+    logits = []
+    for weights in ("compressed", "dense"):
+        hf = AutoModelForCausalLM.from_pretrained(folders["llama"][1], dtype=torch.bfloat16,
+                                                  quantization_config=SparsezipConfig(weights=weights))
+        with torch.no_grad():
+            logits.append(hf(ids).logits)
+    assert logits[0].dtype == torch.bfloat16 and torch.equal(logits[0], logits[1])

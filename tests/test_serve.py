@@ -417,6 +417,13 @@ def call_app(app, method: str, path: str, body: bytes = b"", **headers: str) -> 
     return asyncio.run(exchange())
 
 
+@pytest.mark.parametrize("limit, flag", [("max_tokens", "--max_tokens_limit"), ("max_queue", "--max_queue"),
+                                         ("max_body_bytes", "--max_body_bytes")])
+def test_a_limit_below_one_names_its_flag(limit, flag):
+    with pytest.raises(SparsezipError, match=f"^{flag} must be at least 1, got 0$"):
+        ServerLimits(**{limit: 0}).check()
+
+
 def test_the_limits_and_the_api_key_are_enforced_before_any_work(reference):
     limits = ServerLimits(max_tokens=16, max_queue=4, max_body_bytes=400, api_key="s3cret")
     engine = Engine(reference.model, reference.tokenizer, Dist(), reference.eos, 8, limits.max_queue)  # not started

@@ -271,9 +271,7 @@ def read_description(folder: Path, expected_kind: FolderKind) -> Description:
     desc = Description.from_json(read_json(where), where)
     if desc.kind != expected_kind:
         raise SparsezipError(f"{where} is not a {expected_kind} description")
-    if desc.version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
-        raise SparsezipError(f"{where} is format version {desc.version}; this sparsezip reads versions "
-                             f"{FORMAT_VERSION.split('.')[0]}.x")
+    check_format_version(desc.version, where)
     desc.check_values(where)
     reader = TensorReader(description_weight_files(folder, expected_kind))
     check_description_matches(desc, reader.names(), where)
@@ -281,6 +279,13 @@ def read_description(folder: Path, expected_kind: FolderKind) -> Description:
         check_part_entries(desc, reader, where)
         check_part_metadata(desc, reader, Path(folder).name, where)
     return desc
+
+
+def check_format_version(version: str, where: Path) -> None:
+    """Folders of our major version load (a minor version adds only what older readers may ignore)."""
+    if str(version).split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise SparsezipError(f"{where} is format version {version}; this sparsezip reads versions "
+                             f"{FORMAT_VERSION.split('.')[0]}.x")
 
 
 def write_description(folder: Path, desc: Description) -> None:

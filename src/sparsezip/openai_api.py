@@ -83,9 +83,10 @@ class ServerLimits:
     api_key: str | None = None  # when set, every endpoint but /health needs "Authorization: Bearer <key>"
 
     def check(self) -> ServerLimits:
-        for name in ("max_tokens", "max_queue", "max_body_bytes"):
+        for name, flag in (("max_tokens", "--max_tokens_limit"), ("max_queue", "--max_queue"),
+                           ("max_body_bytes", "--max_body_bytes")):
             if getattr(self, name) < 1:
-                raise SparsezipError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise SparsezipError(f"{flag} must be at least 1, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key.strip():
             raise SparsezipError("--api_key must not be empty")
         return self

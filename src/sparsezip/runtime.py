@@ -234,8 +234,9 @@ def choose_layout(name: str, kind: FolderKind, device: str, dtype: torch.dtype) 
     candidates = layouts.classes(name)
     if kind not in candidates[0].folder_kinds:
         kinds = " or ".join(candidates[0].folder_kinds)
-        raise SparsezipError(f"--weights {name} needs a {kinds} folder, but this is a {kind} folder; "
-                             f"{'compress it first (`sparsezip compress`) or ' if kind != FolderKind.W16A16SC else ''}"
+        first = {FolderKind.DENSE: "sparsify it first (`sparsezip sparsify`) or ",
+                 FolderKind.W16A16S: "compress it first (`sparsezip compress`) or "}.get(kind, "")
+        raise SparsezipError(f"--weights {name} needs a {kinds} folder, but this is a {kind} folder; {first}"
                              "use --weights dense")
     for cls in candidates:
         if cls.supports(device, dtype):
@@ -313,18 +314,23 @@ def load_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None =
         model = Transformer(args, dist)
     build_linears(model, rank, layout, LayoutContext(device, dtype))
     expected = {k: v.shape for k, v in model.state_dict().items() if v.is_meta}
-    for name, shape in expected.items():
-        if name not in rank.state:
-            raise SparsezipError(f"{model_dir} lacks tensor {name}")
-        if rank.state[name].shape != shape:
-            raise SparsezipError(f"{name} has shape {tuple(rank.state[name].shape)} in {model_dir}, "
-                                 f"config.json implies {tuple(shape)}")
+    check_held_tensors(expected, rank.state, model_dir)
     model.load_state_dict({name: rank.state.pop(name) for name in expected}, strict=False, assign=True)
     del rank
     release_freed_memory()
     log.info("loaded %s folder %s (rank %d of %d) on %s as %s, %s layout", kind, model_dir, dist.rank, dist.size,
              device, dtype, weights)
     return model.eval()
+
+
+def check_held_tensors(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], where: Path) -> None:
+    """Every tensor besides the pruned linears that the model needs, held with the shape config.json implies."""
+    for name, shape in expected.items():
+        if name not in state:
+            raise SparsezipError(f"{where} lacks tensor {name}")
+        if state[name].shape != shape:
+            raise SparsezipError(f"{name} has shape {tuple(state[name].shape)} in {where}, "
+                                 f"config.json implies {tuple(shape)}")
 
 
 def weight_bytes(model: nn.Module) -> int:

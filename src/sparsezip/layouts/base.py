@@ -78,9 +78,29 @@ class LayoutContext:
         self.scratch = Scratch(self.device)
 
 
+class InferenceOnly(torch.autograd.Function):
+    """A layout's product where autograd records (a plain forward in transformers, outside torch.no_grad): computed
+    on the detached input, since the native kernels read tensors as numpy arrays; a backward pass through it is
+    refused, as a gradient that silently skipped the pruned linears would be wrong."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: WeightLayout) -> torch.Tensor:
+        return layer(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise SparsezipError("sparsezip's pruned linears are for inference: gradients through them are not "
+                             "supported")
+
+
 class WeightLayout(nn.Module):
     """A linear layer whose weight is held in one layout. Subclasses set the class attributes and implement
     `build`, `forward` and `resident_bytes`; every layout computes what nn.Linear computes on the same weight."""
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return InferenceOnly.apply(x, self)
+        return super().__call__(x, *args, **kwargs)
 
     folder_kinds: ClassVar[tuple[FolderKind, ...]]  # the folder kinds it loads from
     needs_stream: ClassVar[bool] = False  # builds from the codec stream, not from the fp16 weight
