@@ -553,6 +553,18 @@ def test_a_part_folder_beyond_the_tp_size(capsys, command, pipe, text_file, tmp_
     assert "has part2-of-2, a rank beyond its TP size 2" in line
 
 
+def test_a_misshapen_tensor_in_a_part_is_one_line_before_any_layout_is_timed(capsys, pipe, text_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = clone(pipe.packed, tmp_path / "c")
+    part = folder / "part0-of-1" / COMPRESSED_FILE
+    tensors = load_file(part)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+    save_file(tensors, part)
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")["run"], watch=(folder,))
+    assert "model.norm.weight has shape (63,)" in line
+
+
 def test_a_missing_tensor_names_the_file(pipe):
     from sparsezip.checkpoint import TensorReader
     from sparsezip.errors import SparsezipError

@@ -32,9 +32,8 @@ from ..formats import (FORMAT_VERSION, QUANT_METHOD, TRANSFORMERS_WEIGHTS, Folde
                        detect_kind, linear_prefix, part_dirs, transformers_weights_file)
 from ..layouts.base import LayoutContext, LinearSource, WeightLayout
 from ..layouts.dense import DenseLinear
-from ..model import Transformer
-from ..runtime import (RankWeights, auto_layout, build_layer, check_held_tensors, choose_layout,
-                       rank_weights_from_dense, rank_weights_from_part, separate_linears)
+from ..runtime import (RankWeights, auto_layout, build_layer, check_the_rest, choose_layout, rank_weights_from_dense,
+                       rank_weights_from_part, separate_linears)
 from ..tp import LAYER_RULES, Dist, layer_rules, source_rows
 
 log = logging.getLogger("sparsezip")
@@ -190,15 +189,6 @@ def hold_tables_in_fp16(model: nn.Module, where: Path) -> None:
     model.set_output_embeddings(layer)
 
 
-def check_the_rest(weights: RankWeights, args: ModelArgs, folder: Path) -> None:
-    """The tensors besides the pruned linears, checked as `sparsezip run` checks them: transformers would fill a
-    missing one with fresh values and only print a report."""
-    with torch.device("meta"):
-        needed = Transformer(args, Dist()).state_dict()
-    check_held_tensors({name: t.shape for name, t in needed.items() if name.rpartition(".")[0] not in weights.linears},
-                       weights.state, folder)
-
-
 class SparsezipQuantizer(HfQuantizer):
     requires_calibration = True  # only folders sparsezip wrote: there is nothing to quantize at load
 
@@ -241,7 +231,7 @@ class SparsezipQuantizer(HfQuantizer):
         else:
             weights = rank_weights_from_dense(folder, kind, args, Dist())
         separate_linears(weights, args, folder)
-        check_the_rest(weights, args, folder)
+        check_the_rest(weights, args, Dist(), folder)  # transformers would fill a missing tensor with fresh values
         name = self.quantization_config.weights
         with torch.device(DEVICE):  # transformers builds the model under a meta-device context; ours are real
             if name == layouts.AUTO:
