@@ -905,3 +905,17 @@ sys.exit(cli.main([]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=120)
     assert result.returncode == code and result.stderr == message + "\n", result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "inspect"])
+@pytest.mark.parametrize("change, expected", [
+    ({"format": "W16A16S"}, "says format 'W16A16S' with tp_size 1, but the folder holds a W16A16SC model of 1 part"),
+    ({"tp_size": 3}, "says format 'W16A16SC' with tp_size 3, but the folder holds a W16A16SC model of 1 part"),
+    ({"version": "2.0.0"}, "is format version 2.0.0"),
+], ids=["format", "tp-size", "version"])
+def test_a_config_json_that_contradicts_the_folder(capsys, command, change, expected, pipe, text_file, tmp_path):
+    """What transformers and vLLM read must say what the folder holds."""
+    folder = clone(pipe.packed, tmp_path / "c")
+    edit_json(folder / "config.json", lambda d: d["quantization_config"].update(change))
+    line = refused(capsys, commands_on(folder, text_file, tmp_path / "out")[command], watch=(folder,))
+    assert expected in line

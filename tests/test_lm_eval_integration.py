@@ -94,3 +94,34 @@ def test_lm_eval_command_line_reports_a_bad_folder_in_one_line(tmp_path, in_repo
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: model path {tmp_path / 'missing'} does not exist"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (dict(weigths="dense"), "unknown model_args weigths; sparsezip takes pretrained"),
+    (dict(dtype="bogus"), "unknown model_args dtype"),
+    (dict(pretrained=None), "model_args needs pretrained=FOLDER"),
+    (dict(max_length=-5), "max_length must be a whole number from 2 to 256, got -5"),
+    (dict(max_length=0), "max_length must be a whole number from 2 to 256, got 0"),
+    (dict(max_length=1000), "got 1000"),
+    (dict(max_length="abc"), "got 'abc'"),
+    (dict(batch_size=0), "batch_size must be a whole number at least 1, got 0"),
+    (dict(batch_size="abc"), "got 'abc'"),
+    (dict(max_gen_toks=0), "max_gen_toks must be a whole number at least 1"),
+], ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={v}" for k, v in v.items()))
+def test_bad_model_args_are_refused_before_the_model_loads(args, expected, tiny_dir):
+    """A typo or a value out of range had been swallowed (a negative max_length silently changed the scores)."""
+    from sparsezip.errors import SparsezipError
+
+    with pytest.raises(SparsezipError, match=expected):
+        SparsezipLM(**({"pretrained": str(tiny_dir("llama"))} | args))
+
+
+def test_a_continuation_that_cannot_be_scored_is_one_clear_error(tiny_dir):
+    from sparsezip.errors import SparsezipError
+
+    lm = SparsezipLM(pretrained=str(tiny_dir("llama")), weights="dense", batch_size="auto", max_batch_size=8)
+    assert lm.score([1, 2], [3])[0] < 0  # the harness's own arguments are taken
+    with pytest.raises(SparsezipError, match="empty continuation"):
+        lm.score([1, 2], [])
+    with pytest.raises(SparsezipError, match="continuation of 300 tokens is longer than max_length 256"):
+        lm.score([1], [5] * 300)

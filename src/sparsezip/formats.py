@@ -100,16 +100,36 @@ def part_dirs(model_dir: Path) -> list[Path]:
 
 
 def detect_kind(model_dir: Path) -> FolderKind:
-    """Which of the three folder kinds this is, judged by its files."""
+    """Which of the three folder kinds this is, judged by its files (and checked against what config.json says)."""
     model_dir = check_model_dir(model_dir)
-    if part_dirs(model_dir):
-        return FolderKind.W16A16SC
-    if (model_dir / DESCRIPTION_FILE).is_file():
+    parts = part_dirs(model_dir)
+    if parts:
+        kind = FolderKind.W16A16SC
+    elif (model_dir / DESCRIPTION_FILE).is_file():
         kind = read_json(model_dir / DESCRIPTION_FILE).get("model_quant_type")
         if kind != FolderKind.W16A16S:
             raise SparsezipError(f"{model_dir / DESCRIPTION_FILE} says model_quant_type {kind!r}; expected W16A16S")
-        return FolderKind.W16A16S
-    return FolderKind.DENSE
+        kind = FolderKind.W16A16S
+    else:
+        kind = FolderKind.DENSE
+    check_quantization_entry(model_dir, kind, len(parts))
+    return kind
+
+
+def check_quantization_entry(model_dir: Path, kind: FolderKind, parts: int) -> None:
+    """config.json's sparsezip `quantization_config` (what transformers and vLLM read) must say what the folder
+    holds: its kind and, for W16A16SC, its number of parts. Folders without one (dense models, older ones) pass."""
+    entry = read_json(model_dir / "config.json").get("quantization_config")
+    if not isinstance(entry, dict) or entry.get("quant_method") != QUANT_METHOD:
+        return
+    where = model_dir / "config.json"
+    check_format_version(entry.get("version", FORMAT_VERSION), where)
+    said = (entry.get("format"), entry.get("tp_size") if kind == FolderKind.W16A16SC else None)
+    held = (kind.value, parts if kind == FolderKind.W16A16SC else None)
+    if said != held:
+        raise SparsezipError(f"{where}'s quantization_config says format {said[0]!r}"
+                             f"{f' with tp_size {said[1]!r}' if said[1] is not None else ''}, but the folder holds "
+                             f"a {kind} model{f' of {parts} part' + 's' * (parts != 1) if parts else ''}")
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -26,27 +26,44 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from .. import layouts
+from ..config import ModelArgs
 from ..data import auto_tokenizer
 from ..errors import SparsezipError
+from ..formats import check_model_dir
 from ..generate import SamplingParams, generate_batch, stop_ids
 from ..runtime import load_model, pick_device
 
 NAME = "sparsezip"
 
 
+OPTIONS = ("pretrained", "weights", "device", "max_length", "max_gen_toks", "add_bos_token", "batch_size")
+
+
 @register_model(NAME)
 class SparsezipLM(TemplateLM):
-    def __init__(self, pretrained: str, weights: str = layouts.AUTO, device: str | None = "cpu",
+    def __init__(self, pretrained: str | None = None, weights: str = layouts.AUTO, device: str | None = "cpu",
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
-                 batch_size: int | str = 1, **ignored):
+                 batch_size: int | str = 1, max_batch_size: int | None = None, **unknown):
+        """`batch_size` (requests are scored one by one) and `max_batch_size` (which the harness passes itself) are
+        checked and otherwise unused; any other name is refused, so a typo does not silently keep a default."""
         super().__init__()
-        self.folder = Path(pretrained)
+        if unknown:
+            raise SparsezipError(f"unknown model_args {', '.join(sorted(unknown))}; sparsezip takes "
+                                 f"{', '.join(OPTIONS)}")
+        if pretrained is None:
+            raise SparsezipError("model_args needs pretrained=FOLDER")
+        if not (isinstance(batch_size, str) and batch_size.startswith("auto")):
+            whole_number("batch_size", batch_size, 1)
+        self.folder = check_model_dir(Path(pretrained))
+        context = ModelArgs.from_dir(self.folder).max_position_embeddings
+        if max_length is not None:
+            whole_number("max_length", max_length, 2, context)
+        self.max_gen_toks = whole_number("max_gen_toks", max_gen_toks, 1)
         self.model = load_model(self.folder, device=harness_device(device), weights=weights)
         self.tokenizer = auto_tokenizer(self.folder)
         self.stops = stop_ids(self.tokenizer, self.folder)
-        self._max_length = int(max_length or resolve_max_length(AutoConfig.from_pretrained(self.folder),
-                                                                self.tokenizer))
-        self.max_gen_toks = int(max_gen_toks)
+        self._max_length = max_length or int(resolve_max_length(AutoConfig.from_pretrained(self.folder),
+                                                                 self.tokenizer))
         self.add_bos_token = add_bos_token
 
     @property
@@ -81,6 +98,11 @@ class SparsezipLM(TemplateLM):
         return answers
 
     def score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        if not continuation:
+            raise SparsezipError("a loglikelihood request has an empty continuation: there is nothing to score")
+        if len(continuation) > self.max_length:
+            raise SparsezipError(f"a loglikelihood continuation of {len(continuation)} tokens is longer than "
+                                 f"max_length {self.max_length}")
         whole = (context + continuation)[-(self.max_length + 1):]
         with torch.inference_mode():
             logits = self.model(torch.tensor([whole[:-1]]))[0, -len(continuation):]
@@ -119,6 +141,14 @@ class SparsezipLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             outputs.append(text)
         return outputs
+
+
+def whole_number(name: str, value, low: int, high: int | None = None) -> int:
+    """A model_args number (the harness passes what it could not parse as a string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise SparsezipError(f"model_args {name} must be a whole number {bounds}, got {value!r}")
+    return value
 
 
 def harness_device(device: str | None) -> str:
