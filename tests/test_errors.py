@@ -909,8 +909,8 @@ sys.exit(cli.main([]))
 
 @pytest.mark.parametrize("command", ["run", "inspect"])
 @pytest.mark.parametrize("change, expected", [
-    ({"format": "W16A16S"}, "says format 'W16A16S' with tp_size 1, but the folder holds a W16A16SC model of 1 part"),
-    ({"tp_size": 3}, "says format 'W16A16SC' with tp_size 3, but the folder holds a W16A16SC model of 1 part"),
+    ({"format": "W16A16S"}, "quantization_config says format 'W16A16S', but the folder holds a W16A16SC model"),
+    ({"tp_size": 3}, "quantization_config says tp_size 3, but the folder has 1 part folder"),
     ({"version": "2.0.0"}, "is format version 2.0.0"),
 ], ids=["format", "tp-size", "version"])
 def test_a_config_json_that_contradicts_the_folder(capsys, command, change, expected, pipe, text_file, tmp_path):

@@ -77,8 +77,8 @@ def sparsify_config(ns: argparse.Namespace, **fixed) -> "SparsifyConfig":
             settings[name] = getattr(ns, name)
     if hasattr(ns, "admm_damp"):
         settings["admm_damp"] = damping_setting(ns.admm_damp)
-    owl_options = {name: value for name, value in (("threshold", getattr(ns, "owl_threshold", None)),
-                                                    ("lam", getattr(ns, "owl_lambda", None))) if value is not None}
+    owl_given = {"threshold": getattr(ns, "owl_threshold", None), "lam": getattr(ns, "owl_lambda", None)}
+    owl_options = {name: value for name, value in owl_given.items() if value is not None}
     if getattr(ns, "owl", False):
         settings["owl"] = OwlConfig(**owl_options)
     elif owl_options:

@@ -124,12 +124,12 @@ def check_quantization_entry(model_dir: Path, kind: FolderKind, parts: int) -> N
         return
     where = model_dir / "config.json"
     check_format_version(entry.get("version", FORMAT_VERSION), where)
-    said = (entry.get("format"), entry.get("tp_size") if kind == FolderKind.W16A16SC else None)
-    held = (kind.value, parts if kind == FolderKind.W16A16SC else None)
-    if said != held:
-        raise SparsezipError(f"{where}'s quantization_config says format {said[0]!r}"
-                             f"{f' with tp_size {said[1]!r}' if said[1] is not None else ''}, but the folder holds "
-                             f"a {kind} model{f' of {parts} part' + 's' * (parts != 1) if parts else ''}")
+    if entry.get("format") != kind.value:
+        raise SparsezipError(f"{where}'s quantization_config says format {entry.get('format')!r}, but the folder "
+                             f"holds a {kind} model")
+    if kind == FolderKind.W16A16SC and entry.get("tp_size") != parts:
+        raise SparsezipError(f"{where}'s quantization_config says tp_size {entry.get('tp_size')!r}, but the folder "
+                             f"has {parts} part folder{'s' * (parts != 1)}")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -296,8 +296,8 @@ def read_description(folder: Path, expected_kind: FolderKind) -> Description:
     reader = TensorReader(description_weight_files(folder, expected_kind))
     check_description_matches(desc, reader.names(), where)
     if expected_kind == FolderKind.W16A16SC:
-        check_part_entries(desc, reader, where)
-        check_part_metadata(desc, reader, Path(folder).name, where)
+        codec_ids = check_part_entries(desc, reader, where)
+        check_part_metadata(desc, codec_ids, Path(folder).name, where)
     return desc
 
 
@@ -320,11 +320,11 @@ def check_description_matches(desc: Description, names: list[str], where: Path) 
                              f"stored but not described {missing}")
 
 
-def check_part_entries(desc: Description, reader: TensorReader, where: Path) -> None:
+def check_part_entries(desc: Description, reader: TensorReader, where: Path) -> set[int]:
     """A part's entries say what its tensors are: a compressed linear is `<p>.weight`, `.index` and `.info`, all
     three W16A16SC, with an integer `<p>.weight.outdim` equal to the rows its `.info` stores (the 1-D stream cannot
     tell its shape); a FLOAT tensor holds floats. Otherwise a stream would be read as a float tensor, or a wrongly
-    sized model built."""
+    sized model built. Returns the codec ids the `.info`s name."""
     tensors = desc.tensors
     for name, kind in tensors.items():
         suffix = next((s for s in (WEIGHT, INDEX, INFO) if name.endswith(s)), None)
@@ -337,6 +337,7 @@ def check_part_entries(desc: Description, reader: TensorReader, where: Path) -> 
         if suffix is None or kinds != [FolderKind.W16A16SC.value] * 3:
             raise SparsezipError(f"{where}: {name} is described {kind}, but a compressed linear is {prefix}.weight, "
                                  f".index and .info, all described W16A16SC (here {kinds})")
+    codec_ids = set()
     for prefix in desc.compressed_linears():
         outdim = desc.outdim(prefix)
         info = reader.get(prefix + INFO).flatten().tolist()
@@ -344,9 +345,11 @@ def check_part_entries(desc: Description, reader: TensorReader, where: Path) -> 
         if type(outdim) is not int or outdim != stored:
             raise SparsezipError(f"{where}: {prefix}{OUTDIM} is {outdim!r} but the stored .info says {stored} "
                                  "output rows")
+        codec_ids.add(int(info[4]))
+    return codec_ids
 
 
-def check_part_metadata(desc: Description, reader: TensorReader, folder_name: str, where: Path) -> None:
+def check_part_metadata(desc: Description, codec_ids: set[int], folder_name: str, where: Path) -> None:
     """A part's metadata must agree with its folder's name (a renamed or swapped rank would otherwise run with
     another rank's rows) and name the codec, version and id its streams carry."""
     meta, place = desc.metadata, PART_DIR.match(folder_name)
@@ -355,8 +358,7 @@ def check_part_metadata(desc: Description, reader: TensorReader, folder_name: st
             if meta.get(key) != value:
                 raise SparsezipError(f"{where}: metadata {key} is {meta.get(key)!r}, but the folder is {folder_name}; "
                                      "was a part folder renamed or moved?")
-    ids = {int(reader.get(prefix + INFO).flatten()[-1]) for prefix in desc.compressed_linears()}
-    for codec_id in sorted(ids):
+    for codec_id in sorted(codec_ids):
         coder = codec_for_id(codec_id)
         said = (meta.get("codec"), meta.get("codec_version"), meta.get("codec_id"))
         if said != (coder.name, coder.version, coder.codec_id):
