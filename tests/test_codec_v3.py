@@ -316,23 +316,28 @@ def test_a_damaged_long_exception_list(kernel_level, damage):
 
 
 ESCAPED = (3, 4, 5, 31, 40)  # values of one tile row that escape: three side by side and the last of a 32-value step
+# more, for rows of 128 and 101 values: the last of a 64-value step and the first after it, and the last value (in
+# the partial step of the 101-value row)
+ESCAPED_WIDE = ESCAPED + (63, 64, 99, 100)
 
 
-def escapes_inside_vector_steps() -> tuple[np.ndarray, EncodedWeight]:
-    """One full-width tile row: 15 symbols 8 or 9 times each take the codebook, and the values ESCAPED hold rare
-    symbols (0x70..0x74) and alternate signs: several escapes inside the native decoder's 32-value steps."""
-    bits = np.array([[(0x30 + i % 15) << 8 for i in range(128)]], np.uint16)
-    for j, at in enumerate(ESCAPED):
+def escapes_inside_vector_steps(cols: int = 128, escaped: tuple[int, ...] = ESCAPED) -> tuple[np.ndarray, EncodedWeight]:
+    """One tile row of `cols` values: 15 symbols take the codebook, and the values `escaped` hold rare symbols
+    (0x70, 0x71, ..) and alternate signs: several escapes inside the native decoder's vector steps."""
+    bits = np.array([[(0x30 + i % 15) << 8 for i in range(cols)]], np.uint16)
+    for j, at in enumerate(escaped):
         bits[0, at] = (0x70 + j) << 8 | (j % 2) << 15
     return bits, V3.encode(as_half(bits), backend="numpy")
 
 
-def test_escapes_inside_a_vector_step_decode_in_order_at_every_kernel_level(kernel_level):
-    bits, enc = escapes_inside_vector_steps()
+@pytest.mark.parametrize("cols, escaped", [(128, ESCAPED), (128, ESCAPED_WIDE), (101, ESCAPED_WIDE)])
+def test_escapes_inside_a_vector_step_decode_in_order_at_every_kernel_level(kernel_level, cols, escaped):
+    bits, enc = escapes_inside_vector_steps(cols, escaped)
     payload = payload_of(enc)
-    assert payload[-len(ESCAPED):] == bytes(range(0x70, 0x75))  # mode 1 without exceptions: the escape bytes end the tile
+    # mode 1 without exceptions: the escape bytes end the tile
+    assert payload[-len(escaped):] == bytes(range(0x70, 0x70 + len(escaped)))
     np.testing.assert_array_equal(bits_of(V3.decode(enc, backend="native")), bits)
-    x = torch.randn(2, 128)
+    x = torch.randn(2, cols)
     torch.testing.assert_close(linear(x, enc), x @ as_half(bits).float().T, rtol=1e-5, atol=1e-5)
 
 

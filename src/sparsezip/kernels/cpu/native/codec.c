@@ -207,15 +207,20 @@ __attribute__((always_inline)) static inline int row_bits(const uint8_t *row, in
 }
 
 /* row_cnt[r] and gcnt[q] for `rows` bitmap rows of row_bytes each; returns their total. Inlined with a constant
- * row_bytes for full-width tiles (every tile but the last of a band): two popcounts a row. */
+ * row_bytes for full-width tiles (every tile but the last of a band): two popcounts a row. The sums stay in
+ * registers: adding each row's count into gcnt[] in memory made every row wait on the store before it. */
 __attribute__((always_inline)) static inline int count_rows(const uint8_t *bm, int rows, int row_bytes, int *row_cnt,
                                                             int *gcnt) {
     int nnz = 0;
-    for (int q = 0; q < GROUPS; q++) gcnt[q] = 0;
-    for (int r = 0; r < rows; r++) {
-        row_cnt[r] = row_bits(bm + r * row_bytes, row_bytes);
-        gcnt[r / GROUP_ROWS] += row_cnt[r];
-        nnz += row_cnt[r];
+    for (int q = 0; q < GROUPS; q++) {
+        int group = 0;
+        for (int r = q * GROUP_ROWS; r < (q + 1) * GROUP_ROWS && r < rows; r++) {
+            const int cnt = row_bits(bm + r * row_bytes, row_bytes);
+            row_cnt[r] = cnt;
+            group += cnt;
+        }
+        gcnt[q] = group;
+        nnz += group;
     }
     return nnz;
 }

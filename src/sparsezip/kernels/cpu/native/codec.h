@@ -86,7 +86,7 @@ typedef struct {
     void *out;
     int out_kind;
     int simd; /* the kernel level allows the AVX2 paths */
-    int wide; /* and AVX-512's registers (codec.c's multi-row product) */
+    int wide; /* and AVX-512 (codec.c's multi-row product, nibble-v3's 64-value decode steps) */
     ExpandFn expand;
     TileFn decode_one;
     const float *x; /* OUT_LINEAR: input [m, k]; each tile's row sums are added into y [m, n] */

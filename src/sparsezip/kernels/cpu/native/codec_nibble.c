@@ -87,6 +87,65 @@ __attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, con
     }
     return symbols_scalar(book, codes, signs, i, nnz, esc, n_esc, e, vals);
 }
+
+/* The AVX-512 level takes 64 values per step. */
+#define AVX512BW_FN __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw")))
+#define AVX512BW_INLINE __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw"), always_inline)) static inline
+
+/* The symbol bytes of 64 values from their 32 code bytes, as AVX2's step makes them; the sign bits, one mask
+ * register, add bit 7 to the negative values' bytes (a symbol is below 128: adding is or-ing). *redo = the lanes
+ * that came out as UNUSED. */
+AVX512BW_INLINE __m512i symbol_bytes_avx512(__m512i table, __m256i code_bytes, uint64_t sign_bits, uint64_t *redo) {
+    const __m512i wide = _mm512_cvtepu8_epi16(code_bytes);
+    const __m512i code = _mm512_and_si512(_mm512_or_si512(wide, _mm512_slli_epi16(wide, 4)),
+                                          _mm512_set1_epi16(0x0F0F));
+    const __m512i sym = _mm512_shuffle_epi8(table, code);
+    *redo = _mm512_cmpeq_epi8_mask(sym, _mm512_set1_epi8((char)UNUSED));
+    return _mm512_mask_add_epi8(sym, _cvtu64_mask64(sign_bits), sym, _mm512_set1_epi8((char)0x80));
+}
+
+/* out[j] = bytes[j] << 8 for the lanes j set in `lanes`. Interleaving with zeros works within 128-bit lanes (the
+ * low half of lane L holds values 16L..16L+7, the high half the next 8); two permutes put them in order. */
+AVX512BW_INLINE void store_high_bytes_avx512(__m512i bytes, uint64_t lanes, uint16_t *out) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i low = _mm512_unpacklo_epi8(zero, bytes), high = _mm512_unpackhi_epi8(zero, bytes);
+    const __m512i first = _mm512_permutex2var_epi64(low, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), high);
+    const __m512i second = _mm512_permutex2var_epi64(low, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), high);
+    if (lanes == ~0ULL) {
+        _mm512_storeu_si512(out, first);
+        _mm512_storeu_si512(out + 32, second);
+    } else {
+        _mm512_mask_storeu_epi16(out, (__mmask32)lanes, first);
+        _mm512_mask_storeu_epi16(out + 32, (__mmask32)(lanes >> 32), second);
+    }
+}
+
+/* As symbols_avx2, 64 values per step; the last step loads and stores under masks, so nothing is read past the
+ * codes and signs nor written past vals[nnz - 1]. */
+AVX512BW_FN static int symbols_avx512(const uint8_t *book, const uint8_t *codes, const uint8_t *signs, int nnz,
+                                      const uint8_t *esc, int n_esc, int *e, uint16_t *vals) {
+    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)book));
+    const uint8_t *code_at = codes, *sign_at = signs;
+    for (int i = 0; i < nnz; i += 64, code_at += 32, sign_at += 8) {
+        const int left = nnz - i;
+        uint64_t sign_bits = 0, lanes = ~0ULL, redo;
+        __m256i code_bytes;
+        if (left >= 64) {
+            memcpy(&sign_bits, sign_at, 8);
+            code_bytes = _mm256_loadu_si256((const __m256i *)code_at);
+        } else {
+            lanes = (1ULL << left) - 1;
+            memcpy(&sign_bits, sign_at, (size_t)(left + 7) / 8);
+            code_bytes = _mm256_maskz_loadu_epi8((__mmask32)((1ULL << ((left + 1) / 2)) - 1), code_at);
+        }
+        store_high_bytes_avx512(symbol_bytes_avx512(table, code_bytes, sign_bits, &redo), lanes, vals + i);
+        for (redo &= lanes; redo; redo &= redo - 1) { /* in value order, so that escapes are taken in order */
+            const int at = i + __builtin_ctzll(redo);
+            if (symbols_scalar(book, codes, signs, at, at + 1, esc, n_esc, e, vals)) return -1;
+        }
+    }
+    return 0;
+}
 #endif
 
 int codec_v3_decode_one(void *ctx, int64_t t, void *scratch) {
@@ -123,7 +182,8 @@ int codec_v3_decode_one(void *ctx, int64_t t, void *scratch) {
     uint16_t *vals = (uint16_t *)scratch;
     int e = 0, failed;
 #ifdef SPZ_X86
-    if (c->simd) failed = symbols_avx2(c->book, codes, signs, nnz, esc, n_esc, &e, vals);
+    if (c->wide) failed = symbols_avx512(c->book, codes, signs, nnz, esc, n_esc, &e, vals);
+    else if (c->simd) failed = symbols_avx2(c->book, codes, signs, nnz, esc, n_esc, &e, vals);
     else
 #endif
         failed = symbols_scalar(c->book, codes, signs, 0, nnz, esc, n_esc, &e, vals);
