@@ -88,7 +88,8 @@ __attribute__((target("avx2"))) static int symbols_avx2(const uint8_t *book, con
     return symbols_scalar(book, codes, signs, i, nnz, esc, n_esc, e, vals);
 }
 
-/* The AVX-512 level takes 64 values per step. */
+/* The AVX-512 level takes 64 values per step, with byte-wide mask registers: AVX-512BW, which features.c requires
+ * of that level. */
 #define AVX512BW_FN __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw")))
 #define AVX512BW_INLINE __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw"), always_inline)) static inline
 
