@@ -364,11 +364,21 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
 #define X_ROWS 8 /* activation rows per pass over a tile row: 8 accumulators fit in registers */
 #define ROWS_WIDE 3 /* tile rows per step of the multi-row product with AVX-512's registers: 3 x 8 accumulators */
 
-/* The 8 columns of a group whose bitmap byte is m, its present values starting at v, as fp32 (absent ones 0). */
-AVX2 __m256 group_values(const uint16_t *v, unsigned m) {
-    return _mm256_cvtph_ps(_mm_shuffle_epi8(
-        _mm_loadu_si128((const __m128i *)v),
-        _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand16 + spz_shift_left(m, 4)))));
+/* The 8 columns of a group whose bitmap byte is m, its present values starting at v, as fp16 patterns (absent ones
+ * 0), and as fp32. */
+AVX2 __m128i group_halves(const uint16_t *v, unsigned m) {
+    return _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)v),
+                            _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand16 + spz_shift_left(m, 4))));
+}
+
+AVX2 __m256 group_values(const uint16_t *v, unsigned m) { return _mm256_cvtph_ps(group_halves(v, m)); }
+
+/* group_halves in both 128-bit lanes: values and control loaded into both (loads, no shuffle), one lane-wise pshufb. */
+AVX2 __m256i group_halves_twice(const uint16_t *v, unsigned m) {
+    return _mm256_shuffle_epi8(
+        _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)v)),
+        _mm256_broadcastsi128_si256(
+            _mm_load_si128((const __m128i *)((const uint8_t *)spz_expand16 + spz_shift_left(m, 4)))));
 }
 
 AVX2 void dot_rows_avx2(const uint8_t *bm, int64_t row_bytes, int cols, const uint16_t *const *vals, const float *x,
@@ -465,41 +475,93 @@ AVX2 void compact_rows_sums_avx2(const uint8_t *bm, int64_t row_bytes, int cols,
     }
 }
 
-/* Every row of a tile against nb activation rows, the tile never expanded, nr rows per step and the rest one by one:
- * y[b * n + r] += row r's tile sum against activation row b. The sums are added into y after the tile's last row,
- * a vector at a time, not as each is made: y's rows are n floats apart and share their low address bits when n * 4
- * is a multiple of 4096, so a load from row b + 1 waited on the store just made to row b. Always inlined with
- * constant nr and nb. */
-AVX2 void compact_tile_rows_avx2(const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals,
-                                 const float *xt, const int nr, const int nb, float *y, int64_t n) {
-    float sums[X_ROWS * TILE];
-    const uint16_t *rows[ROWS_WIDE];
-    int r = 0;
-    for (; nr > 1 && r + nr <= g->rows; r += nr) {
+/* compact_rows_sums_avx2 with 512-bit vectors that each carry two activation rows (as gemv.c's AVX-512 dense
+ * bands): xt holds the pass's tile columns in pairs (tile_rows_in_pairs), each group's 8 values are converted into
+ * both halves, and each lane accumulates the same products in the same order as its 256-bit twin, so the sums are
+ * the same bit for bit with half the FMAs. Always inlined with constant nr and nb. */
+AVX512 void compact_rows_sums_avx512(const uint8_t *bm, int64_t row_bytes, int cols, const uint16_t *const *vals,
+                                     const float *xt, const int nr, const int nb, float *sums) {
+    const int np = (nb + 1) / 2;
+    __m512 acc[ROWS_WIDE * X_ROWS / 2];
+    const uint16_t *v[ROWS_WIDE];
+    for (int i = 0; i < nr; i++) v[i] = vals[i];
+    for (int a = 0; a < nr * np; a++) acc[a] = _mm512_setzero_ps();
+    const int full = cols >> 3;
+    for (int g = 0; g < full; g++) {
+        __m512 wv[ROWS_WIDE];
         for (int i = 0; i < nr; i++) {
-            rows[i] = vals;
-            vals += row_cnt[r + i];
+            const unsigned m = bm[i * row_bytes + g];
+            wv[i] = _mm512_cvtph_ps(group_halves_twice(v[i], m));
+            v[i] += POP8[m];
         }
-        compact_rows_sums_avx2(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, xt, nr, nb, sums + r);
+        for (int p = 0; p < np; p++) {
+            __m512 xv = _mm512_loadu_ps(xt + p * 2 * TILE + 16 * g);
+            __asm__("" : "+v"(xv)); /* one load per vector, not one folded into each row's FMA */
+            for (int i = 0; i < nr; i++) acc[i * np + p] = _mm512_fmadd_ps(wv[i], xv, acc[i * np + p]);
+        }
     }
-    for (; r < g->rows; r++) {
-        rows[0] = vals;
-        vals += row_cnt[r];
-        compact_rows_sums_avx2(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, xt, 1, nb, sums + r);
+    for (int i = 0; i < nr; i++) {
+        if (nb == X_ROWS && !(cols & 7)) {
+            float lanes[X_ROWS];
+            _mm256_storeu_ps(lanes, spz_hsum8x8_pairs(acc + i * np));
+            for (int b = 0; b < nb; b++) sums[b * TILE + i] = lanes[b];
+            continue;
+        }
+        __m256 halves[X_ROWS];
+        float tail[X_ROWS];
+        for (int b = 0; b < nb; b++) {
+            halves[b] = b % 2 ? spz_upper_half(acc[i * np + b / 2]) : _mm512_castps512_ps256(acc[i * np + b / 2]);
+            if (cols & 7)
+                tail[b] = dot_scalar(bm + i * row_bytes + full, cols & 7, v[i],
+                                     xt + b / 2 * 2 * TILE + 16 * full + 8 * (b % 2));
+        }
+        store_row_sums(halves, cols & 7 ? tail : NULL, nb, sums + i);
     }
-    const int full = g->rows & ~7;
+}
+
+/* y[b * n + r] += sums[b * TILE + r] for the tile's rows: added after the tile's last row, a vector at a time, not
+ * as each sum is made: y's rows are n floats apart and share their low address bits when n * 4 is a multiple of 4096,
+ * so a load from row b + 1 waited on the store just made to row b. */
+AVX2 void add_tile_sums_to_y(const float *sums, int rows, const int nb, float *y, int64_t n) {
+    const int full = rows & ~7;
     for (int b = 0; b < nb; b++) {
         float *yb = y + b * n;
         const float *sb = sums + b * TILE;
         for (int i = 0; i < full; i += 8)
             _mm256_storeu_ps(yb + i, _mm256_add_ps(_mm256_loadu_ps(yb + i), _mm256_loadu_ps(sb + i)));
-        for (int i = full; i < g->rows; i++) yb[i] += sb[i];
+        for (int i = full; i < rows; i++) yb[i] += sb[i];
     }
 }
 
-/* One function per constant nb. The AVX-512 level's are the same code compiled with AVX-512VL's 32 vector
- * registers, which hold ROWS_WIDE tile rows' accumulators at once (with AVX2's 16, one row's); the vectors stay
- * 256 bits wide, so the sums are AVX2's. */
+/* Every row of a tile against nb activation rows, the tile never expanded, nr rows per step and the rest one by one,
+ * each step's sums by SUMS (compact_rows_sums_avx2, or _avx512 with xt in pairs): y[b * n + r] += row r's tile sum
+ * against activation row b. One definition for both targets (a helper compiled for AVX-512 cannot be inlined into
+ * an AVX2 one). Always inlined with constant nr and nb. */
+#define COMPACT_TILE_ROWS(NAME, TARGET, SUMS)                                                                         \
+    TARGET void NAME(const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals, const float *xt,   \
+                     const int nr, const int nb, float *y, int64_t n) {                                             \
+        float sums[X_ROWS * TILE];                                                                                   \
+        const uint16_t *rows[ROWS_WIDE];                                                                             \
+        int r = 0;                                                                                                   \
+        for (; nr > 1 && r + nr <= g->rows; r += nr) {                                                               \
+            for (int i = 0; i < nr; i++) {                                                                           \
+                rows[i] = vals;                                                                                      \
+                vals += row_cnt[r + i];                                                                              \
+            }                                                                                                        \
+            SUMS(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, xt, nr, nb, sums + r);                          \
+        }                                                                                                            \
+        for (; r < g->rows; r++) {                                                                                   \
+            rows[0] = vals;                                                                                          \
+            vals += row_cnt[r];                                                                                      \
+            SUMS(bm + r * g->row_bytes, g->row_bytes, g->cols, rows, xt, 1, nb, sums + r);                           \
+        }                                                                                                            \
+        add_tile_sums_to_y(sums, g->rows, nb, y, n);                                                                 \
+    }
+COMPACT_TILE_ROWS(compact_tile_rows_avx2, AVX2, compact_rows_sums_avx2)
+COMPACT_TILE_ROWS(compact_tile_rows_avx512, AVX512, compact_rows_sums_avx512)
+
+/* One function per constant nb. The AVX-512 level's hold ROWS_WIDE tile rows' accumulators at once in AVX-512's 32
+ * vector registers (with AVX2's 16, one row's), two activation rows per vector. */
 #define COMPACT_TILE_FN(NB)                                                                                          \
     __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void compact_tile##NB(                                 \
         const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals, const float *xt, float *y,       \
@@ -509,7 +571,7 @@ AVX2 void compact_tile_rows_avx2(const Geom *g, const uint8_t *bm, const int *ro
     __attribute__((target(SPZ_TARGET_AVX512), noinline)) static void compact_tile_wide##NB(                          \
         const Geom *g, const uint8_t *bm, const int *row_cnt, const uint16_t *vals, const float *xt, float *y,       \
         int64_t n) {                                                                                                 \
-        compact_tile_rows_avx2(g, bm, row_cnt, vals, xt, ROWS_WIDE, NB, y, n);                                       \
+        compact_tile_rows_avx512(g, bm, row_cnt, vals, xt, ROWS_WIDE, NB, y, n);                                     \
     }
 COMPACT_TILE_FN(1)
 COMPACT_TILE_FN(2)
@@ -545,6 +607,20 @@ static void tile_times_x(const DecCtx *c, const Geom *g, const uint8_t *bm, cons
     for (int r = 0; r < g->rows; r++) y[r] += part[r];
 }
 
+/* The tile's `cols` columns of nb activation rows (row b at x + b * k) into xt in pairs for the AVX-512 product:
+ * pair p's columns in groups of 8, row 2p's then row 2p + 1's (zeros for an odd nb's last), group g at
+ * xt[p * 2 * TILE + 16 * g], a last partial group included. */
+static void tile_rows_in_pairs(const float *x, int64_t k, int cols, int nb, float *xt) {
+    for (int p = 0; p < (nb + 1) / 2; p++)
+        for (int c = 0; c < cols; c += 8)
+            for (int half = 0; half < 2; half++) {
+                float *dst = xt + p * 2 * TILE + 2 * c + 8 * half;
+                const int width = cols - c < 8 ? cols - c : 8;
+                if (2 * p + half < nb) memcpy(dst, x + (2 * p + half) * k + c, (size_t)width * sizeof(float));
+                else memset(dst, 0, (size_t)width * sizeof(float));
+            }
+}
+
 /* Several activation rows, in passes of up to X_ROWS: each tile row is multiplied straight from its compact values
  * with the pass's tile columns of x copied side by side. Expanding each row into a buffer once for all passes, and
  * addressing the x rows k apart, had cost more instructions than walking the compact values again for every pass.
@@ -557,9 +633,14 @@ static void tile_times_rows(const DecCtx *c, const Geom *g, const uint8_t *bm, c
         float xt[X_ROWS * TILE];
         for (int64_t b0 = 0; b0 < c->m; b0 += X_ROWS) {
             const int nb = c->m - b0 < X_ROWS ? (int)(c->m - b0) : X_ROWS;
+            if (c->wide) {
+                tile_rows_in_pairs(x + b0 * c->k, c->k, g->cols, nb, xt);
+                COMPACT_TILES_WIDE[nb](g, bm, row_cnt, vals, xt, y + b0 * c->n, c->n);
+                continue;
+            }
             for (int b = 0; b < nb; b++)
                 memcpy(xt + b * TILE, x + (b0 + b) * c->k, (size_t)g->cols * sizeof(float));
-            (c->wide ? COMPACT_TILES_WIDE : COMPACT_TILES)[nb](g, bm, row_cnt, vals, xt, y + b0 * c->n, c->n);
+            COMPACT_TILES[nb](g, bm, row_cnt, vals, xt, y + b0 * c->n, c->n);
         }
         return;
     }

@@ -38,7 +38,7 @@
 #define X_BLOCK 8  /* activation rows per pass over a weight row: 8 accumulators fit in registers */
 /* Weight rows that take each chunk of columns in turn when the activations overflow L1: a multiple of ROWS_AVX512 */
 #define BAND 9
-#define ROWS_AVX512 3 /* weight rows per step of the AVX-512 band kernel: 3 x 8 accumulators of its 32 registers */
+#define ROWS_AVX512 3 /* weight rows per step of the AVX-512 band kernel: 3 x 4 accumulators of 2 activation rows */
 #define ROWS_MAX ROWS_AVX512
 #define X_L1_BYTES 32768 /* activations (fp32) up to which every weight row may read all of them from L1 */
 #define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
@@ -73,6 +73,8 @@ typedef struct {
     const uint32_t *tile_start;
     const int64_t *row_start;
     const float *x;      /* [m, xk]: the job's k columns of each activation row */
+    const float *xp;     /* x's rows in pairs for the AVX-512 dense bands (pair_rows), at the job's first column; or
+                            NULL, and those bands are not used */
     float *y;            /* [m, n] */
     int64_t xk;          /* x's row stride: k, or the whole width for one column block of a blocked matrix */
     int acc;             /* add the products to y instead of writing them: a block after the first */
@@ -256,6 +258,17 @@ AVX2 void band_chunk_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t r
     }
 }
 
+/* A band's running sums: y's when a previous column block's products are there to add to, else 0. */
+static void load_totals(const Job *j, int64_t r0, int64_t rows, int64_t b0, int nb, float (*total)[X_BLOCK]) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int b = 0; b < nb; b++) total[i][b] = j->acc ? j->y[(b0 + b) * j->n + r0 + i] : 0.0f;
+}
+
+static void store_totals(const Job *j, int64_t r0, int64_t rows, int64_t b0, int nb, float (*total)[X_BLOCK]) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r0 + i] = total[i][b];
+}
+
 /* Weight rows r0 .. r0 + rows - 1 against activation rows b0 .. b0 + nb - 1, into y: the columns in chunks of nt
  * tiles (several tiles of a row in flight when nb is small: independent chains), each chunk for every row of the
  * band, so that the chunk's activations are read from L1 by all of them. */
@@ -265,22 +278,89 @@ AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, i
     const int64_t k = j->k;
     const float *x = j->x + b0 * j->xk;
     float total[BAND][X_BLOCK];
-    for (int64_t i = 0; i < rows; i++)
-        for (int b = 0; b < nb; b++) total[i][b] = j->acc ? j->y[(b0 + b) * j->n + r0 + i] : 0.0f;
+    load_totals(j, r0, rows, b0, nb, total);
     int64_t c0 = 0;
     for (; c0 + nt * TILE <= k; c0 += nt * TILE)
         band_chunk_avx2(j, w, r0, rows, x, c0, TILE, nr, nt, nb, dense, total);
     for (; c0 < k; c0 += TILE) band_chunk_avx2(j, w, r0, rows, x, c0, tile_cols(k, c0), nr, 1, nb, dense, total);
-    for (int64_t i = 0; i < rows; i++)
-        for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r0 + i] = total[i][b];
+    store_totals(j, r0, rows, b0, nb, total);
+}
+
+/* dense_tiles_avx2 with 512-bit vectors, each carrying two activation rows: lanes 0-7 row b, lanes 8-15 row b + 1,
+ * read from x's copy in pairs (pair_rows), the weight group's 8 columns converted into both halves. Every lane
+ * accumulates the same products in the same order as its 256-bit twin, so the sums are bit for bit AVX2's, with half
+ * the FMA and conversion instructions: where the FMA units are 512 bits wide (AMD Zen 5) a batch's arithmetic takes
+ * half the cycles; AMD Zen 4 splits each 512-bit FMA in two (the like change to the compressed product measured no
+ * gain there, and no loss). An odd last row leaves its pair's upper half zero. Always inlined with constant nr, nt and
+ * nb. */
+AVX512 void dense_tiles_avx512(const uint16_t *w, int64_t wk, const float *x, const float *xp, int64_t k, int64_t c0,
+                               int64_t cols, const int nr, const int nt, const int nb, float (*total)[X_BLOCK]) {
+    const int np = (nb + 1) / 2;
+    const int64_t full = cols & ~(int64_t)7, groups = full >> 3, turns = groups & ~(int64_t)(GROUPS_PER_TURN - 1);
+    const uint16_t *wt = w + c0;
+    const float *xt = xp + 2 * c0;
+    __m512 acc[ROWS_MAX * DENSE_TILES * X_BLOCK / 2];
+    for (int a = 0; a < nr * nt * np; a++) acc[a] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < groups; g0 += GROUPS_PER_TURN)
+        for (int i = 0; i < nt; i++) {
+            for (int r = 0; nb >= PREFETCH_MIN_ROWS && r < nr; r++)
+                _mm_prefetch((const char *)(wt + r * wk + i * TILE + 8 * g0) + PREFETCH_BYTES, _MM_HINT_NTA);
+            for (int64_t g = g0; g < (g0 < turns ? g0 + GROUPS_PER_TURN : groups); g++) {
+                __m512 wv[ROWS_MAX];
+                for (int r = 0; r < nr; r++)
+                    wv[r] = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(
+                        _mm_loadu_si128((const __m128i *)(wt + r * wk + i * TILE + 8 * g))));
+                for (int p = 0; p < np; p++) {
+                    __m512 xv = _mm512_loadu_ps(xt + 2 * (p * k + i * TILE + 8 * g));
+                    __asm__("" : "+v"(xv)); /* one load per vector, not one folded into each row's FMA */
+                    for (int r = 0; r < nr; r++)
+                        acc[(r * nt + i) * np + p] = _mm512_fmadd_ps(wv[r], xv, acc[(r * nt + i) * np + p]);
+                }
+            }
+        }
+    for (int r = 0; r < nr; r++) {
+        if (nb == X_BLOCK && full == cols) { /* nt is 1 */
+            _mm256_storeu_ps(total[r], _mm256_add_ps(_mm256_loadu_ps(total[r]), spz_hsum8x8_pairs(acc + r * np)));
+            continue;
+        }
+        __m256 halves[DENSE_TILES * X_BLOCK];
+        for (int i = 0; i < nt; i++)
+            for (int b = 0; b < nb; b++) {
+                const __m512 pair = acc[(r * nt + i) * np + b / 2];
+                halves[i * nb + b] = b % 2 ? spz_upper_half(pair) : _mm512_castps512_ps256(pair);
+            }
+        add_tile_sums(halves, wt + r * wk + full, x, k, c0, cols, nt, nb, total[r]);
+    }
+}
+
+/* band_avx2 for the AVX-512 level's dense bands: its chunks through dense_tiles_avx512, ROWS_AVX512 rows at a time. */
+AVX512 void dense_band_avx512(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0, const int nb) {
+    const int nt = nb >= DENSE_TILES ? 1 : DENSE_TILES / nb;
+    const int64_t k = j->k;
+    const float *x = j->x + b0 * j->xk, *xp = j->xp + b0 * j->xk; /* b0 is even: pair b0 / 2, 2 xk floats each */
+    float total[BAND][X_BLOCK];
+    load_totals(j, r0, rows, b0, nb, total);
+    for (int64_t c0 = 0; c0 < k;) {
+        const int whole = c0 + nt * TILE <= k; /* a chunk of nt whole tiles, else one tile (maybe partial) */
+        const int64_t cols = whole ? TILE : tile_cols(k, c0);
+        int64_t i = 0;
+        for (; i + ROWS_AVX512 <= rows; i += ROWS_AVX512)
+            if (whole) dense_tiles_avx512(w + i * k, k, x, xp, j->xk, c0, cols, ROWS_AVX512, nt, nb, total + i);
+            else dense_tiles_avx512(w + i * k, k, x, xp, j->xk, c0, cols, ROWS_AVX512, 1, nb, total + i);
+        for (; i < rows; i++)
+            if (whole) dense_tiles_avx512(w + i * k, k, x, xp, j->xk, c0, cols, 1, nt, nb, total + i);
+            else dense_tiles_avx512(w + i * k, k, x, xp, j->xk, c0, cols, 1, 1, nb, total + i);
+        c0 += whole ? nt * TILE : cols;
+    }
+    store_totals(j, r0, rows, b0, nb, total);
 }
 
 /* band_avx2 for each constant nb and kind, each its own function: inlined all into one, the register allocator
  * kept the sparse kernel's pointers on the stack. A band of one row (every sparse one) is compiled as such: with a
  * loop over the band's rows around it, the one-row kernel took about 7% more instructions (callgrind). The AVX-512
- * level's dense bands are the same code compiled with AVX-512VL's 32 vector registers, which hold the accumulators
- * of ROWS_AVX512 weight rows at once: each loaded activation vector then feeds 3 rows' FMAs instead of 1 (with
- * AVX2's 16 registers 2 rows ran slower than 1). The vectors stay 256 bits wide, so the sums are AVX2's. */
+ * level's dense bands (dense_band_avx512) hold the accumulators of ROWS_AVX512 weight rows at once in its 32 vector
+ * registers, so each loaded activation vector feeds 3 rows' FMAs instead of 1 (with AVX2's 16 registers 2 rows ran
+ * slower than 1), each FMA for two activation rows. */
 typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0);
 #define BAND_FNS(NB)                                                                                                 \
     __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void dense_band##NB(                                   \
@@ -290,7 +370,7 @@ typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows
     }                                                                                                                \
     __attribute__((target(SPZ_TARGET_AVX512), noinline)) static void dense_band_avx512_##NB(                         \
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
-        band_avx2(j, w, r0, rows, b0, NB, 1, ROWS_AVX512);                                                           \
+        dense_band_avx512(j, w, r0, rows, b0, NB);                                                                   \
     }                                                                                                                \
     __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void sparse_band##NB(                                  \
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
@@ -341,7 +421,7 @@ AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int 
     const int64_t band = (dense || expand) && j->m >= X_BLOCK / 2 && overflow ? BAND : 1;
     uint16_t *expanded = expand ? spz_scratch((size_t)(band * j->k) * sizeof(uint16_t)) : NULL;
     const BandFn *bands = !dense && !expanded                      ? SPARSE_BANDS
-                          : band > 1 && spz_level() >= SPZ_AVX512 ? DENSE_BANDS_AVX512
+                          : band > 1 && j->xp                      ? DENSE_BANDS_AVX512
                                                                   : DENSE_BANDS;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += band) {
         const int64_t rows = row_end - r0 < band ? row_end - r0 : band;
@@ -423,6 +503,23 @@ static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, int threads) {
 #define unpack_rows_avx2 unpack_rows_portable
 #endif
 
+/* x [m, k] copied as rows in pairs for the AVX-512 dense bands: pair p holds, for each whole group g of 8 columns,
+ * row 2p's 8 values then row 2p + 1's (zeros for an odd m's last pair), 16 floats at 2 * (p * k + 8 * g), so that
+ * one 512-bit load gives both rows' group. NULL when those bands cannot run here (or out of memory: the AVX2 bands,
+ * bit-identical, run instead); free() it after the call. */
+static float *pair_rows(const float *x, int64_t m, int64_t k) {
+    if (spz_level() < SPZ_AVX512 || m < X_BLOCK / 2) return NULL;
+    float *xp = malloc((size_t)((m + 1) / 2 * 2 * k) * sizeof(float));
+    for (int64_t p = 0; xp && p < (m + 1) / 2; p++)
+        for (int64_t c = 0; c + 8 <= k; c += 8)
+            for (int half = 0; half < 2; half++) {
+                float *dst = xp + 2 * (p * k + c) + 8 * half;
+                if (2 * p + half < m) memcpy(dst, x + (2 * p + half) * k + c, 8 * sizeof(float));
+                else memset(dst, 0, 8 * sizeof(float));
+            }
+    return xp;
+}
+
 /* A blocked matrix goes one column block at a time, each block's products added to the previous blocks' in y:
  * every row's tile sums are still added in column order, so the floats are those of the row-major matrix. Read row
  * by row, a row wider than L1 holds in fp32 x made every x load miss L1 (k = 8960: 35 KB), and the fp16 matrix
@@ -432,18 +529,22 @@ static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, int threads) {
 void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t m, int blocked,
                     int threads) {
     const int64_t width = blocked ? SPZ_BLOCK_COLS : k;
+    float *xp = pair_rows(x, m, k);
     for (int64_t c = 0; c < k; c += width) {
         const int64_t cols = k - c < width ? k - c : width;
-        Job job = {.w = w + c * n, .x = x + c, .y = y, .n = n, .k = cols, .m = m, .xk = k, .acc = c > 0};
+        Job job = {.w = w + c * n, .x = x + c, .xp = xp ? xp + 2 * c : NULL, .y = y, .n = n, .k = cols, .m = m,
+                   .xk = k, .acc = c > 0};
         run_rows(&job, dense_rows_portable, dense_rows_avx2, threads);
     }
+    free(xp);
 }
 
 void spz_gemv_sparse(const SpzSparse *s, const float *x, float *y, int64_t m, int threads) {
     Job job = {.codes = s->codes, .values = s->values, .row_start = s->row_start, .tile_start = s->tile_start,
-               .x = x, .y = y, .n = s->n, .k = s->k, .m = m, .kb = (s->k + 7) / 8, .tiles = (s->k + TILE - 1) / TILE,
-               .xk = s->k};
+               .x = x, .xp = pair_rows(x, m, s->k), .y = y, .n = s->n, .k = s->k, .m = m, .kb = (s->k + 7) / 8,
+               .tiles = (s->k + TILE - 1) / TILE, .xk = s->k};
     run_rows(&job, sparse_rows_portable, sparse_rows_avx2, threads);
+    free((float *)job.xp);
 }
 
 PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args) {
@@ -506,7 +607,7 @@ static PyObject *sparse_call(PyObject *args, int unpack) {
     }
     Py_BEGIN_ALLOW_THREADS
     if (unpack) run_rows(&job, unpack_rows_portable, unpack_rows_avx2, threads);
-    else run_rows(&job, sparse_rows_portable, sparse_rows_avx2, threads);
+    else spz_gemv_sparse(&sparse, x.buf, y.buf, m, threads);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:

@@ -35,6 +35,7 @@ enum { SPZ_SCALAR = 0, SPZ_AVX2 = 1, SPZ_AVX512 = 2, SPZ_LEVELS = 3 };
 #define SPZ_TARGET_AVX512 SPZ_TARGET_AVX2 ",avx512f,avx512vl"
 /* A helper of the AVX2 kernels, inlined into each (also into the AVX-512 level's, whose target includes AVX2's). */
 #define AVX2 __attribute__((target(SPZ_TARGET_AVX2), always_inline)) static inline
+#define AVX512 __attribute__((target(SPZ_TARGET_AVX512), always_inline)) static inline
 
 void spz_features_init(void);
 int spz_level(void);                    /* the level kernels use now: the best detected, capped by spz_set_level */
@@ -143,6 +144,27 @@ __attribute__((target("avx2,fma,f16c"))) static inline __m256 spz_hsum8x8(const 
     const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(quarter[0], quarter[1], _MM_SHUFFLE(2, 0, 2, 0)),
                                       _mm256_shuffle_ps(quarter[0], quarter[1], _MM_SHUFFLE(3, 1, 3, 1)));
     return _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* sums: v0 v2 v4 v6 v1 .. */
+}
+
+/* The upper 256 bits of v (AVX-512 F: the DQ form is not part of the AVX-512 level). */
+AVX512 __m256 spz_upper_half(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+/* spz_hsum8x8 of the 8 halves of pairs[0 .. 4), 512-bit vectors that each carry two activation rows' lanes (row b
+ * in pair b / 2's half b % 2), bit for bit: the same lanes added in the same tree, in 12 instructions for the 8 rows
+ * instead of 4 extractions and 23. */
+AVX512 __m256 spz_hsum8x8_pairs(const __m512 *pairs) {
+    __m512 quarter[2]; /* [row 4h + 0 .. 3: lanes i + i + 4] per 128-bit lane */
+    for (int h = 0; h < 2; h++)
+        quarter[h] = _mm512_add_ps(_mm512_shuffle_f32x4(pairs[2 * h], pairs[2 * h + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(pairs[2 * h], pairs[2 * h + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* per 128-bit lane l: [row l: 0 + 2, 1 + 3, row 4 + l: 0 + 2, 1 + 3] */
+    const __m512 eighth = _mm512_add_ps(_mm512_shuffle_ps(quarter[0], quarter[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                        _mm512_shuffle_ps(quarter[0], quarter[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(eighth, eighth, _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_ps(eighth, eighth, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* sums: lane 4l = row l, lane 4l + 1 = row 4 + l */
+    return _mm512_castps512_ps256(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), sums));
 }
 #endif
 
