@@ -362,7 +362,7 @@ static float dot_scalar(const uint8_t *bm, int cols, const uint16_t *vals, const
  * shared arrays instead, GCC kept them on the stack and a group cost half as many instructions again. */
 #define ROWS 4
 #define X_ROWS 8 /* activation rows per pass over a tile row: 8 accumulators fit in registers */
-#define ROWS_WIDE 3 /* tile rows per step of the multi-row product with AVX-512's registers: 3 x 8 accumulators */
+#define ROWS_WIDE 3 /* tile rows per step of the multi-row product at the AVX-512 level: 3 x 4 accumulators */
 
 /* The 8 columns of a group whose bitmap byte is m, its present values starting at v, as fp16 patterns (absent ones
  * 0), and as fp32. */
