@@ -94,11 +94,11 @@ def test_native_gemv_with_many_rows():
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [4, 8, 13, 40])
+@pytest.mark.parametrize("rows", [4, 8, 13, 16, 17, 40])
 def test_row_bands_give_the_same_floats_as_every_layout(rows, kernel_level):
     """Activations wider than L1 make the dense kernel walk bands of 9 weight rows chunk by chunk (and a sparse
-    prefill expand such bands), at the AVX-512 level 3 weight rows per step: the sums must stay those of the shared
-    order. 23 rows = two bands and a partial one of 5 (3 rows, then 2 one by one); on 2 threads 11 and 12 rows;
+    prefill expand such bands; at the AVX-512 level sparse bands of up to 16 rows are walked straight from the
+    layout), at the AVX-512 level 3 weight rows per step: the sums must stay those of the shared order. 23 rows = two bands and a partial one of 5 (3 rows, then 2 one by one); on 2 threads 11 and 12 rows;
     k = 2100 = 16 tiles and 52 columns, not a multiple of 8; 1 and 2 threads."""
     n, k = 23, 2100
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(rows)).half()
@@ -337,8 +337,8 @@ def test_thread_pool_survives_fork_and_concurrent_callers():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (batches and prompts of dense rows, and batches from "
-                                                     "compressed tiles, in AVX-512 registers"),
+@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (batches and prompts of dense rows, batches from "
+                                                     "sparse rows and compressed tiles, in AVX-512 registers"),
                                           ("avx2", "level avx2; best for")])
 def test_info_says_which_code_the_kernels_run(monkeypatch, capsys, level, shown):
     from sparsezip.cli import main

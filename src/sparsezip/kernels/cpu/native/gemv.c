@@ -40,6 +40,11 @@
 #define BAND 9
 #define ROWS_AVX512 3 /* weight rows per step of the AVX-512 band kernel: 3 x 4 accumulators of 2 activation rows */
 #define ROWS_MAX ROWS_AVX512
+/* Most activation rows for which the AVX-512 level multiplies sparse rows straight from their layout, again for
+ * each pass of X_BLOCK rows (sparse_band_avx512): at 16 rows this ran 1.1x faster than expanding each band once
+ * into scratch for all passes, at 32 1.03-1.09x slower and at 64 and 128 1.1-1.25x slower (random 2048 x 2048
+ * matrices streamed from memory, 1 thread). */
+#define FUSED_MAX_ROWS (2 * X_BLOCK)
 #define X_L1_BYTES 32768 /* activations (fp32) up to which every weight row may read all of them from L1 */
 #define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
 /* How far ahead of the dense kernel's reads each line is prefetched when 2 or more activation rows share a pass,
@@ -73,8 +78,8 @@ typedef struct {
     const uint32_t *tile_start;
     const int64_t *row_start;
     const float *x;      /* [m, xk]: the job's k columns of each activation row */
-    const float *xp;     /* x's rows in pairs for the AVX-512 dense bands (pair_rows), at the job's first column; or
-                            NULL, and those bands are not used */
+    const float *xp;     /* x's rows in pairs for the AVX-512 bands (pair_rows), at the job's first column; or NULL,
+                            and those bands are not used */
     float *y;            /* [m, n] */
     int64_t xk;          /* x's row stride: k, or the whole width for one column block of a blocked matrix */
     int acc;             /* add the products to y instead of writing them: a block after the first */
@@ -355,6 +360,100 @@ AVX512 void dense_band_avx512(const Job *j, const uint16_t *w, int64_t r0, int64
     store_totals(j, r0, rows, b0, nb, total);
 }
 
+/* The bytes of the band after this one (its rows' values and codes, each one contiguous range), prefetched a slice
+ * per tile while this band is multiplied. A band walks each of its rows a tile at a time, 2 x BAND short streams
+ * that the hardware prefetcher did not keep up with: a batch of 8 against 30 random 2048 x 2048 matrices streamed
+ * from memory ran at 310 ps per weight without a prefetch, 175-190 prefetching each row's next tiles and 120-145
+ * with this one sequential prefetch of the next band. */
+typedef struct {
+    const char *values, *values_end, *codes, *codes_end;
+    int64_t values_step, codes_step; /* bytes per tile, whole lines */
+} Ahead;
+
+static Ahead band_ahead(const Job *j, int64_t r0, int64_t rows) {
+    const int64_t begin = r0 < j->n ? r0 : j->n, end = r0 + rows < j->n ? r0 + rows : j->n;
+    const int64_t tiles = (j->k + TILE - 1) / TILE;
+    Ahead a = {(const char *)(j->values + j->row_start[begin]), (const char *)(j->values + j->row_start[end]),
+               (const char *)(j->codes + begin * j->kb), (const char *)(j->codes + end * j->kb), 0, 0};
+    a.values_step = ((a.values_end - a.values) / tiles + 64) & ~(int64_t)63;
+    a.codes_step = ((a.codes_end - a.codes) / tiles + 64) & ~(int64_t)63;
+    return a;
+}
+
+static void prefetch_slice(const char **from, const char *end, int64_t step) {
+    for (const char *p = *from; p < *from + step && p < end; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+    *from += step;
+}
+
+/* dense_tiles_avx512 for one tile of nr sparse rows from row r0, each group expanded in registers into both halves
+ * of a 256-bit vector (its values and its pshufb control each loaded into both 128-bit lanes, one lane-wise
+ * shuffle) and converted into both halves of a 512-bit one, then multiplied by nb activation rows in pairs: each
+ * lane accumulates the same products in the same order as the AVX2 walk's, so the sums are bit for bit AVX2's. The
+ * batch's FMAs then hide most of the expansion, where the AVX2 level expands a band into scratch first. Always
+ * inlined with constant nr and nb. */
+AVX512 void sparse_tiles_avx512(const Job *j, int64_t r0, const float *x, const float *xp, int64_t c0, int64_t cols,
+                                const int nr, const int nb, float (*total)[X_BLOCK]) {
+    const int np = (nb + 1) / 2;
+    const int64_t full = cols & ~(int64_t)7, k = j->xk;
+    const uint8_t *table = (const uint8_t *)spz_expand_sparse;
+    const float *xt = xp + 2 * c0;
+    Cursor c[ROWS_MAX];
+    const uint8_t *v[ROWS_MAX];
+    __m512 acc[ROWS_MAX * X_BLOCK / 2];
+    for (int i = 0; i < nr; i++) {
+        c[i] = tile_cursor(j, r0 + i, c0 / TILE);
+        c[i].code += c0 >> 3;
+        v[i] = c[i].v;
+    }
+    for (int a = 0; a < nr * np; a++) acc[a] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < full >> 3; g++) {
+        __m512 wv[ROWS_MAX];
+        for (int i = 0; i < nr; i++) {
+            const unsigned code = c[i].code[g];
+            wv[i] = _mm512_cvtph_ps(_mm256_shuffle_epi8(
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)v[i])),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + code)))));
+            v[i] += spz_low_bits(code, 5);
+        }
+        for (int p = 0; p < np; p++) {
+            __m512 xv = _mm512_loadu_ps(xt + 2 * (p * k + 8 * g));
+            __asm__("" : "+v"(xv)); /* one load per vector, not one folded into each row's FMA */
+            for (int i = 0; i < nr; i++) acc[i * np + p] = _mm512_fmadd_ps(wv[i], xv, acc[i * np + p]);
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        if (nb == X_BLOCK && full == cols) {
+            _mm256_storeu_ps(total[i], _mm256_add_ps(_mm256_loadu_ps(total[i]), spz_hsum8x8_pairs(acc + i * np)));
+            continue;
+        }
+        __m256 halves[X_BLOCK];
+        uint16_t tail[8];
+        for (int b = 0; b < nb; b++)
+            halves[b] = b % 2 ? spz_upper_half(acc[i * np + b / 2]) : _mm512_castps512_ps256(acc[i * np + b / 2]);
+        c[i].v = v[i];
+        if (full < cols) expand_scalar(&c[i], full, cols - full, tail);
+        add_tile_sums(halves, tail, x, k, c0, cols, 1, nb, total[i]);
+    }
+}
+
+/* dense_band_avx512 for sparse rows: tile by tile, each for every row of the band, ROWS_AVX512 rows at a time. */
+AVX512 void sparse_band_avx512(const Job *j, int64_t r0, int64_t rows, int64_t b0, const int nb) {
+    const float *x = j->x + b0 * j->xk, *xp = j->xp + b0 * j->xk;
+    float total[BAND][X_BLOCK];
+    load_totals(j, r0, rows, b0, nb, total);
+    Ahead next = band_ahead(j, r0 + rows, rows);
+    for (int64_t c0 = 0; c0 < j->k; c0 += TILE) {
+        const int64_t cols = tile_cols(j->k, c0);
+        int64_t i = 0;
+        prefetch_slice(&next.values, next.values_end, next.values_step);
+        prefetch_slice(&next.codes, next.codes_end, next.codes_step);
+        for (; i + ROWS_AVX512 <= rows; i += ROWS_AVX512)
+            sparse_tiles_avx512(j, r0 + i, x, xp, c0, cols, ROWS_AVX512, nb, total + i);
+        for (; i < rows; i++) sparse_tiles_avx512(j, r0 + i, x, xp, c0, cols, 1, nb, total + i);
+    }
+    store_totals(j, r0, rows, b0, nb, total);
+}
+
 /* band_avx2 for each constant nb and kind, each its own function: inlined all into one, the register allocator
  * kept the sparse kernel's pointers on the stack. A band of one row (every sparse one) is compiled as such: with a
  * loop over the band's rows around it, the one-row kernel took about 7% more instructions (callgrind). The AVX-512
@@ -375,6 +474,11 @@ typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows
     __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void sparse_band##NB(                                  \
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
         for (int64_t i = 0; i < rows; i++) band_avx2(j, w, r0 + i, 1, b0, NB, 0, 1);                                 \
+    }                                                                                                                \
+    __attribute__((target(SPZ_TARGET_AVX512), noinline)) static void sparse_band_avx512_##NB(                        \
+        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
+        (void)w;                                                                                                     \
+        sparse_band_avx512(j, r0, rows, b0, NB);                                                                     \
     }
 BAND_FNS(1)
 BAND_FNS(2)
@@ -391,6 +495,9 @@ static const BandFn DENSE_BANDS_AVX512[X_BLOCK + 1] = {
     dense_band_avx512_5, dense_band_avx512_6, dense_band_avx512_7, dense_band_avx512_8};
 static const BandFn SPARSE_BANDS[X_BLOCK + 1] = {NULL, sparse_band1, sparse_band2, sparse_band3, sparse_band4,
                                                  sparse_band5, sparse_band6, sparse_band7, sparse_band8};
+static const BandFn SPARSE_BANDS_AVX512[X_BLOCK + 1] = {
+    NULL, sparse_band_avx512_1, sparse_band_avx512_2, sparse_band_avx512_3, sparse_band_avx512_4,
+    sparse_band_avx512_5, sparse_band_avx512_6, sparse_band_avx512_7, sparse_band_avx512_8};
 
 /* Sparse row r as k fp16 patterns into out. */
 AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
@@ -413,14 +520,20 @@ AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
  * (a prefill), or one full pass that overflows L1 (a batch of 8), a sparse band is expanded once into this thread's
  * scratch and multiplied as dense rows: the expansion is not repeated for every pass, and the band reads its
  * activations from L1 (at 8 rows this ran 1.03-1.18x faster than the one-row walk, though it executes a fifth more
- * instructions; even at 6 rows, slower at 4; at 8 rows that fit in L1, 0.92-0.97x). */
+ * instructions; even at 6 rows, slower at 4; at 8 rows that fit in L1, 0.92-0.97x). At the AVX-512 level, sparse
+ * rows against 4 to FUSED_MAX_ROWS activation rows go BAND rows at a time straight from their layout instead
+ * (sparse_band_avx512): with each FMA carrying two activation rows, expanding in registers costs less than the
+ * scratch's stores and loads (against the expanded band, 1.1-1.3x at 4 to 8 rows and 1.4-1.6x at 8 with E5M2 values,
+ * 2x with fp16 ones, streamed from memory at 1 thread). */
 AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
     const int overflow = j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES;
     /* Expanding pays when several passes reuse it, or when one pass's band then reads x from L1. */
-    const int expand = !dense && (j->m > X_BLOCK || (j->m == X_BLOCK && overflow));
-    const int64_t band = (dense || expand) && j->m >= X_BLOCK / 2 && overflow ? BAND : 1;
+    const int fused = !dense && j->xp && j->m <= FUSED_MAX_ROWS;
+    const int expand = !dense && !fused && (j->m > X_BLOCK || (j->m == X_BLOCK && overflow));
+    const int64_t band = fused || ((dense || expand) && j->m >= X_BLOCK / 2 && overflow) ? BAND : 1;
     uint16_t *expanded = expand ? spz_scratch((size_t)(band * j->k) * sizeof(uint16_t)) : NULL;
-    const BandFn *bands = !dense && !expanded                      ? SPARSE_BANDS
+    const BandFn *bands = fused                                    ? SPARSE_BANDS_AVX512
+                          : !dense && !expanded                    ? SPARSE_BANDS
                           : band > 1 && j->xp                      ? DENSE_BANDS_AVX512
                                                                   : DENSE_BANDS;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += band) {
@@ -503,10 +616,10 @@ static void run_rows(const Job *j, RowsFn portable, RowsFn avx2, int threads) {
 #define unpack_rows_avx2 unpack_rows_portable
 #endif
 
-/* x [m, k] copied as rows in pairs for the AVX-512 dense bands: pair p holds, for each whole group g of 8 columns,
- * row 2p's 8 values then row 2p + 1's (zeros for an odd m's last pair), 16 floats at 2 * (p * k + 8 * g), so that
- * one 512-bit load gives both rows' group. NULL when those bands cannot run here (or out of memory: the AVX2 bands,
- * bit-identical, run instead); free() it after the call. */
+/* x [m, k] copied as rows in pairs for the AVX-512 bands, dense and sparse: pair p holds, for each whole group g of
+ * 8 columns, row 2p's 8 values then row 2p + 1's (zeros for an odd m's last pair), 16 floats at 2 * (p * k + 8 * g),
+ * so that one 512-bit load gives both rows' group. NULL when those bands cannot run here (or out of memory: the AVX2
+ * bands, bit-identical, run instead); free() it after the call. */
 static float *pair_rows(const float *x, int64_t m, int64_t k) {
     if (spz_level() < SPZ_AVX512 || m < X_BLOCK / 2) return NULL;
     float *xp = malloc((size_t)((m + 1) / 2 * 2 * k) * sizeof(float));
