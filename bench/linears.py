@@ -1,6 +1,6 @@
-"""The linears alone: how fast each weight layout multiplies one activation row by every linear of a model, streamed
-from memory and from cache, against the read bandwidth. For A/B checks of a kernel change and for telling whether a
-layout is bound by its bytes or by its instructions.
+"""The linears alone: how fast each weight layout multiplies one activation row (or --rows of them) by every linear of
+a model, streamed from memory and from cache, against the read bandwidth. For A/B checks of a kernel change and for
+telling whether a layout is bound by its bytes or by its instructions.
 
     python bench/linears.py DENSE_FOLDER:dense PACKED_FOLDER:sparse [PACKED_FOLDER:compressed ...] --threads 1
 
@@ -60,11 +60,11 @@ def model_linears(case: Case) -> list:
     return [m for m in model.modules() if isinstance(m, WeightLayout)]
 
 
-def streamed_seconds(linears: list, rounds: int) -> float:
-    """Median wall time of one pass over every linear with one activation row (after one pass not counted)."""
+def streamed_seconds(linears: list, rounds: int, rows: int = 1) -> float:
+    """Median wall time of one pass over every linear with `rows` activation rows (after one pass not counted)."""
     import torch
 
-    inputs = {m.in_features: torch.randn(1, m.in_features) for m in linears}
+    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
 
     def one_pass() -> float:
         start = time.perf_counter()
@@ -76,7 +76,7 @@ def streamed_seconds(linears: list, rounds: int) -> float:
     return statistics.median(one_pass() for _ in range(rounds))
 
 
-def cached_seconds_per_weight(linears: list, max_fp16_bytes: int, repeats: int) -> float | None:
+def cached_seconds_per_weight(linears: list, max_fp16_bytes: int, repeats: int, rows: int = 1) -> float | None:
     """Seconds per weight of the linears whose fp16 size fits in max_fp16_bytes, each repeated from cache."""
     import torch
 
@@ -85,7 +85,7 @@ def cached_seconds_per_weight(linears: list, max_fp16_bytes: int, repeats: int) 
         return None
     total, weights = 0.0, 0
     for m in small:
-        x = torch.randn(1, m.in_features)
+        x = torch.randn(rows, m.in_features)
         m(x)  # brings the matrix into cache
         start = time.perf_counter()
         for _ in range(repeats):
@@ -100,17 +100,18 @@ def measure(case: Case, args) -> dict:
     if not linears:
         raise SystemExit(f"linears: {case.label}: the model has no linear layers")
     weights = sum(m.in_features * m.out_features for m in linears)
-    seconds = streamed_seconds(linears, args.rounds)
+    seconds = streamed_seconds(linears, args.rounds, args.rows)
     return {"case": case.label, "weights": weights,
             "bytes": sum(m.resident_bytes() for m in linears), "seconds": seconds,
-            "cached_s_per_weight": cached_seconds_per_weight(linears, args.cached_kib * 1024, args.repeats)}
+            "cached_s_per_weight": cached_seconds_per_weight(linears, args.cached_kib * 1024, args.repeats,
+                                                             args.rows)}
 
 
-def table(results: list[dict], bandwidth: float, threads: int) -> str:
+def table(results: list[dict], bandwidth: float, threads: int, rows: int = 1) -> str:
     """Markdown rows: streamed ms per pass, ps per weight streamed and cached, GB/s and its share of the probe, and
     the streamed speed against the first case."""
     base = results[0]["seconds"]
-    lines = [f"Linears alone, one activation row, {threads} thread(s); read bandwidth probe "
+    lines = [f"Linears alone, {rows} activation row(s) per call, {threads} thread(s); read bandwidth probe "
              f"{bandwidth / 1e9:.1f} GB/s.", "", "| layout | MB | streamed ms / pass | ps / weight streamed | ps / weight cached | GB/s streamed "
              "(% of probe) | speed vs first |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -127,13 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("cases", nargs="+", help="FOLDER:LAYOUT, LAYOUT one of dense, sparse, compressed; the first is "
                                             "the baseline")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", type=int, default=1, help="activation rows per call: 1 is a decode step at batch 1, 8 "
+                                                      "at batch 8 (the weights are still read once per call)")
     p.add_argument("--rounds", type=int, default=7, help="streamed passes timed (median)")
     p.add_argument("--repeats", type=int, default=50, help="calls per cached linear")
     p.add_argument("--cached_kib", type=int, default=8192,
                    help="largest fp16 size of a linear timed from cache (keep it under the L2 or L3 size)")
     args = p.parse_args(argv)
-    if args.threads < 1 or args.rounds < 1 or args.repeats < 1 or args.cached_kib < 1:
-        raise SystemExit("linears: --threads, --rounds, --repeats and --cached_kib must be positive")
+    if min(args.threads, args.rows, args.rounds, args.repeats, args.cached_kib) < 1:
+        raise SystemExit("linears: --threads, --rows, --rounds, --repeats and --cached_kib must be positive")
     cases = [parse_case(c) for c in args.cases]
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by sparsezip's kernels: set before they are asked
     import torch
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     from run import read_bandwidth
 
     results = [measure(c, args) for c in cases]
-    print(table(results, read_bandwidth(args.threads), args.threads))
+    print(table(results, read_bandwidth(args.threads), args.threads, args.rows))
 
 
 if __name__ == "__main__":

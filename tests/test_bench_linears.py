@@ -34,13 +34,32 @@ def decoder_weights(config) -> int:
 def test_measure_covers_every_decoder_linear_in_its_layout(sparse_tiny, layout):
     from transformers import AutoConfig
 
-    args = argparse.Namespace(rounds=2, repeats=3, cached_kib=1024)
+    args = argparse.Namespace(rounds=2, repeats=3, cached_kib=1024, rows=1)
     result = linears.measure(linears.parse_case(f"{sparse_tiny}:{layout}"), args)
     assert result["weights"] == decoder_weights(AutoConfig.from_pretrained(sparse_tiny))
     assert result["seconds"] > 0 and result["cached_s_per_weight"] > 0
     dense_bytes = 2 * result["weights"]
     # the sparse layout holds about 6-11 bits per weight at 50%, the dense one 16
     assert (result["bytes"] < 0.8 * dense_bytes) if layout == "sparse" else (result["bytes"] >= dense_bytes)
+
+
+def test_rows_reach_every_linear_as_one_batch(sparse_tiny, monkeypatch):
+    """--rows 8 times a batch: every linear is called with 8 activation rows, streamed and cached alike."""
+    from sparsezip.layouts.base import WeightLayout
+
+    seen = set()
+    original = WeightLayout.__call__
+
+    def spy(self, x, *rest, **kwargs):
+        seen.add(tuple(x.shape[:-1]))
+        return original(self, x, *rest, **kwargs)
+
+    monkeypatch.setattr(WeightLayout, "__call__", spy)
+    linears.measure(linears.parse_case(f"{sparse_tiny}:sparse"),
+                    argparse.Namespace(rounds=1, repeats=1, cached_kib=1024, rows=8))
+    assert seen == {(8,)}
+    assert "8 activation row(s) per call, 2 thread(s)" in linears.table(
+        [{"case": "a:dense", "weights": 1, "bytes": 1, "seconds": 1.0, "cached_s_per_weight": None}], 1e9, 2, 8)
 
 
 def test_table_rates_and_ratios():
@@ -68,5 +87,5 @@ def test_bad_cases_are_one_line_errors(tmp_path, case, message):
 def test_dense_folder_in_the_compressed_layout_is_refused(tiny_dir):
     with pytest.raises(SystemExit) as e:
         linears.measure(linears.parse_case(f"{tiny_dir('llama')}:compressed"),
-                        argparse.Namespace(rounds=1, repeats=1, cached_kib=1))
+                        argparse.Namespace(rounds=1, repeats=1, cached_kib=1, rows=1))
     assert str(e.value).startswith("linears: ") and "\n" not in str(e.value)
