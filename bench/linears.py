@@ -134,19 +134,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=50, help="calls per cached linear")
     p.add_argument("--cached_kib", type=int, default=8192,
                    help="largest fp16 size of a linear timed from cache (keep it under the L2 or L3 size)")
+    p.add_argument("--probe_mib", type=int, default=512, help="MiB the bandwidth probe reads (far beyond the caches)")
     args = p.parse_args(argv)
-    if min(args.threads, args.rows, args.rounds, args.repeats, args.cached_kib) < 1:
-        raise SystemExit("linears: --threads, --rows, --rounds, --repeats and --cached_kib must be positive")
+    if min(args.threads, args.rows, args.rounds, args.repeats, args.cached_kib, args.probe_mib) < 1:
+        raise SystemExit("linears: --threads, --rows, --rounds, --repeats, --cached_kib and --probe_mib must be "
+                         "positive")
     cases = [parse_case(c) for c in args.cases]
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by sparsezip's kernels: set before they are asked
     import torch
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO / "bench"))
-    from run import read_bandwidth
+    from run import probe_buffer, read_bandwidth
 
     results = [measure(c, args) for c in cases]
-    print(table(results, read_bandwidth(args.threads), args.threads, args.rows))
+    print(table(results, read_bandwidth(probe_buffer(args.probe_mib), args.threads), args.threads, args.rows))
 
 
 if __name__ == "__main__":

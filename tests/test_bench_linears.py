@@ -4,6 +4,7 @@ and ratios are the arithmetic it claims, and bad cases are one-line errors."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,21 @@ def test_rows_reach_every_linear_as_one_batch(sparse_tiny, monkeypatch):
     assert seen == {(8,)}
     assert "8 activation row(s) per call, 2 thread(s)" in linears.table(
         [{"case": "a:dense", "weights": 1, "bytes": 1, "seconds": 1.0, "cached_s_per_weight": None}], 1e9, 2, 8)
+
+
+def test_main_prints_the_table_with_a_probed_bandwidth(sparse_tiny, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))  # main sets it: restored after
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    linears.main([f"{sparse_tiny}:dense", f"{sparse_tiny}:sparse", "--rows", "2", "--rounds", "1", "--repeats", "1",
+                  "--probe_mib", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Linears alone, 2 activation row(s) per call, 1 thread(s); read bandwidth probe ")
+    probe = float(lines[0].rsplit("probe ", 1)[1].split(" GB/s")[0])
+    assert probe > 0.1
+    rows = [line for line in lines if line.startswith(f"| {sparse_tiny.name}:")]
+    assert len(rows) == 2 and rows[0].endswith("| 1.00x |")
 
 
 def test_table_rates_and_ratios():
