@@ -96,6 +96,13 @@ def cached_seconds_per_weight(linears: list, max_fp16_bytes: int, repeats: int, 
 
 
 def measure(case: Case, args) -> dict:
+    import torch
+
+    with torch.inference_mode():  # as generation runs: some layouts keep trainable parameters (a bias)
+        return measure_linears(case, args)
+
+
+def measure_linears(case: Case, args) -> dict:
     linears = model_linears(case)
     if not linears:
         raise SystemExit(f"linears: {case.label}: the model has no linear layers")

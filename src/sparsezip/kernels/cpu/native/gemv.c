@@ -47,7 +47,8 @@
 #define FUSED_MAX_ROWS (2 * X_BLOCK)
 #define X_L1_BYTES 32768 /* activations (fp32) up to which every weight row may read all of them from L1 */
 #define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
-/* How far ahead of the dense kernel's reads each line is prefetched when 2 or more activation rows share a pass,
+/* How far ahead of the AVX2 dense kernel's reads each line is prefetched when 2 or more activation rows share a pass
+ * (the AVX-512 bands prefetch the next band instead: Ahead),
  * "non-temporal" so that the weights pass through without pushing x out of L1: on rows wider than L1 holds in fp32 x
  * (k = 8960: 35 KB) x and the weights evicted each other; 4-8 KB was best for both widths. At one activation row the
  * hardware prefetcher alone streams faster (the 1.5B model's matrices, held in huge pages, at 1 and 2 threads). */
@@ -291,6 +292,28 @@ AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, i
     store_totals(j, r0, rows, b0, nb, total);
 }
 
+/* One contiguous range of the band after this one (a dense band's rows; a sparse band's values, or its codes),
+ * prefetched a slice per tile while this band is multiplied. A band walks each of its rows a chunk at a time: BAND
+ * (sparse: 2 x BAND) short streams that the hardware prefetcher did not keep up with. With 8 activation rows, 30
+ * random 2048 x 2048 sparse matrices streamed from memory at 310 ps per weight without a prefetch, 175-190
+ * prefetching each row's next tiles and 120-145 with this one sequential prefetch of the next band; the random 1.2B
+ * model's dense linears at 129-132 with each row's lines prefetched 6 KB ahead and 105-107 with this, as fast as
+ * from cache (1 thread, `bench/linears.py --rows 8`). */
+typedef struct {
+    const char *next, *end;
+    int64_t step; /* bytes per tile, whole lines */
+} Ahead;
+
+static Ahead ahead_of(const void *begin, const void *end, int64_t k) {
+    const int64_t tiles = (k + TILE - 1) / TILE, bytes = (const char *)end - (const char *)begin;
+    return (Ahead){begin, end, (bytes / tiles + 64) & ~(int64_t)63};
+}
+
+static void prefetch_tiles(Ahead *a, int64_t tiles) {
+    const char *stop = a->next + tiles * a->step < a->end ? a->next + tiles * a->step : a->end;
+    for (; a->next < stop; a->next += 64) _mm_prefetch(a->next, _MM_HINT_T0);
+}
+
 /* dense_tiles_avx2 with 512-bit vectors, each carrying two activation rows: lanes 0-7 row b, lanes 8-15 row b + 1,
  * read from x's copy in pairs (pair_rows), the weight group's 8 columns converted into both halves. Every lane
  * accumulates the same products in the same order as its 256-bit twin, so the sums are bit for bit AVX2's, with half
@@ -308,8 +331,6 @@ AVX512 void dense_tiles_avx512(const uint16_t *w, int64_t wk, const float *x, co
     for (int a = 0; a < nr * nt * np; a++) acc[a] = _mm512_setzero_ps();
     for (int64_t g0 = 0; g0 < groups; g0 += GROUPS_PER_TURN)
         for (int i = 0; i < nt; i++) {
-            for (int r = 0; nb >= PREFETCH_MIN_ROWS && r < nr; r++)
-                _mm_prefetch((const char *)(wt + r * wk + i * TILE + 8 * g0) + PREFETCH_BYTES, _MM_HINT_NTA);
             for (int64_t g = g0; g < (g0 < turns ? g0 + GROUPS_PER_TURN : groups); g++) {
                 __m512 wv[ROWS_MAX];
                 for (int r = 0; r < nr; r++)
@@ -345,10 +366,14 @@ AVX512 void dense_band_avx512(const Job *j, const uint16_t *w, int64_t r0, int64
     const float *x = j->x + b0 * j->xk, *xp = j->xp + b0 * j->xk; /* b0 is even: pair b0 / 2, 2 xk floats each */
     float total[BAND][X_BLOCK];
     load_totals(j, r0, rows, b0, nb, total);
+    /* the next band's rows follow these in the matrix (not in a sparse band's scratch: nothing to prefetch there) */
+    const int64_t after = w == j->w + r0 * k ? (r0 + 2 * rows < j->n ? r0 + 2 * rows : j->n) : r0 + rows;
+    Ahead weights = ahead_of(w + rows * k, w + (after - r0) * k, k);
     for (int64_t c0 = 0; c0 < k;) {
         const int whole = c0 + nt * TILE <= k; /* a chunk of nt whole tiles, else one tile (maybe partial) */
         const int64_t cols = whole ? TILE : tile_cols(k, c0);
         int64_t i = 0;
+        prefetch_tiles(&weights, whole ? nt : 1);
         for (; i + ROWS_AVX512 <= rows; i += ROWS_AVX512)
             if (whole) dense_tiles_avx512(w + i * k, k, x, xp, j->xk, c0, cols, ROWS_AVX512, nt, nb, total + i);
             else dense_tiles_avx512(w + i * k, k, x, xp, j->xk, c0, cols, ROWS_AVX512, 1, nb, total + i);
@@ -358,31 +383,6 @@ AVX512 void dense_band_avx512(const Job *j, const uint16_t *w, int64_t r0, int64
         c0 += whole ? nt * TILE : cols;
     }
     store_totals(j, r0, rows, b0, nb, total);
-}
-
-/* The bytes of the band after this one (its rows' values and codes, each one contiguous range), prefetched a slice
- * per tile while this band is multiplied. A band walks each of its rows a tile at a time, 2 x BAND short streams
- * that the hardware prefetcher did not keep up with: a batch of 8 against 30 random 2048 x 2048 matrices streamed
- * from memory ran at 310 ps per weight without a prefetch, 175-190 prefetching each row's next tiles and 120-145
- * with this one sequential prefetch of the next band. */
-typedef struct {
-    const char *values, *values_end, *codes, *codes_end;
-    int64_t values_step, codes_step; /* bytes per tile, whole lines */
-} Ahead;
-
-static Ahead band_ahead(const Job *j, int64_t r0, int64_t rows) {
-    const int64_t begin = r0 < j->n ? r0 : j->n, end = r0 + rows < j->n ? r0 + rows : j->n;
-    const int64_t tiles = (j->k + TILE - 1) / TILE;
-    Ahead a = {(const char *)(j->values + j->row_start[begin]), (const char *)(j->values + j->row_start[end]),
-               (const char *)(j->codes + begin * j->kb), (const char *)(j->codes + end * j->kb), 0, 0};
-    a.values_step = ((a.values_end - a.values) / tiles + 64) & ~(int64_t)63;
-    a.codes_step = ((a.codes_end - a.codes) / tiles + 64) & ~(int64_t)63;
-    return a;
-}
-
-static void prefetch_slice(const char **from, const char *end, int64_t step) {
-    for (const char *p = *from; p < *from + step && p < end; p += 64) _mm_prefetch(p, _MM_HINT_T0);
-    *from += step;
 }
 
 /* dense_tiles_avx512 for one tile of nr sparse rows from row r0, each group expanded in registers into both halves
@@ -441,12 +441,14 @@ AVX512 void sparse_band_avx512(const Job *j, int64_t r0, int64_t rows, int64_t b
     const float *x = j->x + b0 * j->xk, *xp = j->xp + b0 * j->xk;
     float total[BAND][X_BLOCK];
     load_totals(j, r0, rows, b0, nb, total);
-    Ahead next = band_ahead(j, r0 + rows, rows);
+    const int64_t next = r0 + rows, after = next + rows < j->n ? next + rows : j->n;
+    Ahead values = ahead_of(j->values + j->row_start[next], j->values + j->row_start[after], j->k);
+    Ahead codes = ahead_of(j->codes + next * j->kb, j->codes + after * j->kb, j->k);
     for (int64_t c0 = 0; c0 < j->k; c0 += TILE) {
         const int64_t cols = tile_cols(j->k, c0);
         int64_t i = 0;
-        prefetch_slice(&next.values, next.values_end, next.values_step);
-        prefetch_slice(&next.codes, next.codes_end, next.codes_step);
+        prefetch_tiles(&values, 1);
+        prefetch_tiles(&codes, 1);
         for (; i + ROWS_AVX512 <= rows; i += ROWS_AVX512)
             sparse_tiles_avx512(j, r0 + i, x, xp, c0, cols, ROWS_AVX512, nb, total + i);
         for (; i < rows; i++) sparse_tiles_avx512(j, r0 + i, x, xp, c0, cols, 1, nb, total + i);
