@@ -105,3 +105,10 @@ def test_dense_folder_in_the_compressed_layout_is_refused(tiny_dir):
         linears.measure(linears.parse_case(f"{tiny_dir('llama')}:compressed"),
                         argparse.Namespace(rounds=1, repeats=1, cached_kib=1, rows=1))
     assert str(e.value).startswith("linears: ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("option", ["--rows", "--threads", "--probe_mib"])
+def test_non_positive_options_are_one_line_errors(tiny_dir, option):
+    with pytest.raises(SystemExit) as e:
+        linears.main([f"{tiny_dir('llama')}:dense", option, "0"])
+    assert str(e.value).startswith("linears: ") and "must be positive" in str(e.value) and "\n" not in str(e.value)
