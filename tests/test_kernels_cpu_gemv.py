@@ -194,17 +194,23 @@ def unpack_without_native(sparse, monkeypatch):
         return gemv.unpack_sparse(sparse)
 
 
-def expected_stream_bytes(w):
-    """Bytes of values the layout must hold: per group of 8 columns, 1 per nonzero, or 2 where any of the group's
-    nonzeros has a nonzero low byte (worked out here from the definition, not by the packer)."""
+def chunk_group_bytes(w):
+    """Bytes of values of each row's chunk groups [n, chunks, 16], worked out here from the layout's definition, not
+    by the packer: chunk group g of a chunk of 4 tiles holds group g (8 columns) of each of its tiles, 1 byte per
+    nonzero, or 2 where any of them has a nonzero low byte."""
     bits = w.view(torch.int16).int() & 0xFFFF
     n, k = bits.shape
-    padded = torch.zeros(n, -(-k // 8) * 8, dtype=torch.int32)
+    chunks = -(-k // 512)
+    padded = torch.zeros(n, chunks * 512, dtype=torch.int32)
     padded[:, :k] = bits
-    groups = padded.view(n, -1, 8)
-    nnz = (groups != 0).sum(2)
-    wide = ((groups & 0xFF) != 0).any(2)
-    return int((nnz * (1 + wide.int())).sum())
+    groups = padded.view(n, chunks, 4, 16, 8).transpose(2, 3).reshape(n, chunks, 16, 32)  # [row, chunk, g, columns]
+    nnz = (groups != 0).sum(3)
+    wide = ((groups & 0xFF) != 0).any(3)
+    return nnz * (1 + wide.int()), wide
+
+
+def expected_stream_bytes(w):
+    return int(chunk_group_bytes(w)[0].sum())
 
 
 @pytest.mark.parametrize("e5m2", [False, True])
@@ -213,18 +219,38 @@ def test_sparse_layout_round_trips_and_picks_its_value_width(shape, e5m2, monkey
     w = pruned(shape, seed=shape[0] * 7 + shape[1], e5m2=e5m2)
     sparse = gemv.pack_sparse(w)
     assert int(sparse.row_start[-1]) == expected_stream_bytes(w)
-    for r in range(0, shape[0], 7):  # each tile's values start where the row's earlier columns' values end
-        starts = [0] + [expected_stream_bytes(w[r:r + 1, :c0]) for c0 in range(gemv.TILE, shape[1], gemv.TILE)]
-        assert sparse.tile_start[r].tolist() == starts
+    group_bytes, wide = chunk_group_bytes(w)
+    for r in range(0, shape[0], 7):  # each chunk's values start where the earlier chunks' end; its wide groups
+        starts = [0] + group_bytes[r].sum(1).cumsum(0)[:-1].tolist()
+        wide_bits = [sum(int(bit) << (48 + g) for g, bit in enumerate(chunk)) for chunk in wide[r]]
+        assert [int(v) & (2**48 - 1) for v in sparse.chunk_start[r]] == starts
+        assert [int(v) & ~(2**48 - 1) for v in sparse.chunk_start[r]] == wide_bits
     nnz = int((w.view(torch.int16) != 0).sum())
-    if nnz:  # E5M2 values take about a byte each, others two
-        assert (int(sparse.row_start[-1]) < 1.4 * nnz) if e5m2 else (int(sparse.row_start[-1]) > 1.9 * nnz)
+    exceptions = int(((w.view(torch.int16) & 0xFF) != 0).sum())
+    if not e5m2:  # fp16 values take two bytes each; E5M2 ones one, but a chunk group with an exception takes two
+        assert int(sparse.row_start[-1]) == 2 * nnz
+    elif exceptions == 0:
+        assert int(sparse.row_start[-1]) == nnz
     assert bit_equal(unpack_without_native(sparse, monkeypatch), w)
     if cpu.available():
         assert bit_equal(gemv.unpack_sparse(sparse), w)
         as_f32 = gemv.unpack_sparse(sparse, torch.empty(shape, dtype=torch.float32))
         assert torch.equal(as_f32, w.float())
     assert not any(a.flags.writeable for a in sparse.arrays())  # the kernel trusts the arrays: nobody may edit them
+
+
+def test_sparse_layout_interleaves_the_tiles_of_a_chunk():
+    """codes hold group 0 of each of a chunk's tiles, then group 1 of each, ...: column 128 t + 8 g + j of chunk c
+    (tiles 4c ..) is bit j of byte 64 c + g * (its tiles) + t - 4c; a partial last chunk of 2 tiles interleaves 2."""
+    n, k = 2, 512 + 128 + 7
+    w = torch.zeros(n, k, dtype=torch.float16)
+    w[0, 3 * 128 + 8 * 5 + 2] = 1.0  # chunk 0, tile 3, group 5, column 2
+    w[1, 512 + 128 + 6] = -2.0  # chunk 1 (2 tiles), tile 1, group 0, column 6
+    sparse = gemv.pack_sparse(w)
+    assert sparse.codes.shape == (n, 6 * 16)
+    assert sparse.codes[0].nonzero()[0].tolist() == [5 * 4 + 3] and sparse.codes[0, 23] == 1 << 2
+    assert sparse.codes[1].nonzero()[0].tolist() == [64 + 0 * 2 + 1] and sparse.codes[1, 65] == 1 << 6
+    assert sparse.values[:2].tolist() == [0x3C, 0xC0]  # both narrow: their high bytes, row after row
 
 
 def test_sparse_layout_is_one_allocation():
@@ -264,6 +290,33 @@ def test_sparse_linear_is_bit_identical_to_the_dense_gemv(shape, e5m2, kernel_le
     for rows in (1, 2, 8, 9, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 3):
         x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows))
         assert torch.equal(gemv.sparse_linear(x, sparse, bias), mixed_linear(x, w, bias)), rows
+
+
+@needs_native
+@pytest.mark.parametrize("k", [512, 1024, 2100, 4100])
+def test_one_activation_row_from_every_kind_of_chunk(k, kernel_level):
+    """A decode step's product from rows whose chunk groups are all narrow (E5M2), all wide (fp16), mixed, empty or
+    full, walked two rows at a time at the AVX-512 level (an odd last row alone; a partial last chunk by the AVX2
+    walk), must give the dense GEMV's floats at every kernel level and thread count."""
+    n = 11
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(n, k, generator=gen).half()
+    density = torch.tensor([0.5, 0.5, 0.5, 0.0, 1.0, 0.05, 0.5, 0.5, 0.9, 0.5, 0.3]).unsqueeze(1)
+    w[torch.rand(n, k, generator=gen) >= density] = 0
+    bits = w.view(torch.int16)
+    bits[[0, 1, 4, 5, 8]] &= ~0xFF  # narrow rows
+    bits[1, ::97] |= 1  # ... one with a few wide chunk groups
+    bits[6, : k // 2] &= ~0xFF  # a row narrow in its first half
+    w[bits == 0] = 0
+    sparse = gemv.pack_sparse(w)
+    x = torch.randn(1, k, generator=gen)
+    want = torch.empty(1, n)
+    cpu.native.gemv_f16(w.view(torch.int16).numpy(), x.numpy(), want.numpy(), n, k, 1, False, 1)
+    torch.testing.assert_close(want.double(), reference(x, w), rtol=1e-5, atol=1e-4)
+    for threads in (1, 2):
+        got = torch.empty(1, n)
+        cpu.native.sparse_gemv(*sparse.arrays(), x.numpy(), got.numpy(), n, k, 1, threads)
+        assert torch.equal(got, want), threads
 
 
 @needs_native
@@ -337,8 +390,8 @@ def test_thread_pool_survives_fork_and_concurrent_callers():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (batches and prompts of dense rows, batches from "
-                                                     "sparse rows and compressed tiles, in AVX-512 registers"),
+@pytest.mark.parametrize("level, shown", [("avx512", "level avx512 (batches and prompts of dense rows, sparse rows "
+                                                     "and batches of compressed tiles in AVX-512 registers"),
                                           ("avx2", "level avx2; best for")])
 def test_info_says_which_code_the_kernels_run(monkeypatch, capsys, level, shown):
     from sparsezip.cli import main

@@ -134,34 +134,33 @@ class SparseLinearMethod(LinearMethodBase):
 # step instead of failing to trace into them. Its inputs are the layout's arrays as tensors: nothing else to look
 # up, so a compiled graph that vLLM caches on disk stays valid in a new process.
 @torch.library.custom_op("sparsezip::sparse_linear", mutates_args=(), device_types="cpu",
-                         schema="(Tensor x, Tensor codes, Tensor values, Tensor row_start, Tensor tile_start, "
+                         schema="(Tensor x, Tensor codes, Tensor values, Tensor row_start, Tensor chunk_start, "
                                 "Tensor? bias) -> Tensor")
-def sparse_linear_op(x, codes, values, row_start, tile_start, bias):
-    sparse = from_tensors((codes, values, row_start, tile_start), x.shape[-1])
+def sparse_linear_op(x, codes, values, row_start, chunk_start, bias):
+    sparse = from_tensors((codes, values, row_start, chunk_start), x.shape[-1])
     # fp32 activations multiply straight from the layout; others get the weight unpacked (sparse_linear)
     return sparse_linear(x, sparse, bias, lambda: SCRATCH.view(sparse.shape, torch.float32))
 
 
 @sparse_linear_op.register_fake
-def sparse_linear_shape(x, codes, values, row_start, tile_start, bias):
+def sparse_linear_shape(x, codes, values, row_start, chunk_start, bias):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
-# torch has few unsigned dtypes: the uint16 codes and uint32 tile offsets travel as their signed twins (same bits)
-AS_SIGNED = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}
+# torch has few unsigned dtypes: the uint64 chunk offsets travel as their signed twin (same bits)
+AS_SIGNED = {np.dtype(np.uint64): np.int64}
 
 
 def as_tensors(sparse: SparseWeight) -> tuple[torch.Tensor, ...]:
-    """The layout's arrays as tensors sharing their memory (codes, values, row_start, tile_start)."""
+    """The layout's arrays as tensors sharing their memory (codes, values, row_start, chunk_start)."""
     with warnings.catch_warnings():  # the arrays are read-only and the tensors are never written
         warnings.simplefilter("ignore", UserWarning)
         return tuple(torch.from_numpy(a.view(AS_SIGNED.get(a.dtype, a.dtype))) for a in sparse.arrays())
 
 
 def from_tensors(arrays: tuple[torch.Tensor, ...], in_features: int) -> SparseWeight:
-    codes, values, row_start, tile_start = (t.numpy() for t in arrays)
-    return SparseWeight((codes.shape[0], in_features), codes.view(np.uint16), values, row_start,
-                        tile_start.view(np.uint32))
+    codes, values, row_start, chunk_start = (t.numpy() for t in arrays)
+    return SparseWeight((codes.shape[0], in_features), codes, values, row_start, chunk_start.view(np.uint64))
 
 
 def fp16_exactly(weight: torch.Tensor, name: str) -> torch.Tensor:

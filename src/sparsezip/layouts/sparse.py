@@ -1,5 +1,5 @@
-"""Layout "sparse": a pruned fp16 matrix as a bitmap (in per-group codes) plus its nonzero values (one byte each for E5M2-valued,
-L2-rounded weights; see kernels/cpu/gemv.py's SparseWeight), expanded in registers inside each product. Inputs
+"""Layout "sparse": a pruned fp16 matrix as a bitmap (a byte per group of 8 columns) plus its nonzero values (one byte each
+for E5M2-valued, L2-rounded weights; see kernels/cpu/gemv.py's SparseWeight), expanded in registers inside each product. Inputs
 of many rows unpack the weight as fp32 into the model's shared scratch buffer for torch's matmul. Same numbers as
 the dense layout."""
 

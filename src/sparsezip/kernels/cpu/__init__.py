@@ -60,9 +60,9 @@ def features() -> dict:
 def describe_level(level: str) -> str:
     """The level as users read it: at avx512 the batch bands of the dense GEMV and of the sparse layout, and the
     compressed layout's batch product, have code of their own (AVX-512VL's 32 registers, two activation rows per
-    512-bit FMA); the other kernels run their AVX2 code (the vpexpandb kernels tried for the sparse layout's single
-    rows ran slower than the AVX2 ones on AMD Zen 4 and Zen 5, so none was kept)."""
-    return f"{level} (batches and prompts of dense rows, batches from sparse rows and compressed tiles, in AVX-512 " \
+    512-bit FMA), and so has the sparse layout's one-row walk (a vpexpandb per 32 columns); the other kernels run
+    their AVX2 code."""
+    return f"{level} (batches and prompts of dense rows, sparse rows and batches of compressed tiles in AVX-512 " \
         "registers; the rest AVX2 code)" if level == "avx512" else level
 
 

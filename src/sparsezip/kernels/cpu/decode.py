@@ -90,7 +90,7 @@ def dense_product(bias: torch.Tensor | None, weight: torch.Tensor, blocked: bool
 
 
 def sparse_product(bias: torch.Tensor | None, arrays: tuple[np.ndarray, ...]) -> Product | None:
-    """A SparseWeight's arrays (codes, values, row_start, tile_start)."""
+    """A SparseWeight's arrays (codes, values, row_start, chunk_start)."""
     return (native.PRODUCT_SPARSE, native_bias(bias), *arrays) if takes_bias(bias) else None
 
 

@@ -6,9 +6,10 @@ GEMV (native/gemv.c), which accumulates in fp32; more rows (a prefill, an evalua
 to fp32 for torch's matmul, where the arithmetic, not the bytes, is the cost. Without the extension everything
 takes that path.
 
-`SparseWeight` holds a pruned fp16 matrix as a bitmap plus its nonzero values -- for L2-rounded (E5M2-valued)
-weights one byte per value plus a short exception list -- and `sparse_linear` multiplies from it, expanding in
-registers: ~6 bits per weight at 50% sparsity instead of 16, and the same results as the dense fp16 GEMV.
+`SparseWeight` holds a pruned fp16 matrix as a bitmap plus its nonzero values -- for E5M2-valued weights one
+byte per value, two in the groups that hold an exception -- and `sparse_linear` multiplies from it, expanding in
+registers: at 50% sparsity 5 bits per weight (pure E5M2 values) to 9 (fp16 values) instead of 16, and the same
+results as the dense fp16 GEMV.
 """
 
 from __future__ import annotations
@@ -87,41 +88,55 @@ def blocked_linear(x: torch.Tensor, flat: torch.Tensor, n: int, bias: torch.Tens
     return native_gemv(x, flat, n, True, bias)
 
 
-VALUE_PAD = 16  # bytes readable past the last value (a group's values are loaded 16 at a time); native/gemv.c's
+VALUE_PAD = 64  # bytes readable past the last value (the AVX-512 walk loads 64 at a time); native/gemv.c's
 TILE = 128  # the summation order's unit: native/spz.h's SPZ_TILE, the codec's tile edge (a test holds all three equal)
+CHUNK_TILES = 4  # tiles whose groups the layout interleaves: native/gemv.c's
+GROUPS_PER_TILE = TILE // 8
+WIDE_SHIFT = 48  # chunk_start bit 48 + g: the chunk's groups g store 2 bytes per value
 PACK_VALUES = 2**22  # matrix entries per block of rows while packing: bounds the temporaries
 
 
 @dataclass(frozen=True, eq=False)
 class SparseWeight:
-    """An fp16 matrix [n, k] as the bitmap of its nonzero entries (bit patterns != 0) and their values, in groups
-    of 8 columns: a group whose values all have a low byte of 0 (E5M2 values, as after L2 rounding) stores one
-    byte per value (the high byte), any other ("wide") group two (the fp16 pattern). Each group's code holds its
-    bytes of values, its bitmap byte and whether it is wide: one load gives the kernel the pointer step and the row
-    of its pshufb table, one AND each.
-    Row r's values are values[row_start[r]:row_start[r+1]], group by group, in column order. A runtime layout
-    built by pack_sparse (the byte layout is native/gemv.c's), not a file format; the arrays are read-only.
+    """An fp16 matrix [n, k] as the bitmap of its nonzero entries (bit patterns != 0) and their values. Each row
+    goes in chunks of CHUNK_TILES tiles (512 columns; the last chunk holds the rest), and a chunk interleaves its
+    tiles' groups of 8 columns: group 0 of each tile, then group 1 of each, and so on, as the kernels take them
+    (one accumulator per tile, the shared summation order). codes holds one bitmap byte per group in that order
+    (LSB = the group's first column; 16 per tile, 0 past the matrix's columns), values the groups' nonzero values
+    in that order. The groups g of a chunk's tiles (a chunk group) store one byte per value (the high byte) when
+    all their values have a low byte of 0 (E5M2 values, as after L2 rounding), else two (the fp16 pattern). So one
+    32-bit load gives the bitmaps of a whole chunk group and one 64-byte load its values, which AVX-512 expands in
+    one instruction.
+    Row r's values are values[row_start[r]:row_start[r+1]]; chunk c's start chunk_start[r, c] & (2**48 - 1) bytes
+    in, and bit WIDE_SHIFT + g of chunk_start[r, c] says its chunk group g is wide. A runtime layout built by
+    pack_sparse (the byte layout is native/gemv.c's), not a file format; the arrays are read-only.
     """
 
     shape: tuple[int, int]
-    codes: np.ndarray  # uint16 [n, kb], kb = ceil(k / 8): bytes | bitmap byte (LSB = first column) << 5 | wide << 13
+    codes: np.ndarray  # uint8 [n, 16 * ceil(k / 128)]: each chunk's bitmap bytes, group-major
     values: np.ndarray  # uint8 [row_start[n] + VALUE_PAD]
     row_start: np.ndarray  # int64 [n + 1]
-    tile_start: np.ndarray  # uint32 [n, ceil(k / 128)]: where each tile's values start, from the row's start
+    chunk_start: np.ndarray  # uint64 [n, ceil(k / 512)]: where each chunk's values start | wide groups << 48
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
 
     def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.codes, self.values, self.row_start, self.tile_start
+        return self.codes, self.values, self.row_start, self.chunk_start
 
 
-def present_per_group(present: np.ndarray, kb: int) -> np.ndarray:
-    """Nonzero entries per group of 8 columns: [rows, k] bool -> [rows, kb] int64."""
-    padded = np.zeros((len(present), 8 * kb), bool)
-    padded[:, :present.shape[1]] = present
-    return padded.reshape(len(present), kb, 8).sum(2)
+def chunk_order(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The layout's column order over the whole tiles' columns (past k included), and each position's chunk group
+    (chunk * 16 + g): position p holds column order[p]; chunk c takes positions [512 c, 512 c + 128 * its tiles)."""
+    tiles = -(-k // TILE)
+    order, group_of = [], []
+    for t0 in range(0, tiles, CHUNK_TILES):
+        nt = min(CHUNK_TILES, tiles - t0)
+        group, tile, col = np.meshgrid(np.arange(GROUPS_PER_TILE), np.arange(nt), np.arange(8), indexing="ij")
+        order.append(((t0 + tile) * TILE + 8 * group + col).reshape(-1))  # [group][tile][column]
+        group_of.append((t0 // CHUNK_TILES * GROUPS_PER_TILE + group).reshape(-1))
+    return np.concatenate(order), np.concatenate(group_of)
 
 
 def pack_sparse(weight: torch.Tensor) -> SparseWeight:
@@ -130,36 +145,42 @@ def pack_sparse(weight: torch.Tensor) -> SparseWeight:
         raise ValueError(f"pack_sparse takes a 2-D CPU float16 tensor, got {weight.dtype} {list(weight.shape)}")
     n, k = weight.shape
     bits = weight.contiguous().view(torch.int16).numpy().view(np.uint16)
-    kb = -(-k // 8)
     tiles = -(-k // TILE)
-    codes = np.empty((n, kb), np.uint16)
-    tile_bytes = np.empty((n, tiles), np.int64)
+    chunks = -(-tiles // CHUNK_TILES)
+    order, group_of = chunk_order(k)
+    group_first = np.flatnonzero(np.diff(group_of, prepend=-1))  # each chunk group's first position
+    chunk_first = np.arange(0, len(order), CHUNK_TILES * TILE)  # each chunk's first position
+    codes = np.empty((n, tiles * GROUPS_PER_TILE), np.uint8)
+    chunk_bytes = np.empty((n, chunks), np.int64)
+    wide_bits = np.empty((n, chunks), np.uint64)
     streams = []
     step = max(1, PACK_VALUES // k)
     for r0 in range(0, n, step):  # bounds the per-entry temporaries to one block of rows
-        block = bits[r0:r0 + step]
-        present = block != 0
-        wide = np.zeros((len(block), 8 * kb), bool)  # [rows, columns padded to whole groups]
-        wide[:, :k] = present & ((block & 0xFF) != 0)
-        wide_groups = wide.reshape(len(block), kb, 8).any(2)  # [rows, kb]
-        group_bytes = np.zeros((len(block), tiles * TILE // 8), np.int64)
-        group_bytes[:, :kb] = present_per_group(present, kb) * (1 + wide_groups)
-        bitmaps = np.packbits(present, axis=1, bitorder="little").astype(np.uint16)
-        codes[r0:r0 + step] = group_bytes[:, :kb] | bitmaps << 5 | wide_groups.astype(np.uint16) << 13
-        wide_value = np.repeat(wide_groups, 8, axis=1)[:, :k][present]  # per value in row-major order
-        width = 1 + wide_value.astype(np.int64)
-        offset = np.concatenate([[0], np.cumsum(width)[:-1]])
+        block = np.zeros((min(step, n - r0), tiles * TILE), np.uint16)
+        block[:, :k] = bits[r0:r0 + step]
+        ordered = block[:, order]
+        present = ordered != 0
+        codes[r0:r0 + step] = np.packbits(present, axis=1, bitorder="little")
+        low_used = (present & ((ordered & 0xFF) != 0)).astype(np.uint8)
+        wide = np.add.reduceat(low_used, group_first, axis=1) > 0  # [rows, chunk groups]: any low byte in use
+        wide_bits[r0:r0 + step] = (wide.reshape(len(block), chunks, GROUPS_PER_TILE).astype(np.uint64)
+                                   << np.arange(WIDE_SHIFT, WIDE_SHIFT + GROUPS_PER_TILE, dtype=np.uint64)).sum(
+                                       2, dtype=np.uint64)
+        wide_position = wide[:, group_of]
+        width = present * (1 + wide_position)  # bytes per position
+        chunk_bytes[r0:r0 + step] = np.add.reduceat(width, chunk_first, axis=1)
+        wide_value = wide_position[present]  # per value in row-major layout order
+        offset = np.concatenate([[0], np.cumsum(1 + wide_value.astype(np.int64))[:-1]])
         stream = np.zeros(int(width.sum()), np.uint8)
-        values = block[present]
+        values = ordered[present]
         stream[offset + wide_value] = values >> 8  # the high byte: first of one, second of two (little-endian)
         stream[offset[wide_value]] = values[wide_value] & 0xFF
-        tile_bytes[r0:r0 + step] = group_bytes.reshape(len(block), tiles, TILE // 8).sum(2)
         streams.append(stream)
-    row_start = np.concatenate([[0], np.cumsum(tile_bytes.sum(1))]).astype(np.int64)
-    tile_start = (np.cumsum(tile_bytes, axis=1) - tile_bytes).astype(np.uint32)
-    held = one_buffer([codes, (int(row_start[-1]) + VALUE_PAD,), row_start, tile_start])
-    held_codes, values, held_row_start, held_tile_start = held
-    held_codes[...], held_row_start[...], held_tile_start[...] = codes, row_start, tile_start
+    row_start = np.concatenate([[0], np.cumsum(chunk_bytes.sum(1))]).astype(np.int64)
+    chunk_start = (np.cumsum(chunk_bytes, axis=1) - chunk_bytes).astype(np.uint64) | wide_bits
+    held = one_buffer([codes, (int(row_start[-1]) + VALUE_PAD,), row_start, chunk_start])
+    held_codes, values, held_row_start, held_chunk_start = held
+    held_codes[...], held_row_start[...], held_chunk_start[...] = codes, row_start, chunk_start
     np.concatenate(streams + [np.zeros(VALUE_PAD, np.uint8)], out=values)  # straight into place: no second copy
     for a in held:
         a.flags.writeable = False
@@ -192,15 +213,19 @@ def unpack_sparse(sparse: SparseWeight, out: torch.Tensor | None = None) -> torc
         native.sparse_unpack(*sparse.arrays(), out.view(torch.int32 if f32 else torch.int16).numpy(), n, k, f32,
                              threads_for(n * k // 4))
         return out
-    bitmaps = (sparse.codes >> 5 & 0xFF).astype(np.uint8)
-    present = np.unpackbits(bitmaps, axis=1, count=k, bitorder="little").astype(bool)
-    wide_groups = (sparse.codes >> 13 & 1).astype(bool)
-    wide_value = np.repeat(wide_groups, 8, axis=1)[:, :k][present]
+    order, group_of = chunk_order(k)
+    present = np.unpackbits(sparse.codes, axis=1, bitorder="little").astype(bool)
+    chunk, g = np.divmod(group_of, GROUPS_PER_TILE)
+    wide_position = ((sparse.chunk_start[:, chunk] >> (WIDE_SHIFT + g).astype(np.uint64)) & 1) == 1
+    wide_value = wide_position[present]
     offset = np.concatenate([[0], np.cumsum(1 + wide_value.astype(np.int64))[:-1]])
     values = sparse.values[offset + wide_value].astype(np.uint16) << 8
     values[wide_value] |= sparse.values[offset[wide_value]]
-    dense = np.zeros((n, k), dtype=np.uint16)
-    dense[present] = values
+    ordered = np.zeros((n, len(order)), dtype=np.uint16)
+    ordered[present] = values
+    dense = np.zeros((n, len(order)), dtype=np.uint16)
+    dense[:, order] = ordered
+    dense = np.ascontiguousarray(dense[:, :k])
     out.copy_(torch.from_numpy(dense.view(np.int16)).view(torch.float16))
     return out
 

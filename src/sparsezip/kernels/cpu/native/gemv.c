@@ -17,23 +17,31 @@
  * at element c * n as a row-major [n, b] matrix: rows wider than L1 holds in fp32 x then stay one sequential
  * stream whose activations are read from L1 (see spz_gemv_dense).
  *
- * The sparse layout (built by kernels/cpu/gemv.py's pack_sparse, held read-only): per weight row r
- *   codes   uint16 [n, kb], kb = ceil(k / 8): one per group of 8 columns; bits 0-4 = the group's bytes of values
- *           (0 .. 16: redundant, but an AND instead of a table load, and the kernel is bound by loads), bit 5 + j
- *           = column 8g + j is nonzero (bit pattern != 0), bit 13 = the group stores 2-byte values
- *   values  uint8 stream, row r from row_start[r]: for each group in order, its nonzero values in column order,
- *           2 bytes each (the little-endian fp16 pattern) in a wide group, else 1 byte each (the high byte; the
- *           low byte is 0 -- an E5M2 value, what L2 rounding makes); VALUE_PAD readable bytes at the end.
- * A group expands with one pshufb whose control is read at byte offset code of the table (spz.h).
- * sparse_gemv(codes, values, row_start, x, y, n, k, m, threads) and sparse_unpack(..., out, n, k, out_f32,
- * threads), which writes the dense matrix as fp16 or fp32 for the many-row path.
+ * The sparse layout (built by kernels/cpu/gemv.py's pack_sparse, held read-only): each weight row r goes in chunks
+ * of CHUNK_TILES tiles (CHUNK columns; the last chunk holds what is left, its last tile maybe partial), and a chunk
+ * interleaves its nt tiles' groups of 8 columns, group-major -- the order in which a walk with one accumulator per
+ * tile takes them:
+ *   codes       uint8 [n, 16 * tiles]: chunk c's bitmap bytes from 64 c, group g of its tile i at g * nt + i (bit j =
+ *               column 8g + j is nonzero, i.e. its bit pattern != 0; 0 for a group past the row's end)
+ *   values      uint8 stream, row r from row_start[r], chunk c from the low 48 bits of chunk_start[r, c] past it:
+ *               the groups' nonzero values in the codes' order; the groups g of a chunk's tiles (its chunk group g)
+ *               store 2 bytes a value (the little-endian fp16 pattern) when bit 48 + g of chunk_start[r, c] is set
+ *               (a wide chunk group), else 1 byte a value (the high byte; the low byte is 0 -- an E5M2 value, what
+ *               L2 rounding makes); VALUE_PAD readable bytes at the end.
+ * So a group expands with one pshufb through spz_expand_sparse[wide][bitmap], and a whole chunk group, whose
+ * bitmaps are one 32-bit load and whose values are contiguous, with one AVX-512 byte expansion.
+ * sparse_gemv(codes, values, row_start, chunk_start, x, y, n, k, m, threads) and sparse_unpack(..., out, n, k,
+ * out_f32, threads), which writes the dense matrix as fp16 or fp32 for the many-row path.
  */
 #include "spz.h"
 
 #define TILE SPZ_TILE
-#define TILES 4    /* tiles of one sparse row in flight at one activation row: 4 independent FMA chains */
-/* The same for a dense row: 2. The dense kernel is bound by the memory stream, not by its FMA chains, and 2 tiles
- * streamed the 1.5B model's matrices faster than 4 (with 4 the sparse kernel, bound by its instructions, ran faster) */
+#define CHUNK_TILES 4 /* tiles of a sparse row's chunk, whose groups the layout interleaves: 4 independent FMA chains */
+#define CHUNK (CHUNK_TILES * TILE)
+#define GROUPS_PER_TILE (TILE / 8)
+#define WIDE_SHIFT 48 /* chunk_start bit 48 + g: the chunk's group g is wide */
+/* Tiles of a dense row in flight at one activation row: 2. The dense kernel is bound by the memory stream, not by its
+ * FMA chains, and 2 tiles streamed the 1.5B model's matrices faster than 4 */
 #define DENSE_TILES 2
 #define X_BLOCK 8  /* activation rows per pass over a weight row: 8 accumulators fit in registers */
 /* Weight rows that take each chunk of columns in turn when the activations overflow L1: a multiple of ROWS_AVX512 */
@@ -61,47 +69,74 @@
  * distances of 1-16 KB gained nothing more. */
 #define SPARSE_PREFETCH_BYTES 4096
 #define SPARSE_PREFETCH_LINES 8
-#define VALUE_PAD 16 /* bytes readable past the last value: a group's values are loaded 16 bytes at a time */
+#define VALUE_PAD 64 /* bytes readable past the last value: the AVX-512 walk loads a chunk group's 64 bytes at a time */
+/* How far ahead of the AVX-512 walk's two rows each row's values are prefetched (every other group of the chunk):
+ * two interleaved streams that the hardware prefetcher did not keep up with (a scratch loop over 32768 random 50%
+ * rows of 2048 columns streamed at 0.72 ns per group of 8 without, 0.50 at 1 KB, 0.31 at 4 KB, 0.30 from cache) */
+#define PAIR_PREFETCH_BYTES 4096
 
 static int64_t tile_cols(int64_t k, int64_t c0) { return k - c0 < TILE ? k - c0 : TILE; }
 
 /* ------------------------------------------------------------------ one weight row, expanded or dense */
 
 typedef struct {
-    const uint16_t *code;  /* the row's group codes */
-    const uint8_t *v;      /* its next value */
-} Cursor;
-
-typedef struct {
     const uint16_t *w;   /* dense: uint16 [n, k] */
-    const uint16_t *codes;
+    const uint8_t *codes;
     const uint8_t *values;
-    const uint32_t *tile_start;
+    const uint64_t *chunk_start;
     const int64_t *row_start;
     const float *x;      /* [m, xk]: the job's k columns of each activation row */
     const float *xp;     /* x's rows in pairs for the AVX-512 bands (pair_rows), at the job's first column; or NULL,
                             and those bands are not used */
+    const float *xq;     /* one activation row in whole chunks' order for the AVX-512 walk (chunk_order_x); or NULL */
     float *y;            /* [m, n] */
     int64_t xk;          /* x's row stride: k, or the whole width for one column block of a blocked matrix */
     int acc;             /* add the products to y instead of writing them: a block after the first */
     void *out;           /* unpack: [n, k] fp16 or fp32 */
     int out_f32;
-    int64_t n, k, m, kb, tiles;
+    int64_t n, k, m, tiles, chunks;
 } Job;
 
-static Cursor row_cursor(const Job *j, int64_t r) {
-    return (Cursor){j->codes + r * j->kb, j->values + j->row_start[r]};
+/* One chunk of a sparse row. */
+typedef struct {
+    const uint8_t *mask; /* its bitmap bytes: group g of tile i at mask[g * nt + i] */
+    const uint8_t *v;    /* its first value */
+    int nt;              /* its tiles */
+    unsigned wides;      /* bit g: its group g stores 2 bytes per value, else 1 */
+    int64_t cols;        /* its columns */
+} Chunk;
+
+static Chunk chunk_of(const Job *j, int64_t r, int64_t c) {
+    const uint64_t start = j->chunk_start[r * j->chunks + c];
+    const int64_t t0 = c * CHUNK_TILES;
+    return (Chunk){j->codes + (r * j->tiles + t0) * GROUPS_PER_TILE,
+                   j->values + j->row_start[r] + (int64_t)(start & ((1ULL << WIDE_SHIFT) - 1)),
+                   (int)(j->tiles - t0 < CHUNK_TILES ? j->tiles - t0 : CHUNK_TILES), (unsigned)(start >> WIDE_SHIFT),
+                   j->k - c * CHUNK < CHUNK ? j->k - c * CHUNK : CHUNK};
 }
 
-/* Columns [c0, c0 + cols) of the row as fp16 bit patterns into buf[0 .. cols), column by column. */
-static void expand_scalar(Cursor *c, int64_t c0, int64_t cols, uint16_t *buf) {
-    for (int64_t i = 0; i < cols; i++) {
-        int64_t col = c0 + i;
-        const unsigned code = c->code[col >> 3];
-        const int set = code >> (5 + (col & 7)) & 1, wide = code >> 13 & 1;
-        buf[i] = !set ? 0 : wide ? (uint16_t)(c->v[0] | c->v[1] << 8) : (uint16_t)(c->v[0] << 8);
-        c->v += set << wide;
+/* The first `cols` (1..8) columns of a group with bitmap m, its values at v, as fp16 patterns into out; returns the
+ * bytes of values it took (the bitmap has no bits past the row's end). */
+static int expand_group_scalar(const uint8_t *v, unsigned m, int wide, int cols, uint16_t *out) {
+    int used = 0;
+    for (int b = 0; b < cols; b++) {
+        const int set = m >> b & 1;
+        out[b] = !set ? 0 : wide ? (uint16_t)(v[used] | v[used + 1] << 8) : (uint16_t)(v[used] << 8);
+        used += set << wide;
     }
+    return used;
+}
+
+/* The chunk's columns as fp16 patterns into out[0 .. ch.cols). */
+static void expand_chunk_scalar(Chunk ch, uint16_t *out) {
+    const uint8_t *v = ch.v;
+    for (int g = 0; g < GROUPS_PER_TILE; g++)
+        for (int i = 0; i < ch.nt; i++) {
+            const int64_t col = i * TILE + 8 * g;
+            if (col < ch.cols)
+                v += expand_group_scalar(v, ch.mask[g * ch.nt + i], ch.wides >> g & 1,
+                                         ch.cols - col < 8 ? (int)(ch.cols - col) : 8, out + col);
+        }
 }
 
 /* ------------------------------------------------------------------ portable kernels */
@@ -117,51 +152,42 @@ static void dense_rows_portable(const Job *j, int64_t row_begin, int64_t row_end
 }
 
 static void sparse_rows_portable(const Job *j, int64_t row_begin, int64_t row_end) {
-    uint16_t buf[TILE];
+    uint16_t buf[CHUNK];
     for (int64_t r = row_begin; r < row_end; r++)
         for (int64_t b = 0; b < j->m; b++) {
-            Cursor c = row_cursor(j, r);
             float total = 0.0f;
-            for (int64_t c0 = 0; c0 < j->k; c0 += TILE) {
-                const int64_t cols = tile_cols(j->k, c0);
-                expand_scalar(&c, c0, cols, buf);
-                total += spz_dot_scalar(buf, j->x + b * j->xk + c0, cols);
+            for (int64_t c = 0; c < j->chunks; c++) {
+                const Chunk ch = chunk_of(j, r, c);
+                expand_chunk_scalar(ch, buf);
+                for (int i = 0; i < ch.nt; i++)
+                    total += spz_dot_scalar(buf + i * TILE, j->x + b * j->xk + c * CHUNK + i * TILE,
+                                            tile_cols(ch.cols, i * TILE));
             }
             j->y[b * j->n + r] = total;
         }
 }
 
 static void unpack_rows_portable(const Job *j, int64_t row_begin, int64_t row_end) {
-    uint16_t buf[TILE];
-    for (int64_t r = row_begin; r < row_end; r++) {
-        Cursor c = row_cursor(j, r);
-        for (int64_t c0 = 0; c0 < j->k; c0 += TILE) {
-            const int64_t cols = tile_cols(j->k, c0);
-            if (!j->out_f32) {
-                expand_scalar(&c, c0, cols, (uint16_t *)j->out + r * j->k + c0);
-                continue;
-            }
-            expand_scalar(&c, c0, cols, buf);
-            for (int64_t i = 0; i < cols; i++) ((float *)j->out)[r * j->k + c0 + i] = spz_half(buf[i]);
+    uint16_t buf[CHUNK];
+    for (int64_t r = row_begin; r < row_end; r++)
+        for (int64_t c = 0; c < j->chunks; c++) {
+            const Chunk ch = chunk_of(j, r, c);
+            const int64_t at = r * j->k + c * CHUNK;
+            expand_chunk_scalar(ch, buf);
+            for (int64_t i = 0; i < ch.cols; i++)
+                if (j->out_f32) ((float *)j->out)[at + i] = spz_half(buf[i]);
+                else ((uint16_t *)j->out)[at + i] = buf[i];
         }
-    }
 }
 
 /* ------------------------------------------------------------------ AVX2 kernels */
 
 #ifdef SPZ_X86
 
-/* The 8 columns of a sparse row's group whose code is `code` and whose values start at v (the caller then steps v by
- * code & 31: taking v by address instead made GCC keep the kernel's pointers on the stack). */
-AVX2 __m128i expand_group(const uint8_t *v, unsigned code) {
+/* The 8 columns of a group with bitmap m whose values start at v, as fp16 patterns; table = spz_expand_sparse[wide]. */
+AVX2 __m128i expand_group(const uint8_t *v, const uint8_t *table, unsigned m) {
     return _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)v),
-                            _mm_loadu_si128((const __m128i *)((const uint8_t *)spz_expand_sparse + code)));
-}
-
-/* Tile t of row r's cursor: its values start tile_start[r, t] bytes into the row's, so the tiles of a row can be
- * expanded side by side. */
-static Cursor tile_cursor(const Job *j, int64_t r, int64_t t) {
-    return (Cursor){j->codes + r * j->kb, j->values + j->row_start[r] + j->tile_start[r * j->tiles + t]};
+                            _mm_load_si128((const __m128i *)(table + spz_shift_left(m, 4))));
 }
 
 /* total[b] += each of the nt tiles' sums (from column c0, `cols` columns each) against activation row b, in tile
@@ -194,7 +220,7 @@ AVX2 void dense_tiles_avx2(const uint16_t *w, int64_t wk, const float *x, int64_
     const int64_t full = cols & ~(int64_t)7, groups = full >> 3, turns = groups & ~(int64_t)(GROUPS_PER_TURN - 1);
     const uint16_t *wt = w + c0;
     const float *xt = x + c0;
-    __m256 acc[ROWS_MAX * TILES * X_BLOCK];
+    __m256 acc[ROWS_MAX * DENSE_TILES * X_BLOCK];
     for (int a = 0; a < nr * nt * nb; a++) acc[a] = _mm256_setzero_ps();
     for (int64_t g0 = 0; g0 < groups; g0 += GROUPS_PER_TURN)
         for (int i = 0; i < nt; i++) {
@@ -215,53 +241,15 @@ AVX2 void dense_tiles_avx2(const uint16_t *w, int64_t wk, const float *x, int64_
         add_tile_sums(acc + r * nt * nb, wt + r * wk + full, x, k, c0, cols, nt, nb, total[r]);
 }
 
-/* The same from the sparse layout, the tiles expanded through their cursors c[0 .. nt). Here tiles turn every
- * group: the pointer steps of one tile's values then overlap with the other tiles' work. Every operand is a base
- * pointer plus a constant offset per tile and one shared group index, so that a group costs a handful of
- * instructions: the sparse kernel is bound by instructions per group, not by bytes. */
-AVX2 void sparse_tiles_avx2(Cursor *c, const float *x, int64_t k, int64_t c0, int64_t cols, const int nt,
-                            const int nb, float *total) {
-    const int64_t full = cols & ~(int64_t)7;
-    const uint16_t *code = c[0].code + (c0 >> 3); /* the tiles of a row share its code array */
-    const float *xt = x + c0;
-    const uint8_t *v[TILES];
-    __m256 acc[TILES * X_BLOCK];
-    for (int i = 0; i < nt; i++) v[i] = c[i].v;
-    for (int a = 0; a < nt * nb; a++) acc[a] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < full >> 3; g++)
-        for (int i = 0; i < nt; i++) {
-            const unsigned group = code[i * (TILE / 8) + g];
-            const __m256 wv = _mm256_cvtph_ps(expand_group(v[i], group));
-            v[i] += spz_low_bits(group, 5);
-            for (int b = 0; b < nb; b++)
-                acc[i * nb + b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xt + b * k + i * TILE + 8 * g), acc[i * nb + b]);
-        }
-    for (int i = 0; i < nt; i++) c[i].v = v[i];
-    uint16_t tail[8];
-    if (full < cols) expand_scalar(&c[0], c0 + full, cols - full, tail);
-    add_tile_sums(acc, tail, x, k, c0, cols, nt, nb, total);
-}
-
 /* One chunk of columns from c0 (nt tiles of `cols` columns; fewer than TILE only when nt is 1) of each of the
- * band's rows in turn, into total[i]. The rows are w (dense: row i at w + i * k, nr rows per step, the rest one by
- * one) or expanded from the sparse layout. Always inlined with constant nr, nt and nb. */
-AVX2 void band_chunk_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, const float *x, int64_t c0,
-                          int64_t cols, const int nr, const int nt, const int nb, const int dense,
-                          float (*total)[X_BLOCK]) {
-    if (dense) {
-        int64_t i = 0;
-        for (; nr > 1 && i + nr <= rows; i += nr)
-            dense_tiles_avx2(w + i * j->k, j->k, x, j->xk, c0, cols, nr, nt, nb, total + i);
-        for (; i < rows; i++) dense_tiles_avx2(w + i * j->k, j->k, x, j->xk, c0, cols, 1, nt, nb, total + i);
-        return;
-    }
-    Cursor c[TILES];
-    for (int64_t i = 0; i < rows; i++) {
-        for (int t = 0; t < nt; t++) c[t] = tile_cursor(j, r0 + i, c0 / TILE + t);
-        for (int l = 0; l < SPARSE_PREFETCH_LINES; l++)
-            _mm_prefetch((const char *)c[0].v + SPARSE_PREFETCH_BYTES + 64 * l, _MM_HINT_T0);
-        sparse_tiles_avx2(c, x, j->xk, c0, cols, nt, nb, total[i]);
-    }
+ * band's dense rows (row i at w + i * k) in turn, nr rows per step and the rest one by one, into total[i]. Always
+ * inlined with constant nr, nt and nb. */
+AVX2 void band_chunk_avx2(const Job *j, const uint16_t *w, int64_t rows, const float *x, int64_t c0, int64_t cols,
+                          const int nr, const int nt, const int nb, float (*total)[X_BLOCK]) {
+    int64_t i = 0;
+    for (; nr > 1 && i + nr <= rows; i += nr)
+        dense_tiles_avx2(w + i * j->k, j->k, x, j->xk, c0, cols, nr, nt, nb, total + i);
+    for (; i < rows; i++) dense_tiles_avx2(w + i * j->k, j->k, x, j->xk, c0, cols, 1, nt, nb, total + i);
 }
 
 /* A band's running sums: y's when a previous column block's products are there to add to, else 0. */
@@ -275,20 +263,19 @@ static void store_totals(const Job *j, int64_t r0, int64_t rows, int64_t b0, int
         for (int b = 0; b < nb; b++) j->y[(b0 + b) * j->n + r0 + i] = total[i][b];
 }
 
-/* Weight rows r0 .. r0 + rows - 1 against activation rows b0 .. b0 + nb - 1, into y: the columns in chunks of nt
- * tiles (several tiles of a row in flight when nb is small: independent chains), each chunk for every row of the
- * band, so that the chunk's activations are read from L1 by all of them. */
+/* Dense weight rows r0 .. r0 + rows - 1 (at w) against activation rows b0 .. b0 + nb - 1, into y: the columns in
+ * chunks of nt tiles (several tiles of a row in flight when nb is small: independent chains), each chunk for every
+ * row of the band, so that the chunk's activations are read from L1 by all of them. */
 AVX2 void band_avx2(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0, const int nb,
-                    const int dense, const int nr) {
-    const int tiles = dense ? DENSE_TILES : TILES, nt = nb >= tiles ? 1 : tiles / nb;
+                    const int nr) {
+    const int nt = nb >= DENSE_TILES ? 1 : DENSE_TILES / nb;
     const int64_t k = j->k;
     const float *x = j->x + b0 * j->xk;
     float total[BAND][X_BLOCK];
     load_totals(j, r0, rows, b0, nb, total);
     int64_t c0 = 0;
-    for (; c0 + nt * TILE <= k; c0 += nt * TILE)
-        band_chunk_avx2(j, w, r0, rows, x, c0, TILE, nr, nt, nb, dense, total);
-    for (; c0 < k; c0 += TILE) band_chunk_avx2(j, w, r0, rows, x, c0, tile_cols(k, c0), nr, 1, nb, dense, total);
+    for (; c0 + nt * TILE <= k; c0 += nt * TILE) band_chunk_avx2(j, w, rows, x, c0, TILE, nr, nt, nb, total);
+    for (; c0 < k; c0 += TILE) band_chunk_avx2(j, w, rows, x, c0, tile_cols(k, c0), nr, 1, nb, total);
     store_totals(j, r0, rows, b0, nb, total);
 }
 
@@ -385,54 +372,75 @@ AVX512 void dense_band_avx512(const Job *j, const uint16_t *w, int64_t r0, int64
     store_totals(j, r0, rows, b0, nb, total);
 }
 
+/* The bitmaps of a chunk's group g, tile i's in bits 8i..8i+7. */
+static inline uint32_t group_masks(Chunk ch, int64_t g) {
+    uint32_t masks = 0;
+    if (ch.nt == CHUNK_TILES) memcpy(&masks, ch.mask + g * CHUNK_TILES, sizeof masks);
+    else
+        for (int i = 0; i < ch.nt; i++) masks |= (uint32_t)ch.mask[g * ch.nt + i] << (8 * i);
+    return masks;
+}
+
+/* Where tile i's group g starts among its chunk group's values at v (masks = group_masks). */
+static inline const uint8_t *tile_values(const uint8_t *v, uint32_t masks, int i, int wide) {
+    return v + ((size_t)__builtin_popcount(masks & ((1u << (8 * i)) - 1)) << wide);
+}
+
 /* dense_tiles_avx512 for one tile of nr sparse rows from row r0, each group expanded in registers into both halves
  * of a 256-bit vector (its values and its pshufb control each loaded into both 128-bit lanes, one lane-wise
  * shuffle) and converted into both halves of a 512-bit one, then multiplied by nb activation rows in pairs: each
  * lane accumulates the same products in the same order as the AVX2 walk's, so the sums are bit for bit AVX2's. The
- * batch's FMAs then hide most of the expansion, where the AVX2 level expands a band into scratch first. Always
+ * batch's FMAs then hide most of the expansion, where the AVX2 level expands a band into scratch first. The tile's
+ * groups lie among its chunk's (interleaved): each step finds its own from the chunk group's bitmaps. Always
  * inlined with constant nr and nb. */
 AVX512 void sparse_tiles_avx512(const Job *j, int64_t r0, const float *x, const float *xp, int64_t c0, int64_t cols,
                                 const int nr, const int nb, float (*total)[X_BLOCK]) {
-    const int np = (nb + 1) / 2;
-    const int64_t full = cols & ~(int64_t)7, k = j->xk;
-    const uint8_t *table = (const uint8_t *)spz_expand_sparse;
+    const int np = (nb + 1) / 2, i = (int)(c0 / TILE % CHUNK_TILES);
+    const int64_t full = cols & ~(int64_t)7, k = j->xk, c = c0 / CHUNK;
     const float *xt = xp + 2 * c0;
-    Cursor c[ROWS_MAX];
+    Chunk ch[ROWS_MAX];
     const uint8_t *v[ROWS_MAX];
     __m512 acc[ROWS_MAX * X_BLOCK / 2];
-    for (int i = 0; i < nr; i++) {
-        c[i] = tile_cursor(j, r0 + i, c0 / TILE);
-        c[i].code += c0 >> 3;
-        v[i] = c[i].v;
+    for (int s = 0; s < nr; s++) {
+        ch[s] = chunk_of(j, r0 + s, c);
+        v[s] = ch[s].v;
     }
     for (int a = 0; a < nr * np; a++) acc[a] = _mm512_setzero_ps();
     for (int64_t g = 0; g < full >> 3; g++) {
         __m512 wv[ROWS_MAX];
-        for (int i = 0; i < nr; i++) {
-            const unsigned code = c[i].code[g];
-            wv[i] = _mm512_cvtph_ps(_mm256_shuffle_epi8(
-                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)v[i])),
-                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(table + code)))));
-            v[i] += spz_low_bits(code, 5);
+        for (int s = 0; s < nr; s++) {
+            const uint32_t masks = group_masks(ch[s], g);
+            const int wide = ch[s].wides >> g & 1;
+            const uint8_t *table = (const uint8_t *)spz_expand_sparse[wide];
+            const uint8_t *own = tile_values(v[s], masks, i, wide);
+            wv[s] = _mm512_cvtph_ps(_mm256_shuffle_epi8(
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)own)),
+                _mm256_broadcastsi128_si256(
+                    _mm_load_si128((const __m128i *)(table + spz_shift_left(masks >> (8 * i) & 0xFF, 4))))));
+            v[s] += (size_t)__builtin_popcount(masks) << wide;
         }
         for (int p = 0; p < np; p++) {
             __m512 xv = _mm512_loadu_ps(xt + 2 * (p * k + 8 * g));
             __asm__("" : "+v"(xv)); /* one load per vector, not one folded into each row's FMA */
-            for (int i = 0; i < nr; i++) acc[i * np + p] = _mm512_fmadd_ps(wv[i], xv, acc[i * np + p]);
+            for (int s = 0; s < nr; s++) acc[s * np + p] = _mm512_fmadd_ps(wv[s], xv, acc[s * np + p]);
         }
     }
-    for (int i = 0; i < nr; i++) {
+    for (int s = 0; s < nr; s++) {
         if (nb == X_BLOCK && full == cols) {
-            _mm256_storeu_ps(total[i], _mm256_add_ps(_mm256_loadu_ps(total[i]), spz_hsum8x8_pairs(acc + i * np)));
+            _mm256_storeu_ps(total[s], _mm256_add_ps(_mm256_loadu_ps(total[s]), spz_hsum8x8_pairs(acc + s * np)));
             continue;
         }
         __m256 halves[X_BLOCK];
         uint16_t tail[8];
         for (int b = 0; b < nb; b++)
-            halves[b] = b % 2 ? spz_upper_half(acc[i * np + b / 2]) : _mm512_castps512_ps256(acc[i * np + b / 2]);
-        c[i].v = v[i];
-        if (full < cols) expand_scalar(&c[i], full, cols - full, tail);
-        add_tile_sums(halves, tail, x, k, c0, cols, 1, nb, total[i]);
+            halves[b] = b % 2 ? spz_upper_half(acc[s * np + b / 2]) : _mm512_castps512_ps256(acc[s * np + b / 2]);
+        if (full < cols) {
+            const uint32_t masks = group_masks(ch[s], full >> 3);
+            const int wide = ch[s].wides >> (full >> 3) & 1;
+            expand_group_scalar(tile_values(v[s], masks, i, wide), masks >> (8 * i) & 0xFF, wide, (int)(cols - full),
+                                tail);
+        }
+        add_tile_sums(halves, tail, x, k, c0, cols, 1, nb, total[s]);
     }
 }
 
@@ -443,7 +451,8 @@ AVX512 void sparse_band_avx512(const Job *j, int64_t r0, int64_t rows, int64_t b
     load_totals(j, r0, rows, b0, nb, total);
     const int64_t next = r0 + rows, after = next + rows < j->n ? next + rows : j->n;
     Ahead values = ahead_of(j->values + j->row_start[next], j->values + j->row_start[after], j->k);
-    Ahead codes = ahead_of(j->codes + next * j->kb, j->codes + after * j->kb, j->k);
+    const int64_t per_row = j->tiles * GROUPS_PER_TILE;
+    Ahead codes = ahead_of(j->codes + next * per_row, j->codes + after * per_row, j->k);
     for (int64_t c0 = 0; c0 < j->k; c0 += TILE) {
         const int64_t cols = tile_cols(j->k, c0);
         int64_t i = 0;
@@ -457,8 +466,8 @@ AVX512 void sparse_band_avx512(const Job *j, int64_t r0, int64_t rows, int64_t b
 }
 
 /* band_avx2 for each constant nb and kind, each its own function: inlined all into one, the register allocator
- * kept the sparse kernel's pointers on the stack. A band of one row (every sparse one) is compiled as such: with a
- * loop over the band's rows around it, the one-row kernel took about 7% more instructions (callgrind). The AVX-512
+ * kept the kernels' pointers on the stack. A band of one row is compiled as such: with a loop over the band's rows
+ * around it, the one-row kernel took about 7% more instructions (callgrind). The AVX-512
  * level's dense bands (dense_band_avx512) hold the accumulators of ROWS_AVX512 weight rows at once in its 32 vector
  * registers, so each loaded activation vector feeds 3 rows' FMAs instead of 1 (with AVX2's 16 registers 2 rows ran
  * slower than 1), each FMA for two activation rows. */
@@ -466,16 +475,12 @@ typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows
 #define BAND_FNS(NB)                                                                                                 \
     __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void dense_band##NB(                                   \
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
-        if (rows == 1) band_avx2(j, w, r0, 1, b0, NB, 1, 1);                                                         \
-        else band_avx2(j, w, r0, rows, b0, NB, 1, 1);                                                                \
+        if (rows == 1) band_avx2(j, w, r0, 1, b0, NB, 1);                                                            \
+        else band_avx2(j, w, r0, rows, b0, NB, 1);                                                                   \
     }                                                                                                                \
     __attribute__((target(SPZ_TARGET_AVX512), noinline)) static void dense_band_avx512_##NB(                         \
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
         dense_band_avx512(j, w, r0, rows, b0, NB);                                                                   \
-    }                                                                                                                \
-    __attribute__((target(SPZ_TARGET_AVX2), noinline)) static void sparse_band##NB(                                  \
-        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
-        for (int64_t i = 0; i < rows; i++) band_avx2(j, w, r0 + i, 1, b0, NB, 0, 1);                                 \
     }                                                                                                                \
     __attribute__((target(SPZ_TARGET_AVX512), noinline)) static void sparse_band_avx512_##NB(                        \
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
@@ -495,49 +500,108 @@ static const BandFn DENSE_BANDS[X_BLOCK + 1] = {NULL, dense_band1, dense_band2, 
 static const BandFn DENSE_BANDS_AVX512[X_BLOCK + 1] = {
     NULL, dense_band_avx512_1, dense_band_avx512_2, dense_band_avx512_3, dense_band_avx512_4,
     dense_band_avx512_5, dense_band_avx512_6, dense_band_avx512_7, dense_band_avx512_8};
-static const BandFn SPARSE_BANDS[X_BLOCK + 1] = {NULL, sparse_band1, sparse_band2, sparse_band3, sparse_band4,
-                                                 sparse_band5, sparse_band6, sparse_band7, sparse_band8};
 static const BandFn SPARSE_BANDS_AVX512[X_BLOCK + 1] = {
     NULL, sparse_band_avx512_1, sparse_band_avx512_2, sparse_band_avx512_3, sparse_band_avx512_4,
     sparse_band_avx512_5, sparse_band_avx512_6, sparse_band_avx512_7, sparse_band_avx512_8};
 
+/* The chunk's columns as fp16 patterns into out[0 .. ch.cols). */
+AVX2 void expand_chunk_avx2(Chunk ch, uint16_t *out) {
+    const uint8_t *v = ch.v;
+    for (int g = 0; g < GROUPS_PER_TILE; g++) {
+        const int wide = ch.wides >> g & 1;
+        const uint8_t *table = (const uint8_t *)spz_expand_sparse[wide];
+        for (int i = 0; i < ch.nt; i++) {
+            const unsigned m = ch.mask[g * ch.nt + i];
+            const int64_t col = i * TILE + 8 * g;
+            if (col + 8 <= ch.cols) {
+                _mm_storeu_si128((__m128i *)(out + col), expand_group(v, table, m));
+                v += (size_t)__builtin_popcount(m) << wide;
+            } else if (col < ch.cols) {
+                v += expand_group_scalar(v, m, wide, (int)(ch.cols - col), out + col);
+            }
+        }
+    }
+}
+
 /* Sparse row r as k fp16 patterns into out. */
 AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
-    const int64_t full = j->k & ~(int64_t)7;
-    Cursor c = row_cursor(j, r);
-    for (int64_t col = 0; col < full; col += 8) {
-        _mm_storeu_si128((__m128i *)(out + col), expand_group(c.v, c.code[col >> 3]));
-        c.v += spz_low_bits(c.code[col >> 3], 5);
+    for (int64_t c = 0; c < j->chunks; c++) expand_chunk_avx2(chunk_of(j, r, c), out + c * CHUNK);
+}
+
+/* *total += the chunk's tile sums against one activation row (x at the chunk's first column), in tile order: one
+ * accumulator per tile, fed a group of each in turn, as the layout interleaves them, so that the 4 tiles' FMA chains
+ * run side by side on one sequential stream. Always inlined with constant `whole` (a chunk of CHUNK_TILES whole
+ * tiles: every group whole, a constant tile count) and `widths`: ALL_NARROW or ALL_WIDE when every chunk group of
+ * ch is such, else MIXED (each group's width read from ch.wides). */
+enum { ALL_NARROW, ALL_WIDE, MIXED };
+AVX2 void chunk_sums_avx2(Chunk ch, const float *x, const int whole, const int widths, float *total) {
+    const int nt = whole ? CHUNK_TILES : ch.nt;
+    const uint8_t *v = ch.v;
+    __m256 acc[CHUNK_TILES];
+    uint16_t tail[CHUNK_TILES][8];
+    for (int i = 0; i < nt; i++) acc[i] = _mm256_setzero_ps();
+    for (int l = 0; l < SPARSE_PREFETCH_LINES; l++)
+        _mm_prefetch((const char *)v + SPARSE_PREFETCH_BYTES + 64 * l, _MM_HINT_T0);
+    for (int g = 0; g < GROUPS_PER_TILE; g++) {
+        const int wide = widths == MIXED ? (int)(ch.wides >> g & 1) : widths == ALL_WIDE;
+        const uint8_t *table = (const uint8_t *)spz_expand_sparse[wide];
+        for (int i = 0; i < nt; i++) {
+            const unsigned m = ch.mask[g * nt + i];
+            const int64_t col = i * TILE + 8 * g;
+            if (whole || col + 8 <= ch.cols) {
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtph_ps(expand_group(v, table, m)), _mm256_loadu_ps(x + col), acc[i]);
+                v += (size_t)__builtin_popcount(m) << wide;
+            } else if (col < ch.cols) {
+                v += expand_group_scalar(v, m, wide, (int)(ch.cols - col), tail[i]);
+            }
+        }
     }
-    if (full < j->k) expand_scalar(&c, full, j->k - full, out + full);
+    for (int i = 0; i < nt; i++) {
+        const int64_t cols = whole ? TILE : tile_cols(ch.cols, i * TILE), full = cols & ~(int64_t)7;
+        float sum = spz_hsum8(acc[i]);
+        if (full < cols) sum += spz_dot_scalar(tail[i], x + i * TILE + full, cols - full);
+        *total += sum;
+    }
+}
+
+/* y[r] against the activation row x (k floats): the sparse row walked chunk by chunk, each in registers. */
+__attribute__((target(SPZ_TARGET_AVX2), noinline)) static float sparse_row_avx2(const Job *j, int64_t r,
+                                                                               const float *x) {
+    float total = 0.0f;
+    for (int64_t c = 0; c < j->chunks; c++) {
+        const Chunk ch = chunk_of(j, r, c);
+        const float *xc = x + c * CHUNK;
+        if (ch.nt < CHUNK_TILES || ch.cols < CHUNK) chunk_sums_avx2(ch, xc, 0, MIXED, &total);
+        else if (ch.wides == 0) chunk_sums_avx2(ch, xc, 1, ALL_NARROW, &total);
+        else if (ch.wides == 0xFFFF) chunk_sums_avx2(ch, xc, 1, ALL_WIDE, &total);
+        else chunk_sums_avx2(ch, xc, 1, MIXED, &total);
+    }
+    return total;
 }
 
 /* Every activation row against weight rows [row_begin, row_end), in bands of weight rows. Dense rows against 4 or
  * more activation rows that overflow L1 go BAND rows at a time, each chunk of columns for all of them before the
  * next: one row at a time, every weight row read all the activations from L2 (8 rows of k = 1536 are 48 KB), and at
- * 8 rows the kernel ran a fifth slower. Fewer activation rows, and sparse rows against fewer than 8, go one row at a
- * time: one sequential stream, which the memory system serves best (the sparse kernel ran slower banded straight from
- * its layout at every row count, at one activation row with two weight rows side by side, and with a wide row's
- * columns in L1-sized spans over 16 rows, though x then stays in L1). With more activation rows than a pass takes
- * (a prefill), or one full pass that overflows L1 (a batch of 8), a sparse band is expanded once into this thread's
- * scratch and multiplied as dense rows: the expansion is not repeated for every pass, and the band reads its
- * activations from L1 (at 8 rows this ran 1.03-1.18x faster than the one-row walk, though it executes a fifth more
- * instructions; even at 6 rows, slower at 4; at 8 rows that fit in L1, 0.92-0.97x). At the AVX-512 level, sparse
- * rows against 4 to FUSED_MAX_ROWS activation rows go BAND rows at a time straight from their layout instead
+ * 8 rows the kernel ran a fifth slower. Fewer activation rows go one row at a time: one sequential stream, which the
+ * memory system serves best. Sparse rows against 2 or more activation rows are expanded, a band at a time, into
+ * this thread's scratch and multiplied as dense rows: the expansion is not repeated for every activation row (and
+ * for every pass of a prefill), and a band reads its activations from L1. At the AVX-512 level, sparse rows against
+ * 4 to FUSED_MAX_ROWS activation rows go BAND rows at a time straight from their layout instead
  * (sparse_band_avx512): with each FMA carrying two activation rows, expanding in registers costs less than the
  * scratch's stores and loads (against the expanded band, 1.1-1.3x at 4 to 8 rows and 1.4-1.6x at 8 with E5M2 values,
  * 2x with fp16 ones, streamed from memory at 1 thread). */
 AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
     const int overflow = j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES;
-    /* Expanding pays when several passes reuse it, or when one pass's band then reads x from L1. */
     const int fused = !dense && j->xp && j->m <= FUSED_MAX_ROWS;
-    const int expand = !dense && !fused && (j->m > X_BLOCK || (j->m == X_BLOCK && overflow));
-    const int64_t band = fused || ((dense || expand) && j->m >= X_BLOCK / 2 && overflow) ? BAND : 1;
+    const int expand = !dense && !fused;
+    const int64_t band = fused || (j->m >= X_BLOCK / 2 && overflow) ? BAND : 1;
     uint16_t *expanded = expand ? spz_scratch((size_t)(band * j->k) * sizeof(uint16_t)) : NULL;
-    const BandFn *bands = fused                                    ? SPARSE_BANDS_AVX512
-                          : !dense && !expanded                    ? SPARSE_BANDS
-                          : band > 1 && j->xp                      ? DENSE_BANDS_AVX512
-                                                                  : DENSE_BANDS;
+    if (expand && !expanded) { /* out of memory for the scratch: the one-row walk, for each activation row */
+        for (int64_t r = row_begin; r < row_end; r++)
+            for (int64_t b = 0; b < j->m; b++) j->y[b * j->n + r] = sparse_row_avx2(j, r, j->x + b * j->xk);
+        return;
+    }
+    const BandFn *bands = fused ? SPARSE_BANDS_AVX512 : band > 1 && j->xp ? DENSE_BANDS_AVX512 : DENSE_BANDS;
     for (int64_t r0 = row_begin; r0 < row_end; r0 += band) {
         const int64_t rows = row_end - r0 < band ? row_end - r0 : band;
         const uint16_t *w = dense ? j->w + r0 * j->k : expanded;
@@ -549,6 +613,101 @@ AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int 
     }
 }
 
+/* The AVX-512 walk of one activation row needs AVX-512 BW (byte masks) and VBMI2 (expansions), which features.c
+ * requires of that level. */
+#define AVX512_WALK __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw,avx512vbmi2"), always_inline)) static inline
+
+/* The bytes of a whole chunk group's 32 fp16 patterns that its values fill (masks = group_masks): the high byte of
+ * each present column, and its low byte too when the group is wide. */
+AVX2 uint64_t value_bytes(uint32_t masks, int wide) {
+    const uint64_t low = _pdep_u64(masks, 0x5555555555555555ULL);
+    return low << 1 | (low & (0 - (uint64_t)wide));
+}
+
+/* The 32 columns of a whole chunk group (8 of each tile), expanded from its values at v into the bytes `bytes`
+ * (value_bytes): fp16 patterns, tile i's in 16-bit lanes 8i .. 8i + 7. One byte expansion does what 4 table
+ * shuffles do, for narrow and wide groups alike. */
+AVX512_WALK __m512i expand_chunk_group(const uint8_t *v, uint64_t bytes) {
+    __m512i raw = _mm512_loadu_si512(v), zero;
+    __asm__("" : "+v"(raw)); /* from a register: with its memory operand folded in, vpexpandb ran 4x slower (Zen 5) */
+    /* A fresh zero to merge into: with zero-masking alone the expansion waited on its destination's last writer, a
+     * chain through the loop that ran it at a third of the speed (Zen 5). */
+    __asm__("vpxord %0, %0, %0" : "=v"(zero));
+    return _mm512_mask_expand_epi8(zero, _cvtu64_mask64(bytes), raw);
+}
+
+/* The bitmaps of whole chunk group g (at mask + 4 g), tile i's in bits 8i .. 8i + 7. */
+static inline uint32_t whole_group_masks(const uint8_t *mask, int g) {
+    uint32_t masks;
+    memcpy(&masks, mask + CHUNK_TILES * g, sizeof masks);
+    return masks;
+}
+
+/* The tile sums of whole chunk a (of one row) and of whole chunk b (of the next) against x in chunk order (xq: per
+ * chunk group, each tile's 8 activations side by side) into sums[0 .. 4) and sums[4 .. 8): each chunk group's 4
+ * tiles expand at once, and two 512-bit FMAs carry them, lanes 0-7 and 8-15 two tiles' chains; every lane adds the
+ * same products in the same order as the AVX2 walk's, so the sums are bit for bit AVX2's. Two rows side by side
+ * share each activation load and keep more work in flight. A function of its own with flat arguments: inlined into
+ * the row loop, GCC kept the loop's state on the stack. */
+__attribute__((target(SPZ_TARGET_AVX512 ",avx512bw,avx512vbmi2"), noinline)) static void
+chunk_pair_avx512(const uint8_t *mask_a, const uint8_t *va, unsigned wides_a, const uint8_t *mask_b,
+                  const uint8_t *vb, unsigned wides_b, const float *xq, float *sums) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int g = 0; g < GROUPS_PER_TILE; g++) {
+        if (!(g & 1)) {
+            _mm_prefetch((const char *)va + PAIR_PREFETCH_BYTES, _MM_HINT_T0);
+            _mm_prefetch((const char *)vb + PAIR_PREFETCH_BYTES, _MM_HINT_T0);
+        }
+        const uint64_t ba = value_bytes(whole_group_masks(mask_a, g), wides_a >> g & 1);
+        const uint64_t bb = value_bytes(whole_group_masks(mask_b, g), wides_b >> g & 1);
+        const __m512i ha = expand_chunk_group(va, ba), hb = expand_chunk_group(vb, bb);
+        va += __builtin_popcountll(ba);
+        vb += __builtin_popcountll(bb);
+        const __m512 x01 = _mm512_loadu_ps(xq + 32 * g), x23 = _mm512_loadu_ps(xq + 32 * g + 16);
+        acc[0] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(ha)), x01, acc[0]);
+        acc[1] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(ha, 1)), x23, acc[1]);
+        acc[2] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(hb)), x01, acc[2]);
+        acc[3] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(hb, 1)), x23, acc[3]);
+    }
+    for (int h = 0; h < 4; h++) {
+        sums[2 * h] = spz_hsum8(_mm512_castps512_ps256(acc[h]));
+        sums[2 * h + 1] = spz_hsum8(spz_upper_half(acc[h]));
+    }
+}
+
+/* One activation row at the AVX-512 level: weight rows two at a time, their whole chunks by chunk_pair_avx512 and
+ * the rest (a last partial chunk, a lone last row) by the AVX2 walk. */
+__attribute__((target(SPZ_TARGET_AVX512 ",avx512bw,avx512vbmi2"), noinline)) static void
+sparse_rows_one_avx512(const Job *j, int64_t row_begin, int64_t row_end) {
+    const int64_t whole = j->k / CHUNK;
+    int64_t r = row_begin;
+    const int64_t per_row = j->tiles * GROUPS_PER_TILE;
+    for (; r + 2 <= row_end; r += 2) {
+        float ta = 0.0f, tb = 0.0f, sums[2 * CHUNK_TILES];
+        const int64_t next = r + 2, after = r + 4 < j->n ? r + 4 : j->n;
+        Ahead values = ahead_of(j->values + j->row_start[next < j->n ? next : j->n],
+                                j->values + j->row_start[after], j->k);
+        Ahead codes = ahead_of(j->codes + next * per_row, j->codes + after * per_row, j->k);
+        for (int64_t c = 0; c < whole; c++) {
+            const Chunk a = chunk_of(j, r, c), b = chunk_of(j, r + 1, c);
+            prefetch_tiles(&values, CHUNK_TILES);
+            prefetch_tiles(&codes, CHUNK_TILES);
+            chunk_pair_avx512(a.mask, a.v, a.wides, b.mask, b.v, b.wides, j->xq + c * CHUNK, sums);
+            for (int i = 0; i < CHUNK_TILES; i++) { /* tile by tile: the shared order */
+                ta += sums[i];
+                tb += sums[CHUNK_TILES + i];
+            }
+        }
+        for (int64_t c = whole; c < j->chunks; c++) { /* a last partial chunk */
+            chunk_sums_avx2(chunk_of(j, r, c), j->x + c * CHUNK, 0, MIXED, &ta);
+            chunk_sums_avx2(chunk_of(j, r + 1, c), j->x + c * CHUNK, 0, MIXED, &tb);
+        }
+        j->y[r] = ta;
+        j->y[r + 1] = tb;
+    }
+    for (; r < row_end; r++) j->y[r] = sparse_row_avx2(j, r, j->x);
+}
+
 __attribute__((target(SPZ_TARGET_AVX2))) static void dense_rows_avx2(const Job *j, int64_t row_begin,
                                                                      int64_t row_end) {
     rows_avx2(j, row_begin, row_end, 1);
@@ -556,28 +715,31 @@ __attribute__((target(SPZ_TARGET_AVX2))) static void dense_rows_avx2(const Job *
 
 __attribute__((target(SPZ_TARGET_AVX2))) static void sparse_rows_avx2(const Job *j, int64_t row_begin,
                                                                       int64_t row_end) {
-    rows_avx2(j, row_begin, row_end, 0);
+    if (j->m > 1) rows_avx2(j, row_begin, row_end, 0);
+    else if (j->xq) sparse_rows_one_avx512(j, row_begin, row_end);
+    else
+        for (int64_t r = row_begin; r < row_end; r++) j->y[r] = sparse_row_avx2(j, r, j->x);
 }
 
-/* The dense matrix of rows [row_begin, row_end): 8 columns per pshufb, converted to fp32 when asked. */
+/* The dense matrix of rows [row_begin, row_end), converted to fp32 when asked (through this thread's scratch). */
 __attribute__((target(SPZ_TARGET_AVX2))) static void unpack_rows_avx2(const Job *j, int64_t row_begin,
                                                                       int64_t row_end) {
-    const int64_t full = j->k & ~(int64_t)7;
+    uint16_t *row = j->out_f32 ? spz_scratch((size_t)j->k * sizeof(uint16_t)) : NULL;
+    if (j->out_f32 && !row) {
+        unpack_rows_portable(j, row_begin, row_end);
+        return;
+    }
     for (int64_t r = row_begin; r < row_end; r++) {
         if (!j->out_f32) {
             expand_row_avx2(j, r, (uint16_t *)j->out + r * j->k);
             continue;
         }
-        Cursor c = row_cursor(j, r);
-        for (int64_t col = 0; col < full; col += 8) {
-            _mm256_storeu_ps((float *)j->out + r * j->k + col, _mm256_cvtph_ps(expand_group(c.v, c.code[col >> 3])));
-            c.v += spz_low_bits(c.code[col >> 3], 5);
-        }
-        if (full < j->k) {
-            uint16_t tail[8];
-            expand_scalar(&c, full, j->k - full, tail);
-            for (int64_t i = 0; i < j->k - full; i++) ((float *)j->out)[r * j->k + full + i] = spz_half(tail[i]);
-        }
+        float *out = (float *)j->out + r * j->k;
+        int64_t col = 0;
+        expand_row_avx2(j, r, row);
+        for (; col + 8 <= j->k; col += 8)
+            _mm256_storeu_ps(out + col, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + col))));
+        for (; col < j->k; col++) out[col] = spz_half(row[col]);
     }
 }
 #endif
@@ -654,12 +816,28 @@ void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int6
     free(xp);
 }
 
+/* One activation row's whole chunks in the order of the AVX-512 walk (chunk_pair_avx512): per chunk and group, each
+ * tile's 8 activations side by side. NULL when that walk cannot run here (or out of memory: the AVX2 walk,
+ * bit-identical, runs instead); free() it after the call. */
+static float *chunk_order_x(const float *x, int64_t m, int64_t k) {
+    const int64_t whole = k / CHUNK;
+    if (spz_level() < SPZ_AVX512 || m != 1 || !whole) return NULL;
+    float *xq = malloc((size_t)(whole * CHUNK) * sizeof(float));
+    for (int64_t c = 0; xq && c < whole; c++)
+        for (int g = 0; g < GROUPS_PER_TILE; g++)
+            for (int i = 0; i < CHUNK_TILES; i++)
+                memcpy(xq + c * CHUNK + 32 * g + 8 * i, x + c * CHUNK + i * TILE + 8 * g, 8 * sizeof(float));
+    return xq;
+}
+
 void spz_gemv_sparse(const SpzSparse *s, const float *x, float *y, int64_t m, int threads) {
-    Job job = {.codes = s->codes, .values = s->values, .row_start = s->row_start, .tile_start = s->tile_start,
-               .x = x, .xp = pair_rows(x, m, s->k), .y = y, .n = s->n, .k = s->k, .m = m, .kb = (s->k + 7) / 8,
-               .tiles = (s->k + TILE - 1) / TILE, .xk = s->k};
+    const int64_t tiles = (s->k + TILE - 1) / TILE;
+    Job job = {.codes = s->codes, .values = s->values, .row_start = s->row_start, .chunk_start = s->chunk_start,
+               .x = x, .xp = pair_rows(x, m, s->k), .xq = chunk_order_x(x, m, s->k), .y = y, .n = s->n, .k = s->k,
+               .m = m, .tiles = tiles, .chunks = (tiles + CHUNK_TILES - 1) / CHUNK_TILES, .xk = s->k};
     run_rows(&job, sparse_rows_portable, sparse_rows_avx2, threads);
     free((float *)job.xp);
+    free((float *)job.xq);
 }
 
 PyObject *spz_py_gemv_f16(PyObject *self, PyObject *args) {
@@ -685,9 +863,10 @@ done:
 }
 
 int spz_sparse_check(const SpzSparse *s, Py_ssize_t codes_len, Py_ssize_t values_len, Py_ssize_t row_start_len,
-                     Py_ssize_t tile_start_len) {
-    if (s->n < 1 || s->k < 1 || s->k > INT32_MAX || codes_len != s->n * ((s->k + 7) / 8) * 2 ||
-        row_start_len != (s->n + 1) * 8 || tile_start_len != s->n * ((s->k + TILE - 1) / TILE) * 4) {
+                     Py_ssize_t chunk_start_len) {
+    const int64_t tiles = (s->k + TILE - 1) / TILE, chunks = (tiles + CHUNK_TILES - 1) / CHUNK_TILES;
+    if (s->n < 1 || s->k < 1 || s->k > INT32_MAX || codes_len != s->n * tiles * GROUPS_PER_TILE ||
+        row_start_len != (s->n + 1) * 8 || chunk_start_len != s->n * chunks * 8) {
         PyErr_SetString(PyExc_ValueError, "sparse layout: array sizes do not match the shape");
         return -1;
     }
@@ -699,8 +878,8 @@ int spz_sparse_check(const SpzSparse *s, Py_ssize_t codes_len, Py_ssize_t values
     return 0;
 }
 
-/* sparse_gemv(codes, values, row_start, tile_start, x, y, n, k, m, threads)
- * sparse_unpack(codes, values, row_start, tile_start, out, n, k, out_f32, threads) */
+/* sparse_gemv(codes, values, row_start, chunk_start, x, y, n, k, m, threads)
+ * sparse_unpack(codes, values, row_start, chunk_start, out, n, k, out_f32, threads) */
 static PyObject *sparse_call(PyObject *args, int unpack) {
     Py_buffer b[4], x = {0}, y = {0};
     int threads, out_f32 = 0;
@@ -711,9 +890,10 @@ static PyObject *sparse_call(PyObject *args, int unpack) {
                                        &threads);
     if (!ok) return NULL;
     PyObject *result = NULL;
-    Job job = {.codes = b[0].buf, .values = b[1].buf, .row_start = b[2].buf, .tile_start = b[3].buf, .x = x.buf,
+    const int64_t tiles = (k + TILE - 1) / TILE;
+    Job job = {.codes = b[0].buf, .values = b[1].buf, .row_start = b[2].buf, .chunk_start = b[3].buf, .x = x.buf,
                .y = unpack ? NULL : y.buf, .out = unpack ? y.buf : NULL, .out_f32 = out_f32, .n = n, .k = k, .m = m,
-               .kb = (k + 7) / 8, .tiles = (k + TILE - 1) / TILE, .xk = k};
+               .tiles = tiles, .chunks = (tiles + CHUNK_TILES - 1) / CHUNK_TILES, .xk = k};
     const SpzSparse sparse = {b[0].buf, b[1].buf, b[2].buf, b[3].buf, n, k};
     if (spz_sparse_check(&sparse, b[0].len, b[1].len, b[2].len, b[3].len)) goto done;
     if (m < 1 || (unpack && y.len != n * k * (out_f32 ? 4 : 2)) || (!unpack && (x.len != m * k * 4 || y.len != m * n * 4))) {

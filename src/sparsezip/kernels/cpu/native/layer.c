@@ -18,7 +18,7 @@
  *           k_cache, v_cache): norms float32 [hidden] (q_norm and k_norm [head_dim], or None); caches as decode.c's
  *           attend takes them. A product is (PRODUCT_DENSE, bias, w, blocked) with w the fp16 matrix [n, k] (in
  *           column blocks when blocked is true: gemv.c),
- *           (PRODUCT_SPARSE, bias, codes, values, row_start, tile_start) in gemv.c's sparse layout, or
+ *           (PRODUCT_SPARSE, bias, codes, values, row_start, chunk_start) in gemv.c's sparse layout, or
  *           (PRODUCT_CODEC, bias, codec_id, payload, offsets), a codec stream multiplied straight from its tiles
  *           (codec.c); bias float32 [n] or None.
  *   cos, sin, pos, mask as decode.c's attend; width is the MLP's intermediate size (of this rank).
@@ -76,7 +76,7 @@ typedef struct {
     const float *bias;    /* [n] or NULL */
 } Product;
 
-/* (PRODUCT_DENSE, bias, w, blocked), (PRODUCT_SPARSE, bias, codes, values, row_start, tile_start) or
+/* (PRODUCT_DENSE, bias, w, blocked), (PRODUCT_SPARSE, bias, codes, values, row_start, chunk_start) or
  * (PRODUCT_CODEC, bias, codec_id, payload, offsets). */
 static int parse_product(Held *h, PyObject *spec, int64_t n, int64_t k, const char *what, Product *p) {
     static const Py_ssize_t ITEMS[] = {4, 6, 5};

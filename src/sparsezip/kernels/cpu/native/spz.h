@@ -61,11 +61,9 @@ static inline int64_t spz_part_begin(int64_t n, int part, int parts) { return n 
 
 extern uint8_t spz_pop8[256];                /* bits set in a byte */
 extern uint8_t spz_expand16[256][16];        /* pshufb: the next popcount(m) u16 values into the lanes set in m */
-extern uint8_t spz_expand_sparse[512][32];   /* pshufb for a group of the sparse layout (gemv.c), at byte offset
-                                                code: in row code >> 5 = wide << 8 | m, from byte code & 31 (the
-                                                group's bytes of values, popcount(m) << wide), the next values 1
-                                                byte each into the lanes' high byte (wide = 0) or 2 bytes each
-                                                (wide = 1). So the code is the control's address, unmasked. */
+extern uint8_t spz_expand_sparse[2][256][16]; /* pshufb for a group of the sparse layout (gemv.c) with bitmap m:
+                                                 its values 1 byte each into the lanes' high byte ([0][m]) or 2
+                                                 bytes each ([1][m], spz_expand16's) */
 extern uint8_t spz_compact16[256][16];       /* pshufb: the u16 lanes set in m, packed to the front */
 extern uint16_t spz_sign16[256][8];          /* 0x8000 in u16 lane j when bit j of the byte is set */
 void spz_tables_init(void);
@@ -180,10 +178,10 @@ static inline int spz_threads_for(int threads, int64_t multiply_adds) {
 
 /* The sparse layout of gemv.c (built by kernels/cpu/gemv.py's pack_sparse). */
 typedef struct {
-    const uint16_t *codes;
+    const uint8_t *codes;
     const uint8_t *values;
     const int64_t *row_start;
-    const uint32_t *tile_start;
+    const uint64_t *chunk_start;
     int64_t n, k;
 } SpzSparse;
 
@@ -194,7 +192,7 @@ void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int6
 void spz_gemv_sparse(const SpzSparse *s, const float *x, float *y, int64_t m, int threads);
 /* O(1) checks of the sparse layout's array sizes against its shape; -1 with a Python error set (GIL held). */
 int spz_sparse_check(const SpzSparse *s, Py_ssize_t codes_len, Py_ssize_t values_len, Py_ssize_t row_start_len,
-                     Py_ssize_t tile_start_len);
+                     Py_ssize_t chunk_start_len);
 
 /* A decode step's steps between products (decode.c). */
 void spz_rms_norm_rows(const float *x, const float *w, float *out, int64_t rows, int64_t dim, float eps);

@@ -3,7 +3,7 @@
 
 uint8_t spz_pop8[256];
 uint8_t spz_expand16[256][16] __attribute__((aligned(16)));
-uint8_t spz_expand_sparse[512][32] __attribute__((aligned(32)));
+uint8_t spz_expand_sparse[2][256][16] __attribute__((aligned(16)));
 uint8_t spz_compact16[256][16] __attribute__((aligned(16)));
 uint16_t spz_sign16[256][8];
 
@@ -15,8 +15,7 @@ void spz_tables_init(void) {
             int set = m >> j & 1;
             spz_expand16[m][2 * j] = set ? (uint8_t)(2 * p) : 0x80;
             spz_expand16[m][2 * j + 1] = set ? (uint8_t)(2 * p + 1) : 0x80;
-            uint8_t *narrow = spz_expand_sparse[m] + spz_pop8[m];
-            uint8_t *wide = spz_expand_sparse[256 + m] + 2 * spz_pop8[m];
+            uint8_t *narrow = spz_expand_sparse[0][m], *wide = spz_expand_sparse[1][m];
             narrow[2 * j] = 0x80; /* narrow: the value byte is the high byte, the low byte 0 */
             narrow[2 * j + 1] = set ? (uint8_t)p : 0x80;
             wide[2 * j] = spz_expand16[m][2 * j];
