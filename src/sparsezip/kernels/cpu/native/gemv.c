@@ -48,11 +48,10 @@
 #define BAND 9
 #define ROWS_AVX512 3 /* weight rows per step of the AVX-512 band kernel: 3 x 4 accumulators of 2 activation rows */
 #define ROWS_MAX ROWS_AVX512
-/* Most activation rows for which the AVX-512 level multiplies sparse rows straight from their layout, again for
- * each pass of X_BLOCK rows (sparse_band_avx512): at 16 rows this ran 1.1x faster than expanding each band once
- * into scratch for all passes, at 32 1.03-1.09x slower and at 64 and 128 1.1-1.25x slower (random 2048 x 2048
- * matrices streamed from memory, 1 thread). */
-#define FUSED_MAX_ROWS (2 * X_BLOCK)
+/* Most activation rows for which the AVX-512 level multiplies sparse rows straight from their layout
+ * (sparse_band_avx512, every activation row 2 FMAs per chunk group): against expanding each band into scratch, 1.25x
+ * faster at 2 and 4 rows, at 8 1.25x slower (random 2048 x 2048 matrices, 1 thread). */
+#define FUSED_MAX_ROWS 4
 #define X_L1_BYTES 32768 /* activations (fp32) up to which every weight row may read all of them from L1 */
 #define GROUPS_PER_TURN 4 /* 8-column groups of one dense tile per turn: a 64-byte line of fp16 weights */
 /* How far ahead of the AVX2 dense kernel's reads each line is prefetched when 2 or more activation rows share a pass
@@ -72,7 +71,9 @@
 #define VALUE_PAD 64 /* bytes readable past the last value: the AVX-512 walk loads a chunk group's 64 bytes at a time */
 /* How far ahead of the AVX-512 walk's two rows each row's values are prefetched (every other group of the chunk):
  * two interleaved streams that the hardware prefetcher did not keep up with (a scratch loop over 32768 random 50%
- * rows of 2048 columns streamed at 0.72 ns per group of 8 without, 0.50 at 1 KB, 0.31 at 4 KB, 0.30 from cache) */
+ * rows of 2048 columns streamed at 0.72 ns per group of 8 without, 0.50 at 1 KB, 0.31 at 4 KB, 0.30 from cache).
+ * Rows longer than that distance start unfetched, so the walk also prefetches the next two rows as one range: 6144
+ * rows of 5632 columns streamed at 0.67-0.71 ns a group with the distance alone, 0.37-0.42 with both. */
 #define PAIR_PREFETCH_BYTES 4096
 
 static int64_t tile_cols(int64_t k, int64_t c0) { return k - c0 < TILE ? k - c0 : TILE; }
@@ -372,95 +373,90 @@ AVX512 void dense_band_avx512(const Job *j, const uint16_t *w, int64_t r0, int64
     store_totals(j, r0, rows, b0, nb, total);
 }
 
-/* The bitmaps of a chunk's group g, tile i's in bits 8i..8i+7. */
-static inline uint32_t group_masks(Chunk ch, int64_t g) {
-    uint32_t masks = 0;
-    if (ch.nt == CHUNK_TILES) memcpy(&masks, ch.mask + g * CHUNK_TILES, sizeof masks);
-    else
-        for (int i = 0; i < ch.nt; i++) masks |= (uint32_t)ch.mask[g * ch.nt + i] << (8 * i);
+/* The bitmaps of whole chunk group g (at mask + 4 g), tile i's in bits 8i .. 8i + 7. */
+static inline uint32_t whole_group_masks(const uint8_t *mask, int g) {
+    uint32_t masks;
+    memcpy(&masks, mask + CHUNK_TILES * g, sizeof masks);
     return masks;
 }
 
-/* Where tile i's group g starts among its chunk group's values at v (masks = group_masks). */
-static inline const uint8_t *tile_values(const uint8_t *v, uint32_t masks, int i, int wide) {
-    return v + ((size_t)__builtin_popcount(masks & ((1u << (8 * i)) - 1)) << wide);
+/* The AVX-512 walk of one activation row needs AVX-512 BW (byte masks) and VBMI2 (expansions), which features.c
+ * requires of that level. */
+#define AVX512_WALK __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw,avx512vbmi2"), always_inline)) static inline
+
+/* The bytes of a whole chunk group's 32 fp16 patterns that its values fill (masks = group_masks): the high byte of
+ * each present column, and its low byte too when the group is wide. */
+AVX2 uint64_t value_bytes(uint32_t masks, int wide) {
+    const uint64_t low = _pdep_u64(masks, 0x5555555555555555ULL);
+    return low << 1 | (low & (0 - (uint64_t)wide));
 }
 
-/* dense_tiles_avx512 for one tile of nr sparse rows from row r0, each group expanded in registers into both halves
- * of a 256-bit vector (its values and its pshufb control each loaded into both 128-bit lanes, one lane-wise
- * shuffle) and converted into both halves of a 512-bit one, then multiplied by nb activation rows in pairs: each
- * lane accumulates the same products in the same order as the AVX2 walk's, so the sums are bit for bit AVX2's. The
- * batch's FMAs then hide most of the expansion, where the AVX2 level expands a band into scratch first. The tile's
- * groups lie among its chunk's (interleaved): each step finds its own from the chunk group's bitmaps. Always
- * inlined with constant nr and nb. */
-AVX512 void sparse_tiles_avx512(const Job *j, int64_t r0, const float *x, const float *xp, int64_t c0, int64_t cols,
-                                const int nr, const int nb, float (*total)[X_BLOCK]) {
-    const int np = (nb + 1) / 2, i = (int)(c0 / TILE % CHUNK_TILES);
-    const int64_t full = cols & ~(int64_t)7, k = j->xk, c = c0 / CHUNK;
-    const float *xt = xp + 2 * c0;
-    Chunk ch[ROWS_MAX];
-    const uint8_t *v[ROWS_MAX];
-    __m512 acc[ROWS_MAX * X_BLOCK / 2];
-    for (int s = 0; s < nr; s++) {
-        ch[s] = chunk_of(j, r0 + s, c);
-        v[s] = ch[s].v;
-    }
-    for (int a = 0; a < nr * np; a++) acc[a] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < full >> 3; g++) {
-        __m512 wv[ROWS_MAX];
-        for (int s = 0; s < nr; s++) {
-            const uint32_t masks = group_masks(ch[s], g);
-            const int wide = ch[s].wides >> g & 1;
-            const uint8_t *table = (const uint8_t *)spz_expand_sparse[wide];
-            const uint8_t *own = tile_values(v[s], masks, i, wide);
-            wv[s] = _mm512_cvtph_ps(_mm256_shuffle_epi8(
-                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)own)),
-                _mm256_broadcastsi128_si256(
-                    _mm_load_si128((const __m128i *)(table + spz_shift_left(masks >> (8 * i) & 0xFF, 4))))));
-            v[s] += (size_t)__builtin_popcount(masks) << wide;
-        }
-        for (int p = 0; p < np; p++) {
-            __m512 xv = _mm512_loadu_ps(xt + 2 * (p * k + 8 * g));
-            __asm__("" : "+v"(xv)); /* one load per vector, not one folded into each row's FMA */
-            for (int s = 0; s < nr; s++) acc[s * np + p] = _mm512_fmadd_ps(wv[s], xv, acc[s * np + p]);
+/* The 32 columns of a whole chunk group (8 of each tile), expanded from its values at v into the bytes `bytes`
+ * (value_bytes): fp16 patterns, tile i's in 16-bit lanes 8i .. 8i + 7. One byte expansion does what 4 table
+ * shuffles do, for narrow and wide groups alike. */
+AVX512_WALK __m512i expand_chunk_group(const uint8_t *v, uint64_t bytes) {
+    __m512i raw = _mm512_loadu_si512(v), zero;
+    __asm__("" : "+v"(raw)); /* from a register: with its memory operand folded in, vpexpandb ran 2-3x slower (Zen 5) */
+    /* A fresh zero to merge into: with zero-masking alone the expansion waited on its destination's last writer, a
+     * chain through the loop that ran it at a third of the speed (Zen 5). */
+    __asm__("vpxord %0, %0, %0" : "=v"(zero));
+    return _mm512_mask_expand_epi8(zero, _cvtu64_mask64(bytes), raw);
+}
+
+/* The tile sums of whole chunk (mask, v, wides) of one sparse row against nb activation rows in chunk order (row b's
+ * at xq + b * k: per chunk group, each tile's 8 activations side by side) into sums[4 b .. 4 b + 4): each chunk
+ * group's 4 tiles expand at once (one vpexpandb), and for each activation row two 512-bit FMAs carry them, lanes 0-7
+ * and 8-15 two tiles' chains, every lane adding the same products in the same order as the AVX2 walk's. Always
+ * inlined with constant nb. */
+AVX512_WALK void chunk_rows_avx512(const uint8_t *mask, const uint8_t *v, unsigned wides, const float *xq, int64_t k,
+                                   const int nb, float *sums) {
+    __m512 acc[2 * FUSED_MAX_ROWS];
+    for (int a = 0; a < 2 * nb; a++) acc[a] = _mm512_setzero_ps();
+    for (int g = 0; g < GROUPS_PER_TILE; g++) {
+        const uint64_t bytes = value_bytes(whole_group_masks(mask, g), wides >> g & 1);
+        const __m512i h = expand_chunk_group(v, bytes);
+        v += __builtin_popcountll(bytes);
+        const __m512 w01 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+        const __m512 w23 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+        for (int b = 0; b < nb; b++) {
+            acc[2 * b] = _mm512_fmadd_ps(w01, _mm512_loadu_ps(xq + b * k + 32 * g), acc[2 * b]);
+            acc[2 * b + 1] = _mm512_fmadd_ps(w23, _mm512_loadu_ps(xq + b * k + 32 * g + 16), acc[2 * b + 1]);
         }
     }
-    for (int s = 0; s < nr; s++) {
-        if (nb == X_BLOCK && full == cols) {
-            _mm256_storeu_ps(total[s], _mm256_add_ps(_mm256_loadu_ps(total[s]), spz_hsum8x8_pairs(acc + s * np)));
-            continue;
-        }
-        __m256 halves[X_BLOCK];
-        uint16_t tail[8];
-        for (int b = 0; b < nb; b++)
-            halves[b] = b % 2 ? spz_upper_half(acc[s * np + b / 2]) : _mm512_castps512_ps256(acc[s * np + b / 2]);
-        if (full < cols) {
-            const uint32_t masks = group_masks(ch[s], full >> 3);
-            const int wide = ch[s].wides >> (full >> 3) & 1;
-            expand_group_scalar(tile_values(v[s], masks, i, wide), masks >> (8 * i) & 0xFF, wide, (int)(cols - full),
-                                tail);
-        }
-        add_tile_sums(halves, tail, x, k, c0, cols, 1, nb, total[s]);
+    for (int b = 0; b < 2 * nb; b++) {
+        sums[2 * b] = spz_hsum8(_mm512_castps512_ps256(acc[b]));
+        sums[2 * b + 1] = spz_hsum8(spz_upper_half(acc[b]));
     }
 }
 
-/* dense_band_avx512 for sparse rows: tile by tile, each for every row of the band, ROWS_AVX512 rows at a time. */
-AVX512 void sparse_band_avx512(const Job *j, int64_t r0, int64_t rows, int64_t b0, const int nb) {
-    const float *x = j->x + b0 * j->xk, *xp = j->xp + b0 * j->xk;
-    float total[BAND][X_BLOCK];
-    load_totals(j, r0, rows, b0, nb, total);
+static void partial_chunk_avx2(const Job *j, int64_t r, int64_t c, const float *x, float *total);
+
+/* Sparse weight rows r0 .. r0 + rows - 1 against activation rows b0 .. b0 + nb - 1, chunk by chunk, each chunk for
+ * every row of the band (so that the chunk's activations, 2 KB a row, are read from L1 by all of them), its whole
+ * chunks by chunk_rows_avx512 and a last partial one by the AVX2 walk; the next band's bytes are prefetched as one
+ * sequential range, a slice per chunk (a band reads 2 x BAND short streams that the hardware prefetcher did not
+ * follow). */
+AVX512_WALK void sparse_band_avx512(const Job *j, int64_t r0, int64_t rows, int64_t b0, const int nb) {
+    const int64_t whole = j->k / CHUNK, per_row = j->tiles * GROUPS_PER_TILE;
     const int64_t next = r0 + rows, after = next + rows < j->n ? next + rows : j->n;
+    float total[BAND][X_BLOCK], sums[CHUNK_TILES * FUSED_MAX_ROWS];
+    load_totals(j, r0, rows, b0, nb, total);
     Ahead values = ahead_of(j->values + j->row_start[next], j->values + j->row_start[after], j->k);
-    const int64_t per_row = j->tiles * GROUPS_PER_TILE;
     Ahead codes = ahead_of(j->codes + next * per_row, j->codes + after * per_row, j->k);
-    for (int64_t c0 = 0; c0 < j->k; c0 += TILE) {
-        const int64_t cols = tile_cols(j->k, c0);
-        int64_t i = 0;
-        prefetch_tiles(&values, 1);
-        prefetch_tiles(&codes, 1);
-        for (; i + ROWS_AVX512 <= rows; i += ROWS_AVX512)
-            sparse_tiles_avx512(j, r0 + i, x, xp, c0, cols, ROWS_AVX512, nb, total + i);
-        for (; i < rows; i++) sparse_tiles_avx512(j, r0 + i, x, xp, c0, cols, 1, nb, total + i);
+    for (int64_t c = 0; c < j->chunks; c++) {
+        prefetch_tiles(&values, CHUNK_TILES);
+        prefetch_tiles(&codes, CHUNK_TILES);
+        for (int64_t i = 0; i < rows; i++) {
+            if (c >= whole) {
+                for (int b = 0; b < nb; b++)
+                    partial_chunk_avx2(j, r0 + i, c, j->x + (b0 + b) * j->xk + c * CHUNK, &total[i][b]);
+                continue;
+            }
+            const Chunk ch = chunk_of(j, r0 + i, c);
+            chunk_rows_avx512(ch.mask, ch.v, ch.wides, j->xq + b0 * j->xk + c * CHUNK, j->xk, nb, sums);
+            for (int b = 0; b < nb; b++)
+                for (int t = 0; t < CHUNK_TILES; t++) total[i][b] += sums[CHUNK_TILES * b + t]; /* in tile order */
+        }
     }
     store_totals(j, r0, rows, b0, nb, total);
 }
@@ -482,11 +478,17 @@ typedef void (*BandFn)(const Job *j, const uint16_t *w, int64_t r0, int64_t rows
         const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
         dense_band_avx512(j, w, r0, rows, b0, NB);                                                                   \
     }                                                                                                                \
-    __attribute__((target(SPZ_TARGET_AVX512), noinline)) static void sparse_band_avx512_##NB(                        \
-        const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {                                     \
+
+#define SPARSE_BAND_FN(NB)                                                                                           \
+    __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw,avx512vbmi2"), noinline)) static void                         \
+        sparse_band_avx512_##NB(const Job *j, const uint16_t *w, int64_t r0, int64_t rows, int64_t b0) {             \
         (void)w;                                                                                                     \
         sparse_band_avx512(j, r0, rows, b0, NB);                                                                     \
     }
+SPARSE_BAND_FN(1)
+SPARSE_BAND_FN(2)
+SPARSE_BAND_FN(3)
+SPARSE_BAND_FN(4)
 BAND_FNS(1)
 BAND_FNS(2)
 BAND_FNS(3)
@@ -500,20 +502,21 @@ static const BandFn DENSE_BANDS[X_BLOCK + 1] = {NULL, dense_band1, dense_band2, 
 static const BandFn DENSE_BANDS_AVX512[X_BLOCK + 1] = {
     NULL, dense_band_avx512_1, dense_band_avx512_2, dense_band_avx512_3, dense_band_avx512_4,
     dense_band_avx512_5, dense_band_avx512_6, dense_band_avx512_7, dense_band_avx512_8};
-static const BandFn SPARSE_BANDS_AVX512[X_BLOCK + 1] = {
-    NULL, sparse_band_avx512_1, sparse_band_avx512_2, sparse_band_avx512_3, sparse_band_avx512_4,
-    sparse_band_avx512_5, sparse_band_avx512_6, sparse_band_avx512_7, sparse_band_avx512_8};
+static const BandFn SPARSE_BANDS_AVX512[FUSED_MAX_ROWS + 1] = {NULL, sparse_band_avx512_1, sparse_band_avx512_2,
+                                                                 sparse_band_avx512_3, sparse_band_avx512_4};
 
-/* The chunk's columns as fp16 patterns into out[0 .. ch.cols). */
-AVX2 void expand_chunk_avx2(Chunk ch, uint16_t *out) {
+/* The chunk's columns as fp16 patterns into out[0 .. ch.cols). Always inlined with constant `whole` (CHUNK_TILES
+ * whole tiles). */
+AVX2 void expand_chunk_avx2(Chunk ch, uint16_t *out, const int whole) {
+    const int nt = whole ? CHUNK_TILES : ch.nt;
     const uint8_t *v = ch.v;
     for (int g = 0; g < GROUPS_PER_TILE; g++) {
         const int wide = ch.wides >> g & 1;
         const uint8_t *table = (const uint8_t *)spz_expand_sparse[wide];
-        for (int i = 0; i < ch.nt; i++) {
-            const unsigned m = ch.mask[g * ch.nt + i];
+        for (int i = 0; i < nt; i++) {
+            const unsigned m = ch.mask[g * nt + i];
             const int64_t col = i * TILE + 8 * g;
-            if (col + 8 <= ch.cols) {
+            if (whole || col + 8 <= ch.cols) {
                 _mm_storeu_si128((__m128i *)(out + col), expand_group(v, table, m));
                 v += (size_t)__builtin_popcount(m) << wide;
             } else if (col < ch.cols) {
@@ -525,7 +528,11 @@ AVX2 void expand_chunk_avx2(Chunk ch, uint16_t *out) {
 
 /* Sparse row r as k fp16 patterns into out. */
 AVX2 void expand_row_avx2(const Job *j, int64_t r, uint16_t *out) {
-    for (int64_t c = 0; c < j->chunks; c++) expand_chunk_avx2(chunk_of(j, r, c), out + c * CHUNK);
+    for (int64_t c = 0; c < j->chunks; c++) {
+        const Chunk ch = chunk_of(j, r, c);
+        if (ch.nt == CHUNK_TILES && ch.cols == CHUNK) expand_chunk_avx2(ch, out + c * CHUNK, 1);
+        else expand_chunk_avx2(ch, out + c * CHUNK, 0);
+    }
 }
 
 /* *total += the chunk's tile sums against one activation row (x at the chunk's first column), in tile order: one
@@ -579,6 +586,12 @@ __attribute__((target(SPZ_TARGET_AVX2), noinline)) static float sparse_row_avx2(
     return total;
 }
 
+/* *total += the tile sums of chunk c (a partial one) of row r against x (at the chunk's first column). */
+__attribute__((target(SPZ_TARGET_AVX2), noinline)) static void partial_chunk_avx2(const Job *j, int64_t r, int64_t c,
+                                                                                  const float *x, float *total) {
+    chunk_sums_avx2(chunk_of(j, r, c), x, 0, MIXED, total);
+}
+
 /* Every activation row against weight rows [row_begin, row_end), in bands of weight rows. Dense rows against 4 or
  * more activation rows that overflow L1 go BAND rows at a time, each chunk of columns for all of them before the
  * next: one row at a time, every weight row read all the activations from L2 (8 rows of k = 1536 are 48 KB), and at
@@ -586,13 +599,11 @@ __attribute__((target(SPZ_TARGET_AVX2), noinline)) static float sparse_row_avx2(
  * memory system serves best. Sparse rows against 2 or more activation rows are expanded, a band at a time, into
  * this thread's scratch and multiplied as dense rows: the expansion is not repeated for every activation row (and
  * for every pass of a prefill), and a band reads its activations from L1. At the AVX-512 level, sparse rows against
- * 4 to FUSED_MAX_ROWS activation rows go BAND rows at a time straight from their layout instead
- * (sparse_band_avx512): with each FMA carrying two activation rows, expanding in registers costs less than the
- * scratch's stores and loads (against the expanded band, 1.1-1.3x at 4 to 8 rows and 1.4-1.6x at 8 with E5M2 values,
- * 2x with fp16 ones, streamed from memory at 1 thread). */
+ * 2 to FUSED_MAX_ROWS activation rows go BAND rows at a time straight from their layout instead
+ * (sparse_band_avx512), one expansion per chunk group for all of them. */
 AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int dense) {
     const int overflow = j->m * j->k * (int64_t)sizeof(float) > X_L1_BYTES;
-    const int fused = !dense && j->xp && j->m <= FUSED_MAX_ROWS;
+    const int fused = !dense && j->xq && j->m <= FUSED_MAX_ROWS;
     const int expand = !dense && !fused;
     const int64_t band = fused || (j->m >= X_BLOCK / 2 && overflow) ? BAND : 1;
     uint16_t *expanded = expand ? spz_scratch((size_t)(band * j->k) * sizeof(uint16_t)) : NULL;
@@ -611,36 +622,6 @@ AVX2 void rows_avx2(const Job *j, int64_t row_begin, int64_t row_end, const int 
             bands[nb](j, w, r0, rows, b0);
         }
     }
-}
-
-/* The AVX-512 walk of one activation row needs AVX-512 BW (byte masks) and VBMI2 (expansions), which features.c
- * requires of that level. */
-#define AVX512_WALK __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw,avx512vbmi2"), always_inline)) static inline
-
-/* The bytes of a whole chunk group's 32 fp16 patterns that its values fill (masks = group_masks): the high byte of
- * each present column, and its low byte too when the group is wide. */
-AVX2 uint64_t value_bytes(uint32_t masks, int wide) {
-    const uint64_t low = _pdep_u64(masks, 0x5555555555555555ULL);
-    return low << 1 | (low & (0 - (uint64_t)wide));
-}
-
-/* The 32 columns of a whole chunk group (8 of each tile), expanded from its values at v into the bytes `bytes`
- * (value_bytes): fp16 patterns, tile i's in 16-bit lanes 8i .. 8i + 7. One byte expansion does what 4 table
- * shuffles do, for narrow and wide groups alike. */
-AVX512_WALK __m512i expand_chunk_group(const uint8_t *v, uint64_t bytes) {
-    __m512i raw = _mm512_loadu_si512(v), zero;
-    __asm__("" : "+v"(raw)); /* from a register: with its memory operand folded in, vpexpandb ran 4x slower (Zen 5) */
-    /* A fresh zero to merge into: with zero-masking alone the expansion waited on its destination's last writer, a
-     * chain through the loop that ran it at a third of the speed (Zen 5). */
-    __asm__("vpxord %0, %0, %0" : "=v"(zero));
-    return _mm512_mask_expand_epi8(zero, _cvtu64_mask64(bytes), raw);
-}
-
-/* The bitmaps of whole chunk group g (at mask + 4 g), tile i's in bits 8i .. 8i + 7. */
-static inline uint32_t whole_group_masks(const uint8_t *mask, int g) {
-    uint32_t masks;
-    memcpy(&masks, mask + CHUNK_TILES * g, sizeof masks);
-    return masks;
 }
 
 /* The tile sums of whole chunk a (of one row) and of whole chunk b (of the next) against x in chunk order (xq: per
@@ -816,17 +797,21 @@ void spz_gemv_dense(const uint16_t *w, const float *x, float *y, int64_t n, int6
     free(xp);
 }
 
-/* One activation row's whole chunks in the order of the AVX-512 walk (chunk_pair_avx512): per chunk and group, each
- * tile's 8 activations side by side. NULL when that walk cannot run here (or out of memory: the AVX2 walk,
- * bit-identical, runs instead); free() it after the call. */
+/* The activation rows' whole chunks in the order of the AVX-512 walks (chunk_pair_avx512, chunk_rows_avx512), row b
+ * at xq + b * k: per chunk and chunk group, each tile's 8 activations side by side. NULL when those walks cannot run
+ * here (or out of memory: the AVX2 code, bit-identical, runs instead); free() it after the call. */
 static float *chunk_order_x(const float *x, int64_t m, int64_t k) {
     const int64_t whole = k / CHUNK;
-    if (spz_level() < SPZ_AVX512 || m != 1 || !whole) return NULL;
-    float *xq = malloc((size_t)(whole * CHUNK) * sizeof(float));
-    for (int64_t c = 0; xq && c < whole; c++)
-        for (int g = 0; g < GROUPS_PER_TILE; g++)
-            for (int i = 0; i < CHUNK_TILES; i++)
-                memcpy(xq + c * CHUNK + 32 * g + 8 * i, x + c * CHUNK + i * TILE + 8 * g, 8 * sizeof(float));
+    if (spz_level() < SPZ_AVX512 || m > FUSED_MAX_ROWS || !whole) return NULL;
+    /* on a 64-byte boundary: the walks load whole lines of it (unaligned, every load took two lines, and a batch of 4
+     * ran 1.3x slower) */
+    float *xq = aligned_alloc(64, (size_t)((m * k * sizeof(float) + 63) & ~(size_t)63));
+    for (int64_t b = 0; xq && b < m; b++)
+        for (int64_t c = 0; c < whole; c++)
+            for (int g = 0; g < GROUPS_PER_TILE; g++)
+                for (int i = 0; i < CHUNK_TILES; i++)
+                    memcpy(xq + b * k + c * CHUNK + 32 * g + 8 * i, x + b * k + c * CHUNK + i * TILE + 8 * g,
+                           8 * sizeof(float));
     return xq;
 }
 
