@@ -384,8 +384,8 @@ static inline uint32_t whole_group_masks(const uint8_t *mask, int g) {
  * requires of that level. */
 #define AVX512_WALK __attribute__((target(SPZ_TARGET_AVX512 ",avx512bw,avx512vbmi2"), always_inline)) static inline
 
-/* The bytes of a whole chunk group's 32 fp16 patterns that its values fill (masks = group_masks): the high byte of
- * each present column, and its low byte too when the group is wide. */
+/* The bytes of a whole chunk group's 32 fp16 patterns that its values fill (masks = whole_group_masks): the high
+ * byte of each present column, and its low byte too when the group is wide. */
 AVX2 uint64_t value_bytes(uint32_t masks, int wide) {
     const uint64_t low = _pdep_u64(masks, 0x5555555555555555ULL);
     return low << 1 | (low & (0 - (uint64_t)wide));
@@ -666,8 +666,7 @@ sparse_rows_one_avx512(const Job *j, int64_t row_begin, int64_t row_end) {
     for (; r + 2 <= row_end; r += 2) {
         float ta = 0.0f, tb = 0.0f, sums[2 * CHUNK_TILES];
         const int64_t next = r + 2, after = r + 4 < j->n ? r + 4 : j->n;
-        Ahead values = ahead_of(j->values + j->row_start[next < j->n ? next : j->n],
-                                j->values + j->row_start[after], j->k);
+        Ahead values = ahead_of(j->values + j->row_start[next], j->values + j->row_start[after], j->k);
         Ahead codes = ahead_of(j->codes + next * per_row, j->codes + after * per_row, j->k);
         for (int64_t c = 0; c < whole; c++) {
             const Chunk a = chunk_of(j, r, c), b = chunk_of(j, r + 1, c);
